@@ -1,0 +1,93 @@
+# lrllm: one entry point. `make run` and `make test` install what is missing first.
+SHELL := /bin/bash
+.DEFAULT_GOAL := all
+
+BUILD ?= build
+SANITIZE ?= 0
+NVCC ?= $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
+CUDA ?= $(if $(NVCC),1,0)
+CUDA_ARCH ?= sm_90
+
+# The C API only (the deprecated MPI C++ bindings do not compile cleanly under -Werror); vendor headers as
+# system headers so their warnings are not ours.
+MPI_CFLAGS := $(patsubst -I%,-isystem %,$(shell mpicc --showme:compile 2>/dev/null)) -DOMPI_SKIP_MPICXX
+MPI_LIBS := $(shell mpicc --showme:link 2>/dev/null)
+HDF5_CFLAGS := -isystem /usr/include/hdf5/openmpi
+HDF5_LIBS := -L/usr/lib/x86_64-linux-gnu/hdf5/openmpi -lhdf5_openmpi
+BLAS_DIR := /usr/lib/x86_64-linux-gnu/openblas-openmp
+BLAS_CFLAGS := -isystem /usr/include/x86_64-linux-gnu/openblas-openmp
+BLAS_LIBS := -L$(BLAS_DIR) -Wl,-rpath,$(BLAS_DIR) -lopenblas -llapacke
+PCRE_LIBS := -lpcre2-8
+
+CXXFLAGS := -std=c++20 -O2 -march=x86-64-v3 -g -fopenmp -Wall -Wextra -Werror -Iinclude \
+            $(MPI_CFLAGS) $(HDF5_CFLAGS) $(BLAS_CFLAGS) -MMD -MP
+LDLIBS := $(HDF5_LIBS) $(BLAS_LIBS) $(PCRE_LIBS) -lboost_program_options $(MPI_LIBS) -fopenmp -pthread
+ifeq ($(SANITIZE),1)
+  BUILD := build-sanitize
+  CXXFLAGS += -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
+  LDLIBS += -fsanitize=address,undefined
+endif
+
+LIB_SRCS := $(filter-out src/main.cpp,$(wildcard src/*.cpp))
+LIB_OBJS := $(LIB_SRCS:src/%.cpp=$(BUILD)/obj/%.o)
+CUDA_SRCS := $(wildcard cuda/*.cu)
+ifeq ($(CUDA),1)
+  CUDA_HOME := $(patsubst %/bin/nvcc,%,$(NVCC))
+  CUDA_OBJS := $(CUDA_SRCS:cuda/%.cu=$(BUILD)/obj/cuda/%.o)
+  CXXFLAGS += -DLRLLM_WITH_CUDA
+  LDLIBS += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcudart -lcublasLt -lcublas
+  NVCCFLAGS := -std=c++20 -O3 -arch=$(CUDA_ARCH) -Iinclude -DLRLLM_WITH_CUDA --compiler-options -Wall,-Wextra,-Werror
+endif
+TEST_SRCS := $(filter-out tests/tokenizer_dump.cpp tests/grad_dump.cpp,$(wildcard tests/*.cpp))
+TEST_OBJS := $(TEST_SRCS:tests/%.cpp=$(BUILD)/obj/tests/%.o)
+
+.PHONY: all deps data run test test-gpu bench clean format
+all: $(BUILD)/lrllm $(BUILD)/tests/unit $(BUILD)/tests/tokenizer_dump $(BUILD)/tests/grad_dump
+
+deps:
+	@bash tools/install-deps.sh
+
+$(BUILD)/obj/%.o: src/%.cpp
+	@mkdir -p $(dir $@)
+	$(CXX) $(CXXFLAGS) -c $< -o $@
+$(BUILD)/obj/tests/%.o: tests/%.cpp
+	@mkdir -p $(dir $@)
+	$(CXX) $(CXXFLAGS) -c $< -o $@
+$(BUILD)/obj/cuda/%.o: cuda/%.cu
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVCCFLAGS) -c $< -o $@
+
+$(BUILD)/liblrllm.a: $(LIB_OBJS) $(CUDA_OBJS)
+	@rm -f $@
+	ar rcs $@ $^
+$(BUILD)/lrllm: $(BUILD)/obj/main.o $(BUILD)/liblrllm.a
+	$(CXX) $(CXXFLAGS) $^ -o $@ $(LDLIBS)
+$(BUILD)/tests/unit: $(TEST_OBJS) $(BUILD)/liblrllm.a
+	@mkdir -p $(dir $@)
+	$(CXX) $(CXXFLAGS) $^ -o $@ -lgtest -lgtest_main $(LDLIBS)
+$(BUILD)/tests/%: $(BUILD)/obj/tests/%.o $(BUILD)/liblrllm.a
+	@mkdir -p $(dir $@)
+	$(CXX) $(CXXFLAGS) $^ -o $@ $(LDLIBS)
+
+data: deps $(BUILD)/lrllm
+	@bash tools/prepare-data.sh
+
+test: deps all data
+	@bash tests/run.sh $(BUILD)
+
+test-gpu: deps all
+	@bash tests/run-gpu.sh $(BUILD)
+
+run: deps all data
+	@bash tools/demo.sh $(BUILD)
+
+bench: deps all data
+	@bash tools/bench.sh $(BUILD)
+
+format:
+	clang-format -i include/lrllm/*.h src/*.cpp tests/*.cpp cuda/*.cu
+
+clean:
+	rm -rf build build-sanitize
+
+-include $(shell find $(BUILD)/obj -name '*.d' 2>/dev/null)

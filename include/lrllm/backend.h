@@ -1,0 +1,93 @@
+// The backend seam (DESIGN §3): every primitive the model needs, written once per device.
+// Pointers are device pointers of the backend that allocated them; shapes are row-major.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+namespace lrllm {
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;
+
+  // Memory. Allocations are zero-filled.
+  virtual float* alloc(std::size_t count) = 0;
+  virtual int32_t* alloc_int(std::size_t count) = 0;
+  virtual void release(void* ptr) = 0;
+  virtual void to_device(void* dst, const void* src, std::size_t bytes) = 0;
+  virtual void to_host(void* dst, const void* src, std::size_t bytes) = 0;
+  virtual void fill(float* x, std::size_t n, float value) = 0;
+  virtual void copy(float* dst, const float* src, std::size_t n) = 0;
+
+  // C[M,N] = alpha * op(A)[M,K] * op(B)[K,N] + beta * C. With trans_a, A is stored [K,M]; with trans_b, B is
+  // stored [N,K] (the nn.Linear weight orientation).
+  virtual void matmul(float* C, const float* A, const float* B, int M, int N, int K, bool trans_a,
+                      bool trans_b, float alpha, float beta) = 0;
+  // out[n,c] += bias[c]
+  virtual void add_bias(float* out, const float* bias, int N, int C) = 0;
+  // dbias[c] += sum_n dout[n,c]
+  virtual void bias_backward(float* dbias, const float* dout, int N, int C) = 0;
+
+  // out = a + b
+  virtual void add(float* out, const float* a, const float* b, std::size_t n) = 0;
+  // x *= s
+  virtual void scale(float* x, std::size_t n, float s) = 0;
+  // Sum of squares, accumulated in double.
+  virtual double sum_squares(const float* x, std::size_t n) = 0;
+
+  // Per-row LayerNorm over C features (eps 1e-5); mean and rstd [N] are saved for backward.
+  virtual void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* w,
+                                 const float* b, int N, int C) = 0;
+  // dinp += ..., dw += ..., db += ...
+  virtual void layernorm_backward(float* dinp, float* dw, float* db, const float* dout, const float* inp,
+                                  const float* w, const float* mean, const float* rstd, int N, int C) = 0;
+
+  // GPT-2's tanh approximation of GELU.
+  virtual void gelu_forward(float* out, const float* inp, std::size_t n) = 0;
+  // dinp = gelu'(inp) * dout (overwrites dinp).
+  virtual void gelu_backward(float* dinp, const float* inp, const float* dout, std::size_t n) = 0;
+
+  // Causal multi-head attention. qkv [B,T,3C] (q, then k, then v, each split into NH heads of C/NH);
+  // out [B,T,C]; probs [B,NH,T,T] are the softmax probabilities kept for backward.
+  virtual void attention_forward(float* out, float* probs, const float* qkv, int B, int T, int C, int NH) = 0;
+  // dqkv is overwritten.
+  virtual void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* probs, int B,
+                                  int T, int C, int NH) = 0;
+
+  // out[b,t,:] = wte[tokens[b,t],:] + wpe[t,:]
+  virtual void embedding_forward(float* out, const int32_t* tokens, const float* wte, const float* wpe, int B,
+                                 int T, int C) = 0;
+  // dwte, dwpe accumulate.
+  virtual void embedding_backward(float* dwte, float* dwpe, const float* dout, const int32_t* tokens, int B,
+                                  int T, int C) = 0;
+
+  // Softmax cross-entropy over V logits per row. losses[n] = -log p[target]; rows whose target is negative
+  // are ignored (loss 0). When grad_scale != 0 the logits are overwritten in place by
+  // grad_scale * (softmax - onehot) (zero for ignored rows), which saves a second [N,V] buffer.
+  virtual void softmax_xent(float* losses, float* logits, const int32_t* targets, int N, int V,
+                            float grad_scale) = 0;
+
+  // One AdamW step (PyTorch's order: decoupled decay first, then the bias-corrected Adam update).
+  virtual void adamw(float* param, const float* grad, float* m, float* v, std::size_t n, float lr, float beta1,
+                     float beta2, float eps, float weight_decay, int step) = 0;
+};
+
+// The CPU backend: OpenBLAS sgemm and OpenMP loops.
+std::unique_ptr<Backend> make_cpu_backend();
+
+// The CUDA backend, when this build has one and a GPU is visible; throws InputError otherwise.
+std::unique_ptr<Backend> make_cuda_backend();
+
+// Number of visible CUDA devices (0 in a CPU-only build).
+int cuda_device_count();
+// True when this binary was compiled with the CUDA backend.
+bool built_with_cuda();
+
+// Picks the backend for --device cpu|cuda|auto.
+std::unique_ptr<Backend> make_backend(const std::string& device);
+
+}  // namespace lrllm

@@ -1,0 +1,49 @@
+// Checkpoints and model files (DESIGN §4): full, unsharded float32 tensors, written atomically.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "lrllm/config.h"
+#include "lrllm/model.h"
+#include "lrllm/optimizer.h"
+
+namespace lrllm {
+
+inline constexpr int64_t kFormatVersion = 1;
+
+// Everything beyond weights and moments that an exact resume needs.
+struct TrainState {
+  int64_t step = 0;
+  int64_t tokens_seen = 0;
+  uint64_t seed = 0;
+  uint64_t data_cursor = 0;  // position of the next training sequence
+};
+
+// The model shape stored in a file's /config; the kind and rank of each linear site come from the datasets
+// of the blocks (W, or A and B), so a file can mix dense and low-rank sites.
+ModelConfig read_model_config(const std::string& path);
+
+// Loads /model into the model; every tensor must exist with the model's shape.
+void load_weights(const std::string& path, Model& model);
+
+// Writes path atomically (path.tmp, then rename). Optimizer and state are optional (a model file has none).
+void save_checkpoint(const std::string& path, const std::string& mode, Model& model, AdamW* optimizer,
+                     const TrainState* state);
+
+// Loads /optimizer and /state of a checkpoint for a resume.
+void load_training_state(const std::string& path, AdamW& optimizer, TrainState& state);
+
+// "latest" resolves to the newest checkpoint in run_dir; anything else is a path that must exist.
+std::string resolve_resume(const std::string& resume, const std::string& run_dir);
+
+// Name of the checkpoint of a step inside run_dir.
+std::string checkpoint_path(const std::string& run_dir, int64_t step);
+
+// Deletes all but the newest `keep` checkpoints of run_dir (keep <= 0 keeps all).
+void prune_checkpoints(const std::string& run_dir, int keep);
+
+// --mode info: prints a file's config, tensors with shapes and storage types, parameter counts and bytes.
+void print_info(const std::string& path);
+
+}  // namespace lrllm

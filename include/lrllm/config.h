@@ -1,0 +1,109 @@
+// Run configuration: every option of DESIGN §5, parsed from an INI file and the command line.
+#pragma once
+
+#include <cstdint>
+#include <set>
+#include <string>
+#include <vector>
+
+namespace lrllm {
+
+// The four kinds of linear layer in a GPT-2 block, in the order a block applies them.
+enum class LinearSite { qkv = 0, proj = 1, fc = 2, mlp_proj = 3 };
+inline constexpr int kNumSites = 4;
+const char* site_name(LinearSite site);
+
+struct ModelConfig {
+  std::string arch = "gpt2";
+  int n_layer = 4;
+  int n_head = 4;
+  int d_model = 128;
+  int d_ff = 0;  // 0 means 4 * d_model
+  int seq_len = 128;
+  int vocab_size = 50257;
+  std::string init;  // checkpoint to start from
+  // Low-rank factorization per site; 0 means dense.
+  int lowrank_rank[kNumSites] = {0, 0, 0, 0};
+
+  int ff() const { return d_ff > 0 ? d_ff : 4 * d_model; }
+  bool any_lowrank() const;
+  std::string lowrank_targets() const;  // e.g. "qkv,proj,fc,mlp_proj" or ""
+  // The checkpoint's single lowrank_rank attribute: the common rank, or the largest when sites differ.
+  int lowrank_rank_attr() const;
+};
+
+struct TrainConfig {
+  int steps = 100;
+  int batch_size = 4;  // sequences per rank per micro-step
+  int grad_accum = 1;
+  double lr = 6e-4;
+  double min_lr = 6e-5;
+  int warmup = 10;
+  double weight_decay = 0.1;
+  double grad_clip = 1.0;
+  double beta1 = 0.9;
+  double beta2 = 0.95;
+  double eps = 1e-8;
+  int eval_every = 50;
+  int eval_batches = 8;
+  std::string recompute = "none";
+};
+
+struct DataConfig {
+  std::string train;
+  std::string val;
+  std::string input;
+  std::string output;
+  bool shuffle = true;
+  std::string tokenizer_dir = "input/data/tokenizer";
+};
+
+struct RunConfig {
+  std::string dir = "runs/default";
+  int log_every = 1;
+};
+
+struct CheckpointConfig {
+  int every = 0;  // 0: only at the end of training
+  int keep = 3;
+  std::string resume;  // a path, or "latest"
+};
+
+struct ParallelConfig {
+  int tp = 1;
+  int pp = 1;
+  int zero = 0;
+  int micro_batches = 1;
+};
+
+struct Config {
+  std::string mode;
+  std::string config_file;
+  std::string device = "auto";
+  uint64_t seed = 1337;
+  ModelConfig model;
+  std::string lowrank_targets = "all";
+  int lowrank_rank = 0;
+  int lowrank_site_rank[kNumSites] = {-1, -1, -1, -1};  // per-site overrides; -1: lowrank.rank
+  // Options the user gave (file or command line), as "section.option".
+  std::set<std::string> given;
+  bool was_given(const std::string& option) const { return given.count(option) > 0; }
+  TrainConfig train;
+  DataConfig data;
+  RunConfig run;
+  CheckpointConfig checkpoint;
+  ParallelConfig parallel;
+};
+
+// Parses argv (and the --config file it names). Throws InputError on an unknown option, a bad value or a
+// missing config file. Returns false when --help or --version was answered and the program should exit 0.
+bool parse_config(int argc, const char* const* argv, Config& cfg, bool print_help_and_version);
+
+// Checks a model shape (sizes, head split, ranks against layer widths). Throws InputError.
+void validate_model_config(const ModelConfig& m);
+
+// Sets each site's rank in m from lowrank.rank, lowrank.targets ("all" or a comma list of sites) and the
+// per-site overrides. Throws InputError on an unknown site or a bad rank.
+void apply_lowrank(const Config& cfg, ModelConfig& m);
+
+}  // namespace lrllm

@@ -1,0 +1,50 @@
+// Token files (llm.c's shard format, DESIGN §4) and the batches drawn from them.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace lrllm {
+
+inline constexpr int32_t kTokenFileMagic = 20240520;
+inline constexpr int32_t kTokenFileVersion = 1;
+inline constexpr int kTokenHeaderInts = 256;
+
+// A whole token file in memory. Throws InputError naming the file when it is missing, has a bad header,
+// or its size disagrees with the header's token count.
+class TokenFile {
+ public:
+  explicit TokenFile(const std::string& path);
+  const std::string& path() const { return path_; }
+  std::size_t size() const { return tokens_.size(); }
+  const uint16_t* data() const { return tokens_.data(); }
+
+ private:
+  std::string path_;
+  std::vector<uint16_t> tokens_;
+};
+
+// Cuts a token file into sequences of seq_len + 1 tokens (inputs and shifted targets): sequence i starts at
+// token i * seq_len. Sequence positions run on across epochs; with shuffling, each epoch visits the
+// sequences in its own fixed random order.
+class Batcher {
+ public:
+  Batcher(const TokenFile& file, int seq_len, bool shuffle, uint64_t seed);
+  std::size_t num_sequences() const { return num_sequences_; }
+  // Fills tokens and targets [count, seq_len] with the sequences at positions first .. first + count - 1.
+  void fill(uint64_t first, int count, int32_t* tokens, int32_t* targets);
+
+ private:
+  std::size_t sequence_at(uint64_t position);
+  const TokenFile& file_;
+  int seq_len_;
+  bool shuffle_;
+  uint64_t seed_;
+  std::size_t num_sequences_;
+  uint64_t epoch_ = UINT64_MAX;
+  std::vector<uint32_t> order_;
+};
+
+}  // namespace lrllm

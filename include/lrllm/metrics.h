@@ -1,0 +1,27 @@
+// metrics.h5 (DESIGN §4): one extendible float64 dataset per metric under /metrics, appended row by row and
+// written at every flush, so a crash loses at most one log interval.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+namespace lrllm {
+
+class Metrics {
+ public:
+  // Opens (or creates) path. Rows whose step is above resume_step are dropped: after a resume, the file holds
+  // one history, the one the checkpoint continues.
+  Metrics(const std::string& path, int64_t resume_step);
+  // Queues one row; a metric missing from a row is stored as NaN.
+  void append(const std::map<std::string, double>& row);
+  // Writes queued rows to the file and flushes it.
+  void flush();
+
+ private:
+  std::string path_;
+  std::vector<std::map<std::string, double>> pending_;
+};
+
+}  // namespace lrllm

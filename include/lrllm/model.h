@@ -1,0 +1,108 @@
+// GPT-2 (pre-LayerNorm, learned positions, tanh-GELU, causal attention, lm_head tied to wte) whose four
+// linear layers per block are each dense or low-rank. Forward and backward are explicit.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "lrllm/backend.h"
+#include "lrllm/config.h"
+#include "lrllm/linear.h"
+#include "lrllm/params.h"
+
+namespace lrllm {
+
+struct ParamCounts {
+  std::size_t embedding = 0;    // wte + wpe
+  std::size_t linear_dense = 0;    // W of dense linear layers
+  std::size_t linear_lowrank = 0;  // A and B of low-rank linear layers
+  std::size_t other = 0;           // biases and LayerNorms
+  std::size_t total() const { return embedding + linear_dense + linear_lowrank + other; }
+};
+
+struct MemoryBytes {
+  std::size_t params = 0, grads = 0, optimizer = 0, activations = 0;
+};
+
+class Model {
+ public:
+  Model(const ModelConfig& cfg, Backend& backend, bool recompute);
+  ~Model();
+  Model(const Model&) = delete;
+  Model& operator=(const Model&) = delete;
+
+  const ModelConfig& config() const { return cfg_; }
+  const ParamTable& table() const { return table_; }
+  Backend& backend() { return be_; }
+  float* params() { return params_; }
+  float* grads() { return grads_; }
+  const float* params() const { return params_; }
+
+  // GPT-2 initialisation (normal 0.02, residual projections scaled by 1/sqrt(2 n_layer)); deterministic in
+  // the seed and independent of the order tensors are registered in.
+  void init_random(uint64_t seed);
+  void zero_grads();
+
+  // One micro-batch of B sequences: tokens and targets [B, seq_len] on the host; targets < 0 are ignored.
+  // Returns the mean loss over valid targets. With grad_scale != 0 also runs backward and accumulates
+  // grad_scale * d(mean loss)/d(param) into grads().
+  double step(const int32_t* tokens, const int32_t* targets, int B, float grad_scale);
+
+  ParamCounts param_counts() const;
+  // Bytes of parameters and gradients, and of activations for micro-batches of B sequences (allocating them).
+  MemoryBytes memory(int B);
+
+  struct Block {
+    std::size_t ln1_w, ln1_b, ln2_w, ln2_b;
+    Linear qkv, proj, fc, mlp_proj;
+  };
+
+ private:
+  struct Acts;
+  void ensure_acts(int B);
+  void block_forward(int l, Acts& a, const float* x, float* x_out, int B);
+  void block_backward(int l, Acts& a, const float* x, float* dresid, int B);
+  double classifier(const float* x, const int32_t* targets, float* dx, int N, float grad_scale, int valid);
+  Acts& acts_for(int l);
+
+  ModelConfig cfg_;
+  Backend& be_;
+  bool recompute_;
+  ParamTable table_;
+  std::size_t wte_ = 0, wpe_ = 0, lnf_w_ = 0, lnf_b_ = 0;
+  std::vector<Block> blocks_;
+  float* params_ = nullptr;
+  float* grads_ = nullptr;
+
+  // Activation storage for the current micro-batch size.
+  int acts_batch_ = 0;
+  std::vector<float*> resid_;  // x entering block l (l = n_layer: the final residual)
+  std::vector<Acts*> layer_acts_;
+  float* lnf_ = nullptr;
+  float* lnf_mean_ = nullptr;
+  float* lnf_rstd_ = nullptr;
+  float* logits_ = nullptr;  // one chunk of rows
+  float* losses_ = nullptr;
+  float* dresid_ = nullptr;
+  float* scratch_c_ = nullptr;    // [N, C]
+  float* scratch_c2_ = nullptr;   // [N, C]
+  float* scratch_3c_ = nullptr;   // [N, 3C]
+  float* scratch_ff_ = nullptr;   // [N, F]
+  float* scratch_ff2_ = nullptr;  // [N, F]
+  float* scratch_rank_ = nullptr;
+  int32_t* tokens_dev_ = nullptr;
+  int32_t* targets_dev_ = nullptr;
+  std::vector<void*> act_allocs_;
+  std::size_t act_bytes_ = 0;
+  int max_rank_ = 0;
+};
+
+// Prints parameters by kind and the compression of the linear layers against their dense equivalent.
+void print_param_counts(const ParamCounts& counts, const ModelConfig& cfg);
+
+// Rows of the classifier computed at a time: bounds the [rows, vocab] logits buffer.
+inline constexpr int kClassifierChunk = 256;
+
+}  // namespace lrllm

@@ -1,0 +1,42 @@
+// Deterministic random numbers whose sequence is fixed by this code alone (the standard library's
+// distributions differ between implementations, and a checkpoint must resume to the same bits anywhere).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <string_view>
+
+namespace lrllm {
+
+class Rng {
+ public:
+  explicit Rng(uint64_t seed) : state_(seed) {}
+  uint64_t next() {
+    uint64_t z = (state_ += 0x9E3779B97F4A7C15ULL);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+  }
+  // Uniform in [0, 1) with 53 random bits.
+  double uniform() { return static_cast<double>(next() >> 11) * 0x1.0p-53; }
+  // Uniform integer in [0, n).
+  uint64_t below(uint64_t n) { return n == 0 ? 0 : next() % n; }
+  // Standard normal by Box-Muller.
+  double normal() {
+    const double u1 = 1.0 - uniform();
+    const double u2 = uniform();
+    return std::sqrt(-2.0 * std::log(u1)) * std::cos(2.0 * M_PI * u2);
+  }
+
+ private:
+  uint64_t state_;
+};
+
+// A seed derived from a base seed and a name (FNV-1a), so each tensor's values do not depend on order.
+inline uint64_t derive_seed(uint64_t seed, std::string_view name) {
+  uint64_t h = 0xcbf29ce484222325ULL ^ seed;
+  for (unsigned char c : name) h = (h ^ c) * 0x100000001b3ULL;
+  return h;
+}
+
+}  // namespace lrllm

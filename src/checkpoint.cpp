@@ -1,0 +1,249 @@
+#include "lrllm/checkpoint.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <ctime>
+#include <filesystem>
+#include <regex>
+#include <vector>
+
+#include "lrllm/common.h"
+#include "lrllm/hdf5.h"
+#include "lrllm/version.h"
+
+namespace fs = std::filesystem;
+
+namespace lrllm {
+namespace {
+
+const char* const kSiteDatasets[kNumSites] = {"attn/qkv", "attn/proj", "mlp/fc", "mlp/proj"};
+
+std::string now_iso8601() {
+  const std::time_t t = std::time(nullptr);
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&t));
+  return buf;
+}
+
+int positive_attr(const H5File& f, const char* name) {
+  const int64_t v = f.attr_int("/config", name);
+  if (v <= 0 || v > (1 << 24)) throw InputError(f.path() + ": /config " + name + " = " + std::to_string(v) + " is not a valid size");
+  return static_cast<int>(v);
+}
+
+// Writes tensors of the model's layout from a host copy of a flat buffer under group.
+void write_tensors(H5File& f, const std::string& group, const ParamTable& table, const std::vector<float>& flat) {
+  for (const TensorInfo& t : table.tensors()) f.write(group + "/" + t.name, flat.data() + t.offset, t.shape);
+}
+
+void read_tensors(const H5File& f, const std::string& group, const ParamTable& table, std::vector<float>& flat) {
+  for (const TensorInfo& t : table.tensors()) f.read(group + "/" + t.name, flat.data() + t.offset, t.shape);
+}
+
+std::vector<float> to_host(Backend& be, const float* dev, std::size_t n) {
+  std::vector<float> host(n);
+  be.to_host(host.data(), dev, n * sizeof(float));
+  return host;
+}
+
+}  // namespace
+
+ModelConfig read_model_config(const std::string& path) {
+  const H5File f = H5File::open_read(path);
+  if (!f.has_attr("/", "format") || f.attr_string("/", "format") != "lrllm")
+    throw InputError(path + ": not an lrllm file (root attribute format is not \"lrllm\")");
+  const int64_t version = f.attr_int("/", "format_version");
+  if (version != kFormatVersion)
+    throw InputError(path + ": format_version " + std::to_string(version) + " is not supported (this lrllm reads " +
+                     std::to_string(kFormatVersion) + ")");
+  ModelConfig m;
+  m.arch = f.attr_string("/config", "arch");
+  if (m.arch != "gpt2") throw InputError(path + ": arch '" + m.arch + "' is not supported (gpt2 is)");
+  m.vocab_size = positive_attr(f, "vocab_size");
+  m.seq_len = positive_attr(f, "seq_len");
+  m.n_layer = positive_attr(f, "n_layer");
+  m.n_head = positive_attr(f, "n_head");
+  m.d_model = positive_attr(f, "d_model");
+  m.d_ff = positive_attr(f, "d_ff");
+  for (int s = 0; s < kNumSites; ++s) {
+    const std::string a = std::string("/model/h.0/") + kSiteDatasets[s] + "/A";
+    m.lowrank_rank[s] = f.exists(a) ? static_cast<int>(f.shape(a).at(0)) : 0;
+  }
+  m.init = path;
+  return m;
+}
+
+void load_weights(const std::string& path, Model& model) {
+  const H5File f = H5File::open_read(path);
+  std::vector<float> host(model.table().total(), 0.0f);
+  read_tensors(f, "/model", model.table(), host);
+  model.backend().to_device(model.params(), host.data(), host.size() * sizeof(float));
+}
+
+void save_checkpoint(const std::string& path, const std::string& mode, Model& model, AdamW* optimizer,
+                     const TrainState* state) {
+  const std::string tmp = path + ".tmp";
+  {
+    H5File f = H5File::create(tmp);
+    f.set_attr("/", "format", std::string("lrllm"));
+    f.set_attr("/", "format_version", kFormatVersion);
+    f.set_attr("/", "lrllm_version", std::string(kVersion));
+    f.set_attr("/", "mode", mode);
+    f.set_attr("/", "created", now_iso8601());
+
+    const ModelConfig& c = model.config();
+    f.ensure_group("/config");
+    f.set_attr("/config", "arch", c.arch);
+    f.set_attr("/config", "vocab_size", int64_t{c.vocab_size});
+    f.set_attr("/config", "seq_len", int64_t{c.seq_len});
+    f.set_attr("/config", "n_layer", int64_t{c.n_layer});
+    f.set_attr("/config", "n_head", int64_t{c.n_head});
+    f.set_attr("/config", "d_model", int64_t{c.d_model});
+    f.set_attr("/config", "d_ff", int64_t{c.ff()});
+    f.set_attr("/config", "tied_embeddings", int64_t{1});
+    f.set_attr("/config", "lowrank_rank", int64_t{c.lowrank_rank_attr()});
+    f.set_attr("/config", "lowrank_targets", c.lowrank_targets());
+    f.set_attr("/config", "lora_rank", int64_t{0});
+    f.set_attr("/config", "lora_alpha", 0.0);
+    f.set_attr("/config", "lora_targets", std::string());
+    f.set_attr("/config", "quant", std::string("none"));
+    f.set_attr("/config", "quant_block", int64_t{64});
+
+    Backend& be = model.backend();
+    const std::size_t n = model.table().total();
+    write_tensors(f, "/model", model.table(), to_host(be, model.params(), n));
+    if (optimizer != nullptr) {
+      f.ensure_group("/optimizer");
+      f.set_attr("/optimizer", "step", int64_t{optimizer->step()});
+      f.set_attr("/optimizer", "name", std::string("adamw"));
+      f.set_attr("/optimizer", "beta1", optimizer->config().beta1);
+      f.set_attr("/optimizer", "beta2", optimizer->config().beta2);
+      f.set_attr("/optimizer", "eps", optimizer->config().eps);
+      f.set_attr("/optimizer", "weight_decay", optimizer->config().weight_decay);
+      write_tensors(f, "/optimizer/m", model.table(), to_host(be, optimizer->m(), n));
+      write_tensors(f, "/optimizer/v", model.table(), to_host(be, optimizer->v(), n));
+    }
+    if (state != nullptr) {
+      f.ensure_group("/state");
+      f.set_attr("/state", "step", state->step);
+      f.set_attr("/state", "tokens_seen", state->tokens_seen);
+      f.set_attr("/state", "seed", static_cast<int64_t>(state->seed));
+      f.set_attr("/state", "data_cursor", static_cast<int64_t>(state->data_cursor));
+    }
+    f.close();
+  }
+  std::error_code ec;
+  fs::rename(tmp, path, ec);
+  if (ec) throw RuntimeError("cannot rename " + tmp + " to " + path + ": " + ec.message());
+}
+
+void load_training_state(const std::string& path, AdamW& optimizer, TrainState& state) {
+  const H5File f = H5File::open_read(path);
+  if (!f.exists("/optimizer") || !f.exists("/state"))
+    throw InputError(path + ": has no /optimizer or /state to resume from (a model file? use --model.init)");
+  const std::string name = f.attr_string("/optimizer", "name");
+  if (name != "adamw") throw InputError(path + ": optimizer '" + name + "' is not supported (adamw is)");
+  const ParamTable& table = optimizer.table();
+  std::vector<float> host(table.total(), 0.0f);
+  read_tensors(f, "/optimizer/m", table, host);
+  optimizer.backend().to_device(optimizer.m(), host.data(), host.size() * sizeof(float));
+  read_tensors(f, "/optimizer/v", table, host);
+  optimizer.backend().to_device(optimizer.v(), host.data(), host.size() * sizeof(float));
+  optimizer.set_step(static_cast<int>(f.attr_int("/optimizer", "step")));
+  state.step = f.attr_int("/state", "step");
+  state.tokens_seen = f.attr_int("/state", "tokens_seen");
+  state.seed = static_cast<uint64_t>(f.attr_int("/state", "seed"));
+  state.data_cursor = static_cast<uint64_t>(f.attr_int("/state", "data_cursor"));
+  if (state.step < 0) throw InputError(path + ": /state step is negative");
+}
+
+std::string checkpoint_path(const std::string& run_dir, int64_t step) {
+  char name[32];
+  std::snprintf(name, sizeof name, "ckpt_%06lld.h5", static_cast<long long>(step));
+  return (fs::path(run_dir) / name).string();
+}
+
+namespace {
+
+// Checkpoints of a run directory, oldest first.
+std::vector<std::pair<int64_t, std::string>> list_checkpoints(const std::string& run_dir) {
+  std::vector<std::pair<int64_t, std::string>> found;
+  std::error_code ec;
+  if (!fs::is_directory(run_dir, ec)) return found;
+  static const std::regex pattern(R"(ckpt_(\d+)\.h5)");
+  for (const auto& entry : fs::directory_iterator(run_dir, ec)) {
+    std::smatch m;
+    const std::string name = entry.path().filename().string();
+    if (entry.is_regular_file() && std::regex_match(name, m, pattern))
+      found.emplace_back(std::stoll(m[1].str()), entry.path().string());
+  }
+  std::sort(found.begin(), found.end());
+  return found;
+}
+
+}  // namespace
+
+std::string resolve_resume(const std::string& resume, const std::string& run_dir) {
+  if (resume != "latest") {
+    if (!fs::exists(resume)) throw InputError("--checkpoint.resume: " + resume + ": no such file");
+    return resume;
+  }
+  const auto found = list_checkpoints(run_dir);
+  if (found.empty()) throw InputError("--checkpoint.resume latest: no checkpoint in " + run_dir);
+  return found.back().second;
+}
+
+void prune_checkpoints(const std::string& run_dir, int keep) {
+  if (keep <= 0) return;
+  const auto found = list_checkpoints(run_dir);
+  for (std::size_t i = 0; i + keep < found.size(); ++i) {
+    std::error_code ec;
+    fs::remove(found[i].second, ec);
+  }
+}
+
+void print_info(const std::string& path) {
+  const ModelConfig m = read_model_config(path);
+  const H5File f = H5File::open_read(path);
+  std::printf("%s: lrllm format %lld, written by lrllm %s in mode %s at %s\n", path.c_str(),
+              static_cast<long long>(f.attr_int("/", "format_version")), f.attr_string("/", "lrllm_version").c_str(),
+              f.attr_string("/", "mode").c_str(), f.attr_string("/", "created").c_str());
+  std::printf("config: arch %s, vocab_size %d, seq_len %d, n_layer %d, n_head %d, d_model %d, d_ff %d\n",
+              m.arch.c_str(), m.vocab_size, m.seq_len, m.n_layer, m.n_head, m.d_model, m.d_ff);
+  std::printf("linear layers:");
+  for (int s = 0; s < kNumSites; ++s)
+    std::printf(" %s %s%s", site_name(static_cast<LinearSite>(s)), m.lowrank_rank[s] ? "lowrank r=" : "dense",
+                m.lowrank_rank[s] ? std::to_string(m.lowrank_rank[s]).c_str() : "");
+  std::printf("\n");
+
+  std::size_t total_bytes = 0;
+  const std::vector<std::string> datasets = f.datasets("/");
+  std::size_t model_params = 0, model_bytes = 0;
+  ParamCounts counts;
+  for (const std::string& d : datasets) {
+    const std::vector<int64_t> shape = f.shape(d);
+    std::size_t n = 1;
+    for (int64_t x : shape) n *= static_cast<std::size_t>(x);
+    const std::string dtype = f.dtype_name(d);
+    const std::size_t elem = dtype.ends_with("64") ? 8 : dtype.ends_with("32") ? 4 : dtype.ends_with("16") ? 2 : 1;
+    total_bytes += n * elem;
+    if (d.starts_with("/model/")) {
+      model_params += n;
+      model_bytes += n * elem;
+      if (d == "/model/wte" || d == "/model/wpe") counts.embedding += n;
+      else if (d.ends_with("/W")) counts.linear_dense += n;
+      else if (d.ends_with("/A") || d.ends_with("/B")) counts.linear_lowrank += n;
+      else counts.other += n;
+    }
+    std::printf("  %-40s %-8s %s\n", d.c_str(), dtype.c_str(), shape_string(shape).c_str());
+  }
+  print_param_counts(counts, m);
+  std::printf("parameters: %zu in /model (%.2f MB); all datasets %.2f MB; file %.2f MB\n", model_params,
+              model_bytes / 1e6, total_bytes / 1e6, static_cast<double>(fs::file_size(path)) / 1e6);
+  if (f.exists("/state"))
+    std::printf("state: step %lld, tokens_seen %lld\n", static_cast<long long>(f.attr_int("/state", "step")),
+                static_cast<long long>(f.attr_int("/state", "tokens_seen")));
+}
+
+}  // namespace lrllm

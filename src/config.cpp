@@ -1,0 +1,235 @@
+#include "lrllm/config.h"
+
+#include <boost/program_options.hpp>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+
+#include "lrllm/backend.h"
+#include "lrllm/common.h"
+#include "lrllm/version.h"
+
+namespace po = boost::program_options;
+
+namespace lrllm {
+
+const char* site_name(LinearSite site) {
+  static const char* const names[kNumSites] = {"qkv", "proj", "fc", "mlp_proj"};
+  return names[static_cast<int>(site)];
+}
+
+bool ModelConfig::any_lowrank() const {
+  for (int r : lowrank_rank)
+    if (r > 0) return true;
+  return false;
+}
+
+std::string ModelConfig::lowrank_targets() const {
+  std::string out;
+  for (int s = 0; s < kNumSites; ++s)
+    if (lowrank_rank[s] > 0) out += (out.empty() ? "" : ",") + std::string(site_name(static_cast<LinearSite>(s)));
+  return out;
+}
+
+int ModelConfig::lowrank_rank_attr() const {
+  int r = 0;
+  for (int x : lowrank_rank) r = std::max(r, x);
+  return r;
+}
+
+namespace {
+
+const char* const kModes[] = {"pretrain", "eval", "decompose", "tokenize", "info"};
+
+po::options_description make_options(Config& c) {
+  po::options_description general("General");
+  general.add_options()("help,h", "print this help and exit")("version", "print the version and build and exit")(
+      "mode", po::value(&c.mode), "pretrain | eval | decompose | tokenize | info")(
+      "config", po::value(&c.config_file), "INI file with [section] option = value lines")(
+      "device", po::value(&c.device)->default_value(c.device), "cpu | cuda | auto")(
+      "seed", po::value(&c.seed)->default_value(c.seed), "seed of initialisation and data order");
+
+  po::options_description model("Model [model]");
+  ModelConfig& m = c.model;
+  model.add_options()("model.arch", po::value(&m.arch)->default_value(m.arch), "architecture (gpt2)")(
+      "model.n_layer", po::value(&m.n_layer)->default_value(m.n_layer), "transformer blocks")(
+      "model.n_head", po::value(&m.n_head)->default_value(m.n_head), "attention heads")(
+      "model.d_model", po::value(&m.d_model)->default_value(m.d_model), "embedding width")(
+      "model.d_ff", po::value(&m.d_ff)->default_value(m.d_ff), "MLP width (0: 4 * d_model)")(
+      "model.seq_len", po::value(&m.seq_len)->default_value(m.seq_len), "sequence length (position table)")(
+      "model.vocab_size", po::value(&m.vocab_size)->default_value(m.vocab_size), "vocabulary size")(
+      "model.init", po::value(&m.init), "checkpoint or model file to start from");
+
+  po::options_description lowrank("Low-rank linear layers [lowrank]");
+  lowrank.add_options()("lowrank.rank", po::value(&c.lowrank_rank)->default_value(c.lowrank_rank),
+                        "rank r of W = B A (0: dense)")(
+      "lowrank.targets", po::value(&c.lowrank_targets)->default_value(c.lowrank_targets),
+      "sites made low-rank: all, or a comma list of qkv, proj, fc, mlp_proj")(
+      "lowrank.rank_qkv", po::value(&c.lowrank_site_rank[0]), "rank of qkv, overriding lowrank.rank")(
+      "lowrank.rank_proj", po::value(&c.lowrank_site_rank[1]), "rank of attn proj")(
+      "lowrank.rank_fc", po::value(&c.lowrank_site_rank[2]), "rank of mlp fc")(
+      "lowrank.rank_mlp_proj", po::value(&c.lowrank_site_rank[3]), "rank of mlp proj");
+
+  po::options_description train("Training [train]");
+  TrainConfig& t = c.train;
+  train.add_options()("train.steps", po::value(&t.steps)->default_value(t.steps), "optimizer steps")(
+      "train.batch_size", po::value(&t.batch_size)->default_value(t.batch_size),
+      "sequences per rank per micro-step")(
+      "train.grad_accum", po::value(&t.grad_accum)->default_value(t.grad_accum), "micro-steps per step")(
+      "train.lr", po::value(&t.lr)->default_value(t.lr), "peak learning rate")(
+      "train.min_lr", po::value(&t.min_lr)->default_value(t.min_lr), "learning rate at the end of the cosine")(
+      "train.warmup", po::value(&t.warmup)->default_value(t.warmup), "linear warmup steps")(
+      "train.weight_decay", po::value(&t.weight_decay)->default_value(t.weight_decay),
+      "AdamW decoupled weight decay (2-D weights only)")(
+      "train.beta1", po::value(&t.beta1)->default_value(t.beta1), "AdamW beta1")(
+      "train.beta2", po::value(&t.beta2)->default_value(t.beta2), "AdamW beta2")(
+      "train.eps", po::value(&t.eps)->default_value(t.eps), "AdamW epsilon")(
+      "train.grad_clip", po::value(&t.grad_clip)->default_value(t.grad_clip), "global-norm clip (0: off)")(
+      "train.eval_every", po::value(&t.eval_every)->default_value(t.eval_every),
+      "validation every N steps (0: only at the end)")(
+      "train.eval_batches", po::value(&t.eval_batches)->default_value(t.eval_batches),
+      "validation batches per evaluation")(
+      "train.recompute", po::value(&t.recompute)->default_value(t.recompute),
+      "none | block (keep only block inputs, recompute in backward)");
+
+  po::options_description data("Data [data]");
+  DataConfig& d = c.data;
+  data.add_options()("data.train", po::value(&d.train), "training token file")(
+      "data.val", po::value(&d.val), "validation token file")("data.input", po::value(&d.input),
+                                                               "input of tokenize: a text file or a directory")(
+      "data.output", po::value(&d.output), "output of tokenize and decompose")(
+      "data.shuffle", po::value(&d.shuffle)->default_value(d.shuffle), "shuffle sequences each epoch")(
+      "data.tokenizer_dir", po::value(&d.tokenizer_dir)->default_value(d.tokenizer_dir),
+      "folder with encoder.json and vocab.bpe");
+
+  po::options_description run("Run [run], [checkpoint]");
+  run.add_options()("run.dir", po::value(&c.run.dir)->default_value(c.run.dir),
+                    "run directory: checkpoints and metrics.h5")(
+      "run.log_every", po::value(&c.run.log_every)->default_value(c.run.log_every),
+      "progress line and metrics flush every N steps")(
+      "checkpoint.every", po::value(&c.checkpoint.every)->default_value(c.checkpoint.every),
+      "checkpoint every N steps (0: only at the end)")(
+      "checkpoint.keep", po::value(&c.checkpoint.keep)->default_value(c.checkpoint.keep),
+      "checkpoints kept in run.dir (0: all)")("checkpoint.resume", po::value(&c.checkpoint.resume),
+                                               "resume from a checkpoint path, or latest");
+
+  po::options_description all("lrllm " + std::string(kVersion) +
+                              ": low-rank GPT-2 pretraining\n\nUsage: lrllm --mode MODE [--config FILE] "
+                              "[--section.option VALUE ...]\nEvery option can also be set in the config file "
+                              "as 'option = value' under [section].\n");
+  all.add(general).add(model).add(lowrank).add(train).add(data).add(run);
+  return all;
+}
+
+void require(bool ok, const std::string& message) {
+  if (!ok) throw InputError(message);
+}
+
+void validate(const Config& c) {
+  bool known_mode = false;
+  for (const char* m : kModes) known_mode |= c.mode == m;
+  require(!c.mode.empty(), "--mode is required (pretrain, eval, decompose, tokenize, info); see --help");
+  require(known_mode, "--mode " + c.mode + " is not a mode of this lrllm (pretrain, eval, decompose, tokenize, info)");
+  require(c.device == "cpu" || c.device == "cuda" || c.device == "auto",
+          "--device must be cpu, cuda or auto, not '" + c.device + "'");
+  const TrainConfig& t = c.train;
+  require(t.steps >= 0, "--train.steps must be >= 0");
+  require(t.batch_size >= 1, "--train.batch_size must be >= 1");
+  require(t.grad_accum >= 1, "--train.grad_accum must be >= 1");
+  require(t.lr >= 0, "--train.lr must be >= 0, not " + std::to_string(t.lr));
+  require(t.min_lr >= 0 && t.min_lr <= t.lr, "--train.min_lr must be between 0 and train.lr");
+  require(t.warmup >= 0, "--train.warmup must be >= 0");
+  require(t.weight_decay >= 0, "--train.weight_decay must be >= 0");
+  require(t.grad_clip >= 0, "--train.grad_clip must be >= 0");
+  require(t.beta1 >= 0 && t.beta1 < 1 && t.beta2 >= 0 && t.beta2 < 1, "--train.beta1/beta2 must be in [0, 1)");
+  require(t.eps > 0, "--train.eps must be > 0");
+  require(t.eval_every >= 0, "--train.eval_every must be >= 0");
+  require(t.eval_batches >= 1, "--train.eval_batches must be >= 1");
+  require(t.recompute == "none" || t.recompute == "block", "--train.recompute must be none or block");
+  require(c.run.log_every >= 1, "--run.log_every must be >= 1");
+  require(c.checkpoint.every >= 0, "--checkpoint.every must be >= 0");
+  require(c.checkpoint.keep >= 0, "--checkpoint.keep must be >= 0");
+}
+
+}  // namespace
+
+void validate_model_config(const ModelConfig& m) {
+  require(m.arch == "gpt2", "--model.arch must be gpt2");
+  require(m.n_layer >= 1, "--model.n_layer must be >= 1");
+  require(m.n_head >= 1, "--model.n_head must be >= 1");
+  require(m.d_model >= 1 && m.d_model % m.n_head == 0, "--model.d_model must be a positive multiple of n_head");
+  require(m.d_ff >= 0, "--model.d_ff must be >= 0");
+  require(m.seq_len >= 1, "--model.seq_len must be >= 1");
+  // Token files store uint16 ids.
+  require(m.vocab_size >= 1 && m.vocab_size <= 65536, "--model.vocab_size must be between 1 and 65536");
+  const int widths[kNumSites][2] = {{m.d_model, 3 * m.d_model}, {m.d_model, m.d_model}, {m.d_model, m.ff()},
+                                    {m.ff(), m.d_model}};
+  for (int s = 0; s < kNumSites; ++s) {
+    const int r = m.lowrank_rank[s];
+    const int limit = std::min(widths[s][0], widths[s][1]);
+    require(r >= 0, std::string("low-rank rank of ") + site_name(static_cast<LinearSite>(s)) + " must be >= 0");
+    require(r < limit, strprintf("low-rank rank %d of %s is not below min(in, out) = %d: it would not compress", r,
+                                 site_name(static_cast<LinearSite>(s)), limit));
+  }
+}
+
+void apply_lowrank(const Config& c, ModelConfig& m) {
+  bool site_on[kNumSites] = {false, false, false, false};
+  std::stringstream list(c.lowrank_targets);
+  std::string item;
+  while (std::getline(list, item, ',')) {
+    if (item == "all") {
+      std::fill(site_on, site_on + kNumSites, true);
+      continue;
+    }
+    bool found = false;
+    for (int s = 0; s < kNumSites; ++s) {
+      if (item == site_name(static_cast<LinearSite>(s))) site_on[s] = found = true;
+    }
+    require(found || item.empty(), "--lowrank.targets: unknown site '" + item + "' (all, qkv, proj, fc, mlp_proj)");
+  }
+  require(c.lowrank_rank >= 0, "--lowrank.rank must be >= 0 (0 means dense)");
+  require(c.lowrank_rank > 0 || !c.was_given("lowrank.targets"),
+          "--lowrank.targets was given but --lowrank.rank is 0: a low-rank layer needs a rank >= 1");
+  for (int s = 0; s < kNumSites; ++s) {
+    const int over = c.lowrank_site_rank[s];
+    require(over != 0, std::string("--lowrank.rank_") + site_name(static_cast<LinearSite>(s)) +
+                           " must be >= 1 (leave it out for a dense site)");
+    m.lowrank_rank[s] = over > 0 ? over : (site_on[s] ? c.lowrank_rank : 0);
+  }
+}
+
+bool parse_config(int argc, const char* const* argv, Config& c, bool print_help_and_version) {
+  po::options_description options = make_options(c);
+  po::variables_map vm;
+  try {
+    po::store(po::parse_command_line(argc, argv, options), vm);
+    if (vm.count("help")) {
+      if (print_help_and_version) std::cout << options << "\n";
+      return false;
+    }
+    if (vm.count("version")) {
+      if (print_help_and_version)
+        std::cout << "lrllm " << kVersion << " ("
+                  << (built_with_cuda() ? "CUDA backend built in, CPU backend" : "CPU-only build") << ")\n";
+      return false;
+    }
+    if (vm.count("config")) {
+      const std::string path = vm["config"].as<std::string>();
+      std::ifstream in(path);
+      if (!in) throw InputError("--config " + path + ": cannot open the file");
+      // Command-line values were stored first, so they win over the file's.
+      po::store(po::parse_config_file(in, options, false), vm);
+    }
+    po::notify(vm);
+  } catch (const po::error& e) {
+    throw InputError(e.what());
+  }
+  for (const auto& [name, value] : vm)
+    if (!value.defaulted()) c.given.insert(name);
+  validate(c);
+  return true;
+}
+
+}  // namespace lrllm

@@ -1,0 +1,74 @@
+#include "lrllm/data.h"
+
+#include <cstdio>
+#include <filesystem>
+#include <numeric>
+
+#include "lrllm/common.h"
+#include "lrllm/rng.h"
+
+namespace lrllm {
+
+TokenFile::TokenFile(const std::string& path) : path_(path) {
+  std::FILE* f = std::fopen(path.c_str(), "rb");
+  if (f == nullptr) throw InputError("token file " + path + " cannot be opened (missing?)");
+  int32_t header[kTokenHeaderInts];
+  const std::size_t got = std::fread(header, sizeof(int32_t), kTokenHeaderInts, f);
+  if (got != kTokenHeaderInts) {
+    std::fclose(f);
+    throw InputError("token file " + path + " is truncated: shorter than its 1024-byte header");
+  }
+  if (header[0] != kTokenFileMagic || header[1] != kTokenFileVersion) {
+    std::fclose(f);
+    throw InputError(strprintf("token file %s has a bad header (magic %d version %d; expected %d and %d)",
+                               path.c_str(), header[0], header[1], kTokenFileMagic, kTokenFileVersion));
+  }
+  // The header's count is an int32 of llm.c's format; sizes beyond it are computed in 64 bits.
+  const uint64_t count = static_cast<uint32_t>(header[2]);
+  const uint64_t bytes = std::filesystem::file_size(path);
+  const uint64_t expected = kTokenHeaderInts * sizeof(int32_t) + count * sizeof(uint16_t);
+  if (bytes != expected) {
+    std::fclose(f);
+    throw InputError(strprintf("token file %s: header says %llu tokens (%llu bytes) but the file has %llu bytes",
+                               path.c_str(), static_cast<unsigned long long>(count),
+                               static_cast<unsigned long long>(expected), static_cast<unsigned long long>(bytes)));
+  }
+  tokens_.resize(count);
+  const std::size_t read = std::fread(tokens_.data(), sizeof(uint16_t), count, f);
+  std::fclose(f);
+  if (read != count) throw InputError("token file " + path + " could not be read completely");
+}
+
+Batcher::Batcher(const TokenFile& file, int seq_len, bool shuffle, uint64_t seed)
+    : file_(file), seq_len_(seq_len), shuffle_(shuffle), seed_(seed) {
+  num_sequences_ = file.size() > 0 ? (file.size() - 1) / seq_len : 0;
+  if (num_sequences_ == 0)
+    throw InputError(strprintf("token file %s has %zu tokens: fewer than one sequence of seq_len %d + 1",
+                               file.path().c_str(), file.size(), seq_len));
+}
+
+std::size_t Batcher::sequence_at(uint64_t position) {
+  if (!shuffle_) return position % num_sequences_;
+  const uint64_t epoch = position / num_sequences_;
+  if (epoch != epoch_) {
+    // Fisher-Yates with our own generator: the order is the same on every platform and every resume.
+    order_.resize(num_sequences_);
+    std::iota(order_.begin(), order_.end(), 0u);
+    Rng rng(derive_seed(seed_, "epoch " + std::to_string(epoch)));
+    for (std::size_t i = num_sequences_ - 1; i > 0; --i) std::swap(order_[i], order_[rng.below(i + 1)]);
+    epoch_ = epoch;
+  }
+  return order_[position % num_sequences_];
+}
+
+void Batcher::fill(uint64_t first, int count, int32_t* tokens, int32_t* targets) {
+  for (int s = 0; s < count; ++s) {
+    const uint16_t* src = file_.data() + sequence_at(first + s) * seq_len_;
+    for (int t = 0; t < seq_len_; ++t) {
+      tokens[s * seq_len_ + t] = src[t];
+      targets[s * seq_len_ + t] = src[t + 1];
+    }
+  }
+}
+
+}  // namespace lrllm

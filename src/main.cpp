@@ -1,0 +1,88 @@
+// lrllm: parse the options, start MPI, run the mode. Errors end as one line on stderr with an exit status:
+// 2 for bad input, 3 for a diverged run, 1 for any other failure.
+#include <omp.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <exception>
+#include <string>
+
+#include "lrllm/backend.h"
+#include "lrllm/checkpoint.h"
+#include "lrllm/comm.h"
+#include "lrllm/common.h"
+#include "lrllm/config.h"
+#include "lrllm/decompose.h"
+#include "lrllm/evaluate.h"
+#include "lrllm/tokenizer.h"
+#include "lrllm/train.h"
+
+namespace {
+
+// Ranks sharing a node split its cores, unless the user or the scheduler set OMP_NUM_THREADS.
+void set_threads(const lrllm::Comm& comm) {
+  if (std::getenv("OMP_NUM_THREADS") != nullptr) return;
+  const int cores = omp_get_num_procs();
+  omp_set_num_threads(std::max(1, cores / std::max(1, comm.local_size())));
+}
+
+int run_tokenize(const lrllm::Config& cfg) {
+  if (cfg.data.input.empty() || cfg.data.output.empty())
+    throw lrllm::InputError("--mode tokenize needs --data.input (a text file or folder) and --data.output");
+  const auto tok = lrllm::Tokenizer::load(cfg.data.tokenizer_dir + "/encoder.json", cfg.data.tokenizer_dir + "/vocab.bpe");
+  const std::size_t n = lrllm::tokenize_to_file(tok, cfg.data.input, cfg.data.output);
+  std::printf("tokenized %s: %zu tokens -> %s\n", cfg.data.input.c_str(), n, cfg.data.output.c_str());
+  return 0;
+}
+
+int run_mode(const lrllm::Config& cfg, const lrllm::Comm& comm) {
+  if (cfg.mode == "pretrain") return lrllm::run_pretrain(cfg, comm);
+  if (cfg.mode == "eval") return lrllm::run_eval(cfg, comm);
+  // The remaining modes write or print one thing: rank 0 does it.
+  if (!comm.root()) return 0;
+  if (cfg.mode == "decompose") return lrllm::run_decompose(cfg);
+  if (cfg.mode == "tokenize") return run_tokenize(cfg);
+  if (cfg.mode == "info") {
+    if (cfg.model.init.empty()) throw lrllm::InputError("--mode info needs --model.init (an lrllm HDF5 file)");
+    lrllm::print_info(cfg.model.init);
+    return 0;
+  }
+  throw lrllm::InputError("unknown mode " + cfg.mode);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  lrllm::Config cfg;
+  // Options are parsed before MPI starts, so --help, --version and bad options never wait on other ranks.
+  try {
+    if (!lrllm::parse_config(argc, argv, cfg, true)) return 0;
+  } catch (const lrllm::InputError& e) {
+    std::fprintf(stderr, "lrllm: error: %s\n", e.what());
+    return 2;
+  }
+  int code = 0;
+  bool started_work = false;
+  try {
+    lrllm::Comm& comm = lrllm::Comm::world(&argc, &argv);
+    set_threads(comm);
+    started_work = true;
+    code = run_mode(cfg, comm);
+    if (comm.size() > 1) comm.barrier();
+  } catch (const lrllm::PeerInputError&) {
+    code = 2;
+  } catch (const lrllm::InputError& e) {
+    std::fprintf(stderr, "lrllm: error: %s\n", e.what());
+    code = 2;
+  } catch (const lrllm::DivergenceError& e) {
+    std::fprintf(stderr, "lrllm: error: %s\n", e.what());
+    code = 3;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "lrllm: error: %s\n", e.what());
+    // Other ranks may be waiting in a collective for this one: end the whole job.
+    if (started_work) lrllm::Comm::abort(1);
+    code = 1;
+  }
+  lrllm::Comm::finalize();
+  return code;
+}

@@ -1,0 +1,115 @@
+#include "lrllm/metrics.h"
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <limits>
+#include <set>
+
+#include "lrllm/common.h"
+#include "lrllm/hdf5.h"
+
+namespace lrllm {
+namespace {
+
+constexpr hsize_t kChunkRows = 256;
+
+hsize_t rows_of(H5File& f, const std::string& dataset) { return static_cast<hsize_t>(f.shape(dataset).at(0)); }
+
+void create_series(H5File& f, const std::string& dataset, hsize_t rows) {
+  const hsize_t dims[1] = {0}, max_dims[1] = {H5S_UNLIMITED}, chunk[1] = {kChunkRows};
+  const hid_t space = LRLLM_H5(f, H5Screate_simple(1, dims, max_dims), dataset);
+  const hid_t plist = LRLLM_H5(f, H5Pcreate(H5P_DATASET_CREATE), dataset);
+  LRLLM_H5(f, H5Pset_chunk(plist, 1, chunk), dataset);
+  const hid_t d = LRLLM_H5(f, H5Dcreate2(f.id(), dataset.c_str(), H5T_IEEE_F64LE, space, H5P_DEFAULT, plist, H5P_DEFAULT),
+                           "cannot create " + dataset);
+  H5Pclose(plist);
+  H5Sclose(space);
+  H5Dclose(d);
+  if (rows > 0) {
+    // A metric that appears after others already have rows: its earlier rows are NaN.
+    std::vector<double> nan(rows, std::numeric_limits<double>::quiet_NaN());
+    const hid_t dd = LRLLM_H5(f, H5Dopen2(f.id(), dataset.c_str(), H5P_DEFAULT), dataset);
+    const hsize_t size[1] = {rows};
+    LRLLM_H5(f, H5Dset_extent(dd, size), dataset);
+    LRLLM_H5(f, H5Dwrite(dd, H5T_NATIVE_DOUBLE, H5S_ALL, H5S_ALL, H5P_DEFAULT, nan.data()), dataset);
+    H5Dclose(dd);
+  }
+}
+
+// Appends values to a 1-D extendible dataset.
+void append_values(H5File& f, const std::string& dataset, const std::vector<double>& values) {
+  const hid_t d = LRLLM_H5(f, H5Dopen2(f.id(), dataset.c_str(), H5P_DEFAULT), "cannot open " + dataset);
+  const hsize_t old_rows = rows_of(f, dataset);
+  const hsize_t new_size[1] = {old_rows + values.size()};
+  LRLLM_H5(f, H5Dset_extent(d, new_size), "cannot extend " + dataset);
+  const hid_t file_space = LRLLM_H5(f, H5Dget_space(d), dataset);
+  const hsize_t start[1] = {old_rows}, count[1] = {values.size()};
+  LRLLM_H5(f, H5Sselect_hyperslab(file_space, H5S_SELECT_SET, start, nullptr, count, nullptr), dataset);
+  const hid_t mem_space = LRLLM_H5(f, H5Screate_simple(1, count, nullptr), dataset);
+  LRLLM_H5(f, H5Dwrite(d, H5T_NATIVE_DOUBLE, mem_space, file_space, H5P_DEFAULT, values.data()),
+           "cannot write " + dataset);
+  H5Sclose(mem_space);
+  H5Sclose(file_space);
+  H5Dclose(d);
+}
+
+void truncate_series(H5File& f, const std::string& dataset, hsize_t rows) {
+  const hid_t d = LRLLM_H5(f, H5Dopen2(f.id(), dataset.c_str(), H5P_DEFAULT), "cannot open " + dataset);
+  const hsize_t size[1] = {rows};
+  LRLLM_H5(f, H5Dset_extent(d, size), "cannot shrink " + dataset);
+  H5Dclose(d);
+}
+
+}  // namespace
+
+Metrics::Metrics(const std::string& path, int64_t resume_step) : path_(path) {
+  if (!std::filesystem::exists(path)) {
+    H5File f = H5File::create(path);
+    f.ensure_group("/metrics");
+    f.close();
+    return;
+  }
+  H5File f = H5File::open_write(path);
+  f.ensure_group("/metrics");
+  if (!f.exists("/metrics/step")) return;
+  const hsize_t rows = rows_of(f, "/metrics/step");
+  std::vector<double> steps(rows);
+  if (rows > 0) {
+    const hid_t d = LRLLM_H5(f, H5Dopen2(f.id(), "/metrics/step", H5P_DEFAULT), "cannot open /metrics/step");
+    LRLLM_H5(f, H5Dread(d, H5T_NATIVE_DOUBLE, H5S_ALL, H5S_ALL, H5P_DEFAULT, steps.data()), "cannot read steps");
+    H5Dclose(d);
+  }
+  hsize_t keep = 0;
+  while (keep < rows && steps[keep] <= static_cast<double>(resume_step)) ++keep;
+  for (const std::string& name : f.children("/metrics")) truncate_series(f, "/metrics/" + name, std::min(keep, rows_of(f, "/metrics/" + name)));
+  f.flush();
+}
+
+void Metrics::append(const std::map<std::string, double>& row) { pending_.push_back(row); }
+
+void Metrics::flush() {
+  if (pending_.empty()) return;
+  H5File f = H5File::open_write(path_);
+  std::set<std::string> names;
+  for (const std::string& n : f.children("/metrics")) names.insert(n);
+  for (const auto& row : pending_)
+    for (const auto& [name, value] : row) names.insert(name);
+  const hsize_t rows = f.exists("/metrics/step") ? rows_of(f, "/metrics/step") : 0;
+  for (const std::string& name : names) {
+    const std::string dataset = "/metrics/" + name;
+    if (!f.exists(dataset)) create_series(f, dataset, rows);
+    std::vector<double> values;
+    values.reserve(pending_.size());
+    for (const auto& row : pending_) {
+      const auto it = row.find(name);
+      values.push_back(it != row.end() ? it->second : std::numeric_limits<double>::quiet_NaN());
+    }
+    append_values(f, dataset, values);
+  }
+  f.flush();
+  f.close();
+  pending_.clear();
+}
+
+}  // namespace lrllm

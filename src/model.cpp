@@ -1,0 +1,260 @@
+#include "lrllm/model.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+
+#include "lrllm/common.h"
+#include "lrllm/rng.h"
+
+namespace lrllm {
+
+// What one block keeps from forward for its backward.
+struct Model::Acts {
+  float *ln1, *ln1_mean, *ln1_rstd, *qkv, *qkv_mid, *attn, *probs, *proj_mid, *x_mid;
+  float *ln2, *ln2_mean, *ln2_rstd, *fc, *fc_mid, *gelu, *mlp_mid;
+};
+
+Model::Model(const ModelConfig& cfg, Backend& backend, bool recompute)
+    : cfg_(cfg), be_(backend), recompute_(recompute) {
+  const int C = cfg.d_model, F = cfg.ff();
+  wte_ = table_.add("wte", {cfg.vocab_size, C});
+  wpe_ = table_.add("wpe", {cfg.seq_len, C});
+  for (int l = 0; l < cfg.n_layer; ++l) {
+    const std::string h = "h." + std::to_string(l);
+    Block b;
+    b.ln1_w = table_.add(h + "/ln_1/w", {C});
+    b.ln1_b = table_.add(h + "/ln_1/b", {C});
+    b.qkv = Linear(table_, h + "/attn/qkv", C, 3 * C, cfg.lowrank_rank[0]);
+    b.proj = Linear(table_, h + "/attn/proj", C, C, cfg.lowrank_rank[1]);
+    b.ln2_w = table_.add(h + "/ln_2/w", {C});
+    b.ln2_b = table_.add(h + "/ln_2/b", {C});
+    b.fc = Linear(table_, h + "/mlp/fc", C, F, cfg.lowrank_rank[2]);
+    b.mlp_proj = Linear(table_, h + "/mlp/proj", F, C, cfg.lowrank_rank[3]);
+    blocks_.push_back(b);
+  }
+  lnf_w_ = table_.add("ln_f/w", {C});
+  lnf_b_ = table_.add("ln_f/b", {C});
+  for (int r : cfg.lowrank_rank) max_rank_ = std::max(max_rank_, r);
+  params_ = be_.alloc(table_.total());
+  grads_ = be_.alloc(table_.total());
+}
+
+Model::~Model() {
+  for (void* p : act_allocs_) be_.release(p);
+  for (Acts* a : layer_acts_) delete a;
+  be_.release(params_);
+  be_.release(grads_);
+}
+
+void Model::init_random(uint64_t seed) {
+  const double resid_std = 0.02 / std::sqrt(2.0 * cfg_.n_layer);
+  std::vector<float> host(table_.total(), 0.0f);
+  for (const TensorInfo& t : table_.tensors()) {
+    float* dst = host.data() + t.offset;
+    const std::string& n = t.name;
+    const bool is_ln_weight = n.ends_with("/w") && n.find("ln_") != std::string::npos;
+    if (is_ln_weight) {
+      std::fill(dst, dst + t.size, 1.0f);
+      continue;
+    }
+    if (t.shape.size() < 2) continue;  // biases and LayerNorm shifts start at zero
+    const bool residual = n.find("/attn/proj/") != std::string::npos || n.find("/mlp/proj/") != std::string::npos;
+    double std_dev = residual ? resid_std : 0.02;
+    if (n.ends_with("/A") || n.ends_with("/B")) {
+      // A product of two factors of rank r has variance r * sa^2 * sb^2; match the dense layer's.
+      const TensorInfo& a = table_.at(n.substr(0, n.size() - 1) + "A");
+      std_dev = std::sqrt(std_dev / std::sqrt(static_cast<double>(a.shape[0])));
+    }
+    Rng rng(derive_seed(seed, n));
+    for (std::size_t i = 0; i < t.size; ++i) dst[i] = static_cast<float>(rng.normal() * std_dev);
+  }
+  be_.to_device(params_, host.data(), host.size() * sizeof(float));
+}
+
+void Model::zero_grads() { be_.fill(grads_, table_.total(), 0.0f); }
+
+ParamCounts Model::param_counts() const {
+  ParamCounts c;
+  c.embedding = table_.at("wte").size + table_.at("wpe").size;
+  for (const Block& b : blocks_) {
+    for (const Linear* lin : {&b.qkv, &b.proj, &b.fc, &b.mlp_proj}) {
+      (lin->lowrank() ? c.linear_lowrank : c.linear_dense) += lin->weight_count();
+    }
+  }
+  c.other = table_.count() - c.embedding - c.linear_dense - c.linear_lowrank;
+  return c;
+}
+
+void print_param_counts(const ParamCounts& c, const ModelConfig& cfg) {
+  // qkv 3C*C, proj C*C, fc F*C, mlp proj C*F per block.
+  const std::size_t C = cfg.d_model, F = cfg.ff();
+  const std::size_t dense_equiv = static_cast<std::size_t>(cfg.n_layer) * (4 * C * C + 2 * C * F);
+  const std::size_t linear = c.linear_dense + c.linear_lowrank;
+  std::printf("parameters: total %zu = embeddings %zu + linear %zu (dense %zu, low-rank %zu) + norms/biases %zu\n",
+              c.total(), c.embedding, linear, c.linear_dense, c.linear_lowrank, c.other);
+  std::printf("linear layers: %zu parameters against %zu dense: compression %.2fx\n", linear, dense_equiv,
+              linear > 0 ? static_cast<double>(dense_equiv) / linear : 0.0);
+}
+
+MemoryBytes Model::memory(int B) {
+  ensure_acts(B);
+  MemoryBytes m;
+  m.params = table_.total() * sizeof(float);
+  m.grads = m.params;
+  m.activations = act_bytes_;
+  return m;
+}
+
+void Model::ensure_acts(int B) {
+  if (B <= acts_batch_) return;
+  for (void* p : act_allocs_) be_.release(p);
+  act_allocs_.clear();
+  for (Acts* a : layer_acts_) delete a;
+  layer_acts_.clear();
+  resid_.clear();
+  act_bytes_ = 0;
+
+  const std::size_t N = static_cast<std::size_t>(B) * cfg_.seq_len;
+  const std::size_t C = cfg_.d_model, F = cfg_.ff(), T = cfg_.seq_len, NH = cfg_.n_head;
+  auto f = [&](std::size_t n) {
+    float* p = be_.alloc(n);
+    act_allocs_.push_back(p);
+    act_bytes_ += n * sizeof(float);
+    return p;
+  };
+  const int stored_layers = recompute_ ? 1 : cfg_.n_layer;
+  for (int l = 0; l < stored_layers; ++l) {
+    Acts* a = new Acts;
+    a->ln1 = f(N * C);
+    a->ln1_mean = f(N);
+    a->ln1_rstd = f(N);
+    a->qkv = f(N * 3 * C);
+    a->qkv_mid = f(N * std::max(1, cfg_.lowrank_rank[0]));
+    a->attn = f(N * C);
+    a->probs = f(B * NH * T * T);
+    a->proj_mid = f(N * std::max(1, cfg_.lowrank_rank[1]));
+    a->x_mid = f(N * C);
+    a->ln2 = f(N * C);
+    a->ln2_mean = f(N);
+    a->ln2_rstd = f(N);
+    a->fc = f(N * F);
+    a->fc_mid = f(N * std::max(1, cfg_.lowrank_rank[2]));
+    a->gelu = f(N * F);
+    a->mlp_mid = f(N * std::max(1, cfg_.lowrank_rank[3]));
+    layer_acts_.push_back(a);
+  }
+  for (int l = 0; l <= cfg_.n_layer; ++l) resid_.push_back(f(N * C));
+  lnf_ = f(N * C);
+  lnf_mean_ = f(N);
+  lnf_rstd_ = f(N);
+  logits_ = f(static_cast<std::size_t>(kClassifierChunk) * cfg_.vocab_size);
+  losses_ = f(N);
+  dresid_ = f(N * C);
+  scratch_c_ = f(N * C);
+  scratch_c2_ = f(N * C);
+  scratch_3c_ = f(N * 3 * C);
+  scratch_ff_ = f(N * F);
+  scratch_ff2_ = f(N * F);
+  scratch_rank_ = f(N * std::max(1, max_rank_));
+  tokens_dev_ = be_.alloc_int(N);
+  targets_dev_ = be_.alloc_int(N);
+  act_allocs_.push_back(tokens_dev_);
+  act_allocs_.push_back(targets_dev_);
+  acts_batch_ = B;
+}
+
+Model::Acts& Model::acts_for(int l) { return *layer_acts_[recompute_ ? 0 : l]; }
+
+void Model::block_forward(int l, Acts& a, const float* x, float* x_out, int B) {
+  const Block& blk = blocks_[l];
+  const int N = B * cfg_.seq_len, C = cfg_.d_model, F = cfg_.ff();
+  const float* p = params_;
+  be_.layernorm_forward(a.ln1, a.ln1_mean, a.ln1_rstd, x, p + blk.ln1_w, p + blk.ln1_b, N, C);
+  blk.qkv.forward(be_, p, a.ln1, a.qkv, a.qkv_mid, N);
+  be_.attention_forward(a.attn, a.probs, a.qkv, B, cfg_.seq_len, C, cfg_.n_head);
+  blk.proj.forward(be_, p, a.attn, scratch_c_, a.proj_mid, N);
+  be_.add(a.x_mid, x, scratch_c_, static_cast<std::size_t>(N) * C);
+  be_.layernorm_forward(a.ln2, a.ln2_mean, a.ln2_rstd, a.x_mid, p + blk.ln2_w, p + blk.ln2_b, N, C);
+  blk.fc.forward(be_, p, a.ln2, a.fc, a.fc_mid, N);
+  be_.gelu_forward(a.gelu, a.fc, static_cast<std::size_t>(N) * F);
+  blk.mlp_proj.forward(be_, p, a.gelu, scratch_c_, a.mlp_mid, N);
+  be_.add(x_out, a.x_mid, scratch_c_, static_cast<std::size_t>(N) * C);
+}
+
+// dresid holds d(loss)/d(block output) on entry and d(loss)/d(block input) on return.
+void Model::block_backward(int l, Acts& a, const float* x, float* dresid, int B) {
+  const Block& blk = blocks_[l];
+  const int N = B * cfg_.seq_len, C = cfg_.d_model, F = cfg_.ff();
+  const float* p = params_;
+  float* g = grads_;
+  blk.mlp_proj.backward(be_, p, g, a.gelu, a.mlp_mid, dresid, scratch_ff_, scratch_rank_, N);
+  be_.gelu_backward(scratch_ff2_, a.fc, scratch_ff_, static_cast<std::size_t>(N) * F);
+  blk.fc.backward(be_, p, g, a.ln2, a.fc_mid, scratch_ff2_, scratch_c_, scratch_rank_, N);
+  be_.layernorm_backward(dresid, g + blk.ln2_w, g + blk.ln2_b, scratch_c_, a.x_mid, p + blk.ln2_w, a.ln2_mean,
+                         a.ln2_rstd, N, C);
+  blk.proj.backward(be_, p, g, a.attn, a.proj_mid, dresid, scratch_c_, scratch_rank_, N);
+  be_.attention_backward(scratch_3c_, scratch_c_, a.qkv, a.probs, B, cfg_.seq_len, C, cfg_.n_head);
+  blk.qkv.backward(be_, p, g, a.ln1, a.qkv_mid, scratch_3c_, scratch_c2_, scratch_rank_, N);
+  be_.layernorm_backward(dresid, g + blk.ln1_w, g + blk.ln1_b, scratch_c2_, x, p + blk.ln1_w, a.ln1_mean,
+                         a.ln1_rstd, N, C);
+}
+
+// Final LayerNorm, the tied lm_head and the loss, a chunk of rows at a time so that only one
+// [chunk, vocab] logits buffer ever exists. With a gradient, dx receives d(loss)/d(final residual).
+double Model::classifier(const float* x, const int32_t* targets, float* dx, int N, float grad_scale, int valid) {
+  const int C = cfg_.d_model, V = cfg_.vocab_size;
+  float* p = params_;
+  be_.layernorm_forward(lnf_, lnf_mean_, lnf_rstd_, x, p + lnf_w_, p + lnf_b_, N, C);
+  const float row_scale = valid > 0 ? grad_scale / static_cast<float>(valid) : 0.0f;
+  for (int n0 = 0; n0 < N; n0 += kClassifierChunk) {
+    const int rows = std::min(kClassifierChunk, N - n0);
+    const float* xr = lnf_ + static_cast<std::size_t>(n0) * C;
+    be_.matmul(logits_, xr, p + wte_, rows, V, C, false, true, 1.0f, 0.0f);
+    be_.softmax_xent(losses_ + n0, logits_, targets + n0, rows, V, row_scale);
+    if (grad_scale != 0.0f) {
+      be_.matmul(grads_ + wte_, logits_, xr, V, C, rows, true, false, 1.0f, 1.0f);
+      be_.matmul(scratch_c_ + static_cast<std::size_t>(n0) * C, logits_, p + wte_, rows, C, V, false, false,
+                 1.0f, 0.0f);
+    }
+  }
+  std::vector<float> losses(N);
+  be_.to_host(losses.data(), losses_, N * sizeof(float));
+  double sum = 0;
+  for (float v : losses) sum += v;
+  if (grad_scale != 0.0f) {
+    be_.fill(dx, static_cast<std::size_t>(N) * C, 0.0f);
+    be_.layernorm_backward(dx, grads_ + lnf_w_, grads_ + lnf_b_, scratch_c_, x, p + lnf_w_, lnf_mean_, lnf_rstd_,
+                           N, C);
+  }
+  return valid > 0 ? sum / valid : 0.0;
+}
+
+double Model::step(const int32_t* tokens, const int32_t* targets, int B, float grad_scale) {
+  ensure_acts(B);
+  const int T = cfg_.seq_len, C = cfg_.d_model, N = B * T;
+  int valid = 0;
+  for (int i = 0; i < N; ++i) {
+    if (tokens[i] < 0 || tokens[i] >= cfg_.vocab_size || targets[i] >= cfg_.vocab_size)
+      throw InputError(strprintf("token id %d is outside the model's vocabulary of %d",
+                                 std::max(tokens[i], targets[i]), cfg_.vocab_size));
+    valid += targets[i] >= 0;
+  }
+  be_.to_device(tokens_dev_, tokens, N * sizeof(int32_t));
+  be_.to_device(targets_dev_, targets, N * sizeof(int32_t));
+
+  be_.embedding_forward(resid_[0], tokens_dev_, params_ + wte_, params_ + wpe_, B, T, C);
+  for (int l = 0; l < cfg_.n_layer; ++l) block_forward(l, acts_for(l), resid_[l], resid_[l + 1], B);
+  const double loss = classifier(resid_[cfg_.n_layer], targets_dev_, dresid_, N, grad_scale, valid);
+  if (grad_scale == 0.0f) return loss;
+
+  for (int l = cfg_.n_layer - 1; l >= 0; --l) {
+    // With recomputation only block inputs were kept: run the block forward again to rebuild its activations.
+    if (recompute_) block_forward(l, acts_for(l), resid_[l], scratch_c2_, B);
+    block_backward(l, acts_for(l), resid_[l], dresid_, B);
+  }
+  be_.embedding_backward(grads_ + wte_, grads_ + wpe_, dresid_, tokens_dev_, B, T, C);
+  return loss;
+}
+
+}  // namespace lrllm

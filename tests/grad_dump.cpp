@@ -1,0 +1,49 @@
+// Test tool for the PyTorch reference check: loss and every gradient of one batch, written to HDF5.
+// Usage: grad_dump --init CKPT.h5 --data TOKENS.bin --batch B --out OUT.h5
+// The batch is the first B sequences of the token file (sequence i starts at token i * seq_len).
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "lrllm/backend.h"
+#include "lrllm/checkpoint.h"
+#include "lrllm/common.h"
+#include "lrllm/data.h"
+#include "lrllm/hdf5.h"
+#include "lrllm/model.h"
+
+int main(int argc, char** argv) {
+  std::map<std::string, std::string> args;
+  for (int i = 1; i + 1 < argc; i += 2) args[argv[i]] = argv[i + 1];
+  for (const char* key : {"--init", "--data", "--batch", "--out"}) {
+    if (!args.count(key)) {
+      std::fprintf(stderr, "usage: grad_dump --init CKPT.h5 --data TOKENS.bin --batch B --out OUT.h5\n");
+      return 2;
+    }
+  }
+  try {
+    const int B = std::stoi(args["--batch"]);
+    const lrllm::ModelConfig mc = lrllm::read_model_config(args["--init"]);
+    auto backend = lrllm::make_cpu_backend();
+    lrllm::Model model(mc, *backend, false);
+    lrllm::load_weights(args["--init"], model);
+    lrllm::TokenFile file(args["--data"]);
+    lrllm::Batcher batcher(file, mc.seq_len, false, 0);
+    std::vector<int32_t> tokens(static_cast<std::size_t>(B) * mc.seq_len), targets(tokens.size());
+    batcher.fill(0, B, tokens.data(), targets.data());
+    model.zero_grads();
+    const double loss = model.step(tokens.data(), targets.data(), B, 1.0f);
+    lrllm::H5File out = lrllm::H5File::create(args["--out"]);
+    out.set_attr("/", "loss", loss);
+    for (const lrllm::TensorInfo& t : model.table().tensors())
+      out.write("/grads/" + t.name, model.grads() + t.offset, t.shape);
+    out.close();
+    std::printf("loss %.9f\n", loss);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "grad_dump: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}
