@@ -19,7 +19,7 @@ BLAS_CFLAGS := -isystem /usr/include/x86_64-linux-gnu/openblas-openmp
 BLAS_LIBS := -L$(BLAS_DIR) -Wl,-rpath,$(BLAS_DIR) -lopenblas -llapacke
 PCRE_LIBS := -lpcre2-8
 
-CXXFLAGS := -std=c++20 -O2 -march=x86-64-v3 -g -fopenmp -Wall -Wextra -Werror -Iinclude \
+CXXFLAGS := -std=c++20 -O3 -march=x86-64-v3 -g -fopenmp -Wall -Wextra -Werror -Iinclude \
             $(MPI_CFLAGS) $(HDF5_CFLAGS) $(BLAS_CFLAGS) -MMD -MP
 LDLIBS := $(HDF5_LIBS) $(BLAS_LIBS) $(PCRE_LIBS) -lboost_program_options $(MPI_LIBS) -fopenmp -pthread
 ifeq ($(SANITIZE),1)
@@ -42,7 +42,8 @@ TEST_SRCS := $(filter-out tests/tokenizer_dump.cpp tests/grad_dump.cpp,$(wildcar
 TEST_OBJS := $(TEST_SRCS:tests/%.cpp=$(BUILD)/obj/tests/%.o)
 
 .PHONY: all deps data run test test-gpu bench clean format
-all: $(BUILD)/lrllm $(BUILD)/tests/unit $(BUILD)/tests/tokenizer_dump $(BUILD)/tests/grad_dump
+all: $(BUILD)/lrllm $(BUILD)/tests/unit $(BUILD)/tests/tokenizer_dump $(BUILD)/tests/grad_dump \
+     $(BUILD)/tools/bench_sgemm
 
 deps:
 	@bash tools/install-deps.sh
@@ -53,6 +54,12 @@ $(BUILD)/obj/%.o: src/%.cpp
 $(BUILD)/obj/tests/%.o: tests/%.cpp
 	@mkdir -p $(dir $@)
 	$(CXX) $(CXXFLAGS) -c $< -o $@
+$(BUILD)/obj/tools/%.o: tools/%.cpp
+	@mkdir -p $(dir $@)
+	$(CXX) $(CXXFLAGS) -c $< -o $@
+$(BUILD)/tools/%: $(BUILD)/obj/tools/%.o $(BUILD)/liblrllm.a
+	@mkdir -p $(dir $@)
+	$(CXX) $(CXXFLAGS) $^ -o $@ $(LDLIBS)
 $(BUILD)/obj/cuda/%.o: cuda/%.cu
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVCCFLAGS) -c $< -o $@
@@ -70,7 +77,7 @@ $(BUILD)/tests/%: $(BUILD)/obj/tests/%.o $(BUILD)/liblrllm.a
 	$(CXX) $(CXXFLAGS) $^ -o $@ $(LDLIBS)
 
 data: deps $(BUILD)/lrllm
-	@bash tools/prepare-data.sh
+	@bash tools/prepare-data.sh $(BUILD)
 
 test: deps all data
 	@bash tests/run.sh $(BUILD)

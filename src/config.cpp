@@ -89,7 +89,7 @@ po::options_description make_options(Config& c) {
       "train.eval_every", po::value(&t.eval_every)->default_value(t.eval_every),
       "validation every N steps (0: only at the end)")(
       "train.eval_batches", po::value(&t.eval_batches)->default_value(t.eval_batches),
-      "validation batches per evaluation")(
+      "validation batches (of the global batch) per evaluation")(
       "train.recompute", po::value(&t.recompute)->default_value(t.recompute),
       "none | block (keep only block inputs, recompute in backward)");
 

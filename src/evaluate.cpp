@@ -12,16 +12,18 @@
 
 namespace lrllm {
 
-double validation_loss(Model& model, Batcher& batcher, int batches, int batch_size, const Comm& comm) {
+double validation_loss(Model& model, Batcher& batcher, uint64_t sequences, int batch_size, const Comm& comm) {
   const int T = model.config().seq_len;
   std::vector<int32_t> tokens(static_cast<std::size_t>(batch_size) * T), targets(tokens.size());
+  const uint64_t share = sequences / comm.size();
+  const uint64_t begin = share * comm.rank();
   double sum = 0;
-  for (int i = 0; i < batches; ++i) {
-    const uint64_t first = (static_cast<uint64_t>(i) * comm.size() + comm.rank()) * batch_size;
-    batcher.fill(first, batch_size, tokens.data(), targets.data());
-    sum += model.step(tokens.data(), targets.data(), batch_size, 0.0f);
+  for (uint64_t first = begin; first < begin + share; first += batch_size) {
+    const int count = static_cast<int>(std::min<uint64_t>(batch_size, begin + share - first));
+    batcher.fill(first, count, tokens.data(), targets.data());
+    sum += model.step(tokens.data(), targets.data(), count, 0.0f) * count;
   }
-  return comm.allreduce_sum(sum / batches) / comm.size();
+  return comm.allreduce_sum(sum) / static_cast<double>(share * comm.size());
 }
 
 int run_eval(const Config& cfg, const Comm& comm) {
@@ -41,14 +43,15 @@ int run_eval(const Config& cfg, const Comm& comm) {
     model = std::make_unique<Model>(mc, *backend, false);
     load_weights(cfg.model.init, *model);
   });
-  // Every sequence of the file at most once, unless more batches were asked for.
-  const std::size_t per_batch = static_cast<std::size_t>(cfg.train.batch_size) * comm.size();
-  int batches = static_cast<int>(std::max<std::size_t>(1, batcher->num_sequences() / per_batch));
-  if (cfg.was_given("train.eval_batches")) batches = cfg.train.eval_batches;
-  const double loss = validation_loss(*model, *batcher, batches, cfg.train.batch_size, comm);
+  // Every sequence of the file once (rounded down to a multiple of the ranks), unless a number of batches
+  // was asked for.
+  const uint64_t per_batch = static_cast<uint64_t>(cfg.train.batch_size) * comm.size();
+  uint64_t sequences = std::max<uint64_t>(1, batcher->num_sequences() / comm.size()) * comm.size();
+  if (cfg.was_given("train.eval_batches")) sequences = per_batch * cfg.train.eval_batches;
+  const double loss = validation_loss(*model, *batcher, sequences, cfg.train.batch_size, comm);
   if (comm.root())
     std::printf("eval %s on %s: %llu tokens, loss %.6f, ppl %.3f\n", cfg.model.init.c_str(), data.c_str(),
-                static_cast<unsigned long long>(batches) * per_batch * model->config().seq_len, loss, std::exp(loss));
+                static_cast<unsigned long long>(sequences * model->config().seq_len), loss, std::exp(loss));
   return 0;
 }
 

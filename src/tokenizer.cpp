@@ -9,7 +9,6 @@
 #include <array>
 #include <bit>
 #include <cerrno>
-#include <climits>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -280,7 +279,8 @@ void Tokenizer::Impl::load_merges(const std::string& path, const std::unordered_
   // loop only if every merge ranks after all merges producing its parts; GPT-2's training order ensures
   // that, and a file violating it is rejected rather than encoded differently.
   std::vector<int> produced(id_bytes.size(), -1);
-  for (const auto& [key, merge] : merges) produced[merge.result] = std::max(produced[merge.result], merge.rank);
+  for (const auto& [key, merge] : merges)
+    produced[merge.result] = std::max(produced[merge.result], merge.rank);
   for (const auto& [key, merge] : merges) {
     const int l = static_cast<int>(key >> 32), r = static_cast<int>(key & 0xFFFFFFFFu);
     if (produced[l] >= merge.rank || produced[r] >= merge.rank)
@@ -415,14 +415,19 @@ std::vector<int> Tokenizer::encode(std::string_view text) const {
 std::string Tokenizer::decode(std::span<const int> tokens) const {
   std::string text;
   for (const int t : tokens) {
-    if (t < 0 || t >= vocab_size()) throw std::out_of_range("token id " + std::to_string(t) + " out of range");
+    if (t < 0 || t >= vocab_size())
+      throw std::out_of_range("token id " + std::to_string(t) + " out of range");
     text += impl_->id_bytes[t];
   }
   return text;
 }
 
-int Tokenizer::eot() const { return impl_->eot; }
-int Tokenizer::vocab_size() const { return static_cast<int>(impl_->id_bytes.size()); }
+int Tokenizer::eot() const {
+  return impl_->eot;
+}
+int Tokenizer::vocab_size() const {
+  return static_cast<int>(impl_->id_bytes.size());
+}
 
 void write_token_file(const std::string& path, std::span<const uint16_t> tokens) {
   TokenFileWriter writer(path);
@@ -441,8 +446,9 @@ std::size_t tokenize_to_file(const Tokenizer& tok, const std::string& input, con
     for (const auto& entry : fs::directory_iterator(input, ec))
       if (entry.is_regular_file()) documents.push_back(entry.path());
     if (ec) throw InputError("cannot list data.input '" + input + "': " + ec.message());
-    std::sort(documents.begin(), documents.end(),
-              [](const fs::path& a, const fs::path& b) { return a.filename().string() < b.filename().string(); });
+    std::sort(documents.begin(), documents.end(), [](const fs::path& a, const fs::path& b) {
+      return a.filename().string() < b.filename().string();
+    });
     if (documents.empty()) throw InputError("data.input '" + input + "' holds no files");
   } else if (fs::is_regular_file(status)) {
     documents.push_back(input);

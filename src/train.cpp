@@ -202,7 +202,7 @@ int run_pretrain(const Config& cfg, const Comm& comm) {
     const bool last = state.step == tc.steps;
     double val_loss = NAN;
     if ((tc.eval_every > 0 && state.step % tc.eval_every == 0) || last) {
-      val_loss = validation_loss(model, val_batches, tc.eval_batches, B, comm);
+      val_loss = validation_loss(model, val_batches, tc.eval_batches * sequences_per_step, B, comm);
       last_val = val_loss;
     }
     if (comm.root()) {
@@ -240,6 +240,9 @@ int run_pretrain(const Config& cfg, const Comm& comm) {
     }
   }
   if (comm.root()) {
+    // A run of zero steps still leaves its starting point as a checkpoint (an initial model for other tools).
+    if (state.step == first_step && !fs::exists(checkpoint_path(cfg.run.dir, state.step)))
+      save_checkpoint(checkpoint_path(cfg.run.dir, state.step), "pretrain", model, &optimizer, &state);
     metrics->flush();
     const double avg_tps = timed_steps > 0 ? sequences_per_step * T * timed_steps / elapsed_train_s : NAN;
     std::printf("done: %lld steps, %lld tokens, %.0f tok/s, final val loss %.4f, checkpoint %s\n",

@@ -8,9 +8,10 @@
 
 namespace lrllm {
 
-// Mean loss over `batches` batches of batch_size sequences per rank, taken from the start of the file in
-// order, so every evaluation of a run sees the same tokens. Averaged over ranks.
-double validation_loss(Model& model, Batcher& batcher, int batches, int batch_size, const Comm& comm);
+// Mean loss over the first `sequences` sequences of the file, in order, so every evaluation of a run sees
+// the same tokens whatever the number of ranks: each rank takes a contiguous share, in micro-batches of at
+// most batch_size. `sequences` must be a multiple of the number of ranks.
+double validation_loss(Model& model, Batcher& batcher, uint64_t sequences, int batch_size, const Comm& comm);
 
 // --mode eval on a token file (data.val, else data.train): prints loss and perplexity.
 int run_eval(const Config& cfg, const Comm& comm);

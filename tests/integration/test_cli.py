@@ -1,0 +1,282 @@
+"""End-to-end tests of the lrllm binary: MPI data parallelism, exact resume, decompose, eval, info, bad input.
+
+Run as: /usr/bin/python3 tests/integration/test_cli.py BUILD_DIR
+Prints PASS/FAIL per test and exits non-zero if any failed.
+"""
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import traceback
+
+import h5py
+import numpy as np
+
+BUILD = sys.argv[1] if len(sys.argv) > 1 else "build"
+LRLLM = os.path.abspath(os.path.join(BUILD, "lrllm"))
+ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1",
+           OMPI_MCA_rmaps_base_oversubscribe="1")
+TMP = tempfile.mkdtemp(prefix="lrllm-it-")
+SMALL = ["--model.vocab_size", "512", "--model.n_layer", "2", "--model.n_head", "2", "--model.d_model", "32",
+         "--model.seq_len", "16", "--device", "cpu"]
+
+
+def write_tokens(path, n, vocab=512, seed=0, count=None):
+    rng = np.random.default_rng(seed)
+    header = np.zeros(256, np.int32)
+    header[:3] = [20240520, 1, n if count is None else count]
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(rng.integers(0, vocab, n).astype(np.uint16).tobytes())
+    return path
+
+
+TRAIN = write_tokens(os.path.join(TMP, "train.bin"), 40000, seed=1)
+VAL = write_tokens(os.path.join(TMP, "val.bin"), 4000, seed=2)
+
+
+def run(args, np_=None, check=True):
+    # --quiet keeps mpirun's own banner about a non-zero exit off stderr, leaving lrllm's one line.
+    cmd = (["mpirun", "--quiet", "-np", str(np_), "--oversubscribe"] if np_ else []) + [LRLLM] + args
+    p = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
+    return p
+
+
+def pretrain(run_dir, extra=(), np_=None, check=True):
+    """A 6-step run of the small model; options in extra replace the defaults."""
+    options = {"--train.steps": "6", "--train.warmup": "2", "--train.lr": "3e-3", "--train.eval_every": "3",
+               "--train.eval_batches": "2"}
+    extra = list(extra)
+    flags = []
+    i = 0
+    while i < len(extra):
+        if i + 1 < len(extra) and not extra[i + 1].startswith("--"):
+            options[extra[i]] = extra[i + 1]
+            i += 2
+        else:
+            flags.append(extra[i])
+            i += 1
+    args = ["--mode", "pretrain", *SMALL, "--data.train", TRAIN, "--data.val", VAL, "--run.dir", run_dir]
+    for k, v in options.items():
+        args += [k, v]
+    return run(args + flags, np_=np_, check=check)
+
+
+def metric(run_dir, name):
+    with h5py.File(os.path.join(run_dir, "metrics.h5"), "r") as f:
+        return f["metrics"][name][:]
+
+
+def tmpdir(name):
+    d = os.path.join(TMP, name)
+    shutil.rmtree(d, ignore_errors=True)
+    return d
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-30))
+
+
+def model_tensors(path):
+    out = {}
+    with h5py.File(path, "r") as f:
+        f["model"].visititems(lambda n, o: out.__setitem__(n, o[()]) if isinstance(o, h5py.Dataset) else None)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- tests
+
+
+def test_metrics_and_checkpoint_layout():
+    d = tmpdir("layout")
+    pretrain(d)
+    steps = metric(d, "step")
+    assert list(steps) == [1, 2, 3, 4, 5, 6], steps
+    for name in ["loss", "lr", "grad_norm", "tokens_per_s", "step_ms", "val_loss", "mem_params", "mem_grads",
+                 "mem_optimizer", "mem_activations", "mem_peak"]:
+        assert len(metric(d, name)) == 6, name
+    val = metric(d, "val_loss")
+    assert np.isnan(val[0]) and np.isfinite(val[2]) and np.isfinite(val[5]), val
+    with h5py.File(os.path.join(d, "ckpt_000006.h5"), "r") as f:
+        assert f.attrs["format"] == "lrllm" and f.attrs["format_version"] == 1
+        assert f["config"].attrs["n_layer"] == 2 and f["config"].attrs["lowrank_rank"] == 0
+        assert f["state"].attrs["step"] == 6
+        assert f["optimizer/m/h.1/mlp/fc/W"].shape == (128, 32)
+    assert not [n for n in os.listdir(d) if n.endswith(".tmp")]
+
+
+def test_data_parallel_matches_single_rank():
+    # The same global batch of 8 sequences: 1 rank x 2 micro-steps of 4, 2 ranks x 1 micro-step of 4, or
+    # 4 ranks x 1 micro-step of 2.
+    for kind, extra in [("dense", []), ("lowrank", ["--lowrank.rank", "8"])]:
+        d1 = tmpdir(f"dp1-{kind}")
+        pretrain(d1, [*extra, "--train.batch_size", "4", "--train.grad_accum", "2"], np_=1)
+        for ranks, batch in [(2, "4"), (4, "2")]:
+            d = tmpdir(f"dp{ranks}-{kind}")
+            pretrain(d, [*extra, "--train.batch_size", batch, "--train.grad_accum", "1"], np_=ranks)
+            l1, l2 = metric(d1, "loss"), metric(d, "loss")
+            assert rel(l2, l1) < 1e-5, f"{kind} at {ranks} ranks: losses differ: {l1} vs {l2}"
+            v1, v2 = metric(d1, "val_loss"), metric(d, "val_loss")
+            assert np.array_equal(np.isnan(v1), np.isnan(v2))
+            assert rel(v2[~np.isnan(v2)], v1[~np.isnan(v1)]) < 1e-5, f"{kind} at {ranks} ranks: val {v1} vs {v2}"
+
+
+def test_resume_is_exact():
+    full, part = tmpdir("resume-full"), tmpdir("resume-part")
+    pretrain(full, ["--checkpoint.every", "3", "--lowrank.rank", "8", "--lowrank.targets", "qkv,fc"])
+    pretrain(part, ["--checkpoint.every", "3", "--lowrank.rank", "8", "--lowrank.targets", "qkv,fc"])
+    # Stop after 3 steps by removing the later checkpoint and resuming from step 3.
+    os.remove(os.path.join(part, "ckpt_000006.h5"))
+    p = pretrain(part, ["--checkpoint.every", "3", "--checkpoint.resume", "latest"])
+    assert "resuming" in p.stdout, p.stdout
+    assert np.array_equal(metric(full, "loss"), metric(part, "loss")), (metric(full, "loss"), metric(part, "loss"))
+    assert list(metric(part, "step")) == [1, 2, 3, 4, 5, 6]
+    a, b = model_tensors(os.path.join(full, "ckpt_000006.h5")), model_tensors(os.path.join(part, "ckpt_000006.h5"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert np.array_equal(a[k], b[k]), f"{k} differs after resume"
+
+
+def test_checkpoint_keep():
+    d = tmpdir("keep")
+    pretrain(d, ["--checkpoint.every", "1", "--checkpoint.keep", "2"])
+    assert sorted(n for n in os.listdir(d) if n.startswith("ckpt_")) == ["ckpt_000005.h5", "ckpt_000006.h5"]
+
+
+def test_decompose_then_pretrain():
+    dense = tmpdir("dec-dense")
+    pretrain(dense)
+    out = os.path.join(TMP, "lowrank.h5")
+    p = run(["--mode", "decompose", "--model.init", os.path.join(dense, "ckpt_000006.h5"), "--lowrank.rank", "16",
+             "--lowrank.targets", "qkv,proj,fc", "--data.output", out])
+    assert "h.1/mlp/fc" in p.stdout and "rel. error" in p.stdout, p.stdout
+    t = model_tensors(out)
+    d = model_tensors(os.path.join(dense, "ckpt_000006.h5"))
+    assert t["h.0/attn/qkv/A"].shape == (16, 32) and t["h.0/attn/qkv/B"].shape == (96, 16)
+    w = d["h.0/mlp/fc/W"].astype(np.float64)
+    u, sv, vt = np.linalg.svd(w, full_matrices=False)
+    best = (u[:, :16] * sv[:16]) @ vt[:16]
+    approx = t["h.0/mlp/fc/B"].astype(np.float64) @ t["h.0/mlp/fc/A"]
+    assert np.linalg.norm(approx - best) / np.linalg.norm(w) < 1e-5, "B A is the best rank-16 approximation"
+    expected_err = np.sqrt(np.sum(sv[16:] ** 2) / np.sum(sv ** 2))
+    row = [l for l in p.stdout.splitlines() if l.startswith("h.0/mlp/fc ")][0]
+    assert abs(float(row.split()[-1]) - expected_err) < 1e-4, (row, expected_err)
+    assert "h.0/mlp/proj/W" in t and "h.0/attn/proj/A" in t
+    cont = tmpdir("dec-cont")
+    p = pretrain(cont, ["--model.init", out, "--train.steps", "3"])
+    assert "init from" in p.stdout
+    assert np.all(np.isfinite(metric(cont, "loss")))
+
+
+def test_eval_and_info():
+    d = tmpdir("evalinfo")
+    pretrain(d, ["--lowrank.rank", "8"])
+    ckpt = os.path.join(d, "ckpt_000006.h5")
+    p = run(["--mode", "eval", "--model.init", ckpt, "--data.val", VAL, "--device", "cpu"])
+    line = [l for l in p.stdout.splitlines() if "loss" in l and "ppl" in l]
+    assert line, p.stdout
+    loss = float(line[0].split("loss ")[1].split(",")[0])
+    ppl = float(line[0].split("ppl ")[1].split()[0])
+    assert abs(np.exp(loss) - ppl) / ppl < 1e-3
+    p = run(["--mode", "info", "--model.init", ckpt])
+    assert "lowrank r=8" in p.stdout and "/model/h.0/attn/qkv/A" in p.stdout and "compression" in p.stdout, p.stdout
+
+
+def test_nan_loss_keeps_last_checkpoint():
+    d = tmpdir("nan")
+    pretrain(d, ["--checkpoint.every", "3"])
+    os.remove(os.path.join(d, "ckpt_000006.h5"))
+    before = model_tensors(os.path.join(d, "ckpt_000003.h5"))
+    p = pretrain(d, ["--checkpoint.every", "1", "--checkpoint.resume", "latest", "--train.lr", "1e30",
+                     "--train.min_lr", "1e30", "--train.grad_clip", "0"], check=False)
+    assert p.returncode == 3, (p.returncode, p.stderr)
+    assert "loss is" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    after = model_tensors(os.path.join(d, "ckpt_000003.h5"))
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    for name in os.listdir(d):
+        if name.startswith("ckpt_"):
+            assert all(np.all(np.isfinite(v)) for v in model_tensors(os.path.join(d, name)).values()), name
+
+
+def bad_input(args, expect, np_=None):
+    p = run(args, np_=np_, check=False)
+    lines = [l for l in p.stderr.splitlines() if l.strip()]
+    assert p.returncode == 2, f"exit {p.returncode} for {args}: {p.stderr}"
+    assert len(lines) == 1, f"expected one line on stderr for {args}, got: {p.stderr}"
+    assert expect in lines[0], f"'{expect}' not in: {lines[0]}"
+
+
+def test_bad_options():
+    base = ["--mode", "pretrain", *SMALL, "--data.train", TRAIN]
+    bad_input(["--mode", "pretrain", "--no.such", "1"], "no.such")
+    bad_input(["--mode", "pretrain", "--train.steps", "abc"], "train.steps")
+    bad_input(["--mode", "fly"], "fly")
+    bad_input([*base, "--train.lr", "-1"], "train.lr")
+    bad_input([*base, "--lowrank.rank", "0", "--lowrank.targets", "qkv"], "lowrank.rank")
+    bad_input([*base, "--lowrank.rank", "40"], "min(in, out)")
+    bad_input(["--mode", "pretrain", "--config", os.path.join(TMP, "missing.cfg")], "missing.cfg")
+    bad_input(["--mode", "pretrain", "--device", "tpu", "--data.train", TRAIN], "device")
+
+
+def test_bad_files():
+    base = ["--mode", "pretrain", *SMALL, "--run.dir", tmpdir("badfiles"), "--train.steps", "1"]
+    bad_input([*base, "--data.train", os.path.join(TMP, "nope.bin")], "nope.bin")
+    truncated = write_tokens(os.path.join(TMP, "trunc.bin"), 1000, count=2000)
+    bad_input([*base, "--data.train", truncated], "header says 2000 tokens")
+    bad_input([*base, "--data.train", truncated], "trunc.bin", np_=2)
+    d = tmpdir("forfiles")
+    pretrain(d)
+    ckpt = os.path.join(d, "ckpt_000006.h5")
+    missing = os.path.join(TMP, "missing_wte.h5")
+    shutil.copy(ckpt, missing)
+    with h5py.File(missing, "a") as f:
+        del f["model/wte"]
+    bad_input(["--mode", "eval", "--model.init", missing, "--data.val", VAL], "/model/wte is missing")
+    wrong = os.path.join(TMP, "wrong_shape.h5")
+    shutil.copy(ckpt, wrong)
+    with h5py.File(wrong, "a") as f:
+        del f["model/h.0/mlp/fc/W"]
+        f["model/h.0/mlp/fc/W"] = np.zeros((7, 32), np.float32)
+    bad_input(["--mode", "eval", "--model.init", wrong, "--data.val", VAL], "shape")
+    corrupt = os.path.join(TMP, "corrupt.h5")
+    with open(ckpt, "rb") as src, open(corrupt, "wb") as dst:
+        dst.write(src.read()[: os.path.getsize(ckpt) // 2])
+    bad_input(["--mode", "eval", "--model.init", corrupt, "--data.val", VAL], "corrupt.h5")
+    bad_input(["--mode", "pretrain", "--model.init", ckpt, "--model.seq_len", "64", "--data.train", TRAIN,
+               "--run.dir", tmpdir("seq")], "position table")
+    bad_input(["--mode", "pretrain", *SMALL, "--data.train", TRAIN, "--checkpoint.resume", "latest",
+               "--run.dir", tmpdir("empty")], "no checkpoint")
+
+
+def test_help_and_version():
+    p = run(["--help"])
+    for opt in ["--train.lr", "--lowrank.rank", "--checkpoint.resume", "--data.train", "--run.dir"]:
+        assert opt in p.stdout, opt
+    p = run(["--version"])
+    assert p.stdout.startswith("lrllm ") and ("CPU-only" in p.stdout or "CUDA" in p.stdout), p.stdout
+
+
+def main():
+    tests = [(n, f) for n, f in globals().items() if n.startswith("test_") and callable(f)]
+    only = os.environ.get("LRLLM_TEST_FILTER")
+    failed = 0
+    for name, fn in tests:
+        if only and only not in name:
+            continue
+        try:
+            fn()
+            print(f"PASS {name}", flush=True)
+        except Exception as e:  # noqa: BLE001 - report every failure and go on
+            failed += 1
+            print(f"FAIL {name}: {e}", flush=True)
+            traceback.print_exc(limit=3)
+    shutil.rmtree(TMP, ignore_errors=True)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
