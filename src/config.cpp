@@ -42,15 +42,20 @@ namespace {
 
 const char* const kModes[] = {"pretrain", "eval", "decompose", "tokenize", "info"};
 
+// A default as the user would write it (6e-04, not 0.00059999999999999995).
+std::string text(double value) { return strprintf("%g", value); }
+
+constexpr unsigned kHelpWidth = 110;
+
 po::options_description make_options(Config& c) {
-  po::options_description general("General");
+  po::options_description general("General", kHelpWidth);
   general.add_options()("help,h", "print this help and exit")("version", "print the version and build and exit")(
       "mode", po::value(&c.mode), "pretrain | eval | decompose | tokenize | info")(
       "config", po::value(&c.config_file), "INI file with [section] option = value lines")(
       "device", po::value(&c.device)->default_value(c.device), "cpu | cuda | auto")(
       "seed", po::value(&c.seed)->default_value(c.seed), "seed of initialisation and data order");
 
-  po::options_description model("Model [model]");
+  po::options_description model("Model [model]", kHelpWidth);
   ModelConfig& m = c.model;
   model.add_options()("model.arch", po::value(&m.arch)->default_value(m.arch), "architecture (gpt2)")(
       "model.n_layer", po::value(&m.n_layer)->default_value(m.n_layer), "transformer blocks")(
@@ -61,7 +66,7 @@ po::options_description make_options(Config& c) {
       "model.vocab_size", po::value(&m.vocab_size)->default_value(m.vocab_size), "vocabulary size")(
       "model.init", po::value(&m.init), "checkpoint or model file to start from");
 
-  po::options_description lowrank("Low-rank linear layers [lowrank]");
+  po::options_description lowrank("Low-rank linear layers [lowrank]", kHelpWidth);
   lowrank.add_options()("lowrank.rank", po::value(&c.lowrank_rank)->default_value(c.lowrank_rank),
                         "rank r of W = B A (0: dense)")(
       "lowrank.targets", po::value(&c.lowrank_targets)->default_value(c.lowrank_targets),
@@ -71,21 +76,21 @@ po::options_description make_options(Config& c) {
       "lowrank.rank_fc", po::value(&c.lowrank_site_rank[2]), "rank of mlp fc")(
       "lowrank.rank_mlp_proj", po::value(&c.lowrank_site_rank[3]), "rank of mlp proj");
 
-  po::options_description train("Training [train]");
+  po::options_description train("Training [train]", kHelpWidth);
   TrainConfig& t = c.train;
   train.add_options()("train.steps", po::value(&t.steps)->default_value(t.steps), "optimizer steps")(
       "train.batch_size", po::value(&t.batch_size)->default_value(t.batch_size),
       "sequences per rank per micro-step")(
       "train.grad_accum", po::value(&t.grad_accum)->default_value(t.grad_accum), "micro-steps per step")(
-      "train.lr", po::value(&t.lr)->default_value(t.lr), "peak learning rate")(
-      "train.min_lr", po::value(&t.min_lr)->default_value(t.min_lr), "learning rate at the end of the cosine")(
+      "train.lr", po::value(&t.lr)->default_value(t.lr, text(t.lr)), "peak learning rate")(
+      "train.min_lr", po::value(&t.min_lr)->default_value(t.min_lr, text(t.min_lr)), "learning rate at the end of the cosine")(
       "train.warmup", po::value(&t.warmup)->default_value(t.warmup), "linear warmup steps")(
-      "train.weight_decay", po::value(&t.weight_decay)->default_value(t.weight_decay),
+      "train.weight_decay", po::value(&t.weight_decay)->default_value(t.weight_decay, text(t.weight_decay)),
       "AdamW decoupled weight decay (2-D weights only)")(
-      "train.beta1", po::value(&t.beta1)->default_value(t.beta1), "AdamW beta1")(
-      "train.beta2", po::value(&t.beta2)->default_value(t.beta2), "AdamW beta2")(
-      "train.eps", po::value(&t.eps)->default_value(t.eps), "AdamW epsilon")(
-      "train.grad_clip", po::value(&t.grad_clip)->default_value(t.grad_clip), "global-norm clip (0: off)")(
+      "train.beta1", po::value(&t.beta1)->default_value(t.beta1, text(t.beta1)), "AdamW beta1")(
+      "train.beta2", po::value(&t.beta2)->default_value(t.beta2, text(t.beta2)), "AdamW beta2")(
+      "train.eps", po::value(&t.eps)->default_value(t.eps, text(t.eps)), "AdamW epsilon")(
+      "train.grad_clip", po::value(&t.grad_clip)->default_value(t.grad_clip, text(t.grad_clip)), "global-norm clip (0: off)")(
       "train.eval_every", po::value(&t.eval_every)->default_value(t.eval_every),
       "validation every N steps (0: only at the end)")(
       "train.eval_batches", po::value(&t.eval_batches)->default_value(t.eval_batches),
@@ -93,7 +98,7 @@ po::options_description make_options(Config& c) {
       "train.recompute", po::value(&t.recompute)->default_value(t.recompute),
       "none | block (keep only block inputs, recompute in backward)");
 
-  po::options_description data("Data [data]");
+  po::options_description data("Data [data]", kHelpWidth);
   DataConfig& d = c.data;
   data.add_options()("data.train", po::value(&d.train), "training token file")(
       "data.val", po::value(&d.val), "validation token file")("data.input", po::value(&d.input),
@@ -103,7 +108,7 @@ po::options_description make_options(Config& c) {
       "data.tokenizer_dir", po::value(&d.tokenizer_dir)->default_value(d.tokenizer_dir),
       "folder with encoder.json and vocab.bpe");
 
-  po::options_description run("Run [run], [checkpoint]");
+  po::options_description run("Run [run], [checkpoint]", kHelpWidth);
   run.add_options()("run.dir", po::value(&c.run.dir)->default_value(c.run.dir),
                     "run directory: checkpoints and metrics.h5")(
       "run.log_every", po::value(&c.run.log_every)->default_value(c.run.log_every),
@@ -114,10 +119,7 @@ po::options_description make_options(Config& c) {
       "checkpoints kept in run.dir (0: all)")("checkpoint.resume", po::value(&c.checkpoint.resume),
                                                "resume from a checkpoint path, or latest");
 
-  po::options_description all("lrllm " + std::string(kVersion) +
-                              ": low-rank GPT-2 pretraining\n\nUsage: lrllm --mode MODE [--config FILE] "
-                              "[--section.option VALUE ...]\nEvery option can also be set in the config file "
-                              "as 'option = value' under [section].\n");
+  po::options_description all(kHelpWidth);
   all.add(general).add(model).add(lowrank).add(train).add(data).add(run);
   return all;
 }
@@ -206,13 +208,19 @@ bool parse_config(int argc, const char* const* argv, Config& c, bool print_help_
   try {
     po::store(po::parse_command_line(argc, argv, options), vm);
     if (vm.count("help")) {
-      if (print_help_and_version) std::cout << options << "\n";
+      if (print_help_and_version)
+        std::cout << "lrllm " << kVersion << ": low-rank GPT-2 pretraining (FinGPT-HPC)\n\n"
+                  << "Usage: lrllm --mode MODE [--config FILE] [--section.option VALUE ...]\n"
+                  << "Every option can also be set in the config file as 'option = value' under [section];\n"
+                  << "the command line wins over the file.\n\n"
+                  << options << "\n";
       return false;
     }
     if (vm.count("version")) {
       if (print_help_and_version)
         std::cout << "lrllm " << kVersion << " ("
-                  << (built_with_cuda() ? "CUDA backend built in, CPU backend" : "CPU-only build") << ")\n";
+                  << (built_with_cuda() ? "built with CUDA: device detection; training runs on the CPU backend"
+                                     : "CPU-only build") << ")\n";
       return false;
     }
     if (vm.count("config")) {

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# make run: pretrains the tiny GPT-2 dense and low-rank on 2 MPI ranks, evaluates both checkpoints on the
+# held-out split, and prints parameters, tokens/s and validation loss side by side.
+# usage: tools/demo.sh [BUILD_DIR]
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+build=${1:-build}
+ranks=${LRLLM_DEMO_RANKS:-2}
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+# One thread per rank: the ranks already fill the cores.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+out=runs/demo
+rm -rf "$out"
+mkdir -p "$out"
+
+for kind in tiny tiny-lowrank; do
+  echo "== pretraining $kind on $ranks ranks (input/configs/$kind.cfg)"
+  mpirun --quiet -np "$ranks" --oversubscribe "$build/lrllm" --mode pretrain --config "input/configs/$kind.cfg" \
+    --run.dir "$out/$kind" | tee "$out/$kind.log"
+  ckpt=$(ls "$out/$kind"/ckpt_*.h5 | sort | tail -1)
+  echo "== evaluating $ckpt"
+  mpirun --quiet -np "$ranks" --oversubscribe "$build/lrllm" --mode eval --model.init "$ckpt" \
+    --data.val input/data/pretrain_val.bin | tee "$out/$kind/eval.txt"
+done
+
+/usr/bin/python3 tools/summarize.py "$out/tiny" "$out/tiny-lowrank"
