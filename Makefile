@@ -9,6 +9,7 @@ SANITIZE ?= 0
 NVCC ?= $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
 CUDA ?= $(if $(NVCC),1,0)
 CUDA_ARCH ?= sm_90
+JOBS ?= $(shell nproc)
 
 # The C API only (the deprecated MPI C++ bindings do not compile cleanly under -Werror); vendor headers as
 # system headers so their warnings are not ours.
@@ -43,7 +44,7 @@ endif
 TEST_SRCS := $(filter-out tests/tokenizer_dump.cpp tests/grad_dump.cpp,$(wildcard tests/*.cpp))
 TEST_OBJS := $(TEST_SRCS:tests/%.cpp=$(BUILD)/obj/tests/%.o)
 
-.PHONY: all deps data run test test-gpu bench clean format
+.PHONY: all build deps data run test bench clean format
 .SECONDARY:
 all: $(BUILD)/lrllm $(BUILD)/tests/unit $(BUILD)/tests/tokenizer_dump $(BUILD)/tests/grad_dump \
      $(BUILD)/tools/bench_sgemm
@@ -90,19 +91,21 @@ $(BUILD)/tests/%: $(BUILD)/obj/tests/%.o $(BUILD)/liblrllm.a
 	@echo "  LINK  $@"
 	$(Q)$(CXX) $(CXXFLAGS) $^ -o $@ $(LDLIBS)
 
-data: deps $(BUILD)/lrllm
+# The entry points install dependencies first, then build in a fresh make, whose flags (from mpicc and the
+# installed packages) are read only after the install.
+build: deps
+	@$(MAKE) --no-print-directory -j$(JOBS) all
+
+data: build
 	@bash tools/prepare-data.sh $(BUILD)
 
-test: deps all data
+test: data
 	@bash tests/run.sh $(BUILD)
 
-test-gpu: deps all
-	@bash tests/run-gpu.sh $(BUILD)
-
-run: deps all data
+run: data
 	@bash tools/demo.sh $(BUILD)
 
-bench: deps all data
+bench: data
 	@bash tools/bench.sh $(BUILD)
 
 format:

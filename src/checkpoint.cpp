@@ -5,7 +5,7 @@
 #include <cstdio>
 #include <ctime>
 #include <filesystem>
-#include <regex>
+#include <string_view>
 #include <vector>
 
 #include "lrllm/common.h"
@@ -166,17 +166,27 @@ std::string checkpoint_path(const std::string& run_dir, int64_t step) {
 
 namespace {
 
+// The step of a checkpoint named ckpt_<digits>.h5, or -1 for any other name. Parsed by hand: <regex> trips
+// GCC 12's -Wmaybe-uninitialized under the sanitizer build, and at most 18 digits cannot overflow int64.
+int64_t checkpoint_step(const std::string& name) {
+  constexpr std::string_view prefix = "ckpt_", suffix = ".h5";
+  if (name.size() <= prefix.size() + suffix.size() || !name.starts_with(prefix) || !name.ends_with(suffix))
+    return -1;
+  const std::string digits = name.substr(prefix.size(), name.size() - prefix.size() - suffix.size());
+  if (digits.size() > 18 ||
+      !std::all_of(digits.begin(), digits.end(), [](char c) { return c >= '0' && c <= '9'; }))
+    return -1;
+  return std::stoll(digits);
+}
+
 // Checkpoints of a run directory, oldest first.
 std::vector<std::pair<int64_t, std::string>> list_checkpoints(const std::string& run_dir) {
   std::vector<std::pair<int64_t, std::string>> found;
   std::error_code ec;
   if (!fs::is_directory(run_dir, ec)) return found;
-  static const std::regex pattern(R"(ckpt_(\d+)\.h5)");
   for (const auto& entry : fs::directory_iterator(run_dir, ec)) {
-    std::smatch m;
-    const std::string name = entry.path().filename().string();
-    if (entry.is_regular_file() && std::regex_match(name, m, pattern))
-      found.emplace_back(std::stoll(m[1].str()), entry.path().string());
+    const int64_t step = checkpoint_step(entry.path().filename().string());
+    if (entry.is_regular_file() && step >= 0) found.emplace_back(step, entry.path().string());
   }
   std::sort(found.begin(), found.end());
   return found;

@@ -240,8 +240,8 @@ double Model::step(const int32_t* tokens, const int32_t* targets, int B, float g
                                  std::max(tokens[i], targets[i]), cfg_.vocab_size));
     valid += targets[i] >= 0;
   }
-  // No valid target: the mean loss is 0 and has no gradient. Running backward anyway would push the raw
-  // logits, which softmax_xent leaves in place when its scale is 0, into the gradients.
+  // No valid target: the mean loss is 0 and has no gradient. Running backward anyway would push what
+  // softmax_xent leaves in the logits buffer at scale 0 (not a gradient) into the gradients.
   if (valid == 0) grad_scale = 0.0f;
   be_.to_device(tokens_dev_, tokens, N * sizeof(int32_t));
   be_.to_device(targets_dev_, targets, N * sizeof(int32_t));

@@ -66,8 +66,9 @@ class Backend {
                                   int T, int C) = 0;
 
   // Softmax cross-entropy over V logits per row. losses[n] = -log p[target]; rows whose target is negative
-  // are ignored (loss 0). When grad_scale != 0 the logits are overwritten in place by
-  // grad_scale * (softmax - onehot) (zero for ignored rows), which saves a second [N,V] buffer.
+  // are ignored (loss 0). The logits are scratch: when grad_scale != 0 they are overwritten in place by
+  // grad_scale * (softmax - onehot) (zero for ignored rows), which saves a second [N,V] buffer; otherwise
+  // their content afterwards is unspecified.
   virtual void softmax_xent(float* losses, float* logits, const int32_t* targets, int N, int V,
                             float grad_scale) = 0;
 

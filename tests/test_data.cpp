@@ -1,0 +1,213 @@
+// Token files (llm.c's format), the batcher's sequences and epochs, and the metrics file.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <fstream>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "lrllm/data.h"
+#include "lrllm/hdf5.h"
+#include "lrllm/metrics.h"
+#include "test_util.h"
+
+namespace lrllm {
+namespace {
+
+using test::expect_input_error;
+using test::TempDir;
+
+// Writes a token file whose header may lie about its magic or count.
+void write_tokens(const std::string& path, const std::vector<uint16_t>& tokens,
+                  int32_t magic = kTokenFileMagic, int64_t header_count = -1) {
+  int32_t header[kTokenHeaderInts] = {};
+  header[0] = magic;
+  header[1] = kTokenFileVersion;
+  header[2] = static_cast<int32_t>(header_count >= 0 ? header_count : static_cast<int64_t>(tokens.size()));
+  std::ofstream out(path, std::ios::binary);
+  out.write(reinterpret_cast<const char*>(header), sizeof header);
+  out.write(reinterpret_cast<const char*>(tokens.data()), static_cast<std::streamsize>(tokens.size() * 2));
+}
+
+// 0, 1, 2, ...: a sequence's first token tells where it starts.
+std::vector<uint16_t> counting(std::size_t n) {
+  std::vector<uint16_t> t(n);
+  for (std::size_t i = 0; i < n; ++i) t[i] = static_cast<uint16_t>(i);
+  return t;
+}
+
+TEST(TokenFile, ReadsAGoodFile) {
+  TempDir dir;
+  const std::string path = dir.file("good.bin");
+  std::vector<uint16_t> tokens(1000);
+  for (std::size_t i = 0; i < tokens.size(); ++i) tokens[i] = static_cast<uint16_t>((i * 7919) % 65536);
+  write_tokens(path, tokens);
+  const TokenFile f(path);
+  EXPECT_EQ(f.path(), path);
+  ASSERT_EQ(f.size(), tokens.size());
+  EXPECT_TRUE(std::equal(tokens.begin(), tokens.end(), f.data()));
+}
+
+TEST(TokenFile, BadFilesAreInputErrorsNamingTheFile) {
+  TempDir dir;
+  const std::vector<uint16_t> tokens = counting(100);
+  expect_input_error([&] { TokenFile f(dir.file("missing.bin")); }, dir.file("missing.bin"));
+
+  const std::string magic = dir.file("magic.bin");
+  write_tokens(magic, tokens, 12345);
+  expect_input_error([&] { TokenFile f(magic); }, magic);
+
+  const std::string more = dir.file("header_more.bin");
+  write_tokens(more, tokens, kTokenFileMagic, 101);
+  expect_input_error([&] { TokenFile f(more); }, more);
+
+  const std::string fewer = dir.file("header_fewer.bin");
+  write_tokens(fewer, tokens, kTokenFileMagic, 99);
+  expect_input_error([&] { TokenFile f(fewer); }, fewer);
+
+  const std::string short_header = dir.file("short.bin");
+  std::ofstream(short_header, std::ios::binary) << std::string(100, '\1');
+  expect_input_error([&] { TokenFile f(short_header); }, short_header);
+}
+
+TEST(Batcher, SequencesAndShiftedTargetsWrapAround) {
+  TempDir dir;
+  constexpr int T = 4;
+  const std::string path = dir.file("tokens.bin");
+  write_tokens(path, counting(10 * T + 3));  // 10 whole sequences of T + 1 tokens, 2 tokens left over
+  const TokenFile f(path);
+  Batcher batcher(f, T, false, 1);
+  ASSERT_EQ(batcher.num_sequences(), 10u);
+
+  std::vector<int32_t> tokens(3 * T), targets(3 * T);
+  batcher.fill(2, 3, tokens.data(), targets.data());
+  for (int s = 0; s < 3; ++s) {
+    for (int t = 0; t < T; ++t) {
+      EXPECT_EQ(tokens[s * T + t], (2 + s) * T + t);
+      EXPECT_EQ(targets[s * T + t], (2 + s) * T + t + 1);
+    }
+  }
+  // Positions run on across epochs: 9, 10, 11 are sequences 9, 0, 1.
+  batcher.fill(9, 3, tokens.data(), targets.data());
+  EXPECT_EQ(tokens[0], 9 * T);
+  EXPECT_EQ(targets[T - 1], 10 * T);
+  EXPECT_EQ(tokens[T], 0);
+  EXPECT_EQ(tokens[2 * T], T);
+
+  const std::string tiny = dir.file("tiny.bin");
+  write_tokens(tiny, counting(T));  // T tokens: no room for the shifted target
+  const TokenFile tf(tiny);
+  expect_input_error([&] { Batcher b(tf, T, false, 1); }, tiny);
+}
+
+// Sequence start positions of one epoch, in the order the batcher visits them.
+std::vector<int32_t> epoch_order(Batcher& b, uint64_t epoch, int T) {
+  const int n = static_cast<int>(b.num_sequences());
+  std::vector<int32_t> tokens(n * T), targets(n * T), starts(n);
+  b.fill(epoch * n, n, tokens.data(), targets.data());
+  for (int s = 0; s < n; ++s) {
+    starts[s] = tokens[s * T] / T;
+    for (int t = 0; t < T; ++t) {
+      EXPECT_EQ(tokens[s * T + t], starts[s] * T + t);
+      EXPECT_EQ(targets[s * T + t], starts[s] * T + t + 1);
+    }
+  }
+  return starts;
+}
+
+TEST(Batcher, ShuffleIsAPermutationPerEpochAndDeterministic) {
+  TempDir dir;
+  constexpr int T = 3;
+  const std::string path = dir.file("tokens.bin");
+  write_tokens(path, counting(20 * T + 1));
+  const TokenFile f(path);
+  Batcher a(f, T, true, 42), b(f, T, true, 42), c(f, T, true, 43);
+  std::vector<int32_t> identity(20);
+  for (int i = 0; i < 20; ++i) identity[i] = i;
+
+  const std::vector<int32_t> e0 = epoch_order(a, 0, T), e1 = epoch_order(a, 1, T);
+  for (const auto& order : {e0, e1}) {
+    std::vector<int32_t> sorted = order;
+    std::sort(sorted.begin(), sorted.end());
+    EXPECT_EQ(sorted, identity) << "every sequence exactly once per epoch";
+  }
+  EXPECT_NE(e0, identity) << "shuffled";
+  EXPECT_NE(e0, e1) << "each epoch has its own order";
+  EXPECT_EQ(epoch_order(a, 0, T), e0) << "going back to an epoch (a resume) gives its order again";
+  EXPECT_EQ(epoch_order(b, 1, T), e1) << "same seed, same order";
+  EXPECT_EQ(epoch_order(b, 0, T), e0);
+  EXPECT_NE(epoch_order(c, 0, T), e0) << "another seed, another order";
+}
+
+// A float64 dataset read as doubles (H5File::read converts to float32, which would hide the file's type).
+std::vector<double> read_doubles(const H5File& f, const std::string& dataset) {
+  const std::vector<int64_t> shape = f.shape(dataset);
+  EXPECT_EQ(shape.size(), 1u);
+  std::vector<double> v(shape.empty() ? 0 : shape[0]);
+  const hid_t d = H5Dopen2(f.id(), dataset.c_str(), H5P_DEFAULT);
+  EXPECT_GE(d, 0);
+  EXPECT_GE(H5Dread(d, H5T_NATIVE_DOUBLE, H5S_ALL, H5S_ALL, H5P_DEFAULT, v.data()), 0);
+  H5Dclose(d);
+  return v;
+}
+
+// Element-wise equality where NaN equals NaN.
+void expect_series(const std::vector<double>& got, const std::vector<double>& want, const std::string& name) {
+  ASSERT_EQ(got.size(), want.size()) << name;
+  for (std::size_t i = 0; i < want.size(); ++i) {
+    if (std::isnan(want[i])) {
+      EXPECT_TRUE(std::isnan(got[i])) << name << " row " << i << " is " << got[i] << ", not NaN";
+    } else {
+      EXPECT_EQ(got[i], want[i]) << name << " row " << i;
+    }
+  }
+}
+
+TEST(Metrics, AppendFlushAndResumeTruncation) {
+  TempDir dir;
+  const std::string path = dir.file("metrics.h5");
+  const double nan = std::nan("");
+  {
+    Metrics m(path, 0);
+    m.append({{"step", 1}, {"loss", 2.5}, {"lr", 0.1}});
+    m.append({{"step", 2}, {"loss", 2.25}, {"lr", 0.2}, {"val_loss", 3.0}});
+    m.flush();
+    // A metric first seen in a later flush gets NaN for the earlier rows.
+    m.append({{"step", 3}, {"loss", 2.125}, {"tokens_per_s", 1e6}});
+    m.flush();
+  }
+  {
+    const H5File f = H5File::open_read(path);
+    EXPECT_EQ(f.children("/metrics"),
+              (std::vector<std::string>{"loss", "lr", "step", "tokens_per_s", "val_loss"}));
+    EXPECT_EQ(f.dtype_name("/metrics/loss"), "float64");
+    expect_series(read_doubles(f, "/metrics/step"), {1, 2, 3}, "step");
+    expect_series(read_doubles(f, "/metrics/loss"), {2.5, 2.25, 2.125}, "loss");
+    expect_series(read_doubles(f, "/metrics/lr"), {0.1, 0.2, nan}, "lr");
+    expect_series(read_doubles(f, "/metrics/val_loss"), {nan, 3.0, nan}, "val_loss");
+    expect_series(read_doubles(f, "/metrics/tokens_per_s"), {nan, nan, 1e6}, "tokens_per_s");
+  }
+  {
+    // Resuming from the checkpoint of step 2 drops the later rows, then the run writes its own step 3.
+    Metrics m(path, 2);
+    {
+      const H5File f = H5File::open_read(path);
+      for (const std::string& name : f.children("/metrics"))
+        EXPECT_EQ(f.shape("/metrics/" + name), std::vector<int64_t>{2}) << name;
+    }
+    m.append({{"step", 3}, {"loss", 1.5}, {"lr", 0.3}});
+    m.flush();
+  }
+  const H5File f = H5File::open_read(path);
+  expect_series(read_doubles(f, "/metrics/step"), {1, 2, 3}, "step");
+  expect_series(read_doubles(f, "/metrics/loss"), {2.5, 2.25, 1.5}, "loss");
+  expect_series(read_doubles(f, "/metrics/lr"), {0.1, 0.2, 0.3}, "lr");
+  expect_series(read_doubles(f, "/metrics/val_loss"), {nan, 3.0, nan}, "val_loss");
+  expect_series(read_doubles(f, "/metrics/tokens_per_s"), {nan, nan, nan}, "tokens_per_s");
+}
+
+}  // namespace
+}  // namespace lrllm

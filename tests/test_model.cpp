@@ -1,0 +1,408 @@
+// The whole GPT-2 model: gradients against finite differences of the loss for dense, low-rank and mixed
+// layers, ignored targets, recomputation, gradient scaling, initialisation and parameter counts.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "lrllm/backend.h"
+#include "lrllm/linear.h"
+#include "lrllm/model.h"
+#include "lrllm/rng.h"
+#include "test_util.h"
+
+namespace lrllm {
+namespace {
+
+using test::random_floats;
+using test::rel_error;
+
+constexpr int kBatch = 2;
+
+ModelConfig tiny_config(std::array<int, kNumSites> ranks) {
+  ModelConfig m;
+  m.vocab_size = 37;
+  m.seq_len = 6;
+  m.n_layer = 2;
+  m.n_head = 2;
+  m.d_model = 8;
+  m.d_ff = 16;
+  std::copy(ranks.begin(), ranks.end(), m.lowrank_rank);
+  return m;
+}
+
+std::vector<int32_t> random_ids(int n, int vocab, uint64_t seed) {
+  Rng rng(seed);
+  std::vector<int32_t> ids(n);
+  for (int32_t& t : ids) t = static_cast<int32_t>(rng.below(vocab));
+  return ids;
+}
+
+std::vector<float> host_copy(Model& model, const float* dev) {
+  std::vector<float> h(model.table().total());
+  model.backend().to_host(h.data(), dev, h.size() * sizeof(float));
+  return h;
+}
+
+// Parameters of O(1) effect everywhere (weights 0.3, LayerNorm gains 1 +- 0.2, non-zero biases): GPT-2's own
+// initialisation leaves most gradients so small that float finite differences could not resolve them.
+void set_test_params(Model& model, uint64_t seed) {
+  std::vector<float> host(model.table().total(), 0.0f);
+  for (const TensorInfo& t : model.table().tensors()) {
+    const bool ln_gain = t.name.ends_with("/w") && t.name.find("ln_") != std::string::npos;
+    const double scale = t.shape.size() >= 2 ? 0.3 : 0.1;
+    const std::vector<float> v =
+        random_floats(t.size, derive_seed(seed, t.name), ln_gain ? 0.2 : scale, ln_gain ? 1.0 : 0.0);
+    std::copy(v.begin(), v.end(), host.begin() + t.offset);
+  }
+  model.backend().to_device(model.params(), host.data(), host.size() * sizeof(float));
+}
+
+struct Batch {
+  std::vector<int32_t> tokens, targets;
+};
+
+Batch random_batch(const ModelConfig& cfg, uint64_t seed) {
+  const int n = kBatch * cfg.seq_len;
+  return {random_ids(n, cfg.vocab_size, seed), random_ids(n, cfg.vocab_size, seed + 1)};
+}
+
+struct GradCase {
+  const char* name;
+  std::array<int, kNumSites> ranks;
+};
+
+class ModelGradTest : public ::testing::TestWithParam<GradCase> {};
+
+// Finite differences of a float loss: the loss carries ~1e-7 relative rounding noise, so small steps drown in
+// it and large ones in truncation error. The fourth-order stencil
+//   g = [8 (L(x+h) - L(x-h)) - (L(x+2h) - L(x-2h))] / 12h
+// with h = 1e-2 has O(h^4) ~ 1e-8 truncation error and ~1e-5 noise, far below the gradients of these
+// O(1)-scaled parameters, so a tight relative tolerance still holds while a wrong gradient term fails.
+TEST_P(ModelGradTest, GradientsMatchFiniteDifferences) {
+  const ModelConfig cfg = tiny_config(GetParam().ranks);
+  auto be = make_cpu_backend();
+  Model model(cfg, *be, false);
+  set_test_params(model, 7);
+  const Batch batch = random_batch(cfg, 11);
+  model.zero_grads();
+  model.step(batch.tokens.data(), batch.targets.data(), kBatch, 1.0f);
+  const std::vector<float> grads = host_copy(model, model.grads());
+
+  // One coordinate of every tensor, then random ones up to 48 in all.
+  Rng rng(13);
+  std::vector<std::pair<const TensorInfo*, std::size_t>> coords;
+  for (const TensorInfo& t : model.table().tensors()) coords.emplace_back(&t, rng.below(t.size));
+  const auto& tensors = model.table().tensors();
+  while (coords.size() < 48) {
+    const TensorInfo& t = tensors[rng.below(tensors.size())];
+    coords.emplace_back(&t, rng.below(t.size));
+  }
+
+  float* params = model.params();  // CPU backend: host memory
+  const auto loss_at = [&](std::size_t index, float value) {
+    const float keep = params[index];
+    params[index] = value;
+    const double loss = model.step(batch.tokens.data(), batch.targets.data(), kBatch, 0.0f);
+    params[index] = keep;
+    return loss;
+  };
+  constexpr float h = 1e-2f;
+  std::set<std::string> checked;
+  double max_grad = 0;
+  for (const auto& [t, i] : coords) {
+    const std::size_t index = t->offset + i;
+    const float x = params[index];
+    const double fd = (8 * (loss_at(index, x + h) - loss_at(index, x - h)) -
+                       (loss_at(index, x + 2 * h) - loss_at(index, x - 2 * h))) /
+                      (12 * static_cast<double>(h));
+    EXPECT_NEAR(grads[index], fd, 2e-3 * std::abs(fd) + 2e-5) << t->name << "[" << i << "]";
+    checked.insert(t->name);
+    max_grad = std::max(max_grad, std::abs(fd));
+  }
+  EXPECT_EQ(checked.size(), tensors.size());
+  EXPECT_GT(max_grad, 1e-2) << "gradients too small for the check to mean anything";
+}
+
+INSTANTIATE_TEST_SUITE_P(Kinds, ModelGradTest,
+                         ::testing::Values(GradCase{"dense", {0, 0, 0, 0}}, GradCase{"lowrank", {3, 3, 3, 3}},
+                                           GradCase{"mixed", {3, 0, 4, 0}}),
+                         [](const ::testing::TestParamInfo<GradCase>& info) { return info.param.name; });
+
+TEST(Model, IgnoredTargetsDropOutOfLossAndGradient) {
+  const ModelConfig cfg = tiny_config({3, 0, 4, 0});
+  auto be = make_cpu_backend();
+  Model model(cfg, *be, false);
+  set_test_params(model, 21);
+  const Batch batch = random_batch(cfg, 22);
+  const int n = kBatch * cfg.seq_len;
+  const std::set<int> ignored = {0, 3, 7, 11};
+
+  // Each position's own loss and gradient, from a batch where it is the only valid target.
+  std::vector<double> own_loss(n);
+  std::vector<double> expected_grad(model.table().total(), 0.0);
+  for (int i = 0; i < n; ++i) {
+    std::vector<int32_t> only(n, -1);
+    only[i] = batch.targets[i];
+    model.zero_grads();
+    own_loss[i] = model.step(batch.tokens.data(), only.data(), kBatch, 1.0f);
+    if (ignored.count(i)) continue;
+    const std::vector<float> g = host_copy(model, model.grads());
+    for (std::size_t k = 0; k < g.size(); ++k) expected_grad[k] += g[k] / (n - ignored.size());
+  }
+
+  std::vector<int32_t> masked = batch.targets;
+  double expected_loss = 0;
+  for (int i = 0; i < n; ++i) {
+    if (ignored.count(i))
+      masked[i] = -1;
+    else
+      expected_loss += own_loss[i] / (n - ignored.size());
+  }
+  model.zero_grads();
+  const double loss = model.step(batch.tokens.data(), masked.data(), kBatch, 1.0f);
+  EXPECT_NEAR(loss, expected_loss, 1e-6 * expected_loss);
+  EXPECT_LT(rel_error(host_copy(model, model.grads()), expected_grad), 1e-5);
+}
+
+// A micro-batch with nothing to predict (possible when targets are masked) has loss 0 and contributes no
+// gradient.
+TEST(Model, AllTargetsIgnoredGivesZeroLossAndNoGradient) {
+  const ModelConfig cfg = tiny_config({0, 0, 0, 0});
+  auto be = make_cpu_backend();
+  Model model(cfg, *be, false);
+  set_test_params(model, 31);
+  const Batch batch = random_batch(cfg, 32);
+  const std::vector<int32_t> none(batch.targets.size(), -1);
+  model.zero_grads();
+  EXPECT_EQ(model.step(batch.tokens.data(), none.data(), kBatch, 1.0f), 0.0);
+  const std::vector<float> g = host_copy(model, model.grads());
+  EXPECT_EQ(std::count(g.begin(), g.end(), 0.0f), static_cast<std::ptrdiff_t>(g.size()))
+      << "a batch without valid targets changed the gradients";
+}
+
+TEST(Model, RecomputeGivesBitwiseIdenticalLossAndGradients) {
+  const ModelConfig cfg = tiny_config({3, 0, 4, 0});
+  auto be = make_cpu_backend();
+  Model plain(cfg, *be, false), recompute(cfg, *be, true);
+  set_test_params(plain, 41);
+  set_test_params(recompute, 41);
+  const Batch batch = random_batch(cfg, 42);
+  plain.zero_grads();
+  recompute.zero_grads();
+  const double a = plain.step(batch.tokens.data(), batch.targets.data(), kBatch, 1.0f);
+  const double b = recompute.step(batch.tokens.data(), batch.targets.data(), kBatch, 1.0f);
+  EXPECT_EQ(a, b);
+  const std::vector<float> ga = host_copy(plain, plain.grads()), gb = host_copy(recompute, recompute.grads());
+  EXPECT_EQ(std::memcmp(ga.data(), gb.data(), ga.size() * sizeof(float)), 0);
+  EXPECT_GT(std::sqrt(be->sum_squares(plain.grads(), plain.table().total())), 0.0);
+  // Recomputation stores one block's activations instead of all of them.
+  EXPECT_LT(recompute.memory(kBatch).activations, plain.memory(kBatch).activations);
+}
+
+TEST(Model, GradientsScaleWithGradScaleAndAccumulate) {
+  const ModelConfig cfg = tiny_config({3, 3, 3, 3});
+  auto be = make_cpu_backend();
+  Model model(cfg, *be, false);
+  set_test_params(model, 51);
+  const Batch batch = random_batch(cfg, 52);
+  model.zero_grads();
+  const double loss1 = model.step(batch.tokens.data(), batch.targets.data(), kBatch, 1.0f);
+  const std::vector<float> g1 = host_copy(model, model.grads());
+  model.zero_grads();
+  const double loss2 = model.step(batch.tokens.data(), batch.targets.data(), kBatch, 0.37f);
+  std::vector<double> scaled(g1.size());
+  for (std::size_t i = 0; i < g1.size(); ++i) scaled[i] = 0.37 * g1[i];
+  EXPECT_EQ(loss1, loss2) << "the loss must not depend on grad_scale";
+  EXPECT_LT(rel_error(host_copy(model, model.grads()), scaled), 1e-6);
+
+  // A second step adds to the gradients already there (gradient accumulation).
+  model.step(batch.tokens.data(), batch.targets.data(), kBatch, 1.0f);
+  for (std::size_t i = 0; i < g1.size(); ++i) scaled[i] = 1.37 * g1[i];
+  EXPECT_LT(rel_error(host_copy(model, model.grads()), scaled), 1e-6);
+}
+
+// A batch of 50 sequences has 300 rows, more than one classifier chunk of kClassifierChunk: its loss and
+// gradients must equal those of the sequences run one at a time (each weighted 1/50: all have 6 targets).
+TEST(Model, LargeBatchAcrossClassifierChunksEqualsSingleSequences) {
+  const ModelConfig cfg = tiny_config({3, 0, 4, 0});
+  constexpr int B = 50;
+  static_assert(B * 6 > kClassifierChunk);
+  auto be = make_cpu_backend();
+  Model model(cfg, *be, false);
+  set_test_params(model, 81);
+  const std::vector<int32_t> tokens = random_ids(B * cfg.seq_len, cfg.vocab_size, 82),
+                             targets = random_ids(B * cfg.seq_len, cfg.vocab_size, 83);
+  model.zero_grads();
+  double mean_loss = 0;
+  for (int b = 0; b < B; ++b) {
+    const std::size_t off = static_cast<std::size_t>(b) * cfg.seq_len;
+    mean_loss += model.step(tokens.data() + off, targets.data() + off, 1, 1.0f / B) / B;
+  }
+  const std::vector<float> expected = host_copy(model, model.grads());
+  model.zero_grads();
+  EXPECT_NEAR(model.step(tokens.data(), targets.data(), B, 1.0f), mean_loss, 1e-6 * mean_loss);
+  EXPECT_LT(rel_error(host_copy(model, model.grads()), test::to_double(expected)), 1e-5);
+}
+
+TEST(Model, TokensOutsideVocabularyAreInputErrors) {
+  const ModelConfig cfg = tiny_config({0, 0, 0, 0});
+  auto be = make_cpu_backend();
+  Model model(cfg, *be, false);
+  Batch batch = random_batch(cfg, 61);
+  batch.tokens[4] = cfg.vocab_size;
+  EXPECT_THROW(model.step(batch.tokens.data(), batch.targets.data(), kBatch, 0.0f), InputError);
+  batch.tokens[4] = 0;
+  batch.targets[2] = cfg.vocab_size + 5;
+  EXPECT_THROW(model.step(batch.tokens.data(), batch.targets.data(), kBatch, 0.0f), InputError);
+}
+
+std::vector<float> tensor_values(Model& model, const std::string& name) {
+  const TensorInfo& t = model.table().at(name);
+  const std::vector<float> all = host_copy(model, model.params());
+  return {all.begin() + t.offset, all.begin() + t.offset + t.size};
+}
+
+TEST(Model, InitRandomIsDeterministicPerSeedAndIndependentOfLayout) {
+  auto be = make_cpu_backend();
+  const ModelConfig dense_cfg = tiny_config({0, 0, 0, 0}), mixed_cfg = tiny_config({3, 0, 4, 0});
+  Model a(dense_cfg, *be, false), b(dense_cfg, *be, false), c(dense_cfg, *be, false),
+      mixed(mixed_cfg, *be, false);
+  a.init_random(5);
+  b.init_random(5);
+  c.init_random(6);
+  mixed.init_random(5);
+  const std::vector<float> pa = host_copy(a, a.params()), pb = host_copy(b, b.params()),
+                           pc = host_copy(c, c.params());
+  EXPECT_EQ(pa, pb);
+  EXPECT_NE(pa, pc);
+  // The mixed model registers low-rank qkv before h.1/mlp/proj, shifting its offset; its values must not
+  // move.
+  for (const char* name : {"wte", "wpe", "h.1/mlp/proj/W", "h.0/attn/proj/W", "h.1/ln_2/w"})
+    EXPECT_EQ(tensor_values(a, name), tensor_values(mixed, name)) << name;
+
+  // GPT-2's scheme: LayerNorm gains 1, biases and shifts 0, weights N(0, 0.02), residual projections smaller.
+  for (const TensorInfo& t : a.table().tensors()) {
+    const std::vector<float> v = tensor_values(a, t.name);
+    if (t.name.find("ln_") != std::string::npos && t.name.ends_with("/w")) {
+      EXPECT_TRUE(std::all_of(v.begin(), v.end(), [](float x) { return x == 1.0f; })) << t.name;
+    } else if (t.shape.size() == 1) {
+      EXPECT_TRUE(std::all_of(v.begin(), v.end(), [](float x) { return x == 0.0f; })) << t.name;
+    }
+  }
+  const auto stddev = [](const std::vector<float>& v) {
+    double s = 0;
+    for (float x : v) s += static_cast<double>(x) * x;
+    return std::sqrt(s / v.size());
+  };
+  EXPECT_NEAR(stddev(tensor_values(a, "wte")), 0.02, 0.003);
+  EXPECT_NEAR(stddev(tensor_values(a, "h.0/attn/qkv/W")), 0.02, 0.003);
+  EXPECT_NEAR(stddev(tensor_values(a, "h.0/mlp/fc/W")), 0.02, 0.003);
+}
+
+// GPT-2's scales, measured on a model wide enough for sample statistics: weights 0.02, residual projections
+// 0.02 / sqrt(2 n_layer), and for a low-rank layer the product B A (not A or B) at the dense layer's scale.
+TEST(Model, InitRandomScalesOfDenseAndLowRankLayers) {
+  ModelConfig cfg = tiny_config({16, 0, 0, 16});
+  cfg.d_model = 64;
+  cfg.d_ff = 256;
+  cfg.n_head = 4;
+  auto be = make_cpu_backend();
+  Model model(cfg, *be, false);
+  model.init_random(3);
+  const auto rms = [](const std::vector<double>& v) {
+    double s = 0;
+    for (double x : v) s += x * x;
+    return std::sqrt(s / v.size());
+  };
+  const auto dense = [&](const std::string& name) {
+    return rms(test::to_double(tensor_values(model, name)));
+  };
+  const auto product = [&](const std::string& prefix) {
+    const std::vector<float> A = tensor_values(model, prefix + "/A"), B = tensor_values(model, prefix + "/B");
+    const TensorInfo& a = model.table().at(prefix + "/A");
+    const std::size_t r = a.shape[0], in = a.shape[1], out = B.size() / r;
+    std::vector<double> W(out * in, 0.0);
+    for (std::size_t o = 0; o < out; ++o)
+      for (std::size_t k = 0; k < r; ++k)
+        for (std::size_t i = 0; i < in; ++i)
+          W[o * in + i] += static_cast<double>(B[o * r + k]) * A[k * in + i];
+    return rms(W);
+  };
+  const double resid = 0.02 / std::sqrt(2.0 * cfg.n_layer);
+  EXPECT_NEAR(dense("h.0/mlp/fc/W"), 0.02, 0.002);
+  EXPECT_NEAR(dense("h.1/attn/proj/W"), resid, 0.1 * resid);
+  EXPECT_NEAR(product("h.0/attn/qkv"), 0.02, 0.002);
+  EXPECT_NEAR(product("h.1/mlp/proj"), resid, 0.1 * resid);
+}
+
+TEST(Model, ParamCountsMatchHandComputedNumbers) {
+  auto be = make_cpu_backend();
+  // vocab 37, seq_len 6, d_model 8, d_ff 16, 2 layers.
+  // embedding: wte 37*8 + wpe 6*8 = 344.
+  // other: per layer 2 LayerNorms (2*2*8 = 32) and biases 24 + 8 + 16 + 8 = 56 -> 88; 2 layers + ln_f 16 =
+  // 192.
+  struct Expected {
+    std::array<int, kNumSites> ranks;
+    std::size_t dense, lowrank;
+  };
+  const Expected cases[] = {
+      // qkv 24*8 + proj 8*8 + fc 16*8 + mlp_proj 8*16 = 512 per layer.
+      {{0, 0, 0, 0}, 2 * 512, 0},
+      // rank 3: qkv 3*(8+24) = 96, proj 3*(8+8) = 48, fc 3*(8+16) = 72, mlp_proj 3*(16+8) = 72 -> 288 per
+      // layer.
+      {{3, 3, 3, 3}, 0, 2 * 288},
+      // qkv rank 3 = 96 and fc rank 4: 4*(8+16) = 96 low-rank; proj 64 and mlp_proj 128 dense.
+      {{3, 0, 4, 0}, 2 * 192, 2 * 192},
+  };
+  for (const Expected& e : cases) {
+    Model model(tiny_config(e.ranks), *be, false);
+    const ParamCounts c = model.param_counts();
+    EXPECT_EQ(c.embedding, 344u);
+    EXPECT_EQ(c.linear_dense, e.dense);
+    EXPECT_EQ(c.linear_lowrank, e.lowrank);
+    EXPECT_EQ(c.other, 192u);
+    EXPECT_EQ(c.total(), model.table().count());
+  }
+}
+
+TEST(Linear, LowRankForwardEqualsDenseWithProductWeight) {
+  constexpr int in = 7, out = 5, rank = 3, N = 4;
+  ParamTable table;
+  const Linear low(table, "low", in, out, rank);
+  const Linear dense(table, "dense", in, out, 0);
+  EXPECT_TRUE(low.lowrank());
+  EXPECT_FALSE(dense.lowrank());
+  EXPECT_EQ(low.weight_count(), static_cast<std::size_t>(rank * (in + out)));
+  EXPECT_EQ(dense.weight_count(), static_cast<std::size_t>(in * out));
+
+  std::vector<float> params(table.total(), 0.0f);
+  const std::vector<float> A = random_floats(rank * in, 70), B = random_floats(out * rank, 71),
+                           bias = random_floats(out, 72), x = random_floats(N * in, 73);
+  std::copy(A.begin(), A.end(), params.begin() + low.a);
+  std::copy(B.begin(), B.end(), params.begin() + low.b_mat);
+  std::copy(bias.begin(), bias.end(), params.begin() + low.bias);
+  std::copy(bias.begin(), bias.end(), params.begin() + dense.bias);
+  for (int o = 0; o < out; ++o) {
+    for (int i = 0; i < in; ++i) {
+      double w = 0;
+      for (int r = 0; r < rank; ++r) w += static_cast<double>(B[o * rank + r]) * A[r * in + i];
+      params[dense.w + o * in + i] = static_cast<float>(w);
+    }
+  }
+  auto be = make_cpu_backend();
+  std::vector<float> y_low(N * out), y_dense(N * out), mid(N * rank), unused(1);
+  low.forward(*be, params.data(), x.data(), y_low.data(), mid.data(), N);
+  dense.forward(*be, params.data(), x.data(), y_dense.data(), unused.data(), N);
+  EXPECT_LT(rel_error(y_low, test::to_double(y_dense)), 1e-5);
+}
+
+}  // namespace
+}  // namespace lrllm
