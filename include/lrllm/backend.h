@@ -80,6 +80,12 @@ class Backend {
 // The CPU backend: OpenBLAS sgemm and OpenMP loops.
 std::unique_ptr<Backend> make_cpu_backend();
 
+// OpenBLAS picks its kernels from the CPU model when it loads, and falls back to generic SSE3 ones on models
+// it does not know (virtual CPUs often report such models), which runs sgemm several times slower. When that
+// happened on a CPU with AVX-512 or AVX2, this sets OPENBLAS_CORETYPE to the matching kernel set and
+// re-executes the program (the choice is only read at load time). It returns when nothing needs changing.
+void ensure_blas_kernels(char** argv);
+
 // The CUDA backend, when this build has one and a GPU is visible; throws InputError otherwise.
 std::unique_ptr<Backend> make_cuda_backend();
 
