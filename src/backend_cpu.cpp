@@ -24,12 +24,13 @@ constexpr float kGeluScale = 0.7978845608028654f;  // sqrt(2/pi)
 // Rows of a reduction are split into this many fixed chunks, summed in order.
 constexpr int kReduceChunks = 64;
 
-// exp(x) for x <= 0 to about 2 ulp: Cody-Waite range reduction to r in [-ln2/2, ln2/2], a degree-6
+// exp(x) to about 2 ulp for x in [-87, 88] (clamped outside): Cody-Waite range reduction to r in [-ln2/2, ln2/2], a degree-6
 // polynomial, and 2^n assembled in the exponent bits. Written out so the compiler vectorises it (libm's expf
 // is a scalar call), which matters for the softmax over a 50257-word vocabulary.
-#pragma omp declare simd
-inline float exp_approx(float x) {
-  x = std::max(x, -87.0f);
+[[gnu::always_inline]] inline float exp_approx(float x) {
+  // Conditional moves, not std::min/max, so the loops calling this stay free of branches and vectorise.
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
   // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer in plain vector arithmetic.
   const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   float r = x - n * 0.693359375f;
@@ -46,6 +47,10 @@ inline float exp_approx(float x) {
   std::memcpy(&scale, &bits, sizeof scale);
   return p * scale;
 }
+
+// tanh through the vectorisable exp: 1 - 2 / (e^{2u} + 1). Its absolute error stays near float epsilon,
+// which is what GELU needs (it multiplies tanh by x and adds 1).
+[[gnu::always_inline]] inline float tanh_approx(float u) { return 1.0f - 2.0f / (exp_approx(2.0f * u) + 1.0f); }
 
 void* aligned_zeroed(std::size_t bytes) {
   if (bytes == 0) bytes = 64;
@@ -183,19 +188,19 @@ class CpuBackend final : public Backend {
   }
 
   void gelu_forward(float* out, const float* inp, std::size_t n) override {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for simd schedule(static)
     for (std::size_t i = 0; i < n; ++i) {
       const float x = inp[i];
-      out[i] = 0.5f * x * (1.0f + std::tanh(kGeluScale * (x + 0.044715f * x * x * x)));
+      out[i] = 0.5f * x * (1.0f + tanh_approx(kGeluScale * (x + 0.044715f * x * x * x)));
     }
   }
 
   void gelu_backward(float* dinp, const float* inp, const float* dout, std::size_t n) override {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for simd schedule(static)
     for (std::size_t i = 0; i < n; ++i) {
       const float x = inp[i];
       const float u = kGeluScale * (x + 0.044715f * x * x * x);
-      const float t = std::tanh(u);
+      const float t = tanh_approx(u);
       const float du = kGeluScale * (1.0f + 3.0f * 0.044715f * x * x);
       dinp[i] = dout[i] * (0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * du);
     }
@@ -219,8 +224,9 @@ class CpuBackend final : public Backend {
           float mx = pr[0];
           for (int s = 1; s <= t; ++s) mx = std::max(mx, pr[s]);
           float sum = 0;
+#pragma omp simd reduction(+ : sum)
           for (int s = 0; s <= t; ++s) {
-            pr[s] = std::exp(pr[s] - mx);
+            pr[s] = exp_approx(pr[s] - mx);
             sum += pr[s];
           }
           const float inv = 1.0f / sum;

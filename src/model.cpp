@@ -86,6 +86,14 @@ ParamCounts Model::param_counts() const {
   return c;
 }
 
+int classifier_chunk_rows(int N, int vocab_size) {
+  const int by_budget =
+      static_cast<int>(std::max<std::size_t>(1, kClassifierBudgetBytes / (sizeof(float) * vocab_size)));
+  const int limit = std::min(kClassifierMaxRows, by_budget);
+  const int chunks = (N + limit - 1) / limit;
+  return (N + chunks - 1) / chunks;
+}
+
 void print_param_counts(const ParamCounts& c, const ModelConfig& cfg) {
   // qkv 3C*C, proj C*C, fc F*C, mlp proj C*F per block.
   const std::size_t C = cfg.d_model, F = cfg.ff();
@@ -148,7 +156,8 @@ void Model::ensure_acts(int B) {
   lnf_ = f(N * C);
   lnf_mean_ = f(N);
   lnf_rstd_ = f(N);
-  logits_ = f(static_cast<std::size_t>(kClassifierChunk) * cfg_.vocab_size);
+  chunk_rows_ = classifier_chunk_rows(static_cast<int>(N), cfg_.vocab_size);
+  logits_ = f(static_cast<std::size_t>(chunk_rows_) * cfg_.vocab_size);
   losses_ = f(N);
   dresid_ = f(N * C);
   scratch_c_ = f(N * C);
@@ -207,8 +216,9 @@ double Model::classifier(const float* x, const int32_t* targets, float* dx, int 
   float* p = params_;
   be_.layernorm_forward(lnf_, lnf_mean_, lnf_rstd_, x, p + lnf_w_, p + lnf_b_, N, C);
   const float row_scale = valid > 0 ? grad_scale / static_cast<float>(valid) : 0.0f;
-  for (int n0 = 0; n0 < N; n0 += kClassifierChunk) {
-    const int rows = std::min(kClassifierChunk, N - n0);
+  const int chunk = classifier_chunk_rows(N, V);
+  for (int n0 = 0; n0 < N; n0 += chunk) {
+    const int rows = std::min(chunk, N - n0);
     const float* xr = lnf_ + static_cast<std::size_t>(n0) * C;
     be_.matmul(logits_, xr, p + wte_, rows, V, C, false, true, 1.0f, 0.0f);
     be_.softmax_xent(losses_ + n0, logits_, targets + n0, rows, V, row_scale);

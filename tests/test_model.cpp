@@ -229,12 +229,12 @@ TEST(Model, GradientsScaleWithGradScaleAndAccumulate) {
   EXPECT_LT(rel_error(host_copy(model, model.grads()), scaled), 1e-6);
 }
 
-// A batch of 50 sequences has 300 rows, more than one classifier chunk of kClassifierChunk: its loss and
-// gradients must equal those of the sequences run one at a time (each weighted 1/50: all have 6 targets).
+// A batch of 100 sequences has 600 rows, more than one classifier chunk: its loss and gradients must equal
+// those of the sequences run one at a time (each weighted 1/100: all have 6 targets).
 TEST(Model, LargeBatchAcrossClassifierChunksEqualsSingleSequences) {
   const ModelConfig cfg = tiny_config({3, 0, 4, 0});
-  constexpr int B = 50;
-  static_assert(B * 6 > kClassifierChunk);
+  constexpr int B = 100;
+  ASSERT_LT(classifier_chunk_rows(B * cfg.seq_len, cfg.vocab_size), B * cfg.seq_len);
   auto be = make_cpu_backend();
   Model model(cfg, *be, false);
   set_test_params(model, 81);
@@ -250,6 +250,15 @@ TEST(Model, LargeBatchAcrossClassifierChunksEqualsSingleSequences) {
   model.zero_grads();
   EXPECT_NEAR(model.step(tokens.data(), targets.data(), B, 1.0f), mean_loss, 1e-6 * mean_loss);
   EXPECT_LT(rel_error(host_copy(model, model.grads()), test::to_double(expected)), 1e-5);
+}
+
+TEST(Model, ClassifierChunksAreEqualAndBounded) {
+  EXPECT_EQ(classifier_chunk_rows(1024, 50257), 512);
+  EXPECT_EQ(classifier_chunk_rows(300, 50257), 300);
+  EXPECT_EQ(classifier_chunk_rows(600, 37), 300);
+  // A vocabulary so large that the byte budget, not the row limit, decides.
+  EXPECT_EQ(classifier_chunk_rows(1000, 1 << 20), 32);
+  EXPECT_EQ(classifier_chunk_rows(1, 50257), 1);
 }
 
 TEST(Model, TokensOutsideVocabularyAreInputErrors) {

@@ -97,12 +97,17 @@ class Model {
   std::vector<void*> act_allocs_;
   std::size_t act_bytes_ = 0;
   int max_rank_ = 0;
+  int chunk_rows_ = 0;
 };
 
 // Prints parameters by kind and the compression of the linear layers against their dense equivalent.
 void print_param_counts(const ParamCounts& counts, const ModelConfig& cfg);
 
-// Rows of the classifier computed at a time: bounds the [rows, vocab] logits buffer.
-inline constexpr int kClassifierChunk = 256;
+// The classifier runs on chunks of rows so that only one [rows, vocab] logits buffer exists: at most
+// kClassifierMaxRows rows and kClassifierBudgetBytes of logits, N split into equal chunks. Larger chunks run the
+// lm_head GEMMs faster and update the wte gradient fewer times; these bounds keep the buffer modest.
+inline constexpr int kClassifierMaxRows = 512;
+inline constexpr std::size_t kClassifierBudgetBytes = std::size_t{128} << 20;
+int classifier_chunk_rows(int N, int vocab_size);
 
 }  // namespace lrllm
