@@ -1,7 +1,12 @@
 #include "lrllm/data.h"
 
-#include <cstdio>
-#include <filesystem>
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
 #include <numeric>
 
 #include "lrllm/common.h"
@@ -10,33 +15,51 @@
 namespace lrllm {
 
 TokenFile::TokenFile(const std::string& path) : path_(path) {
-  std::FILE* f = std::fopen(path.c_str(), "rb");
-  if (f == nullptr) throw InputError("token file " + path + " cannot be opened (missing?)");
-  int32_t header[kTokenHeaderInts];
-  const std::size_t got = std::fread(header, sizeof(int32_t), kTokenHeaderInts, f);
-  if (got != kTokenHeaderInts) {
-    std::fclose(f);
+  const int fd = open(path.c_str(), O_RDONLY);
+  if (fd < 0) throw InputError("token file " + path + " cannot be opened: " + std::strerror(errno));
+  struct stat st {};
+  if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    close(fd);
+    throw InputError("token file " + path + " is not a regular file");
+  }
+  const uint64_t bytes = static_cast<uint64_t>(st.st_size);
+  if (bytes < kTokenHeaderInts * sizeof(int32_t)) {
+    close(fd);
     throw InputError("token file " + path + " is truncated: shorter than its 1024-byte header");
   }
+  map_ = mmap(nullptr, bytes, PROT_READ, MAP_SHARED, fd, 0);
+  close(fd);  // the mapping stays valid without the descriptor
+  if (map_ == MAP_FAILED) {
+    map_ = nullptr;
+    throw InputError("token file " + path + " cannot be mapped: " + std::strerror(errno));
+  }
+  map_bytes_ = bytes;
+  const auto* header = static_cast<const int32_t*>(map_);
   if (header[0] != kTokenFileMagic || header[1] != kTokenFileVersion) {
-    std::fclose(f);
-    throw InputError(strprintf("token file %s has a bad header (magic %d version %d; expected %d and %d)",
-                               path.c_str(), header[0], header[1], kTokenFileMagic, kTokenFileVersion));
+    const std::string msg = strprintf("token file %s has a bad header (magic %d version %d; expected %d and %d)",
+                                      path.c_str(), header[0], header[1], kTokenFileMagic, kTokenFileVersion);
+    munmap(map_, map_bytes_);
+    map_ = nullptr;
+    throw InputError(msg);
   }
   // The header's count is an int32 of llm.c's format; sizes beyond it are computed in 64 bits.
   const uint64_t count = static_cast<uint32_t>(header[2]);
-  const uint64_t bytes = std::filesystem::file_size(path);
   const uint64_t expected = kTokenHeaderInts * sizeof(int32_t) + count * sizeof(uint16_t);
   if (bytes != expected) {
-    std::fclose(f);
+    munmap(map_, map_bytes_);
+    map_ = nullptr;
     throw InputError(strprintf("token file %s: header says %llu tokens (%llu bytes) but the file has %llu bytes",
                                path.c_str(), static_cast<unsigned long long>(count),
                                static_cast<unsigned long long>(expected), static_cast<unsigned long long>(bytes)));
   }
-  tokens_.resize(count);
-  const std::size_t read = std::fread(tokens_.data(), sizeof(uint16_t), count, f);
-  std::fclose(f);
-  if (read != count) throw InputError("token file " + path + " could not be read completely");
+  tokens_ = reinterpret_cast<const uint16_t*>(header + kTokenHeaderInts);
+  count_ = count;
+  // Batches jump around the file: tell the kernel not to read ahead sequentially.
+  madvise(map_, map_bytes_, MADV_RANDOM);
+}
+
+TokenFile::~TokenFile() {
+  if (map_ != nullptr) munmap(map_, map_bytes_);
 }
 
 Batcher::Batcher(const TokenFile& file, int seq_len, bool shuffle, uint64_t seed)

@@ -12,18 +12,25 @@ inline constexpr int32_t kTokenFileMagic = 20240520;
 inline constexpr int32_t kTokenFileVersion = 1;
 inline constexpr int kTokenHeaderInts = 256;
 
-// A whole token file in memory. Throws InputError naming the file when it is missing, has a bad header,
-// or its size disagrees with the header's token count.
+// A token file mapped into memory read-only: pages load on demand and ranks on one node share them, so a
+// corpus of billions of tokens costs no copy per rank. Throws InputError naming the file when it is missing,
+// has a bad header, or its size disagrees with the header's token count.
 class TokenFile {
  public:
   explicit TokenFile(const std::string& path);
+  ~TokenFile();
+  TokenFile(const TokenFile&) = delete;
+  TokenFile& operator=(const TokenFile&) = delete;
   const std::string& path() const { return path_; }
-  std::size_t size() const { return tokens_.size(); }
-  const uint16_t* data() const { return tokens_.data(); }
+  std::size_t size() const { return count_; }
+  const uint16_t* data() const { return tokens_; }
 
  private:
   std::string path_;
-  std::vector<uint16_t> tokens_;
+  void* map_ = nullptr;
+  std::size_t map_bytes_ = 0;
+  const uint16_t* tokens_ = nullptr;
+  std::size_t count_ = 0;
 };
 
 // Cuts a token file into sequences of seq_len + 1 tokens (inputs and shifted targets): sequence i starts at
