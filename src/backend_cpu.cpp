@@ -222,7 +222,8 @@ class CpuBackend final : public Backend {
         for (int t = 0; t < T; ++t) {
           float* pr = p + static_cast<std::size_t>(t) * T;
           float mx = pr[0];
-          for (int s = 1; s <= t; ++s) mx = std::max(mx, pr[s]);
+#pragma omp simd reduction(max : mx)
+          for (int s = 1; s <= t; ++s) mx = pr[s] > mx ? pr[s] : mx;
           float sum = 0;
 #pragma omp simd reduction(+ : sum)
           for (int s = 0; s <= t; ++s) {
@@ -317,7 +318,7 @@ class CpuBackend final : public Backend {
       }
       float mx = z[0];
 #pragma omp simd reduction(max : mx)
-      for (int i = 0; i < V; ++i) mx = std::max(mx, z[i]);
+      for (int i = 0; i < V; ++i) mx = z[i] > mx ? z[i] : mx;  // a select, unlike std::max, vectorises
       const float target_logit = z[target];
       // The exponentials replace the logits in place: one pass of exp per row, vectorised.
       float sum = 0.0f;
