@@ -6,7 +6,9 @@
 
 namespace lrllm {
 
-bool built_with_cuda() { return true; }
+bool built_with_cuda() {
+  return true;
+}
 
 int cuda_device_count() {
   int count = 0;
@@ -20,7 +22,8 @@ int cuda_device_count() {
 
 std::unique_ptr<Backend> make_cuda_backend() {
   if (cuda_device_count() == 0) throw InputError("--device cuda: no CUDA device is visible");
-  throw InputError("--device cuda: the CUDA training backend is not part of this release yet; use --device cpu");
+  throw InputError(
+      "--device cuda: the CUDA training backend is not part of this release yet; use --device cpu");
 }
 
 }  // namespace lrllm

@@ -24,9 +24,9 @@ constexpr float kGeluScale = 0.7978845608028654f;  // sqrt(2/pi)
 // Rows of a reduction are split into this many fixed chunks, summed in order.
 constexpr int kReduceChunks = 64;
 
-// exp(x) to about 2 ulp for x in [-87, 88] (clamped outside): Cody-Waite range reduction to r in [-ln2/2, ln2/2], a degree-6
-// polynomial, and 2^n assembled in the exponent bits. Written out so the compiler vectorises it (libm's expf
-// is a scalar call), which matters for the softmax over a 50257-word vocabulary.
+// exp(x) to about 2 ulp for x in [-87, 88] (clamped outside): Cody-Waite range reduction to r in [-ln2/2,
+// ln2/2], a degree-6 polynomial, and 2^n assembled in the exponent bits. Written out so the compiler
+// vectorises it (libm's expf is a scalar call), which matters for the softmax over a 50257-word vocabulary.
 [[gnu::always_inline]] inline float exp_approx(float x) {
   // Conditional moves, not std::min/max, so the loops calling this stay free of branches and vectorise.
   x = x < -87.0f ? -87.0f : x;
@@ -50,7 +50,9 @@ constexpr int kReduceChunks = 64;
 
 // tanh through the vectorisable exp: 1 - 2 / (e^{2u} + 1). Its absolute error stays near float epsilon,
 // which is what GELU needs (it multiplies tanh by x and adds 1).
-[[gnu::always_inline]] inline float tanh_approx(float u) { return 1.0f - 2.0f / (exp_approx(2.0f * u) + 1.0f); }
+[[gnu::always_inline]] inline float tanh_approx(float u) {
+  return 1.0f - 2.0f / (exp_approx(2.0f * u) + 1.0f);
+}
 
 void* aligned_zeroed(std::size_t bytes) {
   if (bytes == 0) bytes = 64;
@@ -74,7 +76,9 @@ class CpuBackend final : public Backend {
   void to_device(void* dst, const void* src, std::size_t bytes) override { std::memcpy(dst, src, bytes); }
   void to_host(void* dst, const void* src, std::size_t bytes) override { std::memcpy(dst, src, bytes); }
   void fill(float* x, std::size_t n, float value) override { std::fill(x, x + n, value); }
-  void copy(float* dst, const float* src, std::size_t n) override { std::memcpy(dst, src, n * sizeof(float)); }
+  void copy(float* dst, const float* src, std::size_t n) override {
+    std::memcpy(dst, src, n * sizeof(float));
+  }
 
   void matmul(float* C, const float* A, const float* B, int M, int N, int K, bool trans_a, bool trans_b,
               float alpha, float beta) override {
@@ -137,8 +141,8 @@ class CpuBackend final : public Backend {
     }
   }
 
-  void layernorm_backward(float* dinp, float* dw, float* db, const float* dout, const float* inp, const float* w,
-                          const float* mean, const float* rstd, int N, int C) override {
+  void layernorm_backward(float* dinp, float* dw, float* db, const float* dout, const float* inp,
+                          const float* w, const float* mean, const float* rstd, int N, int C) override {
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; ++n) {
       const std::size_t off = static_cast<std::size_t>(n) * C;
@@ -274,8 +278,8 @@ class CpuBackend final : public Backend {
             for (int s = t + 1; s < T; ++s) dr[s] = 0.0f;
           }
           // dQ = dS K ; dK = dS^T Q
-          cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, hs, T, 1.0f, dp.data(), T, k, row, 0.0f, dq,
-                      row);
+          cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, hs, T, 1.0f, dp.data(), T, k, row, 0.0f,
+                      dq, row);
           cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, hs, T, 1.0f, dp.data(), T, q, row, 0.0f, dk,
                       row);
         }
@@ -390,7 +394,9 @@ class CpuBackend final : public Backend {
 
 }  // namespace
 
-std::unique_ptr<Backend> make_cpu_backend() { return std::make_unique<CpuBackend>(); }
+std::unique_ptr<Backend> make_cpu_backend() {
+  return std::make_unique<CpuBackend>();
+}
 
 void ensure_blas_kernels(char** argv) {
   if (std::getenv("OPENBLAS_CORETYPE") != nullptr) return;  // the user's choice, or our re-execution
@@ -401,7 +407,7 @@ void ensure_blas_kernels(char** argv) {
                                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")
                            ? "SkylakeX"
                        : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? "Haswell"
-                                                                                           : nullptr;
+                                                                                         : nullptr;
   if (better == nullptr) return;
   setenv("OPENBLAS_CORETYPE", better, 1);
   execv("/proc/self/exe", argv);

@@ -28,16 +28,19 @@ std::string now_iso8601() {
 
 int positive_attr(const H5File& f, const char* name) {
   const int64_t v = f.attr_int("/config", name);
-  if (v <= 0 || v > (1 << 24)) throw InputError(f.path() + ": /config " + name + " = " + std::to_string(v) + " is not a valid size");
+  if (v <= 0 || v > (1 << 24))
+    throw InputError(f.path() + ": /config " + name + " = " + std::to_string(v) + " is not a valid size");
   return static_cast<int>(v);
 }
 
 // Writes tensors of the model's layout from a host copy of a flat buffer under group.
-void write_tensors(H5File& f, const std::string& group, const ParamTable& table, const std::vector<float>& flat) {
+void write_tensors(H5File& f, const std::string& group, const ParamTable& table,
+                   const std::vector<float>& flat) {
   for (const TensorInfo& t : table.tensors()) f.write(group + "/" + t.name, flat.data() + t.offset, t.shape);
 }
 
-void read_tensors(const H5File& f, const std::string& group, const ParamTable& table, std::vector<float>& flat) {
+void read_tensors(const H5File& f, const std::string& group, const ParamTable& table,
+                  std::vector<float>& flat) {
   for (const TensorInfo& t : table.tensors()) f.read(group + "/" + t.name, flat.data() + t.offset, t.shape);
 }
 
@@ -55,8 +58,8 @@ ModelConfig read_model_config(const std::string& path) {
     throw InputError(path + ": not an lrllm file (root attribute format is not \"lrllm\")");
   const int64_t version = f.attr_int("/", "format_version");
   if (version != kFormatVersion)
-    throw InputError(path + ": format_version " + std::to_string(version) + " is not supported (this lrllm reads " +
-                     std::to_string(kFormatVersion) + ")");
+    throw InputError(path + ": format_version " + std::to_string(version) +
+                     " is not supported (this lrllm reads " + std::to_string(kFormatVersion) + ")");
   ModelConfig m;
   m.arch = f.attr_string("/config", "arch");
   if (m.arch != "gpt2") throw InputError(path + ": arch '" + m.arch + "' is not supported (gpt2 is)");
@@ -217,8 +220,9 @@ void print_info(const std::string& path) {
   const ModelConfig m = read_model_config(path);
   const H5File f = H5File::open_read(path);
   std::printf("%s: lrllm format %lld, written by lrllm %s in mode %s at %s\n", path.c_str(),
-              static_cast<long long>(f.attr_int("/", "format_version")), f.attr_string("/", "lrllm_version").c_str(),
-              f.attr_string("/", "mode").c_str(), f.attr_string("/", "created").c_str());
+              static_cast<long long>(f.attr_int("/", "format_version")),
+              f.attr_string("/", "lrllm_version").c_str(), f.attr_string("/", "mode").c_str(),
+              f.attr_string("/", "created").c_str());
   std::printf("config: arch %s, vocab_size %d, seq_len %d, n_layer %d, n_head %d, d_model %d, d_ff %d\n",
               m.arch.c_str(), m.vocab_size, m.seq_len, m.n_layer, m.n_head, m.d_model, m.d_ff);
   std::printf("linear layers:");
@@ -236,15 +240,22 @@ void print_info(const std::string& path) {
     std::size_t n = 1;
     for (int64_t x : shape) n *= static_cast<std::size_t>(x);
     const std::string dtype = f.dtype_name(d);
-    const std::size_t elem = dtype.ends_with("64") ? 8 : dtype.ends_with("32") ? 4 : dtype.ends_with("16") ? 2 : 1;
+    const std::size_t elem = dtype.ends_with("64")   ? 8
+                             : dtype.ends_with("32") ? 4
+                             : dtype.ends_with("16") ? 2
+                                                     : 1;
     total_bytes += n * elem;
     if (d.starts_with("/model/")) {
       model_params += n;
       model_bytes += n * elem;
-      if (d == "/model/wte" || d == "/model/wpe") counts.embedding += n;
-      else if (d.ends_with("/W")) counts.linear_dense += n;
-      else if (d.ends_with("/A") || d.ends_with("/B")) counts.linear_lowrank += n;
-      else counts.other += n;
+      if (d == "/model/wte" || d == "/model/wpe")
+        counts.embedding += n;
+      else if (d.ends_with("/W"))
+        counts.linear_dense += n;
+      else if (d.ends_with("/A") || d.ends_with("/B"))
+        counts.linear_lowrank += n;
+      else
+        counts.other += n;
     }
     std::printf("  %-40s %-8s %s\n", d.c_str(), dtype.c_str(), shape_string(shape).c_str());
   }

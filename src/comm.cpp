@@ -32,7 +32,8 @@ Comm& Comm::world(int* argc, char*** argv) {
   LRLLM_MPI(MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN));
   LRLLM_MPI(MPI_Comm_rank(MPI_COMM_WORLD, &comm.rank_));
   LRLLM_MPI(MPI_Comm_size(MPI_COMM_WORLD, &comm.size_));
-  LRLLM_MPI(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, comm.rank_, MPI_INFO_NULL, &comm.local_));
+  LRLLM_MPI(
+      MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, comm.rank_, MPI_INFO_NULL, &comm.local_));
   LRLLM_MPI(MPI_Comm_rank(comm.local_, &comm.local_rank_));
   LRLLM_MPI(MPI_Comm_size(comm.local_, &comm.local_size_));
   ready = true;
@@ -100,6 +101,8 @@ void collective_check(const Comm& comm, const std::function<void()>& fn) {
   throw PeerInputError();
 }
 
-void Comm::barrier() const { LRLLM_MPI(MPI_Barrier(MPI_COMM_WORLD)); }
+void Comm::barrier() const {
+  LRLLM_MPI(MPI_Barrier(MPI_COMM_WORLD));
+}
 
 }  // namespace lrllm

@@ -28,7 +28,8 @@ bool ModelConfig::any_lowrank() const {
 std::string ModelConfig::lowrank_targets() const {
   std::string out;
   for (int s = 0; s < kNumSites; ++s)
-    if (lowrank_rank[s] > 0) out += (out.empty() ? "" : ",") + std::string(site_name(static_cast<LinearSite>(s)));
+    if (lowrank_rank[s] > 0)
+      out += (out.empty() ? "" : ",") + std::string(site_name(static_cast<LinearSite>(s)));
   return out;
 }
 
@@ -43,14 +44,17 @@ namespace {
 const char* const kModes[] = {"pretrain", "eval", "decompose", "tokenize", "info"};
 
 // A default as the user would write it (6e-04, not 0.00059999999999999995).
-std::string text(double value) { return strprintf("%g", value); }
+std::string text(double value) {
+  return strprintf("%g", value);
+}
 
 constexpr unsigned kHelpWidth = 110;
 
 po::options_description make_options(Config& c) {
   po::options_description general("General", kHelpWidth);
-  general.add_options()("help,h", "print this help and exit")("version", "print the version and build and exit")(
-      "mode", po::value(&c.mode), "pretrain | eval | decompose | tokenize | info")(
+  general.add_options()("help,h", "print this help and exit")(
+      "version", "print the version and build and exit")("mode", po::value(&c.mode),
+                                                         "pretrain | eval | decompose | tokenize | info")(
       "config", po::value(&c.config_file), "INI file with [section] option = value lines")(
       "device", po::value(&c.device)->default_value(c.device), "cpu | cuda | auto")(
       "seed", po::value(&c.seed)->default_value(c.seed), "seed of initialisation and data order");
@@ -83,16 +87,17 @@ po::options_description make_options(Config& c) {
       "sequences per rank per micro-step")(
       "train.grad_accum", po::value(&t.grad_accum)->default_value(t.grad_accum), "micro-steps per step")(
       "train.lr", po::value(&t.lr)->default_value(t.lr, text(t.lr)), "peak learning rate")(
-      "train.min_lr", po::value(&t.min_lr)->default_value(t.min_lr, text(t.min_lr)), "learning rate at the end of the cosine")(
-      "train.warmup", po::value(&t.warmup)->default_value(t.warmup), "linear warmup steps")(
+      "train.min_lr", po::value(&t.min_lr)->default_value(t.min_lr, text(t.min_lr)),
+      "learning rate at the end of the cosine")("train.warmup", po::value(&t.warmup)->default_value(t.warmup),
+                                                "linear warmup steps")(
       "train.weight_decay", po::value(&t.weight_decay)->default_value(t.weight_decay, text(t.weight_decay)),
       "AdamW decoupled weight decay (2-D weights only)")(
       "train.beta1", po::value(&t.beta1)->default_value(t.beta1, text(t.beta1)), "AdamW beta1")(
       "train.beta2", po::value(&t.beta2)->default_value(t.beta2, text(t.beta2)), "AdamW beta2")(
       "train.eps", po::value(&t.eps)->default_value(t.eps, text(t.eps)), "AdamW epsilon")(
-      "train.grad_clip", po::value(&t.grad_clip)->default_value(t.grad_clip, text(t.grad_clip)), "global-norm clip (0: off)")(
-      "train.eval_every", po::value(&t.eval_every)->default_value(t.eval_every),
-      "validation every N steps (0: only at the end)")(
+      "train.grad_clip", po::value(&t.grad_clip)->default_value(t.grad_clip, text(t.grad_clip)),
+      "global-norm clip (0: off)")("train.eval_every", po::value(&t.eval_every)->default_value(t.eval_every),
+                                   "validation every N steps (0: only at the end)")(
       "train.eval_batches", po::value(&t.eval_batches)->default_value(t.eval_batches),
       "validation batches (of the global batch) per evaluation")(
       "train.recompute", po::value(&t.recompute)->default_value(t.recompute),
@@ -100,9 +105,9 @@ po::options_description make_options(Config& c) {
 
   po::options_description data("Data [data]", kHelpWidth);
   DataConfig& d = c.data;
-  data.add_options()("data.train", po::value(&d.train), "training token file")(
-      "data.val", po::value(&d.val), "validation token file")("data.input", po::value(&d.input),
-                                                               "input of tokenize: a text file or a directory")(
+  data.add_options()("data.train", po::value(&d.train), "training token file")("data.val", po::value(&d.val),
+                                                                               "validation token file")(
+      "data.input", po::value(&d.input), "input of tokenize: a text file or a directory")(
       "data.output", po::value(&d.output), "output of tokenize and decompose")(
       "data.shuffle", po::value(&d.shuffle)->default_value(d.shuffle), "shuffle sequences each epoch")(
       "data.tokenizer_dir", po::value(&d.tokenizer_dir)->default_value(d.tokenizer_dir),
@@ -117,7 +122,7 @@ po::options_description make_options(Config& c) {
       "checkpoint every N steps (0: only at the end)")(
       "checkpoint.keep", po::value(&c.checkpoint.keep)->default_value(c.checkpoint.keep),
       "checkpoints kept in run.dir (0: all)")("checkpoint.resume", po::value(&c.checkpoint.resume),
-                                               "resume from a checkpoint path, or latest");
+                                              "resume from a checkpoint path, or latest");
 
   po::options_description all(kHelpWidth);
   all.add(general).add(model).add(lowrank).add(train).add(data).add(run);
@@ -132,7 +137,8 @@ void validate(const Config& c) {
   bool known_mode = false;
   for (const char* m : kModes) known_mode |= c.mode == m;
   require(!c.mode.empty(), "--mode is required (pretrain, eval, decompose, tokenize, info); see --help");
-  require(known_mode, "--mode " + c.mode + " is not a mode of this lrllm (pretrain, eval, decompose, tokenize, info)");
+  require(known_mode,
+          "--mode " + c.mode + " is not a mode of this lrllm (pretrain, eval, decompose, tokenize, info)");
   require(c.device == "cpu" || c.device == "cuda" || c.device == "auto",
           "--device must be cpu, cuda or auto, not '" + c.device + "'");
   const TrainConfig& t = c.train;
@@ -144,7 +150,8 @@ void validate(const Config& c) {
   require(t.warmup >= 0, "--train.warmup must be >= 0");
   require(t.weight_decay >= 0, "--train.weight_decay must be >= 0");
   require(t.grad_clip >= 0, "--train.grad_clip must be >= 0");
-  require(t.beta1 >= 0 && t.beta1 < 1 && t.beta2 >= 0 && t.beta2 < 1, "--train.beta1/beta2 must be in [0, 1)");
+  require(t.beta1 >= 0 && t.beta1 < 1 && t.beta2 >= 0 && t.beta2 < 1,
+          "--train.beta1/beta2 must be in [0, 1)");
   require(t.eps > 0, "--train.eps must be > 0");
   require(t.eval_every >= 0, "--train.eval_every must be >= 0");
   require(t.eval_batches >= 1, "--train.eval_batches must be >= 1");
@@ -160,19 +167,22 @@ void validate_model_config(const ModelConfig& m) {
   require(m.arch == "gpt2", "--model.arch must be gpt2");
   require(m.n_layer >= 1, "--model.n_layer must be >= 1");
   require(m.n_head >= 1, "--model.n_head must be >= 1");
-  require(m.d_model >= 1 && m.d_model % m.n_head == 0, "--model.d_model must be a positive multiple of n_head");
+  require(m.d_model >= 1 && m.d_model % m.n_head == 0,
+          "--model.d_model must be a positive multiple of n_head");
   require(m.d_ff >= 0, "--model.d_ff must be >= 0");
   require(m.seq_len >= 1, "--model.seq_len must be >= 1");
   // Token files store uint16 ids.
   require(m.vocab_size >= 1 && m.vocab_size <= 65536, "--model.vocab_size must be between 1 and 65536");
-  const int widths[kNumSites][2] = {{m.d_model, 3 * m.d_model}, {m.d_model, m.d_model}, {m.d_model, m.ff()},
-                                    {m.ff(), m.d_model}};
+  const int widths[kNumSites][2] = {
+      {m.d_model, 3 * m.d_model}, {m.d_model, m.d_model}, {m.d_model, m.ff()}, {m.ff(), m.d_model}};
   for (int s = 0; s < kNumSites; ++s) {
     const int r = m.lowrank_rank[s];
     const int limit = std::min(widths[s][0], widths[s][1]);
-    require(r >= 0, std::string("low-rank rank of ") + site_name(static_cast<LinearSite>(s)) + " must be >= 0");
-    require(r < limit, strprintf("low-rank rank %d of %s is not below min(in, out) = %d: it would not compress", r,
-                                 site_name(static_cast<LinearSite>(s)), limit));
+    require(r >= 0,
+            std::string("low-rank rank of ") + site_name(static_cast<LinearSite>(s)) + " must be >= 0");
+    require(r < limit,
+            strprintf("low-rank rank %d of %s is not below min(in, out) = %d: it would not compress", r,
+                      site_name(static_cast<LinearSite>(s)), limit));
   }
 }
 
@@ -189,7 +199,8 @@ void apply_lowrank(const Config& c, ModelConfig& m) {
     for (int s = 0; s < kNumSites; ++s) {
       if (item == site_name(static_cast<LinearSite>(s))) site_on[s] = found = true;
     }
-    require(found || item.empty(), "--lowrank.targets: unknown site '" + item + "' (all, qkv, proj, fc, mlp_proj)");
+    require(found || item.empty(),
+            "--lowrank.targets: unknown site '" + item + "' (all, qkv, proj, fc, mlp_proj)");
   }
   require(c.lowrank_rank >= 0, "--lowrank.rank must be >= 0 (0 means dense)");
   require(c.lowrank_rank > 0 || !c.was_given("lowrank.targets"),
@@ -219,8 +230,10 @@ bool parse_config(int argc, const char* const* argv, Config& c, bool print_help_
     if (vm.count("version")) {
       if (print_help_and_version)
         std::cout << "lrllm " << kVersion << " ("
-                  << (built_with_cuda() ? "built with CUDA: device detection; training runs on the CPU backend"
-                                     : "CPU-only build") << ")\n";
+                  << (built_with_cuda()
+                          ? "built with CUDA: device detection; training runs on the CPU backend"
+                          : "CPU-only build")
+                  << ")\n";
       return false;
     }
     if (vm.count("config")) {

@@ -36,8 +36,9 @@ TokenFile::TokenFile(const std::string& path) : path_(path) {
   map_bytes_ = bytes;
   const auto* header = static_cast<const int32_t*>(map_);
   if (header[0] != kTokenFileMagic || header[1] != kTokenFileVersion) {
-    const std::string msg = strprintf("token file %s has a bad header (magic %d version %d; expected %d and %d)",
-                                      path.c_str(), header[0], header[1], kTokenFileMagic, kTokenFileVersion);
+    const std::string msg =
+        strprintf("token file %s has a bad header (magic %d version %d; expected %d and %d)", path.c_str(),
+                  header[0], header[1], kTokenFileMagic, kTokenFileVersion);
     munmap(map_, map_bytes_);
     map_ = nullptr;
     throw InputError(msg);
@@ -48,9 +49,10 @@ TokenFile::TokenFile(const std::string& path) : path_(path) {
   if (bytes != expected) {
     munmap(map_, map_bytes_);
     map_ = nullptr;
-    throw InputError(strprintf("token file %s: header says %llu tokens (%llu bytes) but the file has %llu bytes",
-                               path.c_str(), static_cast<unsigned long long>(count),
-                               static_cast<unsigned long long>(expected), static_cast<unsigned long long>(bytes)));
+    throw InputError(
+        strprintf("token file %s: header says %llu tokens (%llu bytes) but the file has %llu bytes",
+                  path.c_str(), static_cast<unsigned long long>(count),
+                  static_cast<unsigned long long>(expected), static_cast<unsigned long long>(bytes)));
   }
   tokens_ = reinterpret_cast<const uint16_t*>(header + kTokenHeaderInts);
   count_ = count;

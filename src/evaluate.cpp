@@ -2,8 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
-#include <memory>
 #include <cstdio>
+#include <memory>
 #include <vector>
 
 #include "lrllm/backend.h"
@@ -33,7 +33,8 @@ int run_eval(const Config& cfg, const Comm& comm) {
   std::unique_ptr<Model> model;
   std::string data;
   collective_check(comm, [&] {
-    if (cfg.model.init.empty()) throw InputError("--mode eval needs --model.init (a checkpoint or model file)");
+    if (cfg.model.init.empty())
+      throw InputError("--mode eval needs --model.init (a checkpoint or model file)");
     data = !cfg.data.val.empty() ? cfg.data.val : cfg.data.train;
     if (data.empty()) throw InputError("--mode eval needs --data.val (or --data.train): a token file");
     const ModelConfig mc = read_model_config(cfg.model.init);

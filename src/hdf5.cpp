@@ -46,7 +46,9 @@ struct AttrHandle {
 
 }  // namespace
 
-void hdf5_quiet() { H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr); }
+void hdf5_quiet() {
+  H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
+}
 
 H5File::H5File(hid_t file, std::string path, bool user_input)
     : file_(file), path_(std::move(path)), user_input_(user_input) {}
@@ -67,7 +69,9 @@ H5File& H5File::operator=(H5File&& other) noexcept {
   return *this;
 }
 
-H5File::~H5File() { close(); }
+H5File::~H5File() {
+  close();
+}
 
 void H5File::close() {
   if (file_ >= 0) {
@@ -136,7 +140,8 @@ std::vector<std::string> H5File::children(const std::string& group) const {
         LRLLM_H5(*this, H5Lget_name_by_idx(g.id, ".", H5_INDEX_NAME, H5_ITER_INC, i, nullptr, 0, H5P_DEFAULT),
                  "cannot list group " + group);
     std::string name(static_cast<std::size_t>(n), '\0');
-    LRLLM_H5(*this, H5Lget_name_by_idx(g.id, ".", H5_INDEX_NAME, H5_ITER_INC, i, name.data(), n + 1, H5P_DEFAULT),
+    LRLLM_H5(*this,
+             H5Lget_name_by_idx(g.id, ".", H5_INDEX_NAME, H5_ITER_INC, i, name.data(), n + 1, H5P_DEFAULT),
              "cannot list group " + group);
     names.push_back(name);
   }
@@ -167,7 +172,8 @@ std::vector<int64_t> H5File::shape(const std::string& dataset) const {
   SpaceHandle s(LRLLM_H5(*this, H5Dget_space(d.id), "cannot read the shape of " + dataset));
   const int rank = LRLLM_H5(*this, H5Sget_simple_extent_ndims(s.id), "cannot read the shape of " + dataset);
   std::vector<hsize_t> dims(static_cast<std::size_t>(rank));
-  LRLLM_H5(*this, H5Sget_simple_extent_dims(s.id, dims.data(), nullptr), "cannot read the shape of " + dataset);
+  LRLLM_H5(*this, H5Sget_simple_extent_dims(s.id, dims.data(), nullptr),
+           "cannot read the shape of " + dataset);
   return std::vector<int64_t>(dims.begin(), dims.end());
 }
 
@@ -198,20 +204,23 @@ void H5File::write(const std::string& dataset, const float* data, const std::vec
   std::vector<hsize_t> dims(shape.begin(), shape.end());
   SpaceHandle s(LRLLM_H5(*this, H5Screate_simple(static_cast<int>(dims.size()), dims.data(), nullptr),
                          "cannot describe " + dataset));
-  Handle d(LRLLM_H5(*this,
-                    H5Dcreate2(file_, dataset.c_str(), H5T_IEEE_F32LE, s.id, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT),
-                    "cannot create " + dataset));
-  LRLLM_H5(*this, H5Dwrite(d.id, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, data), "cannot write " + dataset);
+  Handle d(LRLLM_H5(
+      *this, H5Dcreate2(file_, dataset.c_str(), H5T_IEEE_F32LE, s.id, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT),
+      "cannot create " + dataset));
+  LRLLM_H5(*this, H5Dwrite(d.id, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, data),
+           "cannot write " + dataset);
 }
 
 void H5File::read(const std::string& dataset, float* out, const std::vector<int64_t>& expected) const {
   const std::vector<int64_t> got = shape(dataset);
   if (got != expected)
     fail("H5Dread",
-         "dataset " + dataset + " has shape " + shape_string(got) + ", the model expects " + shape_string(expected),
+         "dataset " + dataset + " has shape " + shape_string(got) + ", the model expects " +
+             shape_string(expected),
          __FILE__, __LINE__);
   Handle d(LRLLM_H5(*this, H5Dopen2(file_, dataset.c_str(), H5P_DEFAULT), "cannot open dataset " + dataset));
-  LRLLM_H5(*this, H5Dread(d.id, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, out), "cannot read " + dataset);
+  LRLLM_H5(*this, H5Dread(d.id, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, out),
+           "cannot read " + dataset);
 }
 
 std::vector<float> H5File::read_all(const std::string& dataset) const {
@@ -270,7 +279,8 @@ bool H5File::has_attr(const std::string& object, const std::string& name) const 
 }
 
 int64_t H5File::attr_int(const std::string& object, const std::string& name) const {
-  if (!has_attr(object, name)) fail("H5Aopen", "attribute " + object + " " + name + " is missing", __FILE__, __LINE__);
+  if (!has_attr(object, name))
+    fail("H5Aopen", "attribute " + object + " " + name + " is missing", __FILE__, __LINE__);
   Handle o(LRLLM_H5(*this, open_object(*this, object), "cannot open " + object));
   AttrHandle a(LRLLM_H5(*this, H5Aopen(o.id, name.c_str(), H5P_DEFAULT), "attribute " + name));
   int64_t value = 0;
@@ -279,7 +289,8 @@ int64_t H5File::attr_int(const std::string& object, const std::string& name) con
 }
 
 double H5File::attr_double(const std::string& object, const std::string& name) const {
-  if (!has_attr(object, name)) fail("H5Aopen", "attribute " + object + " " + name + " is missing", __FILE__, __LINE__);
+  if (!has_attr(object, name))
+    fail("H5Aopen", "attribute " + object + " " + name + " is missing", __FILE__, __LINE__);
   Handle o(LRLLM_H5(*this, open_object(*this, object), "cannot open " + object));
   AttrHandle a(LRLLM_H5(*this, H5Aopen(o.id, name.c_str(), H5P_DEFAULT), "attribute " + name));
   double value = 0;
@@ -288,11 +299,13 @@ double H5File::attr_double(const std::string& object, const std::string& name) c
 }
 
 std::string H5File::attr_string(const std::string& object, const std::string& name) const {
-  if (!has_attr(object, name)) fail("H5Aopen", "attribute " + object + " " + name + " is missing", __FILE__, __LINE__);
+  if (!has_attr(object, name))
+    fail("H5Aopen", "attribute " + object + " " + name + " is missing", __FILE__, __LINE__);
   Handle o(LRLLM_H5(*this, open_object(*this, object), "cannot open " + object));
   AttrHandle a(LRLLM_H5(*this, H5Aopen(o.id, name.c_str(), H5P_DEFAULT), "attribute " + name));
   TypeHandle t(LRLLM_H5(*this, H5Aget_type(a.id), "attribute " + name));
-  if (H5Tget_class(t.id) != H5T_STRING) fail("H5Aread", "attribute " + name + " is not a string", __FILE__, __LINE__);
+  if (H5Tget_class(t.id) != H5T_STRING)
+    fail("H5Aread", "attribute " + name + " is not a string", __FILE__, __LINE__);
   if (H5Tis_variable_str(t.id) > 0) {
     TypeHandle mem(LRLLM_H5(*this, H5Tcopy(H5T_C_S1), "attribute " + name));
     LRLLM_H5(*this, H5Tset_size(mem.id, H5T_VARIABLE), "attribute " + name);
@@ -310,6 +323,8 @@ std::string H5File::attr_string(const std::string& object, const std::string& na
   return value;
 }
 
-void H5File::flush() { LRLLM_H5(*this, H5Fflush(file_, H5F_SCOPE_GLOBAL), "cannot flush"); }
+void H5File::flush() {
+  LRLLM_H5(*this, H5Fflush(file_, H5F_SCOPE_GLOBAL), "cannot flush");
+}
 
 }  // namespace lrllm

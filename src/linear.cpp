@@ -31,12 +31,12 @@ void Linear::backward(Backend& be, const float* params, float* grads, const floa
                       const float* dy, float* dx, float* dmid, int N) const {
   be.bias_backward(grads + bias, dy, N, out_);
   if (rank_ > 0) {
-    be.matmul(grads + b_mat, dy, mid, out_, rank_, N, true, false, 1.0f, 1.0f);  // dB += dy^T mid
+    be.matmul(grads + b_mat, dy, mid, out_, rank_, N, true, false, 1.0f, 1.0f);     // dB += dy^T mid
     be.matmul(dmid, dy, params + b_mat, N, rank_, out_, false, false, 1.0f, 0.0f);  // dmid = dy B
-    be.matmul(grads + a, dmid, x, rank_, in_, N, true, false, 1.0f, 1.0f);  // dA += dmid^T x
-    be.matmul(dx, dmid, params + a, N, in_, rank_, false, false, 1.0f, 0.0f);  // dx = dmid A
+    be.matmul(grads + a, dmid, x, rank_, in_, N, true, false, 1.0f, 1.0f);          // dA += dmid^T x
+    be.matmul(dx, dmid, params + a, N, in_, rank_, false, false, 1.0f, 0.0f);       // dx = dmid A
   } else {
-    be.matmul(grads + w, dy, x, out_, in_, N, true, false, 1.0f, 1.0f);  // dW += dy^T x
+    be.matmul(grads + w, dy, x, out_, in_, N, true, false, 1.0f, 1.0f);     // dW += dy^T x
     be.matmul(dx, dy, params + w, N, in_, out_, false, false, 1.0f, 0.0f);  // dx = dy W
   }
 }

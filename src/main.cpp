@@ -21,7 +21,9 @@
 // Open MPI unloads its plugins before AddressSanitizer's exit-time leak scan, so their allocations show up as
 // leaks in unknown modules that no suppression can name. Leak checking of lrllm's own code happens in the
 // unit tests, which do not start MPI.
-extern "C" const char* __asan_default_options() { return "detect_leaks=0"; }
+extern "C" const char* __asan_default_options() {
+  return "detect_leaks=0";
+}
 #endif
 
 namespace {
@@ -36,7 +38,8 @@ void set_threads(const lrllm::Comm& comm) {
 int run_tokenize(const lrllm::Config& cfg) {
   if (cfg.data.input.empty() || cfg.data.output.empty())
     throw lrllm::InputError("--mode tokenize needs --data.input (a text file or folder) and --data.output");
-  const auto tok = lrllm::Tokenizer::load(cfg.data.tokenizer_dir + "/encoder.json", cfg.data.tokenizer_dir + "/vocab.bpe");
+  const auto tok =
+      lrllm::Tokenizer::load(cfg.data.tokenizer_dir + "/encoder.json", cfg.data.tokenizer_dir + "/vocab.bpe");
   const std::size_t n = lrllm::tokenize_to_file(tok, cfg.data.input, cfg.data.output);
   std::printf("tokenized %s: %zu tokens -> %s\n", cfg.data.input.c_str(), n, cfg.data.output.c_str());
   return 0;
@@ -50,7 +53,8 @@ int run_mode(const lrllm::Config& cfg, const lrllm::Comm& comm) {
   if (cfg.mode == "decompose") return lrllm::run_decompose(cfg);
   if (cfg.mode == "tokenize") return run_tokenize(cfg);
   if (cfg.mode == "info") {
-    if (cfg.model.init.empty()) throw lrllm::InputError("--mode info needs --model.init (an lrllm HDF5 file)");
+    if (cfg.model.init.empty())
+      throw lrllm::InputError("--mode info needs --model.init (an lrllm HDF5 file)");
     lrllm::print_info(cfg.model.init);
     return 0;
   }

@@ -14,15 +14,18 @@ namespace {
 
 constexpr hsize_t kChunkRows = 256;
 
-hsize_t rows_of(H5File& f, const std::string& dataset) { return static_cast<hsize_t>(f.shape(dataset).at(0)); }
+hsize_t rows_of(H5File& f, const std::string& dataset) {
+  return static_cast<hsize_t>(f.shape(dataset).at(0));
+}
 
 void create_series(H5File& f, const std::string& dataset, hsize_t rows) {
   const hsize_t dims[1] = {0}, max_dims[1] = {H5S_UNLIMITED}, chunk[1] = {kChunkRows};
   const hid_t space = LRLLM_H5(f, H5Screate_simple(1, dims, max_dims), dataset);
   const hid_t plist = LRLLM_H5(f, H5Pcreate(H5P_DATASET_CREATE), dataset);
   LRLLM_H5(f, H5Pset_chunk(plist, 1, chunk), dataset);
-  const hid_t d = LRLLM_H5(f, H5Dcreate2(f.id(), dataset.c_str(), H5T_IEEE_F64LE, space, H5P_DEFAULT, plist, H5P_DEFAULT),
-                           "cannot create " + dataset);
+  const hid_t d =
+      LRLLM_H5(f, H5Dcreate2(f.id(), dataset.c_str(), H5T_IEEE_F64LE, space, H5P_DEFAULT, plist, H5P_DEFAULT),
+               "cannot create " + dataset);
   H5Pclose(plist);
   H5Sclose(space);
   H5Dclose(d);
@@ -77,16 +80,20 @@ Metrics::Metrics(const std::string& path, int64_t resume_step) : path_(path) {
   std::vector<double> steps(rows);
   if (rows > 0) {
     const hid_t d = LRLLM_H5(f, H5Dopen2(f.id(), "/metrics/step", H5P_DEFAULT), "cannot open /metrics/step");
-    LRLLM_H5(f, H5Dread(d, H5T_NATIVE_DOUBLE, H5S_ALL, H5S_ALL, H5P_DEFAULT, steps.data()), "cannot read steps");
+    LRLLM_H5(f, H5Dread(d, H5T_NATIVE_DOUBLE, H5S_ALL, H5S_ALL, H5P_DEFAULT, steps.data()),
+             "cannot read steps");
     H5Dclose(d);
   }
   hsize_t keep = 0;
   while (keep < rows && steps[keep] <= static_cast<double>(resume_step)) ++keep;
-  for (const std::string& name : f.children("/metrics")) truncate_series(f, "/metrics/" + name, std::min(keep, rows_of(f, "/metrics/" + name)));
+  for (const std::string& name : f.children("/metrics"))
+    truncate_series(f, "/metrics/" + name, std::min(keep, rows_of(f, "/metrics/" + name)));
   f.flush();
 }
 
-void Metrics::append(const std::map<std::string, double>& row) { pending_.push_back(row); }
+void Metrics::append(const std::map<std::string, double>& row) {
+  pending_.push_back(row);
+}
 
 void Metrics::flush() {
   if (pending_.empty()) return;

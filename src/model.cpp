@@ -59,7 +59,8 @@ void Model::init_random(uint64_t seed) {
       continue;
     }
     if (t.shape.size() < 2) continue;  // biases and LayerNorm shifts start at zero
-    const bool residual = n.find("/attn/proj/") != std::string::npos || n.find("/mlp/proj/") != std::string::npos;
+    const bool residual =
+        n.find("/attn/proj/") != std::string::npos || n.find("/mlp/proj/") != std::string::npos;
     double std_dev = residual ? resid_std : 0.02;
     if (n.ends_with("/A") || n.ends_with("/B")) {
       // A product of two factors of rank r has variance r * sa^2 * sb^2; match the dense layer's.
@@ -72,7 +73,9 @@ void Model::init_random(uint64_t seed) {
   be_.to_device(params_, host.data(), host.size() * sizeof(float));
 }
 
-void Model::zero_grads() { be_.fill(grads_, table_.total(), 0.0f); }
+void Model::zero_grads() {
+  be_.fill(grads_, table_.total(), 0.0f);
+}
 
 ParamCounts Model::param_counts() const {
   ParamCounts c;
@@ -99,8 +102,9 @@ void print_param_counts(const ParamCounts& c, const ModelConfig& cfg) {
   const std::size_t C = cfg.d_model, F = cfg.ff();
   const std::size_t dense_equiv = static_cast<std::size_t>(cfg.n_layer) * (4 * C * C + 2 * C * F);
   const std::size_t linear = c.linear_dense + c.linear_lowrank;
-  std::printf("parameters: total %zu = embeddings %zu + linear %zu (dense %zu, low-rank %zu) + norms/biases %zu\n",
-              c.total(), c.embedding, linear, c.linear_dense, c.linear_lowrank, c.other);
+  std::printf(
+      "parameters: total %zu = embeddings %zu + linear %zu (dense %zu, low-rank %zu) + norms/biases %zu\n",
+      c.total(), c.embedding, linear, c.linear_dense, c.linear_lowrank, c.other);
   std::printf("linear layers: %zu parameters against %zu dense: compression %.2fx\n", linear, dense_equiv,
               linear > 0 ? static_cast<double>(dense_equiv) / linear : 0.0);
 }
@@ -173,7 +177,9 @@ void Model::ensure_acts(int B) {
   acts_batch_ = B;
 }
 
-Model::Acts& Model::acts_for(int l) { return *layer_acts_[recompute_ ? 0 : l]; }
+Model::Acts& Model::acts_for(int l) {
+  return *layer_acts_[recompute_ ? 0 : l];
+}
 
 void Model::block_forward(int l, Acts& a, const float* x, float* x_out, int B) {
   const Block& blk = blocks_[l];
@@ -211,7 +217,8 @@ void Model::block_backward(int l, Acts& a, const float* x, float* dresid, int B)
 
 // Final LayerNorm, the tied lm_head and the loss, a chunk of rows at a time so that only one
 // [chunk, vocab] logits buffer ever exists. With a gradient, dx receives d(loss)/d(final residual).
-double Model::classifier(const float* x, const int32_t* targets, float* dx, int N, float grad_scale, int valid) {
+double Model::classifier(const float* x, const int32_t* targets, float* dx, int N, float grad_scale,
+                         int valid) {
   const int C = cfg_.d_model, V = cfg_.vocab_size;
   float* p = params_;
   be_.layernorm_forward(lnf_, lnf_mean_, lnf_rstd_, x, p + lnf_w_, p + lnf_b_, N, C);
@@ -234,8 +241,8 @@ double Model::classifier(const float* x, const int32_t* targets, float* dx, int 
   for (float v : losses) sum += v;
   if (grad_scale != 0.0f) {
     be_.fill(dx, static_cast<std::size_t>(N) * C, 0.0f);
-    be_.layernorm_backward(dx, grads_ + lnf_w_, grads_ + lnf_b_, scratch_c_, x, p + lnf_w_, lnf_mean_, lnf_rstd_,
-                           N, C);
+    be_.layernorm_backward(dx, grads_ + lnf_w_, grads_ + lnf_b_, scratch_c_, x, p + lnf_w_, lnf_mean_,
+                           lnf_rstd_, N, C);
   }
   return valid > 0 ? sum / valid : 0.0;
 }

@@ -21,8 +21,8 @@ void AdamW::update(float* params, const float* grads, float lr) {
   for (const TensorInfo& t : table_.tensors()) {
     const float wd = t.decay ? static_cast<float>(cfg_.weight_decay) : 0.0f;
     be_.adamw(params + t.offset, grads + t.offset, m_ + t.offset, v_ + t.offset, t.size, lr,
-              static_cast<float>(cfg_.beta1), static_cast<float>(cfg_.beta2), static_cast<float>(cfg_.eps), wd,
-              step_);
+              static_cast<float>(cfg_.beta1), static_cast<float>(cfg_.beta2), static_cast<float>(cfg_.eps),
+              wd, step_);
   }
 }
 

@@ -35,7 +35,8 @@ std::string format_duration(double seconds) {
 }
 
 // A model-shape option the user gave that the file being loaded contradicts.
-void check_against_file(const Config& cfg, const char* option, int given, int in_file, const std::string& path) {
+void check_against_file(const Config& cfg, const char* option, int given, int in_file,
+                        const std::string& path) {
   if (!cfg.was_given(option) || given == in_file) return;
   if (std::string(option) == "model.seq_len" && given > in_file)
     throw InputError(strprintf("--model.seq_len %d is above the position table of %s (%d positions)", given,
@@ -138,23 +139,26 @@ int run_pretrain(const Config& cfg, const Comm& comm) {
     std::printf("lrllm pretrain on %d rank(s), device %s, %s\n", dp, backend->name().c_str(),
                 resume.empty() ? (mc.init.empty() ? "random init" : ("init from " + mc.init).c_str())
                                : ("resuming " + resume + " at step " + std::to_string(state.step)).c_str());
-    std::printf("model: gpt2 n_layer %d n_head %d d_model %d d_ff %d seq_len %d vocab %d, linear sites:", mc.n_layer,
-                mc.n_head, mc.d_model, mc.ff(), mc.seq_len, mc.vocab_size);
+    std::printf("model: gpt2 n_layer %d n_head %d d_model %d d_ff %d seq_len %d vocab %d, linear sites:",
+                mc.n_layer, mc.n_head, mc.d_model, mc.ff(), mc.seq_len, mc.vocab_size);
     for (int s = 0; s < kNumSites; ++s)
       std::printf(" %s=%s", site_name(static_cast<LinearSite>(s)),
                   mc.lowrank_rank[s] ? ("r" + std::to_string(mc.lowrank_rank[s])).c_str() : "dense");
     std::printf("\n");
     print_param_counts(model.param_counts(), mc);
-    std::printf("batch: %d seq/rank x %d accum x %d ranks = %llu sequences, %llu tokens per step; train %zu tokens, val %zu\n",
-                B, tc.grad_accum, dp, static_cast<unsigned long long>(sequences_per_step),
-                static_cast<unsigned long long>(sequences_per_step * T), train_file.size(), val_file.size());
+    std::printf(
+        "batch: %d seq/rank x %d accum x %d ranks = %llu sequences, %llu tokens per step; train %zu tokens, "
+        "val %zu\n",
+        B, tc.grad_accum, dp, static_cast<unsigned long long>(sequences_per_step),
+        static_cast<unsigned long long>(sequences_per_step * T), train_file.size(), val_file.size());
     std::printf("memory per rank: params %.1f MB, grads %.1f MB, optimizer %.1f MB, activations %.1f MB\n",
                 mem.params / 1e6, mem.grads / 1e6, mem.optimizer / 1e6, mem.activations / 1e6);
     std::fflush(stdout);
   }
 
   std::unique_ptr<Metrics> metrics;
-  if (comm.root()) metrics = std::make_unique<Metrics>((fs::path(cfg.run.dir) / "metrics.h5").string(), state.step);
+  if (comm.root())
+    metrics = std::make_unique<Metrics>((fs::path(cfg.run.dir) / "metrics.h5").string(), state.step);
 
   std::vector<int32_t> tokens(static_cast<std::size_t>(B) * T), targets(tokens.size());
   const std::size_t n_params = model.table().total();
@@ -180,8 +184,8 @@ int run_pretrain(const Config& cfg, const Comm& comm) {
     comm.allreduce_mean(model.grads(), n_params);
     loss = comm.allreduce_sum(loss) / dp;
     if (!std::isfinite(loss))
-      throw DivergenceError(strprintf("loss is %f at step %lld; stopping (the last checkpoint in %s is kept)", loss,
-                                      static_cast<long long>(step + 1), cfg.run.dir.c_str()));
+      throw DivergenceError(strprintf("loss is %f at step %lld; stopping (the last checkpoint in %s is kept)",
+                                      loss, static_cast<long long>(step + 1), cfg.run.dir.c_str()));
 
     // Optimizer.
     const double grad_norm = clip_grad_norm(*backend, model.grads(), n_params, tc.grad_clip);
@@ -221,11 +225,13 @@ int run_pretrain(const Config& cfg, const Comm& comm) {
                        {"mem_peak", static_cast<double>(peak_rss_bytes())}});
       if (state.step % cfg.run.log_every == 0 || last || !std::isnan(val_loss)) {
         const double avg_s = timed_steps > 0 ? elapsed_train_s / timed_steps : step_s;
-        std::printf("step %6lld/%d | loss %.4f%s | lr %.2e | norm %.3f | %.0f tok/s | %.1f ms | mem %.0f MB | eta %s\n",
-                    static_cast<long long>(state.step), tc.steps, loss,
-                    std::isnan(val_loss) ? "" : strprintf(" | val %.4f", val_loss).c_str(), lr, grad_norm,
-                    tokens_per_s, step_s * 1e3, peak_rss_bytes() / 1e6,
-                    format_duration(avg_s * (tc.steps - state.step)).c_str());
+        std::printf(
+            "step %6lld/%d | loss %.4f%s | lr %.2e | norm %.3f | %.0f tok/s | %.1f ms | mem %.0f MB | eta "
+            "%s\n",
+            static_cast<long long>(state.step), tc.steps, loss,
+            std::isnan(val_loss) ? "" : strprintf(" | val %.4f", val_loss).c_str(), lr, grad_norm,
+            tokens_per_s, step_s * 1e3, peak_rss_bytes() / 1e6,
+            format_duration(avg_s * (tc.steps - state.step)).c_str());
         std::fflush(stdout);
         metrics->flush();
       }
@@ -246,8 +252,8 @@ int run_pretrain(const Config& cfg, const Comm& comm) {
     metrics->flush();
     const double avg_tps = timed_steps > 0 ? sequences_per_step * T * timed_steps / elapsed_train_s : NAN;
     std::printf("done: %lld steps, %lld tokens, %.0f tok/s, final val loss %.4f, checkpoint %s\n",
-                static_cast<long long>(state.step), static_cast<long long>(state.tokens_seen), avg_tps, last_val,
-                checkpoint_path(cfg.run.dir, state.step).c_str());
+                static_cast<long long>(state.step), static_cast<long long>(state.tokens_seen), avg_tps,
+                last_val, checkpoint_path(cfg.run.dir, state.step).c_str());
   }
   return 0;
 }

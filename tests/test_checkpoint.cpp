@@ -32,17 +32,7 @@ using test::expect_input_error;
 using test::random_floats;
 using test::TempDir;
 
-ModelConfig tiny_config(std::array<int, kNumSites> ranks) {
-  ModelConfig m;
-  m.vocab_size = 37;
-  m.seq_len = 6;
-  m.n_layer = 2;
-  m.n_head = 2;
-  m.d_model = 8;
-  m.d_ff = 16;
-  std::copy(ranks.begin(), ranks.end(), m.lowrank_rank);
-  return m;
-}
+using test::tiny_config;
 
 std::vector<float> host(Backend& be, const float* dev, std::size_t n) {
   std::vector<float> h(n);

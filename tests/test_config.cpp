@@ -127,14 +127,7 @@ TEST(Config, ApplyLowrankErrors) {
 }
 
 ModelConfig tiny_model() {
-  ModelConfig m;
-  m.vocab_size = 37;
-  m.seq_len = 6;
-  m.n_layer = 2;
-  m.n_head = 2;
-  m.d_model = 8;
-  m.d_ff = 16;
-  return m;
+  return test::tiny_config();
 }
 
 TEST(Config, ValidateModelConfig) {

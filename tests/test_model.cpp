@@ -26,17 +26,7 @@ using test::rel_error;
 
 constexpr int kBatch = 2;
 
-ModelConfig tiny_config(std::array<int, kNumSites> ranks) {
-  ModelConfig m;
-  m.vocab_size = 37;
-  m.seq_len = 6;
-  m.n_layer = 2;
-  m.n_head = 2;
-  m.d_model = 8;
-  m.d_ff = 16;
-  std::copy(ranks.begin(), ranks.end(), m.lowrank_rank);
-  return m;
-}
+using test::tiny_config;
 
 std::vector<int32_t> random_ids(int n, int vocab, uint64_t seed) {
   Rng rng(seed);

@@ -3,6 +3,8 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -13,6 +15,7 @@
 #include <unistd.h>
 
 #include "lrllm/common.h"
+#include "lrllm/config.h"
 #include "lrllm/rng.h"
 
 namespace lrllm::test {
@@ -100,6 +103,20 @@ void expect_input_error(F&& fn, const std::string& needle) {
   } catch (const std::exception& e) {
     ADD_FAILURE() << "expected InputError mentioning '" << needle << "', got another exception: " << e.what();
   }
+}
+
+// The small GPT-2 the unit tests share: vocabulary 37, 6 positions, 2 blocks of width 8; ranks per site
+// (qkv, proj, fc, mlp_proj), 0 for dense.
+inline lrllm::ModelConfig tiny_config(std::array<int, lrllm::kNumSites> ranks = {0, 0, 0, 0}) {
+  lrllm::ModelConfig m;
+  m.vocab_size = 37;
+  m.seq_len = 6;
+  m.n_layer = 2;
+  m.n_head = 2;
+  m.d_model = 8;
+  m.d_ff = 16;
+  std::copy(ranks.begin(), ranks.end(), m.lowrank_rank);
+  return m;
 }
 
 }  // namespace lrllm::test

@@ -1,11 +1,12 @@
 // Measures what OpenBLAS sgemm sustains on this machine, the yardstick `make bench` holds lrllm's model FLOP
-// rate against. Prints machine-readable lines: the OpenBLAS kernel set in use (its runtime CPU detection picks it;
-// OPENBLAS_CORETYPE overrides it), then one line per measurement:
+// rate against. Prints machine-readable lines: the OpenBLAS kernel set in use (its runtime CPU detection
+// picks it; OPENBLAS_CORETYPE overrides it), then one line per measurement:
 //   openblas <corename>
 //   sgemm <label> M N K transA transB threads gflops
 // Usage: bench_sgemm [--threads N] [--square S] [--shape LABEL M N K TA TB]... [--reps R] [--as-installed]
-// With no --shape, only the square product is measured. Like lrllm, it first replaces OpenBLAS's generic fallback
-// kernels with the ones this CPU supports (lrllm::ensure_blas_kernels), so that it measures what lrllm gets;
+// With no --shape, only the square product is measured. Like lrllm, it first replaces OpenBLAS's generic
+// fallback kernels with the ones this CPU supports (lrllm::ensure_blas_kernels), so that it measures what
+// lrllm gets;
 // --as-installed skips that.
 #include <cblas.h>
 #include <omp.h>
@@ -53,8 +54,8 @@ double measure(const Shape& s, int reps) {
   float* C = alloc_filled(c_n, 3);
   const int lda = s.ta ? s.M : s.K, ldb = s.tb ? s.K : s.N;
   auto call = [&] {
-    cblas_sgemm(CblasRowMajor, s.ta ? CblasTrans : CblasNoTrans, s.tb ? CblasTrans : CblasNoTrans, s.M, s.N, s.K,
-                1.0f, A, lda, B, ldb, 0.0f, C, s.N);
+    cblas_sgemm(CblasRowMajor, s.ta ? CblasTrans : CblasNoTrans, s.tb ? CblasTrans : CblasNoTrans, s.M, s.N,
+                s.K, 1.0f, A, lda, B, ldb, 0.0f, C, s.N);
   };
   const double flops = 2.0 * s.M * s.N * s.K;
   auto t0 = std::chrono::steady_clock::now();
@@ -106,8 +107,12 @@ int main(int argc, char** argv) {
       as_installed = true;
     } else if (a == "--shape") {
       need(6);
-      Shape s{argv[i + 1], std::atoi(argv[i + 2]), std::atoi(argv[i + 3]), std::atoi(argv[i + 4]),
-              std::atoi(argv[i + 5]) != 0, std::atoi(argv[i + 6]) != 0};
+      Shape s{argv[i + 1],
+              std::atoi(argv[i + 2]),
+              std::atoi(argv[i + 3]),
+              std::atoi(argv[i + 4]),
+              std::atoi(argv[i + 5]) != 0,
+              std::atoi(argv[i + 6]) != 0};
       if (s.M <= 0 || s.N <= 0 || s.K <= 0) usage();
       shapes.push_back(s);
       i += 6;
@@ -125,8 +130,8 @@ int main(int argc, char** argv) {
   all.insert(all.end(), shapes.begin(), shapes.end());
   for (const Shape& s : all) {
     const double g = measure(s, reps);
-    std::printf("sgemm %s %d %d %d %d %d %d %.2f\n", s.label.c_str(), s.M, s.N, s.K, s.ta ? 1 : 0, s.tb ? 1 : 0,
-                threads, g);
+    std::printf("sgemm %s %d %d %d %d %d %d %.2f\n", s.label.c_str(), s.M, s.N, s.K, s.ta ? 1 : 0,
+                s.tb ? 1 : 0, threads, g);
     std::fflush(stdout);
   }
   return 0;

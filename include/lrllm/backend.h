@@ -73,8 +73,8 @@ class Backend {
                             float grad_scale) = 0;
 
   // One AdamW step (PyTorch's order: decoupled decay first, then the bias-corrected Adam update).
-  virtual void adamw(float* param, const float* grad, float* m, float* v, std::size_t n, float lr, float beta1,
-                     float beta2, float eps, float weight_decay, int step) = 0;
+  virtual void adamw(float* param, const float* grad, float* m, float* v, std::size_t n, float lr,
+                     float beta1, float beta2, float eps, float weight_decay, int step) = 0;
 };
 
 // The CPU backend: OpenBLAS sgemm and OpenMP loops.
@@ -94,7 +94,7 @@ int cuda_device_count();
 // True when this binary was compiled with the CUDA backend.
 bool built_with_cuda();
 
-// Picks the backend for --device cpu|cuda|auto.
+// Picks the backend for --device cpu|cuda|auto (auto: the CPU until the CUDA backend can train).
 std::unique_ptr<Backend> make_backend(const std::string& device);
 
 }  // namespace lrllm

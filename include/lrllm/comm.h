@@ -37,9 +37,9 @@ class Comm {
   MPI_Comm local_ = MPI_COMM_NULL;
 };
 
-// Runs fn on every rank and agrees on the outcome: when fn throws InputError on some ranks, every rank throws,
-// the lowest failing rank with its message and the others with PeerInputError, which is not printed. This
-// keeps a bad input from leaving the healthy ranks waiting in a collective.
+// Runs fn on every rank and agrees on the outcome: when fn throws InputError on some ranks, every rank
+// throws, the lowest failing rank with its message and the others with PeerInputError, which is not printed.
+// This keeps a bad input from leaving the healthy ranks waiting in a collective.
 void collective_check(const Comm& comm, const std::function<void()>& fn);
 
 void mpi_check(int code, const char* call, const char* file, int line);

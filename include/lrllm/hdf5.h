@@ -13,8 +13,8 @@ namespace lrllm {
 
 class H5File {
  public:
-  static H5File create(const std::string& path);     // truncates
-  static H5File open_read(const std::string& path);  // read-only, user input
+  static H5File create(const std::string& path);      // truncates
+  static H5File open_read(const std::string& path);   // read-only, user input
   static H5File open_write(const std::string& path);  // read-write, an existing file of ours
   H5File(H5File&& other) noexcept;
   H5File& operator=(H5File&& other) noexcept;
@@ -62,9 +62,9 @@ void hdf5_quiet();
 
 }  // namespace lrllm
 
-#define LRLLM_H5(file, call, what)                                                     \
-  ([&]() {                                                                             \
-    auto lrllm_h5_result = (call);                                                     \
-    if (lrllm_h5_result < 0) (file).fail(#call, (what), __FILE__, __LINE__);           \
-    return lrllm_h5_result;                                                            \
+#define LRLLM_H5(file, call, what)                                           \
+  ([&]() {                                                                   \
+    auto lrllm_h5_result = (call);                                           \
+    if (lrllm_h5_result < 0) (file).fail(#call, (what), __FILE__, __LINE__); \
+    return lrllm_h5_result;                                                  \
   }())

@@ -15,7 +15,7 @@
 namespace lrllm {
 
 struct ParamCounts {
-  std::size_t embedding = 0;    // wte + wpe
+  std::size_t embedding = 0;       // wte + wpe
   std::size_t linear_dense = 0;    // W of dense linear layers
   std::size_t linear_lowrank = 0;  // A and B of low-rank linear layers
   std::size_t other = 0;           // biases and LayerNorms
@@ -104,8 +104,8 @@ class Model {
 void print_param_counts(const ParamCounts& counts, const ModelConfig& cfg);
 
 // The classifier runs on chunks of rows so that only one [rows, vocab] logits buffer exists: at most
-// kClassifierMaxRows rows and kClassifierBudgetBytes of logits, N split into equal chunks. Larger chunks run the
-// lm_head GEMMs faster and update the wte gradient fewer times; these bounds keep the buffer modest.
+// kClassifierMaxRows rows and kClassifierBudgetBytes of logits, N split into equal chunks. Larger chunks run
+// the lm_head GEMMs faster and update the wte gradient fewer times; these bounds keep the buffer modest.
 inline constexpr int kClassifierMaxRows = 512;
 inline constexpr std::size_t kClassifierBudgetBytes = std::size_t{128} << 20;
 int classifier_chunk_rows(int N, int vocab_size);

@@ -36,7 +36,8 @@ class AdamW {
   int step_ = 0;
 };
 
-// Learning rate of 0-based step: linear warmup to lr over `warmup` steps, then cosine decay to min_lr at `steps`.
+// Learning rate of 0-based step: linear warmup to lr over `warmup` steps, then cosine decay to min_lr at
+// `steps`.
 double lr_at(const TrainConfig& cfg, int step);
 
 // Global L2 norm of the gradients; scales them down to max_norm when larger (max_norm <= 0: no clipping).
