@@ -80,10 +80,10 @@ class CpuBackend final : public Backend {
     std::memcpy(dst, src, n * sizeof(float));
   }
 
-  void matmul(float* C, const float* A, const float* B, int M, int N, int K, bool trans_a, bool trans_b,
-              float alpha, float beta) override {
+  void matmul_strided(float* C, const float* A, const float* B, int M, int N, int K, bool trans_a, bool trans_b,
+                      float alpha, float beta, int lda, int ldb, int ldc) override {
     cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans, M, N,
-                K, alpha, A, trans_a ? M : K, B, trans_b ? K : N, beta, C, N);
+                K, alpha, A, lda, B, ldb, beta, C, ldc);
   }
 
   void add_bias(float* out, const float* bias, int N, int C) override {

@@ -70,19 +70,62 @@ ModelConfig read_model_config(const std::string& path) {
   m.d_model = positive_attr(f, "d_model");
   m.d_ff = positive_attr(f, "d_ff");
   for (int s = 0; s < kNumSites; ++s) {
-    const std::string a = std::string("/model/h.0/") + kSiteDatasets[s] + "/A";
-    m.lowrank_rank[s] = f.exists(a) ? static_cast<int>(f.shape(a).at(0)) : 0;
+    const std::string site = std::string("/model/h.0/") + kSiteDatasets[s];
+    m.lowrank_rank[s] = f.exists(site + "/A") ? static_cast<int>(f.shape(site + "/A").at(0)) : 0;
+    m.lora_rank[s] = f.exists(site + "/lora_A") ? static_cast<int>(f.shape(site + "/lora_A").at(0)) : 0;
   }
+  if (f.has_attr("/config", "lora_alpha")) m.lora_alpha = f.attr_double("/config", "lora_alpha");
+  if (f.has_attr("/config", "quant")) m.quant = f.attr_string("/config", "quant");
+  if (m.quant != "none" && m.quant != "int8" && m.quant != "nf4")
+    throw InputError(path + ": /config quant '" + m.quant + "' is not none, int8 or nf4");
+  if (f.has_attr("/config", "quant_block")) m.quant_block = static_cast<int>(f.attr_int("/config", "quant_block"));
+  if (m.quant != "none" && !m.any_lora())
+    throw InputError(path + ": a quantized base without LoRA adapters cannot be loaded for training");
   m.init = path;
   return m;
 }
 
-void load_weights(const std::string& path, Model& model) {
+namespace {
+
+void load_into(const std::string& path, Model& model, bool adapters_from_file) {
   const H5File f = H5File::open_read(path);
-  std::vector<float> host(model.table().total(), 0.0f);
-  read_tensors(f, "/model", model.table(), host);
-  model.backend().to_device(model.params(), host.data(), host.size() * sizeof(float));
+  Backend& be = model.backend();
+  std::vector<float> host(model.frozen_table().total(), 0.0f);
+  read_tensors(f, "/model", model.frozen_table(), host);
+  be.to_device(model.frozen(), host.data(), host.size() * sizeof(float));
+  if (adapters_from_file || !model.config().any_lora()) {
+    host.assign(model.table().total(), 0.0f);
+    read_tensors(f, "/model", model.table(), host);
+    be.to_device(model.params(), host.data(), host.size() * sizeof(float));
+  }
+  const ModelConfig& c = model.config();
+  for (Linear* layer : model.quantized_layers()) {
+    const std::string prefix = "/model/" + layer->prefix();
+    QuantizedTensor& q = model.quantized_weight(*layer);
+    if (f.exists(prefix + "/W_q")) {
+      q = read_quantized(f, prefix);
+      const std::vector<int64_t> expected = {layer->out(), layer->in()};
+      if (q.shape != expected)
+        throw InputError(path + ": " + prefix + "/W_q holds " + shape_string(q.shape) + ", the model expects " +
+                         shape_string(expected));
+      continue;
+    }
+    // A float base is quantized as it loads.
+    const std::vector<float> w = f.read_all(prefix + "/W");
+    const std::vector<int64_t> expected = {layer->out(), layer->in()};
+    if (f.shape(prefix + "/W") != expected)
+      throw InputError(path + ": " + prefix + "/W has shape " + shape_string(f.shape(prefix + "/W")) +
+                       ", the model expects " + shape_string(expected));
+    q = c.quant == "int8" ? quantize_int8(w.data(), expected, c.quant_block)
+                          : quantize_nf4(w.data(), expected, c.quant_double, c.quant_block);
+  }
 }
+
+}  // namespace
+
+void load_weights(const std::string& path, Model& model) { load_into(path, model, true); }
+
+void load_base_weights(const std::string& path, Model& model) { load_into(path, model, false); }
 
 void save_checkpoint(const std::string& path, const std::string& mode, Model& model, AdamW* optimizer,
                      const TrainState* state) {
@@ -107,15 +150,21 @@ void save_checkpoint(const std::string& path, const std::string& mode, Model& mo
     f.set_attr("/config", "tied_embeddings", int64_t{1});
     f.set_attr("/config", "lowrank_rank", int64_t{c.lowrank_rank_attr()});
     f.set_attr("/config", "lowrank_targets", c.lowrank_targets());
-    f.set_attr("/config", "lora_rank", int64_t{0});
-    f.set_attr("/config", "lora_alpha", 0.0);
-    f.set_attr("/config", "lora_targets", std::string());
-    f.set_attr("/config", "quant", std::string("none"));
-    f.set_attr("/config", "quant_block", int64_t{64});
+    int lora_rank = 0;
+    for (int r : c.lora_rank) lora_rank = std::max(lora_rank, r);
+    f.set_attr("/config", "lora_rank", int64_t{lora_rank});
+    f.set_attr("/config", "lora_alpha", c.any_lora() ? c.lora_alpha : 0.0);
+    f.set_attr("/config", "lora_targets", c.lora_targets());
+    f.set_attr("/config", "quant", c.any_lora() ? c.quant : std::string("none"));
+    f.set_attr("/config", "quant_block", int64_t{c.quant_block});
 
     Backend& be = model.backend();
     const std::size_t n = model.table().total();
     write_tensors(f, "/model", model.table(), to_host(be, model.params(), n));
+    write_tensors(f, "/model", model.frozen_table(),
+                  to_host(be, model.frozen(), model.frozen_table().total()));
+    for (Linear* layer : model.quantized_layers())
+      write_quantized(f, "/model/" + layer->prefix(), model.quantized_weight(*layer));
     if (optimizer != nullptr) {
       f.ensure_group("/optimizer");
       f.set_attr("/optimizer", "step", int64_t{optimizer->step()});
@@ -225,10 +274,15 @@ void print_info(const std::string& path) {
               f.attr_string("/", "created").c_str());
   std::printf("config: arch %s, vocab_size %d, seq_len %d, n_layer %d, n_head %d, d_model %d, d_ff %d\n",
               m.arch.c_str(), m.vocab_size, m.seq_len, m.n_layer, m.n_head, m.d_model, m.d_ff);
+  if (m.any_lora())
+    std::printf("LoRA: alpha %g, frozen base stored as %s\n", m.lora_alpha,
+                m.quant == "none" ? "float32" : m.quant.c_str());
   std::printf("linear layers:");
-  for (int s = 0; s < kNumSites; ++s)
+  for (int s = 0; s < kNumSites; ++s) {
     std::printf(" %s %s%s", site_name(static_cast<LinearSite>(s)), m.lowrank_rank[s] ? "lowrank r=" : "dense",
                 m.lowrank_rank[s] ? std::to_string(m.lowrank_rank[s]).c_str() : "");
+    if (m.lora_rank[s] > 0) std::printf(" + LoRA r=%d", m.lora_rank[s]);
+  }
   std::printf("\n");
 
   std::size_t total_bytes = 0;
@@ -245,19 +299,32 @@ void print_info(const std::string& path) {
                              : dtype.ends_with("16") ? 2
                                                      : 1;
     total_bytes += n * elem;
+    std::string storage;
     if (d.starts_with("/model/")) {
-      model_params += n;
       model_bytes += n * elem;
-      if (d == "/model/wte" || d == "/model/wpe")
-        counts.embedding += n;
-      else if (d.ends_with("/W"))
-        counts.linear_dense += n;
-      else if (d.ends_with("/A") || d.ends_with("/B"))
-        counts.linear_lowrank += n;
-      else
-        counts.other += n;
+      if (d.ends_with("/W_q")) {
+        // Quantized codes: count the weight's logical values, from the shape attribute.
+        const QuantizedTensor q = read_quantized(f, d.substr(0, d.size() - 4));
+        counts.linear_dense += q.size();
+        model_params += q.size();
+        storage = " (" + f.attr_string(d, "quant") + " codes of " + shape_string(q.shape) + ")";
+      } else if (d.find("/W_absmax") != std::string::npos) {
+        storage = " (quantization scales)";
+      } else {
+        model_params += n;
+        if (d == "/model/wte" || d == "/model/wpe")
+          counts.embedding += n;
+        else if (d.ends_with("/W"))
+          counts.linear_dense += n;
+        else if (d.ends_with("/lora_A") || d.ends_with("/lora_B"))
+          counts.lora += n;
+        else if (d.ends_with("/A") || d.ends_with("/B"))
+          counts.linear_lowrank += n;
+        else
+          counts.other += n;
+      }
     }
-    std::printf("  %-40s %-8s %s\n", d.c_str(), dtype.c_str(), shape_string(shape).c_str());
+    std::printf("  %-40s %-8s %s%s\n", d.c_str(), dtype.c_str(), shape_string(shape).c_str(), storage.c_str());
   }
   print_param_counts(counts, m);
   std::printf("parameters: %zu in /model (%.2f MB); all datasets %.2f MB; file %.2f MB\n", model_params,

@@ -25,12 +25,25 @@ bool ModelConfig::any_lowrank() const {
   return false;
 }
 
-std::string ModelConfig::lowrank_targets() const {
+namespace {
+
+std::string sites_with(const int (&ranks)[kNumSites]) {
   std::string out;
   for (int s = 0; s < kNumSites; ++s)
-    if (lowrank_rank[s] > 0)
-      out += (out.empty() ? "" : ",") + std::string(site_name(static_cast<LinearSite>(s)));
+    if (ranks[s] > 0) out += (out.empty() ? "" : ",") + std::string(site_name(static_cast<LinearSite>(s)));
   return out;
+}
+
+}  // namespace
+
+std::string ModelConfig::lowrank_targets() const { return sites_with(lowrank_rank); }
+
+std::string ModelConfig::lora_targets() const { return sites_with(lora_rank); }
+
+bool ModelConfig::any_lora() const {
+  for (int r : lora_rank)
+    if (r > 0) return true;
+  return false;
 }
 
 int ModelConfig::lowrank_rank_attr() const {
@@ -41,7 +54,7 @@ int ModelConfig::lowrank_rank_attr() const {
 
 namespace {
 
-const char* const kModes[] = {"pretrain", "eval", "decompose", "tokenize", "info"};
+const char* const kModes[] = {"pretrain", "finetune", "eval", "decompose", "tokenize", "info"};
 
 // A default as the user would write it (6e-04, not 0.00059999999999999995).
 std::string text(double value) {
@@ -54,7 +67,7 @@ po::options_description make_options(Config& c) {
   po::options_description general("General", kHelpWidth);
   general.add_options()("help,h", "print this help and exit")(
       "version", "print the version and build and exit")("mode", po::value(&c.mode),
-                                                         "pretrain | eval | decompose | tokenize | info")(
+                                                         "pretrain | finetune | eval | decompose | tokenize | info")(
       "config", po::value(&c.config_file), "INI file with [section] option = value lines")(
       "device", po::value(&c.device)->default_value(c.device), "cpu | cuda | auto")(
       "seed", po::value(&c.seed)->default_value(c.seed), "seed of initialisation and data order");
@@ -79,6 +92,27 @@ po::options_description make_options(Config& c) {
       "lowrank.rank_proj", po::value(&c.lowrank_site_rank[1]), "rank of attn proj")(
       "lowrank.rank_fc", po::value(&c.lowrank_site_rank[2]), "rank of mlp fc")(
       "lowrank.rank_mlp_proj", po::value(&c.lowrank_site_rank[3]), "rank of mlp proj");
+
+  po::options_description finetune("Finetuning [lora], [quant]", kHelpWidth);
+  FinetuneConfig& ft = c.finetune;
+  finetune.add_options()("lora.rank", po::value(&ft.lora_rank)->default_value(ft.lora_rank),
+                         "LoRA adapter rank (finetune: required)")(
+      "lora.alpha", po::value(&ft.lora_alpha)->default_value(ft.lora_alpha, text(ft.lora_alpha)),
+      "LoRA scale is alpha / rank")("lora.targets", po::value(&ft.lora_targets)->default_value(ft.lora_targets),
+                                    "sites with adapters: all, or a comma list of qkv, proj, fc, mlp_proj")(
+      "quant.bits", po::value(&ft.quant_bits)->default_value(ft.quant_bits),
+      "storage of the frozen base's dense weights: 0 (float32), 8 (int8), 4 (NF4)")(
+      "quant.block", po::value(&ft.quant_block)->default_value(ft.quant_block), "values per absmax block")(
+      "quant.double", po::value(&ft.quant_double)->default_value(ft.quant_double),
+      "NF4: quantize the absmax values to 8 bits too");
+
+  po::options_description eval("Evaluation [eval]", kHelpWidth);
+  eval.add_options()("eval.tasks", po::value(&c.eval.tasks),
+                     "instruction JSONL files (comma-separated) for --mode eval")(
+      "eval.method", po::value(&c.eval.method)->default_value(c.eval.method),
+      "generate (greedy answer, label by substring) | score (most likely label)")(
+      "eval.max_new_tokens", po::value(&c.eval.max_new_tokens)->default_value(c.eval.max_new_tokens),
+      "answer length limit for generate");
 
   po::options_description train("Training [train]", kHelpWidth);
   TrainConfig& t = c.train;
@@ -125,7 +159,7 @@ po::options_description make_options(Config& c) {
                                               "resume from a checkpoint path, or latest");
 
   po::options_description all(kHelpWidth);
-  all.add(general).add(model).add(lowrank).add(train).add(data).add(run);
+  all.add(general).add(model).add(lowrank).add(finetune).add(eval).add(train).add(data).add(run);
   return all;
 }
 
@@ -136,9 +170,9 @@ void require(bool ok, const std::string& message) {
 void validate(const Config& c) {
   bool known_mode = false;
   for (const char* m : kModes) known_mode |= c.mode == m;
-  require(!c.mode.empty(), "--mode is required (pretrain, eval, decompose, tokenize, info); see --help");
+  require(!c.mode.empty(), "--mode is required (pretrain, finetune, eval, decompose, tokenize, info); see --help");
   require(known_mode,
-          "--mode " + c.mode + " is not a mode of this lrllm (pretrain, eval, decompose, tokenize, info)");
+          "--mode " + c.mode + " is not a mode of this lrllm (pretrain, finetune, eval, decompose, tokenize, info)");
   require(c.device == "cpu" || c.device == "cuda" || c.device == "auto",
           "--device must be cpu, cuda or auto, not '" + c.device + "'");
   const TrainConfig& t = c.train;
@@ -157,6 +191,14 @@ void validate(const Config& c) {
   require(t.eval_batches >= 1, "--train.eval_batches must be >= 1");
   require(t.recompute == "none" || t.recompute == "block", "--train.recompute must be none or block");
   require(c.run.log_every >= 1, "--run.log_every must be >= 1");
+  const FinetuneConfig& ft = c.finetune;
+  require(ft.quant_bits == 0 || ft.quant_bits == 8 || ft.quant_bits == 4,
+          "--quant.bits must be 0, 8 or 4, not " + std::to_string(ft.quant_bits));
+  require(ft.quant_block >= 1 && ft.quant_block <= 4096, "--quant.block must be between 1 and 4096");
+  require(ft.lora_rank >= 0, "--lora.rank must be >= 0");
+  require(ft.lora_alpha > 0, "--lora.alpha must be > 0");
+  require(c.eval.method == "generate" || c.eval.method == "score", "--eval.method must be generate or score");
+  require(c.eval.max_new_tokens >= 1, "--eval.max_new_tokens must be >= 1");
   require(c.checkpoint.every >= 0, "--checkpoint.every must be >= 0");
   require(c.checkpoint.keep >= 0, "--checkpoint.keep must be >= 0");
 }
@@ -183,25 +225,52 @@ void validate_model_config(const ModelConfig& m) {
     require(r < limit,
             strprintf("low-rank rank %d of %s is not below min(in, out) = %d: it would not compress", r,
                       site_name(static_cast<LinearSite>(s)), limit));
+    const int lr = m.lora_rank[s];
+    require(lr >= 0 && lr < limit, strprintf("LoRA rank %d of %s is not below min(in, out) = %d", lr,
+                                             site_name(static_cast<LinearSite>(s)), limit));
   }
+  require(m.quant == "none" || m.quant == "int8" || m.quant == "nf4", "quantization must be none, int8 or nf4");
+  require(m.quant_block >= 1, "--quant.block must be >= 1");
 }
 
-void apply_lowrank(const Config& c, ModelConfig& m) {
-  bool site_on[kNumSites] = {false, false, false, false};
-  std::stringstream list(c.lowrank_targets);
+namespace {
+
+// Parses "all" or a comma list of sites into one flag per site.
+void parse_sites(const std::string& option, const std::string& text, bool (&on)[kNumSites]) {
+  std::fill(on, on + kNumSites, false);
+  std::stringstream list(text);
   std::string item;
   while (std::getline(list, item, ',')) {
     if (item == "all") {
-      std::fill(site_on, site_on + kNumSites, true);
+      std::fill(on, on + kNumSites, true);
       continue;
     }
     bool found = false;
     for (int s = 0; s < kNumSites; ++s) {
-      if (item == site_name(static_cast<LinearSite>(s))) site_on[s] = found = true;
+      if (item == site_name(static_cast<LinearSite>(s))) on[s] = found = true;
     }
-    require(found || item.empty(),
-            "--lowrank.targets: unknown site '" + item + "' (all, qkv, proj, fc, mlp_proj)");
+    require(found || item.empty(), "--" + option + ": unknown site '" + item + "' (all, qkv, proj, fc, mlp_proj)");
   }
+}
+
+}  // namespace
+
+void apply_finetune(const Config& c, ModelConfig& m) {
+  const FinetuneConfig& ft = c.finetune;
+  require(ft.lora_rank >= 1, "--mode finetune needs --lora.rank >= 1");
+  bool on[kNumSites];
+  parse_sites("lora.targets", ft.lora_targets, on);
+  for (int s = 0; s < kNumSites; ++s) m.lora_rank[s] = on[s] ? ft.lora_rank : 0;
+  require(m.any_lora(), "--lora.targets selects no site");
+  m.lora_alpha = ft.lora_alpha;
+  m.quant = ft.quant_bits == 8 ? "int8" : ft.quant_bits == 4 ? "nf4" : "none";
+  m.quant_block = ft.quant_block;
+  m.quant_double = ft.quant_double;
+}
+
+void apply_lowrank(const Config& c, ModelConfig& m) {
+  bool site_on[kNumSites];
+  parse_sites("lowrank.targets", c.lowrank_targets, site_on);
   require(c.lowrank_rank >= 0, "--lowrank.rank must be >= 0 (0 means dense)");
   require(c.lowrank_rank > 0 || !c.was_given("lowrank.targets"),
           "--lowrank.targets was given but --lowrank.rank is 0: a low-rank layer needs a rank >= 1");

@@ -64,31 +64,33 @@ TokenFile::~TokenFile() {
   if (map_ != nullptr) munmap(map_, map_bytes_);
 }
 
+std::size_t EpochOrder::at(uint64_t position) {
+  if (!shuffle_) return position % n_;
+  const uint64_t epoch = position / n_;
+  if (epoch != epoch_) {
+    // Fisher-Yates with our own generator.
+    order_.resize(n_);
+    std::iota(order_.begin(), order_.end(), 0u);
+    Rng rng(derive_seed(seed_, "epoch " + std::to_string(epoch)));
+    for (std::size_t i = n_ - 1; i > 0; --i) std::swap(order_[i], order_[rng.below(i + 1)]);
+    epoch_ = epoch;
+  }
+  return order_[position % n_];
+}
+
 Batcher::Batcher(const TokenFile& file, int seq_len, bool shuffle, uint64_t seed)
-    : file_(file), seq_len_(seq_len), shuffle_(shuffle), seed_(seed) {
-  num_sequences_ = file.size() > 0 ? (file.size() - 1) / seq_len : 0;
+    : file_(file),
+      seq_len_(seq_len),
+      num_sequences_(file.size() > 0 ? (file.size() - 1) / seq_len : 0),
+      order_(num_sequences_, shuffle, seed) {
   if (num_sequences_ == 0)
     throw InputError(strprintf("token file %s has %zu tokens: fewer than one sequence of seq_len %d + 1",
                                file.path().c_str(), file.size(), seq_len));
 }
 
-std::size_t Batcher::sequence_at(uint64_t position) {
-  if (!shuffle_) return position % num_sequences_;
-  const uint64_t epoch = position / num_sequences_;
-  if (epoch != epoch_) {
-    // Fisher-Yates with our own generator: the order is the same on every platform and every resume.
-    order_.resize(num_sequences_);
-    std::iota(order_.begin(), order_.end(), 0u);
-    Rng rng(derive_seed(seed_, "epoch " + std::to_string(epoch)));
-    for (std::size_t i = num_sequences_ - 1; i > 0; --i) std::swap(order_[i], order_[rng.below(i + 1)]);
-    epoch_ = epoch;
-  }
-  return order_[position % num_sequences_];
-}
-
 void Batcher::fill(uint64_t first, int count, int32_t* tokens, int32_t* targets) {
   for (int s = 0; s < count; ++s) {
-    const uint16_t* src = file_.data() + sequence_at(first + s) * seq_len_;
+    const uint16_t* src = file_.data() + order_.at(first + s) * seq_len_;
     for (int t = 0; t < seq_len_; ++t) {
       tokens[s * seq_len_ + t] = src[t];
       targets[s * seq_len_ + t] = src[t + 1];

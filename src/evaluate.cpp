@@ -1,5 +1,8 @@
 #include "lrllm/evaluate.h"
 
+#include <filesystem>
+#include <sstream>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -9,10 +12,15 @@
 #include "lrllm/backend.h"
 #include "lrllm/checkpoint.h"
 #include "lrllm/common.h"
+#include "lrllm/instruct.h"
+#include "lrllm/metrics.h"
+#include "lrllm/scoring.h"
+#include "lrllm/tokenizer.h"
+#include "lrllm/train.h"
 
 namespace lrllm {
 
-double validation_loss(Model& model, Batcher& batcher, uint64_t sequences, int batch_size, const Comm& comm) {
+double validation_loss(Model& model, BatchSource& batcher, uint64_t sequences, int batch_size, const Comm& comm) {
   const int T = model.config().seq_len;
   std::vector<int32_t> tokens(static_cast<std::size_t>(batch_size) * T), targets(tokens.size());
   const uint64_t share = sequences / comm.size();
@@ -26,7 +34,134 @@ double validation_loss(Model& model, Batcher& batcher, uint64_t sequences, int b
   return comm.allreduce_sum(sum) / static_cast<double>(share * comm.size());
 }
 
+namespace {
+
+// The task's name in tables and in metrics.h5: the file name without folders and extension.
+std::string task_name(const std::string& path) {
+  std::string name = std::filesystem::path(path).stem().string();
+  return name.empty() ? path : name;
+}
+
+// The prompt's tokens, cut from the left so that `room` positions remain free in a sequence of seq_len.
+std::vector<int32_t> prompt_tokens(const Tokenizer& tok, const Example& e, int seq_len, int room) {
+  const std::vector<int> ids = tok.encode(prompt_of(e));
+  const std::size_t keep = std::min<std::size_t>(ids.size(), static_cast<std::size_t>(std::max(1, seq_len - room)));
+  return std::vector<int32_t>(ids.end() - static_cast<std::ptrdiff_t>(keep), ids.end());
+}
+
+// FinGPT's protocol: the greedy answer, up to max_new tokens or <|endoftext|>.
+std::string generate_answer(Model& model, const Tokenizer& tok, const Example& e, int max_new) {
+  const int T = model.config().seq_len;
+  std::vector<int32_t> seq = prompt_tokens(tok, e, T, max_new);
+  const std::size_t prompt_len = seq.size();
+  std::vector<int32_t> padded(T, tok.eot());
+  std::vector<float> logits(model.config().vocab_size);
+  for (int k = 0; k < max_new && static_cast<int>(seq.size()) < T; ++k) {
+    std::copy(seq.begin(), seq.end(), padded.begin());
+    model.logits_at(padded.data(), static_cast<int>(seq.size()) - 1, logits.data());
+    const int next = static_cast<int>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+    if (next == tok.eot()) break;
+    seq.push_back(next);
+  }
+  return tok.decode(std::vector<int>(seq.begin() + static_cast<std::ptrdiff_t>(prompt_len), seq.end()));
+}
+
+// Label scoring: the label whose tokens the model finds most likely after the prompt (sum of log-probs).
+std::string best_label(Model& model, const Tokenizer& tok, const Example& e, const std::vector<std::string>& labels) {
+  const int T = model.config().seq_len;
+  std::string best;
+  double best_logp = -INFINITY;
+  for (const std::string& label : labels) {
+    const std::vector<int> answer = tok.encode(label);
+    const std::vector<int32_t> prompt = prompt_tokens(tok, e, T, static_cast<int>(answer.size()) + 1);
+    std::vector<int32_t> tokens(T, tok.eot()), targets(T, -1);
+    std::copy(prompt.begin(), prompt.end(), tokens.begin());
+    const int n = static_cast<int>(prompt.size());
+    for (std::size_t j = 0; j < answer.size() && n + static_cast<int>(j) < T; ++j) {
+      tokens[n + j] = answer[j];
+      targets[n + j - 1] = answer[j];
+    }
+    const double mean_nll = model.step(tokens.data(), targets.data(), 1, 0.0f);
+    const double logp = -mean_nll * static_cast<double>(answer.size());
+    if (logp > best_logp) {
+      best_logp = logp;
+      best = label;
+    }
+  }
+  return best;
+}
+
+int run_instruction_eval(const Config& cfg, const Comm& comm) {
+  std::unique_ptr<Backend> backend;
+  std::unique_ptr<Model> model;
+  std::unique_ptr<Tokenizer> tok;
+  std::vector<std::string> paths;
+  std::vector<std::vector<Example>> tasks;
+  collective_check(comm, [&] {
+    if (cfg.model.init.empty()) throw InputError("--mode eval needs --model.init (a checkpoint or model file)");
+    std::stringstream list(cfg.eval.tasks);
+    for (std::string path; std::getline(list, path, ',');)
+      if (!path.empty()) paths.push_back(path);
+    for (const std::string& path : paths) tasks.push_back(read_jsonl(path));
+    tok = std::make_unique<Tokenizer>(
+        Tokenizer::load(cfg.data.tokenizer_dir + "/encoder.json", cfg.data.tokenizer_dir + "/vocab.bpe"));
+    const ModelConfig mc = read_model_config(cfg.model.init);
+    backend = make_backend(cfg.device);
+    model = std::make_unique<Model>(mc, *backend, false);
+    load_weights(cfg.model.init, *model);
+    prepare_run_dir(cfg, comm);
+  });
+  std::unique_ptr<Metrics> metrics;
+  if (comm.root()) {
+    metrics = std::make_unique<Metrics>((std::filesystem::path(cfg.run.dir) / "metrics.h5").string(), INT64_MAX);
+    std::printf("eval %s, method %s\n| task | n | accuracy | f1_macro | f1_weighted |\n|---|---|---|---|---|\n",
+                cfg.model.init.c_str(), cfg.eval.method.c_str());
+  }
+  for (std::size_t t = 0; t < tasks.size(); ++t) {
+    const std::vector<Example>& examples = tasks[t];
+    std::vector<std::string> labels;
+    for (const Example& e : examples) labels.push_back(e.output);
+    std::sort(labels.begin(), labels.end());
+    labels.erase(std::unique(labels.begin(), labels.end()), labels.end());
+    // Ranks take examples round-robin and agree on a confusion matrix (the last column: no label).
+    const std::size_t L = labels.size();
+    std::vector<double> confusion(L * (L + 1), 0.0);
+    for (std::size_t i = comm.rank(); i < examples.size(); i += comm.size()) {
+      const Example& e = examples[i];
+      const std::string predicted = cfg.eval.method == "score"
+                                        ? best_label(*model, *tok, e, labels)
+                                        : label_of(generate_answer(*model, *tok, e, cfg.eval.max_new_tokens), labels);
+      const std::size_t gold = std::lower_bound(labels.begin(), labels.end(), e.output) - labels.begin();
+      const auto hit = std::find(labels.begin(), labels.end(), predicted);
+      confusion[gold * (L + 1) + static_cast<std::size_t>(hit - labels.begin())] += 1.0;
+    }
+    for (double& c : confusion) c = comm.allreduce_sum(c);
+    std::vector<std::string> gold, predicted;
+    for (std::size_t g = 0; g < L; ++g)
+      for (std::size_t p = 0; p <= L; ++p)
+        for (int k = 0; k < static_cast<int>(confusion[g * (L + 1) + p]); ++k) {
+          gold.push_back(labels[g]);
+          predicted.push_back(p < L ? labels[p] : std::string());
+        }
+    const Scores sc = score(gold, predicted, labels);
+    if (comm.root()) {
+      const std::string name = task_name(paths[t]);
+      std::printf("| %s | %zu | %.4f | %.4f | %.4f |\n", name.c_str(), sc.n, sc.accuracy, sc.f1_macro,
+                  sc.f1_weighted);
+      metrics->append_eval(name, {{"accuracy", sc.accuracy},
+                                  {"f1_macro", sc.f1_macro},
+                                  {"f1_weighted", sc.f1_weighted},
+                                  {"n", static_cast<double>(sc.n)}});
+    }
+  }
+  if (comm.root()) metrics->flush();
+  return 0;
+}
+
+}  // namespace
+
 int run_eval(const Config& cfg, const Comm& comm) {
+  if (!cfg.eval.tasks.empty()) return run_instruction_eval(cfg, comm);
   std::unique_ptr<TokenFile> file;
   std::unique_ptr<Batcher> batcher;
   std::unique_ptr<Backend> backend;

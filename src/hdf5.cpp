@@ -232,6 +232,43 @@ std::vector<float> H5File::read_all(const std::string& dataset) const {
   return out;
 }
 
+void H5File::write_bytes(const std::string& dataset, const uint8_t* data, const std::vector<int64_t>& shape,
+                         bool is_signed) {
+  const std::size_t slash = dataset.rfind('/');
+  if (slash != std::string::npos && slash > 0) ensure_group(dataset.substr(0, slash));
+  std::vector<hsize_t> dims(shape.begin(), shape.end());
+  SpaceHandle s(LRLLM_H5(*this, H5Screate_simple(static_cast<int>(dims.size()), dims.data(), nullptr),
+                         "cannot describe " + dataset));
+  Handle d(LRLLM_H5(*this,
+                    H5Dcreate2(file_, dataset.c_str(), is_signed ? H5T_STD_I8LE : H5T_STD_U8LE, s.id,
+                               H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT),
+                    "cannot create " + dataset));
+  // The memory type matches the file type, so HDF5 copies the bytes without converting them.
+  LRLLM_H5(
+      *this,
+      H5Dwrite(d.id, is_signed ? H5T_NATIVE_INT8 : H5T_NATIVE_UINT8, H5S_ALL, H5S_ALL, H5P_DEFAULT, data),
+      "cannot write " + dataset);
+}
+
+void H5File::read_bytes(const std::string& dataset, uint8_t* out, const std::vector<int64_t>& expected,
+                        bool is_signed) const {
+  const std::vector<int64_t> got = shape(dataset);
+  if (got != expected)
+    fail("H5Dread",
+         "dataset " + dataset + " has shape " + shape_string(got) + ", expected " + shape_string(expected),
+         __FILE__, __LINE__);
+  // HDF5 would convert another type (clamping int8 to uint8, rounding floats), which would silently corrupt
+  // codes: only the exact type is accepted.
+  const std::string want = is_signed ? "int8" : "uint8";
+  const std::string type = dtype_name(dataset);
+  if (type != want)
+    fail("H5Dread", "dataset " + dataset + " has type " + type + ", expected " + want, __FILE__, __LINE__);
+  Handle d(LRLLM_H5(*this, H5Dopen2(file_, dataset.c_str(), H5P_DEFAULT), "cannot open dataset " + dataset));
+  LRLLM_H5(*this,
+           H5Dread(d.id, is_signed ? H5T_NATIVE_INT8 : H5T_NATIVE_UINT8, H5S_ALL, H5S_ALL, H5P_DEFAULT, out),
+           "cannot read " + dataset);
+}
+
 namespace {
 
 hid_t open_object(const H5File& f, const std::string& object) {
@@ -321,6 +358,35 @@ std::string H5File::attr_string(const std::string& object, const std::string& na
   LRLLM_H5(*this, H5Aread(a.id, t.id, value.data()), "cannot read attribute " + name);
   value.resize(value.find_last_not_of('\0') + 1);
   return value;
+}
+
+void H5File::set_attr(const std::string& object, const std::string& name,
+                      const std::vector<int64_t>& values) {
+  Handle o(LRLLM_H5(*this, open_object(*this, object), "cannot open " + object));
+  if (H5Aexists(o.id, name.c_str()) > 0) LRLLM_H5(*this, H5Adelete(o.id, name.c_str()), "attribute " + name);
+  const hsize_t n = values.size();
+  SpaceHandle s(LRLLM_H5(*this, H5Screate_simple(1, &n, nullptr), "attribute " + name));
+  AttrHandle a(LRLLM_H5(*this, H5Acreate2(o.id, name.c_str(), H5T_STD_I64LE, s.id, H5P_DEFAULT, H5P_DEFAULT),
+                        "cannot create attribute " + name));
+  LRLLM_H5(*this, H5Awrite(a.id, H5T_NATIVE_INT64, values.data()), "cannot write attribute " + name);
+}
+
+std::vector<int64_t> H5File::attr_ints(const std::string& object, const std::string& name) const {
+  if (!has_attr(object, name))
+    fail("H5Aopen", "attribute " + object + " " + name + " is missing", __FILE__, __LINE__);
+  Handle o(LRLLM_H5(*this, open_object(*this, object), "cannot open " + object));
+  AttrHandle a(LRLLM_H5(*this, H5Aopen(o.id, name.c_str(), H5P_DEFAULT), "attribute " + name));
+  TypeHandle t(LRLLM_H5(*this, H5Aget_type(a.id), "attribute " + name));
+  if (H5Tget_class(t.id) != H5T_INTEGER)
+    fail("H5Aread", "attribute " + object + " " + name + " is not an integer array", __FILE__, __LINE__);
+  SpaceHandle s(LRLLM_H5(*this, H5Aget_space(a.id), "attribute " + name));
+  const int rank = LRLLM_H5(*this, H5Sget_simple_extent_ndims(s.id), "attribute " + name);
+  if (rank > 1) fail("H5Aread", "attribute " + object + " " + name + " is not 1-D", __FILE__, __LINE__);
+  const hssize_t n = LRLLM_H5(*this, H5Sget_simple_extent_npoints(s.id), "attribute " + name);
+  std::vector<int64_t> values(static_cast<std::size_t>(n));
+  LRLLM_H5(*this, H5Aread(a.id, H5T_NATIVE_INT64, values.data()),
+           "cannot read attribute " + object + " " + name);
+  return values;
 }
 
 void H5File::flush() {

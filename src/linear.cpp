@@ -1,43 +1,92 @@
 #include "lrllm/linear.h"
 
+#include <algorithm>
+
+#include "lrllm/common.h"
+
 namespace lrllm {
 
-Linear::Linear(ParamTable& table, const std::string& prefix, int in, int out, int rank)
-    : in_(in), out_(out), rank_(rank) {
+Linear::Linear(ParamTable& trainable, ParamTable& base, bool base_frozen, const std::string& prefix, int in,
+               int out, int rank, int lora_rank, double lora_alpha, bool quantized)
+    : prefix_(prefix), in_(in), out_(out), rank_(rank), lora_rank_(lora_rank), quantized_(quantized) {
+  auto add = [&](ParamTable& table, bool frozen, const std::string& name, std::vector<int64_t> shape) {
+    return TensorRef{table.add(prefix + "/" + name, std::move(shape)), frozen};
+  };
   if (rank > 0) {
-    a = table.add(prefix + "/A", {rank, in});
-    b_mat = table.add(prefix + "/B", {out, rank});
-  } else {
-    w = table.add(prefix + "/W", {out, in});
+    a = add(base, base_frozen, "A", {rank, in});
+    b_mat = add(base, base_frozen, "B", {out, rank});
+  } else if (!quantized) {
+    w = add(base, base_frozen, "W", {out, in});
   }
-  bias = table.add(prefix + "/b", {out});
+  bias = add(base, base_frozen, "b", {out});
+  if (lora_rank > 0) {
+    lora_a = add(trainable, false, "lora_A", {lora_rank, in});
+    lora_b = add(trainable, false, "lora_B", {out, lora_rank});
+    lora_scale_ = static_cast<float>(lora_alpha / lora_rank);
+  }
 }
 
 std::size_t Linear::weight_count() const {
   return rank_ > 0 ? static_cast<std::size_t>(rank_) * (in_ + out_) : static_cast<std::size_t>(in_) * out_;
 }
 
-void Linear::forward(Backend& be, const float* params, const float* x, float* y, float* mid, int N) const {
-  if (rank_ > 0) {
-    be.matmul(mid, x, params + a, N, rank_, in_, false, true, 1.0f, 0.0f);
-    be.matmul(y, mid, params + b_mat, N, out_, rank_, false, true, 1.0f, 0.0f);
-  } else {
-    be.matmul(y, x, params + w, N, out_, in_, false, true, 1.0f, 0.0f);
+// The CPU backend shares host memory, so the tile is dequantized in place; a device backend would run its own
+// dequantizing kernel here.
+void Linear::quantized_forward(Backend& be, const LinearScratch& s, const float* x, float* y, int N) const {
+  for (int o0 = 0; o0 < out_; o0 += s.tile_rows) {
+    const int rows = std::min(s.tile_rows, out_ - o0);
+    dequantize(*qw_, static_cast<std::size_t>(o0) * in_, static_cast<std::size_t>(rows) * in_, s.tile);
+    // y[:, o0:o0+rows] = x tile^T
+    be.matmul_strided(y + o0, x, s.tile, N, rows, in_, false, true, 1.0f, 0.0f, in_, in_, out_);
   }
-  be.add_bias(y, params + bias, N, out_);
 }
 
-void Linear::backward(Backend& be, const float* params, float* grads, const float* x, const float* mid,
-                      const float* dy, float* dx, float* dmid, int N) const {
-  be.bias_backward(grads + bias, dy, N, out_);
-  if (rank_ > 0) {
-    be.matmul(grads + b_mat, dy, mid, out_, rank_, N, true, false, 1.0f, 1.0f);     // dB += dy^T mid
-    be.matmul(dmid, dy, params + b_mat, N, rank_, out_, false, false, 1.0f, 0.0f);  // dmid = dy B
-    be.matmul(grads + a, dmid, x, rank_, in_, N, true, false, 1.0f, 1.0f);          // dA += dmid^T x
-    be.matmul(dx, dmid, params + a, N, in_, rank_, false, false, 1.0f, 0.0f);       // dx = dmid A
+void Linear::quantized_input_grad(Backend& be, const LinearScratch& s, const float* dy, float* dx, int N) const {
+  for (int o0 = 0; o0 < out_; o0 += s.tile_rows) {
+    const int rows = std::min(s.tile_rows, out_ - o0);
+    dequantize(*qw_, static_cast<std::size_t>(o0) * in_, static_cast<std::size_t>(rows) * in_, s.tile);
+    // dx += dy[:, o0:o0+rows] tile
+    be.matmul_strided(dx, dy + o0, s.tile, N, in_, rows, false, false, 1.0f, o0 == 0 ? 0.0f : 1.0f, out_, in_, in_);
+  }
+}
+
+void Linear::forward(Backend& be, const WeightBuffers& wb, const LinearScratch& s, const float* x, float* y,
+                     float* mid, float* lora_mid, int N) const {
+  if (quantized_) {
+    quantized_forward(be, s, x, y, N);
+  } else if (rank_ > 0) {
+    be.matmul(mid, x, wb.at(a), N, rank_, in_, false, true, 1.0f, 0.0f);
+    be.matmul(y, mid, wb.at(b_mat), N, out_, rank_, false, true, 1.0f, 0.0f);
   } else {
-    be.matmul(grads + w, dy, x, out_, in_, N, true, false, 1.0f, 1.0f);     // dW += dy^T x
-    be.matmul(dx, dy, params + w, N, in_, out_, false, false, 1.0f, 0.0f);  // dx = dy W
+    be.matmul(y, x, wb.at(w), N, out_, in_, false, true, 1.0f, 0.0f);
+  }
+  be.add_bias(y, wb.at(bias), N, out_);
+  if (lora_rank_ > 0) {
+    be.matmul(lora_mid, x, wb.at(lora_a), N, lora_rank_, in_, false, true, 1.0f, 0.0f);
+    be.matmul(y, lora_mid, wb.at(lora_b), N, out_, lora_rank_, false, true, lora_scale_, 1.0f);
+  }
+}
+
+void Linear::backward(Backend& be, const WeightBuffers& wb, const LinearScratch& s, const float* x,
+                      const float* mid, const float* lora_mid, const float* dy, float* dx, int N) const {
+  if (float* g = wb.grad(bias)) be.bias_backward(g, dy, N, out_);
+  if (quantized_) {
+    quantized_input_grad(be, s, dy, dx, N);
+  } else if (rank_ > 0) {
+    if (float* g = wb.grad(b_mat)) be.matmul(g, dy, mid, out_, rank_, N, true, false, 1.0f, 1.0f);  // dB += dy^T mid
+    be.matmul(s.dmid, dy, wb.at(b_mat), N, rank_, out_, false, false, 1.0f, 0.0f);              // dmid = dy B
+    if (float* g = wb.grad(a)) be.matmul(g, s.dmid, x, rank_, in_, N, true, false, 1.0f, 1.0f);  // dA += dmid^T x
+    be.matmul(dx, s.dmid, wb.at(a), N, in_, rank_, false, false, 1.0f, 0.0f);                   // dx = dmid A
+  } else {
+    if (float* g = wb.grad(w)) be.matmul(g, dy, x, out_, in_, N, true, false, 1.0f, 1.0f);  // dW += dy^T x
+    be.matmul(dx, dy, wb.at(w), N, in_, out_, false, false, 1.0f, 0.0f);                  // dx = dy W
+  }
+  if (lora_rank_ > 0) {
+    // y += s * lora_mid lora_B^T with lora_mid = x lora_A^T:
+    be.matmul(wb.grad(lora_b), dy, lora_mid, out_, lora_rank_, N, true, false, lora_scale_, 1.0f);
+    be.matmul(s.dmid, dy, wb.at(lora_b), N, lora_rank_, out_, false, false, lora_scale_, 0.0f);
+    be.matmul(wb.grad(lora_a), s.dmid, x, lora_rank_, in_, N, true, false, 1.0f, 1.0f);
+    be.matmul(dx, s.dmid, wb.at(lora_a), N, in_, lora_rank_, false, false, 1.0f, 1.0f);
   }
 }
 

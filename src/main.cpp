@@ -14,6 +14,7 @@
 #include "lrllm/config.h"
 #include "lrllm/decompose.h"
 #include "lrllm/evaluate.h"
+#include "lrllm/finetune.h"
 #include "lrllm/tokenizer.h"
 #include "lrllm/train.h"
 
@@ -47,6 +48,7 @@ int run_tokenize(const lrllm::Config& cfg) {
 
 int run_mode(const lrllm::Config& cfg, const lrllm::Comm& comm) {
   if (cfg.mode == "pretrain") return lrllm::run_pretrain(cfg, comm);
+  if (cfg.mode == "finetune") return lrllm::run_finetune(cfg, comm);
   if (cfg.mode == "eval") return lrllm::run_eval(cfg, comm);
   // The remaining modes write or print one thing: rank 0 does it.
   if (!comm.root()) return 0;

@@ -95,28 +95,46 @@ void Metrics::append(const std::map<std::string, double>& row) {
   pending_.push_back(row);
 }
 
-void Metrics::flush() {
-  if (pending_.empty()) return;
-  H5File f = H5File::open_write(path_);
+namespace {
+
+// Appends rows to the series of one group; a series new to the group starts with NaN for the earlier rows.
+void append_rows(H5File& f, const std::string& group, const std::vector<std::map<std::string, double>>& rows,
+                 const std::string& length_series) {
+  f.ensure_group(group);
   std::set<std::string> names;
-  for (const std::string& n : f.children("/metrics")) names.insert(n);
-  for (const auto& row : pending_)
+  for (const std::string& n : f.children(group)) names.insert(n);
+  for (const auto& row : rows)
     for (const auto& [name, value] : row) names.insert(name);
-  const hsize_t rows = f.exists("/metrics/step") ? rows_of(f, "/metrics/step") : 0;
+  const std::string counter = group + "/" + length_series;
+  const hsize_t existing = f.exists(counter) ? rows_of(f, counter) : 0;
   for (const std::string& name : names) {
-    const std::string dataset = "/metrics/" + name;
-    if (!f.exists(dataset)) create_series(f, dataset, rows);
+    const std::string dataset = group + "/" + name;
+    if (!f.exists(dataset)) create_series(f, dataset, existing);
     std::vector<double> values;
-    values.reserve(pending_.size());
-    for (const auto& row : pending_) {
+    values.reserve(rows.size());
+    for (const auto& row : rows) {
       const auto it = row.find(name);
       values.push_back(it != row.end() ? it->second : std::numeric_limits<double>::quiet_NaN());
     }
     append_values(f, dataset, values);
   }
+}
+
+}  // namespace
+
+void Metrics::append_eval(const std::string& task, const std::map<std::string, double>& row) {
+  pending_eval_.emplace_back(task, row);
+}
+
+void Metrics::flush() {
+  if (pending_.empty() && pending_eval_.empty()) return;
+  H5File f = H5File::open_write(path_);
+  if (!pending_.empty()) append_rows(f, "/metrics", pending_, "step");
+  for (const auto& [task, row] : pending_eval_) append_rows(f, "/eval/" + task, {row}, "n");
   f.flush();
   f.close();
   pending_.clear();
+  pending_eval_.clear();
 }
 
 }  // namespace lrllm

@@ -13,79 +13,149 @@ namespace lrllm {
 struct Model::Acts {
   float *ln1, *ln1_mean, *ln1_rstd, *qkv, *qkv_mid, *attn, *probs, *proj_mid, *x_mid;
   float *ln2, *ln2_mean, *ln2_rstd, *fc, *fc_mid, *gelu, *mlp_mid;
+  float* lora_mid[kNumSites];
 };
+
+namespace {
+
+// Rows of a quantized weight dequantized at a time: a few MB of scratch, large enough for an efficient GEMM.
+constexpr std::size_t kTileFloats = std::size_t{1} << 20;
+
+}  // namespace
 
 Model::Model(const ModelConfig& cfg, Backend& backend, bool recompute)
     : cfg_(cfg), be_(backend), recompute_(recompute) {
   const int C = cfg.d_model, F = cfg.ff();
-  wte_ = table_.add("wte", {cfg.vocab_size, C});
-  wpe_ = table_.add("wpe", {cfg.seq_len, C});
+  // With adapters the base is frozen: everything but the adapters goes to the frozen table.
+  const bool frozen = cfg.any_lora();
+  const bool quantized = frozen && cfg.quant != "none";
+  ParamTable& base = frozen ? frozen_table_ : table_;
+  auto add = [&](const std::string& name, std::vector<int64_t> shape) {
+    return TensorRef{base.add(name, std::move(shape)), frozen};
+  };
+  auto linear = [&](const std::string& prefix, int in, int out, int site) {
+    const int rank = cfg.lowrank_rank[site];
+    return Linear(table_, base, frozen, prefix, in, out, rank, cfg.lora_rank[site], cfg.lora_alpha,
+                  quantized && rank == 0);
+  };
+  wte_ = add("wte", {cfg.vocab_size, C});
+  wpe_ = add("wpe", {cfg.seq_len, C});
   for (int l = 0; l < cfg.n_layer; ++l) {
     const std::string h = "h." + std::to_string(l);
     Block b;
-    b.ln1_w = table_.add(h + "/ln_1/w", {C});
-    b.ln1_b = table_.add(h + "/ln_1/b", {C});
-    b.qkv = Linear(table_, h + "/attn/qkv", C, 3 * C, cfg.lowrank_rank[0]);
-    b.proj = Linear(table_, h + "/attn/proj", C, C, cfg.lowrank_rank[1]);
-    b.ln2_w = table_.add(h + "/ln_2/w", {C});
-    b.ln2_b = table_.add(h + "/ln_2/b", {C});
-    b.fc = Linear(table_, h + "/mlp/fc", C, F, cfg.lowrank_rank[2]);
-    b.mlp_proj = Linear(table_, h + "/mlp/proj", F, C, cfg.lowrank_rank[3]);
+    b.ln1_w = add(h + "/ln_1/w", {C});
+    b.ln1_b = add(h + "/ln_1/b", {C});
+    b.qkv = linear(h + "/attn/qkv", C, 3 * C, 0);
+    b.proj = linear(h + "/attn/proj", C, C, 1);
+    b.ln2_w = add(h + "/ln_2/w", {C});
+    b.ln2_b = add(h + "/ln_2/b", {C});
+    b.fc = linear(h + "/mlp/fc", C, F, 2);
+    b.mlp_proj = linear(h + "/mlp/proj", F, C, 3);
     blocks_.push_back(b);
   }
-  lnf_w_ = table_.add("ln_f/w", {C});
-  lnf_b_ = table_.add("ln_f/b", {C});
-  for (int r : cfg.lowrank_rank) max_rank_ = std::max(max_rank_, r);
+  lnf_w_ = add("ln_f/w", {C});
+  lnf_b_ = add("ln_f/b", {C});
+  for (int s = 0; s < kNumSites; ++s) {
+    max_rank_ = std::max({max_rank_, cfg.lowrank_rank[s], cfg.lora_rank[s]});
+    max_lora_ = std::max(max_lora_, cfg.lora_rank[s]);
+  }
   params_ = be_.alloc(table_.total());
   grads_ = be_.alloc(table_.total());
+  frozen_ = be_.alloc(frozen_table_.total());
+  sink_ = be_.alloc(2 * static_cast<std::size_t>(C));
+  if (quantized) {
+    int widest = 0;
+    for (Block& b : blocks_) {
+      for (Linear* lin : {&b.qkv, &b.proj, &b.fc, &b.mlp_proj}) {
+        if (!lin->quantized()) continue;
+        quantized_.push_back(std::make_unique<QuantizedTensor>());
+        quantized_owner_.push_back(lin);
+        lin->set_quantized(quantized_.back().get());
+        widest = std::max(widest, lin->in());
+      }
+    }
+    tile_rows_ = static_cast<int>(std::max<std::size_t>(1, kTileFloats / widest));
+    tile_floats_ = static_cast<std::size_t>(tile_rows_) * widest;
+    tile_ = be_.alloc(tile_floats_);
+  }
 }
 
 Model::~Model() {
   for (void* p : act_allocs_) be_.release(p);
   for (Acts* a : layer_acts_) delete a;
-  be_.release(params_);
-  be_.release(grads_);
+  for (float* p : {params_, grads_, frozen_, sink_, tile_})
+    if (p != nullptr) be_.release(p);
 }
 
-void Model::init_random(uint64_t seed) {
+std::vector<Linear*> Model::quantized_layers() {
+  std::vector<Linear*> out;
+  for (Block& b : blocks_)
+    for (Linear* lin : {&b.qkv, &b.proj, &b.fc, &b.mlp_proj})
+      if (lin->quantized()) out.push_back(lin);
+  return out;
+}
+
+QuantizedTensor& Model::quantized_weight(const Linear& layer) {
+  for (std::size_t i = 0; i < quantized_owner_.size(); ++i)
+    if (quantized_owner_[i] == &layer) return *quantized_[i];
+  throw RuntimeError("layer " + layer.prefix() + " is not quantized");
+}
+
+void Model::init_random(uint64_t seed) { init_tables(seed, true); }
+
+void Model::init_adapters(uint64_t seed) { init_tables(seed, false); }
+
+void Model::init_tables(uint64_t seed, bool frozen_too) {
   const double resid_std = 0.02 / std::sqrt(2.0 * cfg_.n_layer);
-  std::vector<float> host(table_.total(), 0.0f);
-  for (const TensorInfo& t : table_.tensors()) {
-    float* dst = host.data() + t.offset;
-    const std::string& n = t.name;
-    const bool is_ln_weight = n.ends_with("/w") && n.find("ln_") != std::string::npos;
-    if (is_ln_weight) {
-      std::fill(dst, dst + t.size, 1.0f);
-      continue;
+  auto fill = [&](const ParamTable& table, float* device) {
+    std::vector<float> host(table.total(), 0.0f);
+    for (const TensorInfo& t : table.tensors()) {
+      float* dst = host.data() + t.offset;
+      const std::string& n = t.name;
+      const bool is_ln_weight = n.ends_with("/w") && n.find("ln_") != std::string::npos;
+      if (is_ln_weight) {
+        std::fill(dst, dst + t.size, 1.0f);
+        continue;
+      }
+      if (t.shape.size() < 2 || n.ends_with("/lora_B")) continue;  // biases, LayerNorm shifts, lora_B: zero
+      Rng rng(derive_seed(seed, n));
+      if (n.ends_with("/lora_A")) {
+        // As PEFT's default: uniform in +-1/sqrt(in); with lora_B zero the adapters start as the identity.
+        const double bound = 1.0 / std::sqrt(static_cast<double>(t.shape[1]));
+        for (std::size_t i = 0; i < t.size; ++i) dst[i] = static_cast<float>((2.0 * rng.uniform() - 1.0) * bound);
+        continue;
+      }
+      const bool residual =
+          n.find("/attn/proj/") != std::string::npos || n.find("/mlp/proj/") != std::string::npos;
+      double std_dev = residual ? resid_std : 0.02;
+      if (n.ends_with("/A") || n.ends_with("/B")) {
+        // A product of two factors of rank r has variance r * sa^2 * sb^2; match the dense layer's.
+        const TensorInfo& a = table.at(n.substr(0, n.size() - 1) + "A");
+        std_dev = std::sqrt(std_dev / std::sqrt(static_cast<double>(a.shape[0])));
+      }
+      for (std::size_t i = 0; i < t.size; ++i) dst[i] = static_cast<float>(rng.normal() * std_dev);
     }
-    if (t.shape.size() < 2) continue;  // biases and LayerNorm shifts start at zero
-    const bool residual =
-        n.find("/attn/proj/") != std::string::npos || n.find("/mlp/proj/") != std::string::npos;
-    double std_dev = residual ? resid_std : 0.02;
-    if (n.ends_with("/A") || n.ends_with("/B")) {
-      // A product of two factors of rank r has variance r * sa^2 * sb^2; match the dense layer's.
-      const TensorInfo& a = table_.at(n.substr(0, n.size() - 1) + "A");
-      std_dev = std::sqrt(std_dev / std::sqrt(static_cast<double>(a.shape[0])));
-    }
-    Rng rng(derive_seed(seed, n));
-    for (std::size_t i = 0; i < t.size; ++i) dst[i] = static_cast<float>(rng.normal() * std_dev);
-  }
-  be_.to_device(params_, host.data(), host.size() * sizeof(float));
+    be_.to_device(device, host.data(), host.size() * sizeof(float));
+  };
+  fill(table_, params_);
+  if (frozen_too) fill(frozen_table_, frozen_);
 }
 
-void Model::zero_grads() {
-  be_.fill(grads_, table_.total(), 0.0f);
-}
+void Model::zero_grads() { be_.fill(grads_, table_.total(), 0.0f); }
 
 ParamCounts Model::param_counts() const {
   ParamCounts c;
-  c.embedding = table_.at("wte").size + table_.at("wpe").size;
+  std::size_t all = table_.count() + frozen_table_.count();
+  c.embedding = cfg_.vocab_size * static_cast<std::size_t>(cfg_.d_model) +
+                cfg_.seq_len * static_cast<std::size_t>(cfg_.d_model);
   for (const Block& b : blocks_) {
     for (const Linear* lin : {&b.qkv, &b.proj, &b.fc, &b.mlp_proj}) {
       (lin->lowrank() ? c.linear_lowrank : c.linear_dense) += lin->weight_count();
+      if (lin->quantized()) all += lin->weight_count();
+      c.lora += static_cast<std::size_t>(lin->lora_rank()) * (lin->in() + lin->out());
     }
   }
-  c.other = table_.count() - c.embedding - c.linear_dense - c.linear_lowrank;
+  c.other = all - c.embedding - c.linear_dense - c.linear_lowrank - c.lora;
   return c;
 }
 
@@ -107,14 +177,18 @@ void print_param_counts(const ParamCounts& c, const ModelConfig& cfg) {
       c.total(), c.embedding, linear, c.linear_dense, c.linear_lowrank, c.other);
   std::printf("linear layers: %zu parameters against %zu dense: compression %.2fx\n", linear, dense_equiv,
               linear > 0 ? static_cast<double>(dense_equiv) / linear : 0.0);
+  if (c.lora > 0) std::printf("LoRA adapters: %zu trainable parameters (the base is frozen)\n", c.lora);
 }
 
 MemoryBytes Model::memory(int B) {
   ensure_acts(B);
   MemoryBytes m;
-  m.params = table_.total() * sizeof(float);
-  m.grads = m.params;
-  m.activations = act_bytes_;
+  m.params_trainable = table_.total() * sizeof(float);
+  m.params_frozen = frozen_table_.total() * sizeof(float);
+  for (const auto& q : quantized_) m.params_quantized += q->bytes();
+  m.params = m.params_trainable + m.params_frozen + m.params_quantized;
+  m.grads = m.params_trainable;
+  m.activations = act_bytes_ + tile_floats_ * sizeof(float);
   return m;
 }
 
@@ -154,6 +228,8 @@ void Model::ensure_acts(int B) {
     a->fc_mid = f(N * std::max(1, cfg_.lowrank_rank[2]));
     a->gelu = f(N * F);
     a->mlp_mid = f(N * std::max(1, cfg_.lowrank_rank[3]));
+    for (int site = 0; site < kNumSites; ++site)
+      a->lora_mid[site] = cfg_.lora_rank[site] > 0 ? f(N * cfg_.lora_rank[site]) : nullptr;
     layer_acts_.push_back(a);
   }
   for (int l = 0; l <= cfg_.n_layer; ++l) resid_.push_back(f(N * C));
@@ -184,16 +260,17 @@ Model::Acts& Model::acts_for(int l) {
 void Model::block_forward(int l, Acts& a, const float* x, float* x_out, int B) {
   const Block& blk = blocks_[l];
   const int N = B * cfg_.seq_len, C = cfg_.d_model, F = cfg_.ff();
-  const float* p = params_;
-  be_.layernorm_forward(a.ln1, a.ln1_mean, a.ln1_rstd, x, p + blk.ln1_w, p + blk.ln1_b, N, C);
-  blk.qkv.forward(be_, p, a.ln1, a.qkv, a.qkv_mid, N);
+  const WeightBuffers w = buffers();
+  const LinearScratch ls = linear_scratch();
+  be_.layernorm_forward(a.ln1, a.ln1_mean, a.ln1_rstd, x, at(blk.ln1_w), at(blk.ln1_b), N, C);
+  blk.qkv.forward(be_, w, ls, a.ln1, a.qkv, a.qkv_mid, a.lora_mid[0], N);
   be_.attention_forward(a.attn, a.probs, a.qkv, B, cfg_.seq_len, C, cfg_.n_head);
-  blk.proj.forward(be_, p, a.attn, scratch_c_, a.proj_mid, N);
+  blk.proj.forward(be_, w, ls, a.attn, scratch_c_, a.proj_mid, a.lora_mid[1], N);
   be_.add(a.x_mid, x, scratch_c_, static_cast<std::size_t>(N) * C);
-  be_.layernorm_forward(a.ln2, a.ln2_mean, a.ln2_rstd, a.x_mid, p + blk.ln2_w, p + blk.ln2_b, N, C);
-  blk.fc.forward(be_, p, a.ln2, a.fc, a.fc_mid, N);
+  be_.layernorm_forward(a.ln2, a.ln2_mean, a.ln2_rstd, a.x_mid, at(blk.ln2_w), at(blk.ln2_b), N, C);
+  blk.fc.forward(be_, w, ls, a.ln2, a.fc, a.fc_mid, a.lora_mid[2], N);
   be_.gelu_forward(a.gelu, a.fc, static_cast<std::size_t>(N) * F);
-  blk.mlp_proj.forward(be_, p, a.gelu, scratch_c_, a.mlp_mid, N);
+  blk.mlp_proj.forward(be_, w, ls, a.gelu, scratch_c_, a.mlp_mid, a.lora_mid[3], N);
   be_.add(x_out, a.x_mid, scratch_c_, static_cast<std::size_t>(N) * C);
 }
 
@@ -201,18 +278,18 @@ void Model::block_forward(int l, Acts& a, const float* x, float* x_out, int B) {
 void Model::block_backward(int l, Acts& a, const float* x, float* dresid, int B) {
   const Block& blk = blocks_[l];
   const int N = B * cfg_.seq_len, C = cfg_.d_model, F = cfg_.ff();
-  const float* p = params_;
-  float* g = grads_;
-  blk.mlp_proj.backward(be_, p, g, a.gelu, a.mlp_mid, dresid, scratch_ff_, scratch_rank_, N);
+  const WeightBuffers w = buffers();
+  const LinearScratch ls = linear_scratch();
+  blk.mlp_proj.backward(be_, w, ls, a.gelu, a.mlp_mid, a.lora_mid[3], dresid, scratch_ff_, N);
   be_.gelu_backward(scratch_ff2_, a.fc, scratch_ff_, static_cast<std::size_t>(N) * F);
-  blk.fc.backward(be_, p, g, a.ln2, a.fc_mid, scratch_ff2_, scratch_c_, scratch_rank_, N);
-  be_.layernorm_backward(dresid, g + blk.ln2_w, g + blk.ln2_b, scratch_c_, a.x_mid, p + blk.ln2_w, a.ln2_mean,
-                         a.ln2_rstd, N, C);
-  blk.proj.backward(be_, p, g, a.attn, a.proj_mid, dresid, scratch_c_, scratch_rank_, N);
+  blk.fc.backward(be_, w, ls, a.ln2, a.fc_mid, a.lora_mid[2], scratch_ff2_, scratch_c_, N);
+  be_.layernorm_backward(dresid, grad_or_sink(blk.ln2_w, 0), grad_or_sink(blk.ln2_b, 1),
+                         scratch_c_, a.x_mid, at(blk.ln2_w), a.ln2_mean, a.ln2_rstd, N, C);
+  blk.proj.backward(be_, w, ls, a.attn, a.proj_mid, a.lora_mid[1], dresid, scratch_c_, N);
   be_.attention_backward(scratch_3c_, scratch_c_, a.qkv, a.probs, B, cfg_.seq_len, C, cfg_.n_head);
-  blk.qkv.backward(be_, p, g, a.ln1, a.qkv_mid, scratch_3c_, scratch_c2_, scratch_rank_, N);
-  be_.layernorm_backward(dresid, g + blk.ln1_w, g + blk.ln1_b, scratch_c2_, x, p + blk.ln1_w, a.ln1_mean,
-                         a.ln1_rstd, N, C);
+  blk.qkv.backward(be_, w, ls, a.ln1, a.qkv_mid, a.lora_mid[0], scratch_3c_, scratch_c2_, N);
+  be_.layernorm_backward(dresid, grad_or_sink(blk.ln1_w, 0), grad_or_sink(blk.ln1_b, 1),
+                         scratch_c2_, x, at(blk.ln1_w), a.ln1_mean, a.ln1_rstd, N, C);
 }
 
 // Final LayerNorm, the tied lm_head and the loss, a chunk of rows at a time so that only one
@@ -220,19 +297,19 @@ void Model::block_backward(int l, Acts& a, const float* x, float* dresid, int B)
 double Model::classifier(const float* x, const int32_t* targets, float* dx, int N, float grad_scale,
                          int valid) {
   const int C = cfg_.d_model, V = cfg_.vocab_size;
-  float* p = params_;
-  be_.layernorm_forward(lnf_, lnf_mean_, lnf_rstd_, x, p + lnf_w_, p + lnf_b_, N, C);
+  const float* wte = at(wte_);
+  be_.layernorm_forward(lnf_, lnf_mean_, lnf_rstd_, x, at(lnf_w_), at(lnf_b_), N, C);
   const float row_scale = valid > 0 ? grad_scale / static_cast<float>(valid) : 0.0f;
   const int chunk = classifier_chunk_rows(N, V);
   for (int n0 = 0; n0 < N; n0 += chunk) {
     const int rows = std::min(chunk, N - n0);
     const float* xr = lnf_ + static_cast<std::size_t>(n0) * C;
-    be_.matmul(logits_, xr, p + wte_, rows, V, C, false, true, 1.0f, 0.0f);
+    be_.matmul(logits_, xr, wte, rows, V, C, false, true, 1.0f, 0.0f);
     be_.softmax_xent(losses_ + n0, logits_, targets + n0, rows, V, row_scale);
     if (grad_scale != 0.0f) {
-      be_.matmul(grads_ + wte_, logits_, xr, V, C, rows, true, false, 1.0f, 1.0f);
-      be_.matmul(scratch_c_ + static_cast<std::size_t>(n0) * C, logits_, p + wte_, rows, C, V, false, false,
-                 1.0f, 0.0f);
+      if (!wte_.frozen) be_.matmul(grads_ + wte_.offset, logits_, xr, V, C, rows, true, false, 1.0f, 1.0f);
+      be_.matmul(scratch_c_ + static_cast<std::size_t>(n0) * C, logits_, wte, rows, C, V, false, false, 1.0f,
+                 0.0f);
     }
   }
   std::vector<float> losses(N);
@@ -241,10 +318,25 @@ double Model::classifier(const float* x, const int32_t* targets, float* dx, int 
   for (float v : losses) sum += v;
   if (grad_scale != 0.0f) {
     be_.fill(dx, static_cast<std::size_t>(N) * C, 0.0f);
-    be_.layernorm_backward(dx, grads_ + lnf_w_, grads_ + lnf_b_, scratch_c_, x, p + lnf_w_, lnf_mean_,
-                           lnf_rstd_, N, C);
+    be_.layernorm_backward(dx, grad_or_sink(lnf_w_, 0), grad_or_sink(lnf_b_, 1), scratch_c_, x, at(lnf_w_),
+                           lnf_mean_, lnf_rstd_, N, C);
   }
   return valid > 0 ? sum / valid : 0.0;
+}
+
+void Model::logits_at(const int32_t* tokens, int position, float* out) {
+  ensure_acts(1);
+  const int T = cfg_.seq_len, C = cfg_.d_model;
+  for (int i = 0; i < T; ++i)
+    if (tokens[i] < 0 || tokens[i] >= cfg_.vocab_size)
+      throw InputError(strprintf("token id %d is outside the model's vocabulary of %d", tokens[i], cfg_.vocab_size));
+  be_.to_device(tokens_dev_, tokens, T * sizeof(int32_t));
+  be_.embedding_forward(resid_[0], tokens_dev_, at(wte_), at(wpe_), 1, T, C);
+  for (int l = 0; l < cfg_.n_layer; ++l) block_forward(l, acts_for(l), resid_[l], resid_[l + 1], 1);
+  const float* x = resid_[cfg_.n_layer] + static_cast<std::size_t>(position) * C;
+  be_.layernorm_forward(lnf_, lnf_mean_, lnf_rstd_, x, at(lnf_w_), at(lnf_b_), 1, C);
+  be_.matmul(logits_, lnf_, at(wte_), 1, cfg_.vocab_size, C, false, true, 1.0f, 0.0f);
+  be_.to_host(out, logits_, cfg_.vocab_size * sizeof(float));
 }
 
 double Model::step(const int32_t* tokens, const int32_t* targets, int B, float grad_scale) {
@@ -263,7 +355,7 @@ double Model::step(const int32_t* tokens, const int32_t* targets, int B, float g
   be_.to_device(tokens_dev_, tokens, N * sizeof(int32_t));
   be_.to_device(targets_dev_, targets, N * sizeof(int32_t));
 
-  be_.embedding_forward(resid_[0], tokens_dev_, params_ + wte_, params_ + wpe_, B, T, C);
+  be_.embedding_forward(resid_[0], tokens_dev_, at(wte_), at(wpe_), B, T, C);
   for (int l = 0; l < cfg_.n_layer; ++l) block_forward(l, acts_for(l), resid_[l], resid_[l + 1], B);
   const double loss = classifier(resid_[cfg_.n_layer], targets_dev_, dresid_, N, grad_scale, valid);
   if (grad_scale == 0.0f) return loss;
@@ -273,7 +365,8 @@ double Model::step(const int32_t* tokens, const int32_t* targets, int B, float g
     if (recompute_) block_forward(l, acts_for(l), resid_[l], scratch_c2_, B);
     block_backward(l, acts_for(l), resid_[l], dresid_, B);
   }
-  be_.embedding_backward(grads_ + wte_, grads_ + wpe_, dresid_, tokens_dev_, B, T, C);
+  // A frozen model stops here: nothing below the first block has a gradient.
+  if (!wte_.frozen) be_.embedding_backward(grads_ + wte_.offset, grads_ + wpe_.offset, dresid_, tokens_dev_, B, T, C);
   return loss;
 }
 

@@ -68,64 +68,52 @@ ModelConfig resolve_model_config(const Config& cfg, const std::string& resume_pa
   return m;
 }
 
-namespace {
-
-// Everything a run needs before its first step. Built inside collective_check: a bad option or file on any
-// rank stops every rank before work starts.
-struct PretrainSetup {
-  std::string resume;
-  ModelConfig mc;
-  std::unique_ptr<TokenFile> train_file, val_file;
-  std::unique_ptr<Batcher> train_batches, val_batches;
-  std::unique_ptr<Backend> backend;
-  std::unique_ptr<Model> model;
-  std::unique_ptr<AdamW> optimizer;
-  TrainState state;
-
-  PretrainSetup(const Config& cfg, const Comm& comm) {
-    if (cfg.data.train.empty()) throw InputError("--mode pretrain needs --data.train (a token file)");
-    if (!cfg.checkpoint.resume.empty()) resume = resolve_resume(cfg.checkpoint.resume, cfg.run.dir);
-    mc = resolve_model_config(cfg, resume);
-    train_file = std::make_unique<TokenFile>(cfg.data.train);
-    val_file = std::make_unique<TokenFile>(cfg.data.val.empty() ? cfg.data.train : cfg.data.val);
-    train_batches = std::make_unique<Batcher>(*train_file, mc.seq_len, cfg.data.shuffle, cfg.seed);
-    val_batches = std::make_unique<Batcher>(*val_file, mc.seq_len, false, cfg.seed);
-    backend = make_backend(cfg.device);
-    model = std::make_unique<Model>(mc, *backend, cfg.train.recompute == "block");
-    optimizer = std::make_unique<AdamW>(*backend, model->table(), cfg.train);
-    state.seed = cfg.seed;
-    if (!resume.empty()) {
-      load_weights(resume, *model);
-      load_training_state(resume, *optimizer, state);
-    } else if (!mc.init.empty()) {
-      load_weights(mc.init, *model);
-    } else {
-      model->init_random(cfg.seed);
-    }
-    if (comm.root()) {
-      std::error_code ec;
-      fs::create_directories(cfg.run.dir, ec);
-      if (ec) throw InputError("--run.dir " + cfg.run.dir + ": cannot create it: " + ec.message());
-    }
-  }
-};
-
-}  // namespace
+void prepare_run_dir(const Config& cfg, const Comm& comm) {
+  if (!comm.root()) return;
+  std::error_code ec;
+  fs::create_directories(cfg.run.dir, ec);
+  if (ec) throw InputError("--run.dir " + cfg.run.dir + ": cannot create it: " + ec.message());
+}
 
 int run_pretrain(const Config& cfg, const Comm& comm) {
+  TrainSetup setup;
+  collective_check(comm, [&] {
+    if (cfg.data.train.empty()) throw InputError("--mode pretrain needs --data.train (a token file)");
+    if (!cfg.checkpoint.resume.empty()) setup.resume = resolve_resume(cfg.checkpoint.resume, cfg.run.dir);
+    setup.mc = resolve_model_config(cfg, setup.resume);
+    auto train_file = std::make_shared<TokenFile>(cfg.data.train);
+    auto val_file = std::make_shared<TokenFile>(cfg.data.val.empty() ? cfg.data.train : cfg.data.val);
+    setup.data_summary = strprintf("train %zu tokens, val %zu tokens", train_file->size(), val_file->size());
+    setup.train = std::make_unique<Batcher>(*train_file, setup.mc.seq_len, cfg.data.shuffle, cfg.seed);
+    setup.val = std::make_unique<Batcher>(*val_file, setup.mc.seq_len, false, cfg.seed);
+    setup.keep_alive = {train_file, val_file};
+    setup.backend = make_backend(cfg.device);
+    setup.model = std::make_unique<Model>(setup.mc, *setup.backend, cfg.train.recompute == "block");
+    setup.optimizer = std::make_unique<AdamW>(*setup.backend, setup.model->table(), cfg.train);
+    setup.state.seed = cfg.seed;
+    if (!setup.resume.empty()) {
+      load_weights(setup.resume, *setup.model);
+      load_training_state(setup.resume, *setup.optimizer, setup.state);
+    } else if (!setup.mc.init.empty()) {
+      load_weights(setup.mc.init, *setup.model);
+    } else {
+      setup.model->init_random(cfg.seed);
+    }
+    prepare_run_dir(cfg, comm);
+  });
+  return run_training(cfg, comm, setup, "pretrain");
+}
+
+int run_training(const Config& cfg, const Comm& comm, TrainSetup& setup, const std::string& mode) {
   const TrainConfig& tc = cfg.train;
-  std::unique_ptr<PretrainSetup> setup;
-  collective_check(comm, [&] { setup = std::make_unique<PretrainSetup>(cfg, comm); });
-  const std::string& resume = setup->resume;
-  const ModelConfig& mc = setup->mc;
-  const TokenFile& train_file = *setup->train_file;
-  const TokenFile& val_file = *setup->val_file;
-  Batcher& train_batches = *setup->train_batches;
-  Batcher& val_batches = *setup->val_batches;
-  Backend* backend = setup->backend.get();
-  Model& model = *setup->model;
-  AdamW& optimizer = *setup->optimizer;
-  TrainState& state = setup->state;
+  const std::string& resume = setup.resume;
+  const ModelConfig& mc = setup.mc;
+  BatchSource& train_batches = *setup.train;
+  BatchSource& val_batches = *setup.val;
+  Backend* backend = setup.backend.get();
+  Model& model = *setup.model;
+  AdamW& optimizer = *setup.optimizer;
+  TrainState& state = setup.state;
 
   const int B = tc.batch_size, T = mc.seq_len, dp = comm.size();
   const uint64_t sequences_per_step = static_cast<uint64_t>(B) * tc.grad_accum * dp;
@@ -136,23 +124,27 @@ int run_pretrain(const Config& cfg, const Comm& comm) {
   }();
 
   if (comm.root()) {
-    std::printf("lrllm pretrain on %d rank(s), device %s, %s\n", dp, backend->name().c_str(),
+    std::printf("lrllm %s on %d rank(s), device %s, %s\n", mode.c_str(), dp, backend->name().c_str(),
                 resume.empty() ? (mc.init.empty() ? "random init" : ("init from " + mc.init).c_str())
                                : ("resuming " + resume + " at step " + std::to_string(state.step)).c_str());
     std::printf("model: gpt2 n_layer %d n_head %d d_model %d d_ff %d seq_len %d vocab %d, linear sites:",
                 mc.n_layer, mc.n_head, mc.d_model, mc.ff(), mc.seq_len, mc.vocab_size);
-    for (int s = 0; s < kNumSites; ++s)
+    for (int s = 0; s < kNumSites; ++s) {
       std::printf(" %s=%s", site_name(static_cast<LinearSite>(s)),
                   mc.lowrank_rank[s] ? ("r" + std::to_string(mc.lowrank_rank[s])).c_str() : "dense");
+      if (mc.lora_rank[s] > 0) std::printf("+lora%d", mc.lora_rank[s]);
+    }
+    if (mc.any_lora()) std::printf(", frozen base stored as %s", mc.quant == "none" ? "float32" : mc.quant.c_str());
     std::printf("\n");
     print_param_counts(model.param_counts(), mc);
+    std::printf("batch: %d seq/rank x %d accum x %d ranks = %llu sequences, %llu tokens per step; %s\n", B,
+                tc.grad_accum, dp, static_cast<unsigned long long>(sequences_per_step),
+                static_cast<unsigned long long>(sequences_per_step * T), setup.data_summary.c_str());
     std::printf(
-        "batch: %d seq/rank x %d accum x %d ranks = %llu sequences, %llu tokens per step; train %zu tokens, "
-        "val %zu\n",
-        B, tc.grad_accum, dp, static_cast<unsigned long long>(sequences_per_step),
-        static_cast<unsigned long long>(sequences_per_step * T), train_file.size(), val_file.size());
-    std::printf("memory per rank: params %.1f MB, grads %.1f MB, optimizer %.1f MB, activations %.1f MB\n",
-                mem.params / 1e6, mem.grads / 1e6, mem.optimizer / 1e6, mem.activations / 1e6);
+        "memory per rank: params %.1f MB (trainable %.1f, frozen %.1f, quantized %.1f), grads %.1f MB, "
+        "optimizer %.1f MB, activations %.1f MB\n",
+        mem.params / 1e6, mem.params_trainable / 1e6, mem.params_frozen / 1e6, mem.params_quantized / 1e6,
+        mem.grads / 1e6, mem.optimizer / 1e6, mem.activations / 1e6);
     std::fflush(stdout);
   }
 
@@ -219,6 +211,9 @@ int run_pretrain(const Config& cfg, const Comm& comm) {
                        {"val_loss", val_loss},
                        {"tokens_seen", static_cast<double>(state.tokens_seen)},
                        {"mem_params", static_cast<double>(mem.params)},
+                       {"mem_params_trainable", static_cast<double>(mem.params_trainable)},
+                       {"mem_params_frozen", static_cast<double>(mem.params_frozen)},
+                       {"mem_params_quantized", static_cast<double>(mem.params_quantized)},
                        {"mem_grads", static_cast<double>(mem.grads)},
                        {"mem_optimizer", static_cast<double>(mem.optimizer)},
                        {"mem_activations", static_cast<double>(mem.activations)},
@@ -240,7 +235,7 @@ int run_pretrain(const Config& cfg, const Comm& comm) {
     // Checkpoint.
     if ((cfg.checkpoint.every > 0 && state.step % cfg.checkpoint.every == 0) || last) {
       if (comm.root()) {
-        save_checkpoint(checkpoint_path(cfg.run.dir, state.step), "pretrain", model, &optimizer, &state);
+        save_checkpoint(checkpoint_path(cfg.run.dir, state.step), mode, model, &optimizer, &state);
         prune_checkpoints(cfg.run.dir, cfg.checkpoint.keep);
       }
     }
@@ -248,7 +243,7 @@ int run_pretrain(const Config& cfg, const Comm& comm) {
   if (comm.root()) {
     // A run of zero steps still leaves its starting point as a checkpoint (an initial model for other tools).
     if (state.step == first_step && !fs::exists(checkpoint_path(cfg.run.dir, state.step)))
-      save_checkpoint(checkpoint_path(cfg.run.dir, state.step), "pretrain", model, &optimizer, &state);
+      save_checkpoint(checkpoint_path(cfg.run.dir, state.step), mode, model, &optimizer, &state);
     metrics->flush();
     const double avg_tps = timed_steps > 0 ? sequences_per_step * T * timed_steps / elapsed_train_s : NAN;
     std::printf("done: %lld steps, %lld tokens, %.0f tok/s, final val loss %.4f, checkpoint %s\n",

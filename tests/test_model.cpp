@@ -374,9 +374,9 @@ TEST(Model, ParamCountsMatchHandComputedNumbers) {
 
 TEST(Linear, LowRankForwardEqualsDenseWithProductWeight) {
   constexpr int in = 7, out = 5, rank = 3, N = 4;
-  ParamTable table;
-  const Linear low(table, "low", in, out, rank);
-  const Linear dense(table, "dense", in, out, 0);
+  ParamTable table;  // trainable base and adapters in one table, as in pretraining
+  const Linear low(table, table, false, "low", in, out, rank, 0, 0.0, false);
+  const Linear dense(table, table, false, "dense", in, out, 0, 0, 0.0, false);
   EXPECT_TRUE(low.lowrank());
   EXPECT_FALSE(dense.lowrank());
   EXPECT_EQ(low.weight_count(), static_cast<std::size_t>(rank * (in + out)));
@@ -385,21 +385,22 @@ TEST(Linear, LowRankForwardEqualsDenseWithProductWeight) {
   std::vector<float> params(table.total(), 0.0f);
   const std::vector<float> A = random_floats(rank * in, 70), B = random_floats(out * rank, 71),
                            bias = random_floats(out, 72), x = random_floats(N * in, 73);
-  std::copy(A.begin(), A.end(), params.begin() + low.a);
-  std::copy(B.begin(), B.end(), params.begin() + low.b_mat);
-  std::copy(bias.begin(), bias.end(), params.begin() + low.bias);
-  std::copy(bias.begin(), bias.end(), params.begin() + dense.bias);
+  std::copy(A.begin(), A.end(), params.begin() + low.a.offset);
+  std::copy(B.begin(), B.end(), params.begin() + low.b_mat.offset);
+  std::copy(bias.begin(), bias.end(), params.begin() + low.bias.offset);
+  std::copy(bias.begin(), bias.end(), params.begin() + dense.bias.offset);
   for (int o = 0; o < out; ++o) {
     for (int i = 0; i < in; ++i) {
       double w = 0;
       for (int r = 0; r < rank; ++r) w += static_cast<double>(B[o * rank + r]) * A[r * in + i];
-      params[dense.w + o * in + i] = static_cast<float>(w);
+      params[dense.w.offset + o * in + i] = static_cast<float>(w);
     }
   }
   auto be = make_cpu_backend();
   std::vector<float> y_low(N * out), y_dense(N * out), mid(N * rank), unused(1);
-  low.forward(*be, params.data(), x.data(), y_low.data(), mid.data(), N);
-  dense.forward(*be, params.data(), x.data(), y_dense.data(), unused.data(), N);
+  const WeightBuffers w{params.data(), nullptr, nullptr};
+  low.forward(*be, w, {}, x.data(), y_low.data(), mid.data(), nullptr, N);
+  dense.forward(*be, w, {}, x.data(), y_dense.data(), unused.data(), nullptr, N);
   EXPECT_LT(rel_error(y_low, test::to_double(y_dense)), 1e-5);
 }
 

@@ -24,9 +24,15 @@ class Backend {
   virtual void copy(float* dst, const float* src, std::size_t n) = 0;
 
   // C[M,N] = alpha * op(A)[M,K] * op(B)[K,N] + beta * C. With trans_a, A is stored [K,M]; with trans_b, B is
-  // stored [N,K] (the nn.Linear weight orientation).
-  virtual void matmul(float* C, const float* A, const float* B, int M, int N, int K, bool trans_a,
-                      bool trans_b, float alpha, float beta) = 0;
+  // stored [N,K] (the nn.Linear weight orientation). lda, ldb and ldc are the row strides of A, B and C as
+  // stored, so a product can read or write a block of columns of a larger matrix.
+  virtual void matmul_strided(float* C, const float* A, const float* B, int M, int N, int K, bool trans_a,
+                              bool trans_b, float alpha, float beta, int lda, int ldb, int ldc) = 0;
+  // The same on packed matrices.
+  void matmul(float* C, const float* A, const float* B, int M, int N, int K, bool trans_a, bool trans_b,
+              float alpha, float beta) {
+    matmul_strided(C, A, B, M, N, K, trans_a, trans_b, alpha, beta, trans_a ? M : K, trans_b ? K : N, N);
+  }
   // out[n,c] += bias[c]
   virtual void add_bias(float* out, const float* bias, int N, int C) = 0;
   // dbias[c] += sum_n dout[n,c]

@@ -24,8 +24,12 @@ struct TrainState {
 // of the blocks (W, or A and B), so a file can mix dense and low-rank sites.
 ModelConfig read_model_config(const std::string& path);
 
-// Loads /model into the model; every tensor must exist with the model's shape.
+// Loads /model into the model; every tensor must exist with the model's shape. A quantized layer reads its
+// stored codes, or quantizes the file's float W as it loads.
 void load_weights(const std::string& path, Model& model);
+
+// The same for the start of finetuning: everything but the LoRA adapters, which the file need not have.
+void load_base_weights(const std::string& path, Model& model);
 
 // Writes path atomically (path.tmp, then rename). Optimizer and state are optional (a model file has none).
 void save_checkpoint(const std::string& path, const std::string& mode, Model& model, AdamW* optimizer,

@@ -24,9 +24,18 @@ struct ModelConfig {
   std::string init;  // checkpoint to start from
   // Low-rank factorization per site; 0 means dense.
   int lowrank_rank[kNumSites] = {0, 0, 0, 0};
+  // LoRA adapters per site (0: none). A model with any adapter has a frozen base: only adapters train.
+  int lora_rank[kNumSites] = {0, 0, 0, 0};
+  double lora_alpha = 16.0;
+  // Storage of the frozen base's dense linear weights: "none" (float32), "int8" or "nf4".
+  std::string quant = "none";
+  int quant_block = 64;
+  bool quant_double = true;  // nf4: absmax quantized to 8 bits as well
 
   int ff() const { return d_ff > 0 ? d_ff : 4 * d_model; }
   bool any_lowrank() const;
+  bool any_lora() const;
+  std::string lora_targets() const;
   std::string lowrank_targets() const;  // e.g. "qkv,proj,fc,mlp_proj" or ""
   // The checkpoint's single lowrank_rank attribute: the common rank, or the largest when sites differ.
   int lowrank_rank_attr() const;
@@ -69,6 +78,21 @@ struct CheckpointConfig {
   std::string resume;  // a path, or "latest"
 };
 
+struct FinetuneConfig {
+  int lora_rank = 0;
+  double lora_alpha = 16.0;
+  std::string lora_targets = "all";
+  int quant_bits = 0;  // 0: float32 base, 8: int8, 4: NF4
+  int quant_block = 64;
+  bool quant_double = true;
+};
+
+struct EvalConfig {
+  std::string tasks;  // comma-separated instruction JSONL files
+  std::string method = "generate";
+  int max_new_tokens = 8;
+};
+
 struct ParallelConfig {
   int tp = 1;
   int pp = 1;
@@ -88,6 +112,8 @@ struct Config {
   // Options the user gave (file or command line), as "section.option".
   std::set<std::string> given;
   bool was_given(const std::string& option) const { return given.count(option) > 0; }
+  FinetuneConfig finetune;
+  EvalConfig eval;
   TrainConfig train;
   DataConfig data;
   RunConfig run;
@@ -101,6 +127,9 @@ bool parse_config(int argc, const char* const* argv, Config& cfg, bool print_hel
 
 // Checks a model shape (sizes, head split, ranks against layer widths). Throws InputError.
 void validate_model_config(const ModelConfig& m);
+
+// Sets the LoRA ranks and the base's storage in m from the lora.* and quant.* options. Throws InputError.
+void apply_finetune(const Config& cfg, ModelConfig& m);
 
 // Sets each site's rank in m from lowrank.rank, lowrank.targets ("all" or a comma list of sites) and the
 // per-site overrides. Throws InputError on an unknown site or a bad rank.

@@ -33,25 +33,47 @@ class TokenFile {
   std::size_t count_ = 0;
 };
 
+// Where training and validation batches come from: numbered sequences of seq_len inputs and targets
+// (targets < 0 carry no loss). Positions run on past the end (epochs).
+class BatchSource {
+ public:
+  virtual ~BatchSource() = default;
+  virtual std::size_t num_sequences() const = 0;
+  // Fills tokens and targets [count, seq_len] with the sequences at positions first .. first + count - 1.
+  virtual void fill(uint64_t first, int count, int32_t* tokens, int32_t* targets) = 0;
+};
+
+// The order in which an epoch visits n items: the identity, or with shuffling a fixed random permutation per
+// epoch drawn from our own generator, so it is the same on every platform and every resume.
+class EpochOrder {
+ public:
+  EpochOrder(std::size_t n, bool shuffle, uint64_t seed) : n_(n), shuffle_(shuffle), seed_(seed) {}
+  // The item visited at a position counted from the start of the first epoch.
+  std::size_t at(uint64_t position);
+
+ private:
+  std::size_t n_;
+  bool shuffle_;
+  uint64_t seed_;
+  uint64_t epoch_ = UINT64_MAX;
+  std::vector<uint32_t> order_;
+};
+
 // Cuts a token file into sequences of seq_len + 1 tokens (inputs and shifted targets): sequence i starts at
 // token i * seq_len. Sequence positions run on across epochs; with shuffling, each epoch visits the
 // sequences in its own fixed random order.
-class Batcher {
+class Batcher final : public BatchSource {
  public:
   Batcher(const TokenFile& file, int seq_len, bool shuffle, uint64_t seed);
-  std::size_t num_sequences() const { return num_sequences_; }
-  // Fills tokens and targets [count, seq_len] with the sequences at positions first .. first + count - 1.
-  void fill(uint64_t first, int count, int32_t* tokens, int32_t* targets);
+  std::size_t num_sequences() const override { return num_sequences_; }
+  void fill(uint64_t first, int count, int32_t* tokens, int32_t* targets) override;
 
  private:
   std::size_t sequence_at(uint64_t position);
   const TokenFile& file_;
   int seq_len_;
-  bool shuffle_;
-  uint64_t seed_;
   std::size_t num_sequences_;
-  uint64_t epoch_ = UINT64_MAX;
-  std::vector<uint32_t> order_;
+  EpochOrder order_;
 };
 
 }  // namespace lrllm

@@ -35,6 +35,13 @@ class H5File {
   // Reads a float32 dataset whose shape must equal expected.
   void read(const std::string& dataset, float* out, const std::vector<int64_t>& expected) const;
   std::vector<float> read_all(const std::string& dataset) const;
+  // 8-bit integer datasets (quantized codes): stored as int8 when is_signed, else uint8; the bytes are copied
+  // as they are either way.
+  void write_bytes(const std::string& dataset, const uint8_t* data, const std::vector<int64_t>& shape,
+                   bool is_signed);
+  // Reads an 8-bit integer dataset of that signedness whose shape must equal expected.
+  void read_bytes(const std::string& dataset, uint8_t* out, const std::vector<int64_t>& expected,
+                  bool is_signed) const;
 
   void set_attr(const std::string& object, const std::string& name, int64_t value);
   void set_attr(const std::string& object, const std::string& name, double value);
@@ -43,6 +50,9 @@ class H5File {
   int64_t attr_int(const std::string& object, const std::string& name) const;
   double attr_double(const std::string& object, const std::string& name) const;
   std::string attr_string(const std::string& object, const std::string& name) const;
+  // A 1-D int64 array attribute (e.g. a shape), which h5py reads back as a numpy array.
+  void set_attr(const std::string& object, const std::string& name, const std::vector<int64_t>& values);
+  std::vector<int64_t> attr_ints(const std::string& object, const std::string& name) const;
 
   void ensure_group(const std::string& group);
   void flush();

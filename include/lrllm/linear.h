@@ -1,5 +1,7 @@
-// One linear layer of the two kinds pretraining uses (DESIGN §3): dense W[out,in] + b, or low-rank
-// A[r,in], B[out,r] + b with y = B(Ax) + b. Weights live in the model's flat buffers.
+// One linear layer (DESIGN §3): a base, dense W[out,in] + b or low-rank A[r,in], B[out,r] + b with
+// y = B(Ax) + b, and optional LoRA adapters lora_A[rl,in], lora_B[out,rl] adding (alpha/rl) * lora_B lora_A x.
+// A base can be frozen (finetuning), and a frozen dense W can be stored quantized (int8 or NF4), in which
+// case forward and the input gradient dequantize one tile of rows at a time.
 #pragma once
 
 #include <cstddef>
@@ -7,32 +9,70 @@
 
 #include "lrllm/backend.h"
 #include "lrllm/params.h"
+#include "lrllm/quant.h"
 
 namespace lrllm {
+
+// Where a tensor lives: in the trainable buffers (params, with gradients) or in the frozen buffer.
+struct TensorRef {
+  std::size_t offset = 0;
+  bool frozen = false;
+};
+
+// The model's flat buffers, as a layer reads them.
+struct WeightBuffers {
+  const float* params = nullptr;
+  float* grads = nullptr;
+  const float* frozen = nullptr;
+  const float* at(TensorRef r) const { return (r.frozen ? frozen : params) + r.offset; }
+  // nullptr for a frozen tensor: it has no gradient.
+  float* grad(TensorRef r) const { return r.frozen ? nullptr : grads + r.offset; }
+};
+
+// Scratch a layer may use during one call.
+struct LinearScratch {
+  float* dmid = nullptr;  // [N, max(r, rl)]
+  float* tile = nullptr;  // dequantized rows of a quantized W: [tile_rows, in]
+  int tile_rows = 0;
+};
 
 class Linear {
  public:
   Linear() = default;
-  // Registers the layer's tensors under prefix (e.g. "h.0/attn/qkv"); rank 0 makes it dense.
-  Linear(ParamTable& table, const std::string& prefix, int in, int out, int rank);
+  // Registers the layer's tensors under prefix (e.g. "h.0/attn/qkv"): base tensors in `base` (the trainable
+  // table when pretraining, the frozen one when finetuning), adapters in `trainable`. rank 0: a dense base;
+  // lora_rank 0: no adapters; quantized: a dense base whose W is held in quantized storage (set_quantized).
+  Linear(ParamTable& trainable, ParamTable& base, bool base_frozen, const std::string& prefix, int in, int out,
+         int rank, int lora_rank, double lora_alpha, bool quantized);
 
   int in() const { return in_; }
   int out() const { return out_; }
   int rank() const { return rank_; }
+  int lora_rank() const { return lora_rank_; }
   bool lowrank() const { return rank_ > 0; }
-  std::size_t weight_count() const;  // parameters in W or A and B, without the bias
+  bool quantized() const { return quantized_; }
+  const std::string& prefix() const { return prefix_; }
+  std::size_t weight_count() const;  // parameters in W or A and B, without the bias and adapters
+  void set_quantized(const QuantizedTensor* w) { qw_ = w; }
 
-  // y[N,out] = x W^T + b. For low rank, mid[N,r] = x A^T is kept for backward.
-  void forward(Backend& be, const float* params, const float* x, float* y, float* mid, int N) const;
-  // Accumulates weight gradients into grads and writes dx[N,in]; dmid[N,r] is scratch for low rank.
-  void backward(Backend& be, const float* params, float* grads, const float* x, const float* mid,
-                const float* dy, float* dx, float* dmid, int N) const;
+  // y[N,out] = base(x) + adapters(x). mid[N,r] (low-rank base) and lora_mid[N,rl] are kept for backward.
+  void forward(Backend& be, const WeightBuffers& w, const LinearScratch& s, const float* x, float* y, float* mid,
+               float* lora_mid, int N) const;
+  // Accumulates gradients of the trainable tensors and writes dx[N,in].
+  void backward(Backend& be, const WeightBuffers& w, const LinearScratch& s, const float* x, const float* mid,
+                const float* lora_mid, const float* dy, float* dx, int N) const;
 
-  // Offsets of the tensors in the flat buffers (W unused for low rank; A and B unused for dense).
-  std::size_t w = 0, a = 0, b_mat = 0, bias = 0;
+  TensorRef w, a, b_mat, bias, lora_a, lora_b;
 
  private:
-  int in_ = 0, out_ = 0, rank_ = 0;
+  void quantized_forward(Backend& be, const LinearScratch& s, const float* x, float* y, int N) const;
+  void quantized_input_grad(Backend& be, const LinearScratch& s, const float* dy, float* dx, int N) const;
+
+  std::string prefix_;
+  int in_ = 0, out_ = 0, rank_ = 0, lora_rank_ = 0;
+  float lora_scale_ = 0.0f;
+  bool quantized_ = false;
+  const QuantizedTensor* qw_ = nullptr;
 };
 
 }  // namespace lrllm

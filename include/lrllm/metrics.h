@@ -16,12 +16,15 @@ class Metrics {
   Metrics(const std::string& path, int64_t resume_step);
   // Queues one row; a metric missing from a row is stored as NaN.
   void append(const std::map<std::string, double>& row);
+  // Queues one evaluation result of a task: one row of the series under /eval/<task>/ (accuracy, f1_macro, ...).
+  void append_eval(const std::string& task, const std::map<std::string, double>& row);
   // Writes queued rows to the file and flushes it.
   void flush();
 
  private:
   std::string path_;
   std::vector<std::map<std::string, double>> pending_;
+  std::vector<std::pair<std::string, std::map<std::string, double>>> pending_eval_;
 };
 
 }  // namespace lrllm

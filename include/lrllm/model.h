@@ -1,9 +1,11 @@
 // GPT-2 (pre-LayerNorm, learned positions, tanh-GELU, causal attention, lm_head tied to wte) whose four
-// linear layers per block are each dense or low-rank. Forward and backward are explicit.
+// linear layers per block are each dense or low-rank, optionally with LoRA adapters over a frozen (and
+// possibly quantized) base. Forward and backward are explicit.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -11,6 +13,7 @@
 #include "lrllm/config.h"
 #include "lrllm/linear.h"
 #include "lrllm/params.h"
+#include "lrllm/quant.h"
 
 namespace lrllm {
 
@@ -19,11 +22,16 @@ struct ParamCounts {
   std::size_t linear_dense = 0;    // W of dense linear layers
   std::size_t linear_lowrank = 0;  // A and B of low-rank linear layers
   std::size_t other = 0;           // biases and LayerNorms
-  std::size_t total() const { return embedding + linear_dense + linear_lowrank + other; }
+  std::size_t lora = 0;            // LoRA adapters
+  std::size_t total() const { return embedding + linear_dense + linear_lowrank + other + lora; }
 };
 
 struct MemoryBytes {
-  std::size_t params = 0, grads = 0, optimizer = 0, activations = 0;
+  std::size_t params = 0;            // all parameter storage: the three below
+  std::size_t params_trainable = 0;  // float32, with gradients
+  std::size_t params_frozen = 0;     // float32, frozen
+  std::size_t params_quantized = 0;  // int8/NF4 codes and scales of frozen weights
+  std::size_t grads = 0, optimizer = 0, activations = 0;
 };
 
 class Model {
@@ -34,15 +42,26 @@ class Model {
   Model& operator=(const Model&) = delete;
 
   const ModelConfig& config() const { return cfg_; }
+  // The trainable tensors (every tensor when pretraining; the adapters when finetuning): params(), grads()
+  // and the optimizer's moments share this layout.
   const ParamTable& table() const { return table_; }
+  // The frozen float tensors, in frozen().
+  const ParamTable& frozen_table() const { return frozen_table_; }
   Backend& backend() { return be_; }
   float* params() { return params_; }
   float* grads() { return grads_; }
   const float* params() const { return params_; }
+  float* frozen() { return frozen_; }
+  // The linear layers whose W is stored quantized, with their storage (set before use, e.g. by load_weights).
+  std::vector<Linear*> quantized_layers();
+  QuantizedTensor& quantized_weight(const Linear& layer);
 
-  // GPT-2 initialisation (normal 0.02, residual projections scaled by 1/sqrt(2 n_layer)); deterministic in
-  // the seed and independent of the order tensors are registered in.
+  // GPT-2 initialisation (normal 0.02, residual projections scaled by 1/sqrt(2 n_layer)) of every float
+  // tensor, LoRA's lora_A uniform in +-1/sqrt(in) and lora_B zero; deterministic in the seed and
+  // independent of the order tensors are registered in.
   void init_random(uint64_t seed);
+  // The same for the trainable table only: the adapters of a model whose frozen base is loaded from a file.
+  void init_adapters(uint64_t seed);
   void zero_grads();
 
   // One micro-batch of B sequences: tokens and targets [B, seq_len] on the host; targets < 0 are ignored.
@@ -50,31 +69,52 @@ class Model {
   // grad_scale * d(mean loss)/d(param) into grads().
   double step(const int32_t* tokens, const int32_t* targets, int B, float grad_scale);
 
+  // The next-token logits [vocab] at `position` of one sequence of seq_len tokens (host memory; positions after
+  // `position` do not matter: attention is causal). For generation.
+  void logits_at(const int32_t* tokens, int position, float* out);
+
   ParamCounts param_counts() const;
   // Bytes of parameters and gradients, and of activations for micro-batches of B sequences (allocating them).
   MemoryBytes memory(int B);
 
   struct Block {
-    std::size_t ln1_w, ln1_b, ln2_w, ln2_b;
+    TensorRef ln1_w, ln1_b, ln2_w, ln2_b;
     Linear qkv, proj, fc, mlp_proj;
   };
 
  private:
   struct Acts;
+  void init_tables(uint64_t seed, bool frozen_too);
   void ensure_acts(int B);
   void block_forward(int l, Acts& a, const float* x, float* x_out, int B);
   void block_backward(int l, Acts& a, const float* x, float* dresid, int B);
   double classifier(const float* x, const int32_t* targets, float* dx, int N, float grad_scale, int valid);
   Acts& acts_for(int l);
+  WeightBuffers buffers() const { return {params_, grads_, frozen_}; }
+  LinearScratch linear_scratch() const { return {scratch_rank_, tile_, tile_rows_}; }
+  const float* at(TensorRef r) const { return (r.frozen ? frozen_ : params_) + r.offset; }
+  // The gradient of a LayerNorm tensor r, or when r is frozen one of two discarded [d_model] sinks (the
+  // primitive always produces both gradients).
+  float* grad_or_sink(TensorRef r, int slot) const {
+    return r.frozen ? sink_ + static_cast<std::size_t>(slot) * cfg_.d_model : grads_ + r.offset;
+  }
 
   ModelConfig cfg_;
   Backend& be_;
   bool recompute_;
   ParamTable table_;
-  std::size_t wte_ = 0, wpe_ = 0, lnf_w_ = 0, lnf_b_ = 0;
+  ParamTable frozen_table_;
+  TensorRef wte_, wpe_, lnf_w_, lnf_b_;
   std::vector<Block> blocks_;
   float* params_ = nullptr;
   float* grads_ = nullptr;
+  float* frozen_ = nullptr;
+  float* sink_ = nullptr;  // [d_model] x 2: LayerNorm gradients of a frozen model, discarded
+  std::vector<std::unique_ptr<QuantizedTensor>> quantized_;  // by layer, for quantized layers
+  std::vector<const Linear*> quantized_owner_;
+  float* tile_ = nullptr;
+  int tile_rows_ = 0;
+  std::size_t tile_floats_ = 0;
 
   // Activation storage for the current micro-batch size.
   int acts_batch_ = 0;
@@ -96,7 +136,8 @@ class Model {
   int32_t* targets_dev_ = nullptr;
   std::vector<void*> act_allocs_;
   std::size_t act_bytes_ = 0;
-  int max_rank_ = 0;
+  int max_rank_ = 0;  // the widest low-rank or LoRA intermediate
+  int max_lora_ = 0;
   int chunk_rows_ = 0;
 };
 

@@ -1,10 +1,40 @@
-// --mode pretrain: the training loop.
+// The training loop of --mode pretrain and --mode finetune: batch -> forward -> loss -> backward ->
+// gradient averaging -> optimizer -> metrics -> checkpoint.
 #pragma once
 
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "lrllm/backend.h"
+#include "lrllm/checkpoint.h"
 #include "lrllm/comm.h"
 #include "lrllm/config.h"
+#include "lrllm/data.h"
+#include "lrllm/model.h"
+#include "lrllm/optimizer.h"
 
 namespace lrllm {
+
+// Everything a run needs before its first step. Modes build it inside collective_check, so that a bad option
+// or file on any rank stops every rank before work starts.
+struct TrainSetup {
+  std::string resume;  // the checkpoint resumed from, if any
+  ModelConfig mc;
+  std::unique_ptr<BatchSource> train, val;
+  std::vector<std::shared_ptr<void>> keep_alive;  // what the batch sources read from
+  std::string data_summary;                       // one line for the start banner
+  std::unique_ptr<Backend> backend;
+  std::unique_ptr<Model> model;
+  std::unique_ptr<AdamW> optimizer;
+  TrainState state;
+};
+
+// Runs train.steps steps from setup.state, writing metrics.h5 and checkpoints (mode names them).
+int run_training(const Config& cfg, const Comm& comm, TrainSetup& setup, const std::string& mode);
+
+// Creates run.dir on rank 0. Throws InputError.
+void prepare_run_dir(const Config& cfg, const Comm& comm);
 
 // The model shape a run uses: from the resumed checkpoint, else model.init, else the options. Checks that the
 // options given do not contradict the file. Throws InputError.

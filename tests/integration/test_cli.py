@@ -252,6 +252,124 @@ def test_bad_files():
                "--run.dir", tmpdir("empty")], "no checkpoint")
 
 
+# ------------------------------------------------------------------------------------------ finetuning
+
+GPT2_SMALL = ["--model.vocab_size", "50257", "--model.n_layer", "2", "--model.n_head", "2", "--model.d_model",
+              "32", "--model.seq_len", "64", "--device", "cpu"]
+TOKENIZER = os.path.abspath("input/data/tokenizer")
+
+
+def write_jsonl(path, rows):
+    import json
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return path
+
+
+def sentiment_rows(n, seed):
+    rng = np.random.default_rng(seed)
+    words = {"positive": ["profits rose", "sales grew strongly", "the market rallied"],
+             "negative": ["losses widened", "shares fell sharply", "the deficit grew"],
+             "neutral": ["the meeting is on monday", "the report was published", "the board met"]}
+    rows = []
+    for _ in range(n):
+        label = ["positive", "negative", "neutral"][rng.integers(3)]
+        rows.append({"instruction": "What is the sentiment of this news? Please choose an answer from "
+                                    "{negative/neutral/positive}.",
+                     "input": str(rng.choice(words[label])).capitalize() + ".", "output": label})
+    return rows
+
+
+def base_checkpoint():
+    d = tmpdir("ft-base")
+    gpt2_tokens = write_tokens(os.path.join(TMP, "gpt2.bin"), 20000, vocab=50257, seed=5)
+    run(["--mode", "pretrain", *GPT2_SMALL, "--data.train", gpt2_tokens, "--run.dir", d, "--train.steps", "2",
+         "--train.eval_batches", "1"])
+    return os.path.join(d, "ckpt_000002.h5")
+
+
+def finetune(run_dir, base, extra=(), check=True, np_=None):
+    train = write_jsonl(os.path.join(TMP, "ft_train.jsonl"), sentiment_rows(24, 1))
+    val = write_jsonl(os.path.join(TMP, "ft_val.jsonl"), sentiment_rows(8, 2))
+    return run(["--mode", "finetune", "--model.init", base, "--data.train", train, "--data.val", val,
+                "--data.tokenizer_dir", TOKENIZER, "--run.dir", run_dir, "--train.steps", "3",
+                "--train.batch_size", "4", "--train.lr", "1e-2", "--train.warmup", "0", "--train.eval_batches", "1",
+                "--lora.rank", "4", *extra], check=check, np_=np_)
+
+
+def test_finetune_trains_only_adapters_over_a_frozen_quantized_base():
+    base = base_checkpoint()
+    for bits, kind in [("4", "nf4"), ("8", "int8"), ("0", "none")]:
+        d = tmpdir(f"ft-{bits}")
+        p = finetune(d, base, ["--quant.bits", bits])
+        assert "frozen base stored as" in p.stdout, p.stdout
+        ckpt = os.path.join(d, "ckpt_000003.h5")
+        with h5py.File(base, "r") as fb, h5py.File(ckpt, "r") as ff:
+            assert ff["config"].attrs["quant"] == kind and ff["config"].attrs["lora_rank"] == 4
+            for name in ["wte", "wpe", "ln_f/w", "h.0/ln_1/w", "h.1/mlp/fc/b", "h.0/attn/qkv/b"]:
+                assert np.array_equal(fb["model/" + name][()], ff["model/" + name][()]), f"{name} changed"
+            if kind == "none":
+                assert np.array_equal(fb["model/h.0/attn/qkv/W"][()], ff["model/h.0/attn/qkv/W"][()])
+            else:
+                assert "W" not in ff["model/h.0/attn/qkv"] and "W_q" in ff["model/h.0/attn/qkv"]
+            opt = []
+            ff["optimizer/m"].visititems(lambda n, o: opt.append(n) if isinstance(o, h5py.Dataset) else None)
+            assert opt and all(n.endswith("lora_A") or n.endswith("lora_B") for n in opt), opt
+            assert np.abs(ff["model/h.1/mlp/proj/lora_B"][()]).max() > 0, "lora_B did not train"
+        assert np.all(np.isfinite(metric(d, "loss")))
+        assert metric(d, "mem_params_quantized")[0] > 0 or kind == "none"
+
+
+def test_finetune_recompute_gives_identical_losses():
+    base = base_checkpoint()
+    a, b = tmpdir("ft-rc-none"), tmpdir("ft-rc-block")
+    finetune(a, base, ["--quant.bits", "4"])
+    finetune(b, base, ["--quant.bits", "4", "--train.recompute", "block"])
+    assert np.array_equal(metric(a, "loss"), metric(b, "loss"))
+
+
+def test_finetune_bad_input():
+    base = base_checkpoint()
+    bad = os.path.join(TMP, "bad.jsonl")
+    with open(bad, "w") as f:
+        f.write('{"instruction": "a", "input": "b", "output": "c"}\nnot json\n')
+    common = ["--mode", "finetune", "--model.init", base, "--data.tokenizer_dir", TOKENIZER, "--lora.rank", "4",
+              "--run.dir", tmpdir("ft-bad")]
+    bad_input([*common, "--data.train", bad], "bad.jsonl:2")
+    missing = write_jsonl(os.path.join(TMP, "nooutput.jsonl"), [{"instruction": "a", "input": "b"}])
+    bad_input([*common, "--data.train", missing], "output")
+    good = write_jsonl(os.path.join(TMP, "good.jsonl"), sentiment_rows(4, 3))
+    bad_input([*common, "--data.train", good, "--quant.bits", "3"], "quant.bits")
+    bad_input(["--mode", "finetune", "--model.init", base, "--data.train", good, "--run.dir", tmpdir("ft-bad2")],
+              "lora.rank")
+    wrong = os.path.join(TMP, "ft_wrong_shape.h5")
+    shutil.copy(base, wrong)
+    with h5py.File(wrong, "a") as f:
+        del f["model/h.0/mlp/fc/W"]
+        f["model/h.0/mlp/fc/W"] = np.zeros((7, 32), np.float32)
+    bad_input(["--mode", "finetune", "--model.init", wrong, "--data.train", good, "--data.tokenizer_dir",
+               TOKENIZER, "--lora.rank", "4", "--quant.bits", "4", "--run.dir", tmpdir("ft-bad3")], "shape")
+
+
+def test_eval_on_instruction_tasks():
+    base = base_checkpoint()
+    d = tmpdir("ft-eval")
+    finetune(d, base, ["--quant.bits", "4"])
+    task = write_jsonl(os.path.join(TMP, "senti.jsonl"), sentiment_rows(9, 4))
+    for method in ["generate", "score"]:
+        p = run(["--mode", "eval", "--model.init", os.path.join(d, "ckpt_000003.h5"), "--eval.tasks", task,
+                 "--eval.method", method, "--data.tokenizer_dir", TOKENIZER, "--run.dir", d,
+                 "--eval.max_new_tokens", "3"], np_=2)
+        row = [l for l in p.stdout.splitlines() if l.startswith("| senti |")]
+        assert row, p.stdout
+        n, acc = row[0].split("|")[2:4]
+        assert int(n) == 9 and 0.0 <= float(acc) <= 1.0, row
+    with h5py.File(os.path.join(d, "metrics.h5"), "r") as f:
+        assert list(f["eval/senti/n"][:]) == [9, 9]
+        assert f["eval/senti/accuracy"].shape == (2,) and "f1_macro" in f["eval/senti"]
+
+
 def test_help_and_version():
     p = run(["--help"])
     for opt in ["--train.lr", "--lowrank.rank", "--checkpoint.resume", "--data.train", "--run.dir"]:

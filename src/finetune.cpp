@@ -1,0 +1,84 @@
+#include "lrllm/finetune.h"
+
+#include <memory>
+
+#include "lrllm/common.h"
+#include "lrllm/instruct.h"
+#include "lrllm/tokenizer.h"
+#include "lrllm/train.h"
+
+namespace lrllm {
+namespace {
+
+// Instruction examples as training sequences: one example a row, right-padded, loss on the answer only.
+class InstructionBatches final : public BatchSource {
+ public:
+  InstructionBatches(std::vector<Encoded> examples, int seq_len, int32_t pad, bool shuffle, uint64_t seed)
+      : examples_(std::move(examples)), seq_len_(seq_len), pad_(pad), order_(examples_.size(), shuffle, seed) {}
+  std::size_t num_sequences() const override { return examples_.size(); }
+  void fill(uint64_t first, int count, int32_t* tokens, int32_t* targets) override {
+    std::vector<std::size_t> rows(count);
+    for (int i = 0; i < count; ++i) rows[i] = order_.at(first + i);
+    fill_padded(examples_, rows, seq_len_, pad_, tokens, targets);
+  }
+
+ private:
+  std::vector<Encoded> examples_;
+  int seq_len_;
+  int32_t pad_;
+  EpochOrder order_;
+};
+
+std::unique_ptr<InstructionBatches> load_examples(const std::string& path, const Tokenizer& tok, int seq_len,
+                                                  bool shuffle, uint64_t seed) {
+  std::vector<Encoded> encoded;
+  for (const Example& e : read_jsonl(path)) encoded.push_back(encode_example(tok, e, seq_len));
+  if (encoded.empty()) throw InputError(path + ": no examples");
+  return std::make_unique<InstructionBatches>(std::move(encoded), seq_len, tok.eot(), shuffle, seed);
+}
+
+}  // namespace
+
+int run_finetune(const Config& cfg, const Comm& comm) {
+  TrainSetup setup;
+  collective_check(comm, [&] {
+    if (cfg.data.train.empty()) throw InputError("--mode finetune needs --data.train (instruction JSONL)");
+    if (!cfg.checkpoint.resume.empty()) {
+      setup.resume = resolve_resume(cfg.checkpoint.resume, cfg.run.dir);
+      setup.mc = read_model_config(setup.resume);
+      if (!setup.mc.any_lora()) throw InputError(setup.resume + ": has no LoRA adapters to resume finetuning");
+    } else {
+      if (cfg.model.init.empty()) throw InputError("--mode finetune needs --model.init (the base checkpoint)");
+      setup.mc = read_model_config(cfg.model.init);
+      if (setup.mc.any_lora())
+        throw InputError(cfg.model.init + ": already has LoRA adapters; resume it with --checkpoint.resume");
+      apply_finetune(cfg, setup.mc);
+    }
+    validate_model_config(setup.mc);
+    const Tokenizer tok =
+        Tokenizer::load(cfg.data.tokenizer_dir + "/encoder.json", cfg.data.tokenizer_dir + "/vocab.bpe");
+    if (tok.vocab_size() > setup.mc.vocab_size)
+      throw InputError(strprintf("the GPT-2 tokenizer has %d tokens but the model's vocabulary is %d",
+                                 tok.vocab_size(), setup.mc.vocab_size));
+    const int T = setup.mc.seq_len;
+    setup.train = load_examples(cfg.data.train, tok, T, cfg.data.shuffle, cfg.seed);
+    setup.val = load_examples(cfg.data.val.empty() ? cfg.data.train : cfg.data.val, tok, T, false, cfg.seed);
+    setup.data_summary = strprintf("train %zu examples, val %zu examples", setup.train->num_sequences(),
+                                   setup.val->num_sequences());
+    setup.backend = make_backend(cfg.device);
+    setup.model = std::make_unique<Model>(setup.mc, *setup.backend, cfg.train.recompute == "block");
+    setup.optimizer = std::make_unique<AdamW>(*setup.backend, setup.model->table(), cfg.train);
+    setup.state.seed = cfg.seed;
+    if (!setup.resume.empty()) {
+      load_weights(setup.resume, *setup.model);
+      load_training_state(setup.resume, *setup.optimizer, setup.state);
+    } else {
+      setup.model->init_adapters(cfg.seed);
+      load_base_weights(cfg.model.init, *setup.model);
+    }
+    prepare_run_dir(cfg, comm);
+  });
+  return run_training(cfg, comm, setup, "finetune");
+}
+
+}  // namespace lrllm

@@ -1,0 +1,102 @@
+#include "lrllm/instruct.h"
+
+#include <algorithm>
+#include <fstream>
+#include <stdexcept>
+
+#include <nlohmann/json.hpp>
+
+#include "lrllm/common.h"
+
+namespace lrllm {
+namespace {
+
+bool is_blank(const std::string& line) {
+  return std::all_of(line.begin(), line.end(), [](char c) { return c == ' ' || c == '\t' || c == '\r'; });
+}
+
+// The string value of field `name`, or `fallback` when the field is absent and fallback is given.
+std::string field(const nlohmann::json& obj, const char* name, const std::string& where,
+                  const char* fallback) {
+  const auto it = obj.find(name);
+  if (it == obj.end()) {
+    if (fallback) return fallback;
+    throw InputError(where + ": missing field \"" + name + "\"");
+  }
+  if (!it->is_string()) {
+    throw InputError(where + ": field \"" + name + "\" is a " + it->type_name() + ", not a string");
+  }
+  return it->get<std::string>();
+}
+
+}  // namespace
+
+std::vector<Example> read_jsonl(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw InputError(path + ": cannot open instruction data");
+  std::vector<Example> examples;
+  std::string line;
+  for (long number = 1; std::getline(in, line); ++number) {
+    if (is_blank(line)) continue;
+    const std::string where = path + ":" + std::to_string(number);
+    nlohmann::json obj;
+    try {
+      obj = nlohmann::json::parse(line);
+    } catch (const nlohmann::json::parse_error& e) {
+      // nlohmann's own message carries its internal error id; the byte offset is the part that helps a user.
+      throw InputError(where + ": not valid JSON (byte " + std::to_string(e.byte) + ")");
+    }
+    if (!obj.is_object()) throw InputError(where + ": expected a JSON object, got a " + obj.type_name());
+    examples.push_back({field(obj, "instruction", where, nullptr), field(obj, "input", where, ""),
+                        field(obj, "output", where, nullptr)});
+  }
+  if (in.bad()) throw InputError(path + ": read error");
+  if (examples.empty()) throw InputError(path + ": no examples");
+  return examples;
+}
+
+std::string prompt_of(const Example& e) {
+  return "Instruction: " + e.instruction + "\nInput: " + e.input + "\nAnswer: ";
+}
+
+Encoded encode_example(const Tokenizer& tok, const Example& e, int seq_len) {
+  const std::vector<int> prompt = tok.encode(prompt_of(e));
+  std::vector<int> answer = tok.encode(e.output);
+  answer.push_back(tok.eot());
+  const std::size_t len = static_cast<std::size_t>(seq_len);
+  // The inputs are every token but the final end-of-text, and at least one prompt token must stay to predict
+  // the answer's first token from (the template makes the prompt non-empty).
+  if (answer.size() > len) {
+    throw InputError("an answer of " + std::to_string(answer.size() - 1) + " tokens does not fit seq_len " +
+                     std::to_string(seq_len) + " (answer starts \"" + e.output.substr(0, 40) + "\")");
+  }
+  const std::size_t keep = std::min(prompt.size(), len + 1 - answer.size());
+  std::vector<int32_t> full(prompt.end() - static_cast<std::ptrdiff_t>(keep), prompt.end());
+  full.insert(full.end(), answer.begin(), answer.end());
+
+  Encoded out;
+  out.tokens.assign(full.begin(), full.end() - 1);
+  out.targets.assign(out.tokens.size(), -1);
+  // Position i predicts full[i + 1]; the answer starts at full[keep].
+  for (std::size_t i = keep - 1; i < out.tokens.size(); ++i) out.targets[i] = full[i + 1];
+  return out;
+}
+
+void fill_padded(const std::vector<Encoded>& data, const std::vector<std::size_t>& indices, int seq_len,
+                 int32_t pad, int32_t* tokens, int32_t* targets) {
+  const std::size_t len = static_cast<std::size_t>(seq_len);
+  for (std::size_t r = 0; r < indices.size(); ++r) {
+    const Encoded& ex = data.at(indices[r]);
+    if (ex.tokens.size() > len || ex.targets.size() != ex.tokens.size()) {
+      throw std::invalid_argument("fill_padded: a sequence is longer than seq_len or malformed");
+    }
+    int32_t* row_tokens = tokens + r * len;
+    int32_t* row_targets = targets + r * len;
+    std::copy(ex.tokens.begin(), ex.tokens.end(), row_tokens);
+    std::copy(ex.targets.begin(), ex.targets.end(), row_targets);
+    std::fill(row_tokens + ex.tokens.size(), row_tokens + len, pad);
+    std::fill(row_targets + ex.targets.size(), row_targets + len, -1);
+  }
+}
+
+}  // namespace lrllm
