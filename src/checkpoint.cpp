@@ -79,8 +79,6 @@ ModelConfig read_model_config(const std::string& path) {
   if (m.quant != "none" && m.quant != "int8" && m.quant != "nf4")
     throw InputError(path + ": /config quant '" + m.quant + "' is not none, int8 or nf4");
   if (f.has_attr("/config", "quant_block")) m.quant_block = static_cast<int>(f.attr_int("/config", "quant_block"));
-  if (m.quant != "none" && !m.any_lora())
-    throw InputError(path + ": a quantized base without LoRA adapters cannot be loaded for training");
   m.init = path;
   return m;
 }
@@ -155,7 +153,7 @@ void save_checkpoint(const std::string& path, const std::string& mode, Model& mo
     f.set_attr("/config", "lora_rank", int64_t{lora_rank});
     f.set_attr("/config", "lora_alpha", c.any_lora() ? c.lora_alpha : 0.0);
     f.set_attr("/config", "lora_targets", c.lora_targets());
-    f.set_attr("/config", "quant", c.any_lora() ? c.quant : std::string("none"));
+    f.set_attr("/config", "quant", c.quant);
     f.set_attr("/config", "quant_block", int64_t{c.quant_block});
 
     Backend& be = model.backend();

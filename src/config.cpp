@@ -54,7 +54,7 @@ int ModelConfig::lowrank_rank_attr() const {
 
 namespace {
 
-const char* const kModes[] = {"pretrain", "finetune", "eval", "decompose", "tokenize", "info"};
+const char* const kModes[] = {"pretrain", "finetune", "eval", "decompose", "export", "tokenize", "info"};
 
 // A default as the user would write it (6e-04, not 0.00059999999999999995).
 std::string text(double value) {
@@ -67,7 +67,7 @@ po::options_description make_options(Config& c) {
   po::options_description general("General", kHelpWidth);
   general.add_options()("help,h", "print this help and exit")(
       "version", "print the version and build and exit")("mode", po::value(&c.mode),
-                                                         "pretrain | finetune | eval | decompose | tokenize | info")(
+                                                         "pretrain | finetune | eval | decompose | export | tokenize | info")(
       "config", po::value(&c.config_file), "INI file with [section] option = value lines")(
       "device", po::value(&c.device)->default_value(c.device), "cpu | cuda | auto")(
       "seed", po::value(&c.seed)->default_value(c.seed), "seed of initialisation and data order");
@@ -100,6 +100,8 @@ po::options_description make_options(Config& c) {
       "lora.alpha", po::value(&ft.lora_alpha)->default_value(ft.lora_alpha, text(ft.lora_alpha)),
       "LoRA scale is alpha / rank")("lora.targets", po::value(&ft.lora_targets)->default_value(ft.lora_targets),
                                     "sites with adapters: all, or a comma list of qkv, proj, fc, mlp_proj")(
+      "lora.merge", po::value(&ft.lora_merge)->default_value(ft.lora_merge),
+      "export: fold the adapters into the weights (a low-rank site grows to rank r + lora rank)")(
       "quant.bits", po::value(&ft.quant_bits)->default_value(ft.quant_bits),
       "storage of the frozen base's dense weights: 0 (float32), 8 (int8), 4 (NF4)")(
       "quant.block", po::value(&ft.quant_block)->default_value(ft.quant_block), "values per absmax block")(
@@ -170,9 +172,9 @@ void require(bool ok, const std::string& message) {
 void validate(const Config& c) {
   bool known_mode = false;
   for (const char* m : kModes) known_mode |= c.mode == m;
-  require(!c.mode.empty(), "--mode is required (pretrain, finetune, eval, decompose, tokenize, info); see --help");
+  require(!c.mode.empty(), "--mode is required (pretrain, finetune, eval, decompose, export, tokenize, info); see --help");
   require(known_mode,
-          "--mode " + c.mode + " is not a mode of this lrllm (pretrain, finetune, eval, decompose, tokenize, info)");
+          "--mode " + c.mode + " is not a mode of this lrllm (pretrain, finetune, eval, decompose, export, tokenize, info)");
   require(c.device == "cpu" || c.device == "cuda" || c.device == "auto",
           "--device must be cpu, cuda or auto, not '" + c.device + "'");
   const TrainConfig& t = c.train;

@@ -14,6 +14,7 @@
 #include "lrllm/config.h"
 #include "lrllm/decompose.h"
 #include "lrllm/evaluate.h"
+#include "lrllm/export.h"
 #include "lrllm/finetune.h"
 #include "lrllm/tokenizer.h"
 #include "lrllm/train.h"
@@ -53,6 +54,7 @@ int run_mode(const lrllm::Config& cfg, const lrllm::Comm& comm) {
   // The remaining modes write or print one thing: rank 0 does it.
   if (!comm.root()) return 0;
   if (cfg.mode == "decompose") return lrllm::run_decompose(cfg);
+  if (cfg.mode == "export") return lrllm::run_export(cfg);
   if (cfg.mode == "tokenize") return run_tokenize(cfg);
   if (cfg.mode == "info") {
     if (cfg.model.init.empty())

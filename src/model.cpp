@@ -26,9 +26,10 @@ constexpr std::size_t kTileFloats = std::size_t{1} << 20;
 Model::Model(const ModelConfig& cfg, Backend& backend, bool recompute)
     : cfg_(cfg), be_(backend), recompute_(recompute) {
   const int C = cfg.d_model, F = cfg.ff();
-  // With adapters the base is frozen: everything but the adapters goes to the frozen table.
-  const bool frozen = cfg.any_lora();
-  const bool quantized = frozen && cfg.quant != "none";
+  // With adapters, or with quantized storage, the base is frozen: everything but the adapters goes to the
+  // frozen table. (A quantized model without adapters trains nothing; it serves evaluation and generation.)
+  const bool quantized = cfg.quant != "none";
+  const bool frozen = cfg.any_lora() || quantized;
   ParamTable& base = frozen ? frozen_table_ : table_;
   auto add = [&](const std::string& name, std::vector<int64_t> shape) {
     return TensorRef{base.add(name, std::move(shape)), frozen};
@@ -93,6 +94,12 @@ std::vector<Linear*> Model::quantized_layers() {
     for (Linear* lin : {&b.qkv, &b.proj, &b.fc, &b.mlp_proj})
       if (lin->quantized()) out.push_back(lin);
   return out;
+}
+
+Linear& Model::layer(int block, LinearSite site) {
+  Block& b = blocks_.at(block);
+  Linear* sites[kNumSites] = {&b.qkv, &b.proj, &b.fc, &b.mlp_proj};
+  return *sites[static_cast<int>(site)];
 }
 
 QuantizedTensor& Model::quantized_weight(const Linear& layer) {

@@ -64,6 +64,9 @@ ModelConfig resolve_model_config(const Config& cfg, const std::string& resume_pa
   if (cfg.was_given("lowrank.rank") || cfg.was_given("lowrank.targets"))
     throw InputError("lowrank options cannot reshape the model of " + from +
                      "; turn a dense checkpoint low-rank with --mode decompose");
+  if (m.any_lora() || m.quant != "none")
+    throw InputError(from + " has LoRA adapters or a quantized base: continue it with --mode finetune, or "
+                            "export it merged (--mode export --lora.merge true) to pretrain further");
   validate_model_config(m);
   return m;
 }

@@ -54,6 +54,7 @@ class Model {
   float* frozen() { return frozen_; }
   // The linear layers whose W is stored quantized, with their storage (set before use, e.g. by load_weights).
   std::vector<Linear*> quantized_layers();
+  Linear& layer(int block, LinearSite site);
   QuantizedTensor& quantized_weight(const Linear& layer);
 
   // GPT-2 initialisation (normal 0.02, residual projections scaled by 1/sqrt(2 n_layer)) of every float

@@ -370,6 +370,43 @@ def test_eval_on_instruction_tasks():
         assert f["eval/senti/accuracy"].shape == (2,) and "f1_macro" in f["eval/senti"]
 
 
+def eval_loss(model, tokens):
+    p = run(["--mode", "eval", "--model.init", model, "--data.val", tokens, "--device", "cpu"])
+    return float(p.stdout.split("loss ")[1].split(",")[0])
+
+
+def test_export_quantizes_and_merges_adapters():
+    base = base_checkpoint()
+    tokens = write_tokens(os.path.join(TMP, "gpt2_eval.bin"), 3000, vocab=50257, seed=9)
+    for name, extra in [("dense", []), ("lowrank", ["lowrank"])]:
+        start = base
+        if extra:
+            start = os.path.join(TMP, "lowrank_base.h5")
+            run(["--mode", "decompose", "--model.init", base, "--lowrank.rank", "8", "--lowrank.targets", "qkv,fc",
+                 "--data.output", start])
+        d = tmpdir(f"exp-{name}")
+        finetune(d, start, ["--quant.bits", "4"])
+        ft = os.path.join(d, "ckpt_000003.h5")
+        merged = os.path.join(TMP, f"merged-{name}.h5")
+        p = run(["--mode", "export", "--model.init", ft, "--lora.merge", "true", "--data.output", merged])
+        assert "adapters merged" in p.stdout, p.stdout
+        with h5py.File(merged, "r") as f:
+            assert f["config"].attrs["lora_rank"] == 0 and f["config"].attrs["quant"] == "none"
+            assert "lora_A" not in f["model/h.0/mlp/proj"]
+            if extra:
+                assert f["model/h.0/attn/qkv/A"].shape == (12, 32), "rank 8 + LoRA rank 4"
+        a, b = eval_loss(ft, tokens), eval_loss(merged, tokens)
+        assert abs(a - b) < 1e-4 * abs(a), (name, a, b)
+    small = os.path.join(TMP, "base-nf4.h5")
+    p = run(["--mode", "export", "--model.init", base, "--quant.bits", "4", "--data.output", small])
+    assert os.path.getsize(small) < os.path.getsize(base)
+    assert abs(eval_loss(small, tokens) - eval_loss(base, tokens)) < 0.05
+    p = run(["--mode", "info", "--model.init", small])
+    assert "nf4 codes" in p.stdout, p.stdout
+    bad_input(["--mode", "pretrain", "--model.init", small, "--data.train", tokens, "--run.dir", tmpdir("exp-bad")],
+              "quantized")
+
+
 def test_help_and_version():
     p = run(["--help"])
     for opt in ["--train.lr", "--lowrank.rank", "--checkpoint.resume", "--data.train", "--run.dir"]:
