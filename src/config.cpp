@@ -113,6 +113,8 @@ po::options_description make_options(Config& c) {
                      "instruction JSONL files (comma-separated) for --mode eval")(
       "eval.method", po::value(&c.eval.method)->default_value(c.eval.method),
       "generate (greedy answer, label by substring) | score (most likely label)")(
+      "eval.labels", po::value(&c.eval.labels),
+      "the label set, comma-separated (an example outside it is an error); default: each task's outputs")(
       "eval.max_new_tokens", po::value(&c.eval.max_new_tokens)->default_value(c.eval.max_new_tokens),
       "answer length limit for generate");
 

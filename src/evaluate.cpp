@@ -97,12 +97,22 @@ int run_instruction_eval(const Config& cfg, const Comm& comm) {
   std::unique_ptr<Tokenizer> tok;
   std::vector<std::string> paths;
   std::vector<std::vector<Example>> tasks;
+  std::vector<std::vector<std::string>> label_sets;
   collective_check(comm, [&] {
     if (cfg.model.init.empty()) throw InputError("--mode eval needs --model.init (a checkpoint or model file)");
     std::stringstream list(cfg.eval.tasks);
     for (std::string path; std::getline(list, path, ',');)
       if (!path.empty()) paths.push_back(path);
-    for (const std::string& path : paths) tasks.push_back(read_jsonl(path));
+    std::vector<std::string> given;
+    std::stringstream label_list(cfg.eval.labels);
+    for (std::string label; std::getline(label_list, label, ',');)
+      if (!label.empty()) given.push_back(label);
+    std::sort(given.begin(), given.end());
+    for (const std::string& path : paths) {
+      tasks.push_back(read_jsonl(path));
+      label_sets.push_back(given.empty() ? label_set(tasks.back()) : given);
+      check_labels(tasks.back(), label_sets.back(), path);
+    }
     tok = std::make_unique<Tokenizer>(
         Tokenizer::load(cfg.data.tokenizer_dir + "/encoder.json", cfg.data.tokenizer_dir + "/vocab.bpe"));
     const ModelConfig mc = read_model_config(cfg.model.init);
@@ -119,10 +129,7 @@ int run_instruction_eval(const Config& cfg, const Comm& comm) {
   }
   for (std::size_t t = 0; t < tasks.size(); ++t) {
     const std::vector<Example>& examples = tasks[t];
-    std::vector<std::string> labels;
-    for (const Example& e : examples) labels.push_back(e.output);
-    std::sort(labels.begin(), labels.end());
-    labels.erase(std::unique(labels.begin(), labels.end()), labels.end());
+    const std::vector<std::string>& labels = label_sets[t];
     // Ranks take examples round-robin and agree on a confusion matrix (the last column: no label).
     const std::size_t L = labels.size();
     std::vector<double> confusion(L * (L + 1), 0.0);

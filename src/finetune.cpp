@@ -32,7 +32,14 @@ class InstructionBatches final : public BatchSource {
 std::unique_ptr<InstructionBatches> load_examples(const std::string& path, const Tokenizer& tok, int seq_len,
                                                   bool shuffle, uint64_t seed) {
   std::vector<Encoded> encoded;
-  for (const Example& e : read_jsonl(path)) encoded.push_back(encode_example(tok, e, seq_len));
+  const std::vector<Example> examples = read_jsonl(path);
+  for (std::size_t i = 0; i < examples.size(); ++i) {
+    try {
+      encoded.push_back(encode_example(tok, examples[i], seq_len));
+    } catch (const InputError& e) {
+      throw InputError(path + ": example " + std::to_string(i + 1) + ": " + e.what());
+    }
+  }
   if (encoded.empty()) throw InputError(path + ": no examples");
   return std::make_unique<InstructionBatches>(std::move(encoded), seq_len, tok.eot(), shuffle, seed);
 }

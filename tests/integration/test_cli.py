@@ -365,6 +365,9 @@ def test_eval_on_instruction_tasks():
         assert row, p.stdout
         n, acc = row[0].split("|")[2:4]
         assert int(n) == 9 and 0.0 <= float(acc) <= 1.0, row
+    bad_input(["--mode", "eval", "--model.init", os.path.join(d, "ckpt_000003.h5"), "--eval.tasks", task,
+               "--eval.labels", "negative,positive", "--data.tokenizer_dir", TOKENIZER, "--run.dir", d],
+              "not one of the task's labels")
     with h5py.File(os.path.join(d, "metrics.h5"), "r") as f:
         assert list(f["eval/senti/n"][:]) == [9, 9]
         assert f["eval/senti/accuracy"].shape == (2,) and "f1_macro" in f["eval/senti"]

@@ -10,6 +10,9 @@ torch ops, so that it is an outside reference for lrllm's C++ model:
     chosen per layer from which tensors exist (W, or A and B);
   * the lrllm HDF5 checkpoint layout (DESIGN.md section 4), read and written with h5py;
   * llm.c token files (256 int32 header, then uint16 tokens);
+  * LoRA adapters y = base(x) + (alpha/r) (x lora_A^T) lora_B^T over a frozen base, and the
+    block-wise int8 / NF4 (optionally double-quantized) storage of frozen dense W, quantized and
+    dequantized in numpy from the rules in include/lrllm/quant.h's header comment;
   * the lrllm pretraining step: warmup + cosine lr, global-norm clipping, torch AdamW with
     weight decay on 2-D tensors only.
 """
@@ -38,6 +41,15 @@ class Config:
     d_ff: int = 256
     lowrank_rank: int = 0
     lowrank_targets: tuple = field(default_factory=tuple)  # subset of LINEAR_SITES
+    lora_rank: int = 0
+    lora_alpha: float = 0.0
+    lora_targets: tuple = field(default_factory=tuple)  # sites with adapters
+    quant: str = "none"  # how the checkpoint stores the frozen dense W: none | int8 | nf4
+    quant_block: int = 64
+
+    @property
+    def lora_scale(self) -> float:
+        return self.lora_alpha / self.lora_rank if self.lora_rank > 0 else 0.0
 
 
 def site_path(i: int, site: str) -> str:
@@ -123,11 +135,11 @@ def save_checkpoint(path: str, cfg: Config, params: dict[str, np.ndarray], mode:
         c.attrs["tied_embeddings"] = np.int64(1)
         c.attrs["lowrank_rank"] = np.int64(cfg.lowrank_rank)
         c.attrs["lowrank_targets"] = ",".join(cfg.lowrank_targets) if cfg.lowrank_rank else ""
-        c.attrs["lora_rank"] = np.int64(0)
-        c.attrs["lora_alpha"] = np.float64(0.0)
-        c.attrs["lora_targets"] = ""
+        c.attrs["lora_rank"] = np.int64(cfg.lora_rank)
+        c.attrs["lora_alpha"] = np.float64(cfg.lora_alpha)
+        c.attrs["lora_targets"] = ",".join(cfg.lora_targets) if cfg.lora_rank else ""
         c.attrs["quant"] = "none"
-        c.attrs["quant_block"] = np.int64(64)
+        c.attrs["quant_block"] = np.int64(cfg.quant_block)
         m = f.create_group("model")
         for name, arr in params.items():
             m.create_dataset(name, data=np.ascontiguousarray(arr, dtype=np.float32))
@@ -148,22 +160,53 @@ def read_group_tensors(f: h5py.File, group: str) -> dict[str, np.ndarray]:
     return out
 
 
+def _attr_str(v) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def read_config(f: h5py.File) -> Config:
+    c = f["config"].attrs
+
+    def targets(key):
+        return tuple(t for t in _attr_str(c.get(key, "")).split(",") if t)
+
+    return Config(vocab_size=int(c["vocab_size"]), seq_len=int(c["seq_len"]),
+                  n_layer=int(c["n_layer"]), n_head=int(c["n_head"]),
+                  d_model=int(c["d_model"]), d_ff=int(c["d_ff"]),
+                  lowrank_rank=int(c.get("lowrank_rank", 0)),
+                  lowrank_targets=targets("lowrank_targets"),
+                  lora_rank=int(c.get("lora_rank", 0)),
+                  lora_alpha=float(c.get("lora_alpha", 0.0)),
+                  lora_targets=targets("lora_targets"),
+                  quant=_attr_str(c.get("quant", "none")),
+                  quant_block=int(c.get("quant_block", 64)))
+
+
 def load_checkpoint(path: str):
-    """(Config, params, attrs) from an lrllm checkpoint; params keyed by path under /model."""
+    """(Config, params, attrs) from an lrllm checkpoint; params keyed by path under /model.
+
+    params holds the datasets as stored: a quantized W appears as W_q, W_absmax, ... (see
+    load_model for float weights).
+    """
     with h5py.File(path, "r") as f:
-        c = f["config"].attrs
-
-        def s(v):
-            return v.decode() if isinstance(v, bytes) else str(v)
-
-        targets = tuple(t for t in s(c.get("lowrank_targets", "")).split(",") if t)
-        cfg = Config(vocab_size=int(c["vocab_size"]), seq_len=int(c["seq_len"]),
-                     n_layer=int(c["n_layer"]), n_head=int(c["n_head"]),
-                     d_model=int(c["d_model"]), d_ff=int(c["d_ff"]),
-                     lowrank_rank=int(c.get("lowrank_rank", 0)), lowrank_targets=targets)
+        cfg = read_config(f)
         params = read_group_tensors(f, "model")
         attrs = {k: f.attrs[k] for k in f.attrs}
     return cfg, params, attrs
+
+
+def load_model(path: str):
+    """(Config, params) with every quantized W replaced by its float32 dequantization `W`."""
+    with h5py.File(path, "r") as f:
+        cfg = read_config(f)
+        params = read_group_tensors(f, "model")
+        qsites = sorted({k[:-len("/W_q")] for k in params if k.endswith("/W_q")})
+        for site in qsites:
+            q = read_quantized(f["model"][site])
+            for k in [k for k in params if k.startswith(site + "/W_")]:
+                del params[k]
+            params[site + "/W"] = dequantize(q)
+    return cfg, params
 
 
 def write_tokens(path: str, tokens: np.ndarray):
@@ -207,11 +250,16 @@ def gelu_tanh(x):
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
 
 
-def linear(P, base, x):
-    """Dense (W) or low-rank (A, B) linear layer, decided by which tensors exist."""
+def linear(P, base, x, lora_scale=0.0):
+    """Dense (W) or low-rank (A, B) linear layer, decided by which tensors exist, plus the LoRA
+    term lora_scale * (x lora_A^T) lora_B^T where the site has adapters."""
     if base + "/W" in P:
-        return x @ P[base + "/W"].T + P[base + "/b"]
-    return (x @ P[base + "/A"].T) @ P[base + "/B"].T + P[base + "/b"]
+        y = x @ P[base + "/W"].T + P[base + "/b"]
+    else:
+        y = (x @ P[base + "/A"].T) @ P[base + "/B"].T + P[base + "/b"]
+    if base + "/lora_A" in P:
+        y = y + lora_scale * ((x @ P[base + "/lora_A"].T) @ P[base + "/lora_B"].T)
+    return y
 
 
 def attention(qkv, n_head):
@@ -237,14 +285,15 @@ def attention(qkv, n_head):
 def forward(P, cfg: Config, idx, targets=None):
     """Logits [B,T,V], and the mean cross-entropy if targets are given."""
     T = idx.shape[1]
+    s = cfg.lora_scale
     x = P["wte"][idx] + P["wpe"][:T]
     for i in range(cfg.n_layer):
         h = layer_norm(x, P[f"h.{i}/ln_1/w"], P[f"h.{i}/ln_1/b"])
-        h = attention(linear(P, f"h.{i}/attn/qkv", h), cfg.n_head)
-        x = x + linear(P, f"h.{i}/attn/proj", h)
+        h = attention(linear(P, f"h.{i}/attn/qkv", h, s), cfg.n_head)
+        x = x + linear(P, f"h.{i}/attn/proj", h, s)
         h = layer_norm(x, P[f"h.{i}/ln_2/w"], P[f"h.{i}/ln_2/b"])
-        h = gelu_tanh(linear(P, f"h.{i}/mlp/fc", h))
-        x = x + linear(P, f"h.{i}/mlp/proj", h)
+        h = gelu_tanh(linear(P, f"h.{i}/mlp/fc", h, s))
+        x = x + linear(P, f"h.{i}/mlp/proj", h, s)
     x = layer_norm(x, P["ln_f/w"], P["ln_f/b"])
     logits = x @ P["wte"].T
     if targets is None:
@@ -256,16 +305,156 @@ def forward(P, cfg: Config, idx, targets=None):
 
 
 def to_torch(params: dict[str, np.ndarray], dtype=torch.float64, requires_grad=True):
-    return {k: torch.tensor(np.asarray(v), dtype=dtype, requires_grad=requires_grad)
+    """requires_grad: True, False, or a predicate on the parameter name."""
+    rg = requires_grad if callable(requires_grad) else (lambda _k: bool(requires_grad))
+    return {k: torch.tensor(np.asarray(v), dtype=dtype, requires_grad=rg(k))
             for k, v in params.items()}
 
 
-def loss_and_grads(params, cfg: Config, x, y, dtype=torch.float64):
-    """Mean loss (float) and gradients (numpy, float64) of every parameter."""
-    P = to_torch(params, dtype)
+def is_lora(name: str) -> bool:
+    return name.split("/")[-1] in ("lora_A", "lora_B")
+
+
+def loss_and_grads(params, cfg: Config, x, y, dtype=torch.float64, trainable=None):
+    """Mean loss (float) and gradients (numpy, float64) of every parameter, or only of those
+    for which the predicate `trainable` holds (the rest are frozen constants)."""
+    P = to_torch(params, dtype, True if trainable is None else trainable)
     _, loss = forward(P, cfg, x, y)
     loss.backward()
-    return loss.item(), {k: t.grad.detach().numpy().astype(np.float64) for k, t in P.items()}
+    return loss.item(), {k: t.grad.detach().numpy().astype(np.float64) for k, t in P.items()
+                         if t.requires_grad}
+
+
+# ----------------------------------------------------------------------------------------------
+# Block-wise quantization (numpy), written from the rules in include/lrllm/quant.h's header:
+# blocks of `block` consecutive values of the flattened row-major tensor (last one may be
+# short), each scaled by its absmax = max |x|.
+
+
+def _round_half_away(t: np.ndarray) -> np.ndarray:
+    return np.sign(t) * np.floor(np.abs(t) + 0.5)
+
+
+def _f32_nearest(x) -> np.float32:
+    """x (a Fraction, or anything Fraction accepts) rounded to float32 once, ties to even."""
+    from fractions import Fraction
+    x = Fraction(x)
+    f = np.float32(float(x))  # within one float32 ulp of x; pick the nearest neighbour exactly
+    cands = [f, np.nextafter(f, np.float32(-np.inf)), np.nextafter(f, np.float32(np.inf))]
+    cands = [c for c in cands if np.isfinite(c)]
+    best = min(cands, key=lambda c: (abs(Fraction(float(c)) - x),
+                                     int(np.array(c, np.float32).view(np.uint32)) & 1))
+    return np.float32(best)
+
+
+def _block_absmax(x: np.ndarray, block: int) -> np.ndarray:
+    n = x.size
+    nb = -(-n // block)
+    pad = np.zeros(nb * block, np.float32)
+    pad[:n] = np.abs(x.reshape(-1))
+    return pad.reshape(nb, block).max(axis=1).astype(np.float32)
+
+
+def _per_value(a: np.ndarray, n: int, block: int) -> np.ndarray:
+    return np.repeat(a, block)[:n]
+
+
+NF4_LEVELS = np.array([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], dtype=np.float32)
+NF4_ABSMAX_BLOCK = 256
+
+
+def quantize(x: np.ndarray, kind: str, block: int = 64, double_quant: bool = True) -> dict:
+    """The stored form of float32 x: dict with kind, block, shape, codes (int8 codes, or packed
+    NF4 bytes), and absmax (float32) or absmax_q/absmax_scale/absmax_mean (NF4 double quant)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    flat = x.reshape(-1)
+    n = flat.size
+    amax = _block_absmax(flat, block)
+    per = _per_value(amax, n, block)
+    q = {"kind": kind, "block": block, "shape": tuple(x.shape), "double_quant": False}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if kind == "int8":
+            t = (127.0 * flat.astype(np.float64)) / per.astype(np.float64)
+            code = np.where(per > 0, _round_half_away(t), 0.0)
+            q["codes"] = code.astype(np.int8)
+            q["absmax"] = amax
+            return q
+        assert kind == "nf4"
+        v = np.where(per > 0, flat / per, np.float32(0)).astype(np.float32)
+    lv = NF4_LEVELS.astype(np.float64)
+    mids = (lv[:-1] + lv[1:]) / 2  # exact in float64
+    # nearest level in exact arithmetic; a value exactly on a midpoint goes to the lower code
+    code = (v.astype(np.float64)[:, None] > mids[None, :]).sum(axis=1).astype(np.uint8)
+    code[per == 0] = 7
+    if n % 2:
+        code = np.concatenate([code, np.zeros(1, np.uint8)])
+    q["codes"] = ((code[0::2] << 4) | code[1::2]).astype(np.uint8)
+    if not double_quant:
+        q["absmax"] = amax
+        return q
+    from fractions import Fraction
+    mean = _f32_nearest(sum(Fraction(float(a)) for a in amax) / len(amax))
+    c = amax.astype(np.float64) - np.float64(mean)  # exact: both float32
+    nbq = -(-len(amax) // NF4_ABSMAX_BLOCK)
+    scale = np.zeros(nbq, np.float32)
+    aq = np.zeros(len(amax), np.int8)
+    for j in range(nbq):
+        cj = c[j * NF4_ABSMAX_BLOCK:(j + 1) * NF4_ABSMAX_BLOCK]
+        scale[j] = np.float32(np.abs(cj).max() / 127.0)
+        if scale[j] > 0:
+            aq[j * NF4_ABSMAX_BLOCK:(j + 1) * NF4_ABSMAX_BLOCK] = \
+                _round_half_away(cj / np.float64(scale[j])).astype(np.int8)
+    q.update(double_quant=True, absmax_q=aq, absmax_scale=scale, absmax_mean=float(mean))
+    return q
+
+
+def block_absmax(q: dict) -> np.ndarray:
+    """The float32 absmax per block that dequantization uses (fma(q, scale, mean) in float32
+    under double quantization: one rounding of the exact q*scale + mean)."""
+    if not q["double_quant"]:
+        return np.asarray(q["absmax"], np.float32)
+    from fractions import Fraction
+    mean = Fraction(float(np.float32(q["absmax_mean"])))
+    out = np.empty(len(q["absmax_q"]), np.float32)
+    for j, code in enumerate(np.asarray(q["absmax_q"], np.int64)):
+        sc = Fraction(float(q["absmax_scale"][j // NF4_ABSMAX_BLOCK]))
+        out[j] = _f32_nearest(int(code) * sc + mean)
+    return out
+
+
+def dequantize(q: dict) -> np.ndarray:
+    """float32 tensor of q's shape."""
+    n = int(np.prod(q["shape"])) if len(q["shape"]) else 0
+    per = _per_value(block_absmax(q), n, q["block"])
+    if q["kind"] == "int8":
+        scale = (per / np.float32(127)).astype(np.float32)  # absmax/127 rounded to float once
+        vals = np.asarray(q["codes"], np.int8).astype(np.float32) * scale
+    else:
+        b = np.asarray(q["codes"], np.uint8)
+        codes = np.empty(2 * b.size, np.uint8)
+        codes[0::2], codes[1::2] = b >> 4, b & 15  # earlier value in the high nibble
+        vals = NF4_LEVELS[codes[:n]] * per
+    return vals.astype(np.float32).reshape(q["shape"])
+
+
+def read_quantized(g: h5py.Group) -> dict:
+    """A quantized W stored under group g (W_q with attrs, W_absmax or W_absmax_q/_scale)."""
+    d = g["W_q"]
+    kind = _attr_str(d.attrs["quant"])
+    q = {"kind": kind, "block": int(d.attrs["block_size"]),
+         "shape": tuple(int(s) for s in d.attrs["shape"]), "codes": d[()],
+         "double_quant": "W_absmax_q" in g}
+    if q["double_quant"]:
+        assert int(d.attrs["absmax_block_size"]) == NF4_ABSMAX_BLOCK
+        q.update(absmax_q=g["W_absmax_q"][()], absmax_scale=g["W_absmax_scale"][()],
+                 absmax_mean=float(d.attrs["absmax_mean"]))
+    else:
+        q["absmax"] = g["W_absmax"][()]
+    return q
 
 
 # ----------------------------------------------------------------------------------------------
