@@ -14,6 +14,18 @@ Checks
   train_{dense,lowrank}_weights   final weights of the step-10 checkpoint (rel <= 1e-4 per tensor;
                            the k rows of qkv/b, whose gradient is exactly 0, only by |moved| <= sum(lr))
   train_{dense,lowrank}_moments   its AdamW m and v (rel <= 1e-4 per tensor) and step attr
+  lora_{none,int8,nf4,lowrank}_{loss,grads,base}   finetuning: `lrllm --mode finetune` (2 steps of
+                           LoRA over a frozen GPT-2-vocabulary base stored as float32, int8 (block
+                           100: short last blocks), double-quantized NF4, or a low-rank qkv/fc
+                           base with NF4 dense sites and adapters on qkv,mlp_proj only), then
+                           grad_dump on its checkpoint vs the torch model built from the numpy
+                           dequantization of the stored base plus the adapters:
+                             loss   rel <= 1e-5 (and the trained adapters must move the loss)
+                             grads  exactly the lora_A/lora_B gradients (no base tensor's), each
+                                    rel <= 1e-4
+                             base   every float tensor bit-identical to the base file; a
+                                    quantized W: codes/scales equal to the numpy quantization of
+                                    the base W, dequantization within the error bound
 
 The torch side runs in float64 throughout (model, gradients and the AdamW loop).
 """
@@ -21,6 +33,7 @@ The torch side runs in float64 throughout (model, gradients and the AdamW loop).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shutil
@@ -178,6 +191,69 @@ def check_selftest():
         raise CheckFailed(f"low-rank loss {l1!r} != dense(B@A) loss {l2!r}")
     if not (5.0 < l1 < 7.5):
         raise CheckFailed(f"initial loss {l1} is not near ln(V) = {math.log(cfg.vocab_size):.3f}")
+    selftest_lora_quant()
+
+
+def selftest_lora_quant():
+    """LoRA == dense with W + (alpha/r) lora_B@lora_A; int8/NF4 on hand-worked values."""
+    base = ref.Config(**SMALL)
+    cfg = ref.Config(**SMALL, lora_rank=4, lora_alpha=6.0, lora_targets=("qkv", "mlp_proj"))
+    p = ref.init_params(base, seed=8)
+    rng = np.random.default_rng(9)
+    merged = dict(p)
+    for i in range(cfg.n_layer):
+        for site in cfg.lora_targets:
+            out, inp = ref.site_shape(cfg, site)
+            sp = ref.site_path(i, site)
+            p[sp + "/lora_A"] = (0.3 * rng.standard_normal((4, inp))).astype(np.float32)
+            p[sp + "/lora_B"] = (0.3 * rng.standard_normal((out, 4))).astype(np.float32)
+            merged[sp + "/W"] = p[sp + "/W"].astype(np.float64) + 1.5 * (
+                p[sp + "/lora_B"].astype(np.float64) @ p[sp + "/lora_A"].astype(np.float64))
+    toks = rng.integers(0, cfg.vocab_size, size=2 * cfg.seq_len + 1)
+    xb, yb = ref.batch(toks, cfg.seq_len, range(2))
+    l1, g1 = ref.loss_and_grads(p, cfg, xb, yb, trainable=ref.is_lora)
+    l2, _ = ref.loss_and_grads(merged, base, xb, yb)
+    l0, _ = ref.loss_and_grads({k: v for k, v in p.items() if not ref.is_lora(k)}, base, xb, yb)
+    if abs(l1 - l2) > 1e-12 * abs(l2) or abs(l1 - l0) < 1e-3:
+        raise CheckFailed(f"LoRA loss {l1!r} != merged-W loss {l2!r} (no-adapter loss {l0!r})")
+    if sorted(g1) != sorted(k for k in p if ref.is_lora(k)):
+        raise CheckFailed(f"trainable=is_lora gave gradients for {sorted(g1)}")
+    # int8, block 4: codes round(127 x / absmax), half away from zero; value code*(absmax/127).
+    q = ref.quantize(np.array([2, -1, 0.5, 0, 0.75], np.float32), "int8", block=4)
+    if q["codes"].tolist() != [127, -64, 32, 0, 127] or q["absmax"].tolist() != [2, 0.75]:
+        raise CheckFailed(f"int8 codes {q['codes'].tolist()} absmax {q['absmax'].tolist()}")
+    d = ref.dequantize(q)
+    want = np.array([127, -64, 32, 0], np.float32) * np.float32(2 / 127)
+    if not np.array_equal(d[:4], want) or d[4] != np.float32(0.75):
+        raise CheckFailed(f"int8 dequantization {d.tolist()}")
+    # NF4, block 4, no double quant: 1 -> 15, -1 -> 0, 0 -> 7, 0.5 -> 12 (0.4407 < 0.5 < mid
+    # 0.5016), the exact 0/0.0796 midpoint -> 7 (the lower code), last nibble of an odd count 0.
+    mid = np.float32((0.0 + 0.07958029955625534) / 2)
+    q = ref.quantize(np.array([1, -1, 0, 0.5, 2 * mid, -2, 2], np.float32), "nf4", block=4,
+                     double_quant=False)
+    if q["codes"].tolist() != [0xF0, 0x7C, 0x70, 0xF0]:
+        raise CheckFailed(f"nf4 packed codes {[hex(c) for c in q['codes']]}")
+    d = ref.dequantize(q)
+    if d.tolist() != [1, -1, 0, np.float32(0.44070982933044434), 0, -2, 2]:
+        raise CheckFailed(f"nf4 dequantization {d.tolist()}")
+    # Double quantization of random blocks: error within 0.1519 absmax + the absmax's own error.
+    x = rng.standard_normal((37, 29)).astype(np.float32) * np.linspace(0.1, 3, 29, dtype=np.float32)
+    q = ref.quantize(x, "nf4", block=8)
+    err, bound = nf4_error_and_bound(x, q)
+    if not np.all(err <= bound) or q["absmax_q"].dtype != np.int8:
+        raise CheckFailed(f"double-quantized NF4 error {err.max():.3g} beyond its bound")
+
+
+def nf4_error_and_bound(x, q):
+    """Per value |x - dequant| and its bound: 0.15191 * exact block absmax (the largest half gap
+    between NF4 levels is 0.1519036) + |dequantized absmax - exact absmax| + float rounding."""
+    n = x.size
+    exact = ref._block_absmax(x.reshape(-1), q["block"])
+    used = ref.block_absmax(q)
+    a = ref._per_value(exact, n, q["block"]).astype(np.float64)
+    da = ref._per_value(np.abs(used.astype(np.float64) - exact), n, q["block"])
+    err = np.abs(ref.dequantize(q).reshape(-1).astype(np.float64) - x.reshape(-1))
+    return err, 0.15191 * a + da + 1e-6 * (a + da)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -363,6 +439,190 @@ def run_train_case(build, work, variant, seed, n_seq):
 
 
 # ----------------------------------------------------------------------------------------------
+# 3. Finetuning: LoRA over a frozen (quantized) base, `lrllm --mode finetune` then grad_dump
+
+LORA_SMALL = dict(vocab_size=50257, seq_len=32, n_layer=2, n_head=2, d_model=32, d_ff=64)
+LORA_CASES = {  # name: (base config, quant.bits, quant.block, lora.targets)
+    "none": (ref.Config(**LORA_SMALL), 0, 64, "all"),
+    "int8": (ref.Config(**LORA_SMALL), 8, 100, "all"),
+    "nf4": (ref.Config(**LORA_SMALL), 4, 64, "all"),
+    "lowrank": (ref.Config(**LORA_SMALL, lowrank_rank=4, lowrank_targets=("qkv", "fc")), 4, 64,
+                "qkv,mlp_proj"),
+}
+LORA_RANK, LORA_ALPHA = 4, 8.0
+INSTRUCTIONS = [
+    {"instruction": "Classify the sentiment of this headline.",
+     "input": "Quarterly profits rose sharply on strong demand.", "output": "positive"},
+    {"instruction": "Classify the sentiment of this headline.",
+     "input": "The company missed its revenue targets again.", "output": "negative"},
+    {"instruction": "Answer yes or no.", "input": "Is the sun a star?", "output": "yes"},
+    {"instruction": "Name the colour of a clear daytime sky.", "input": "", "output": "blue"},
+    {"instruction": "Summarise in one word.", "input": "Shares were flat all week.",
+     "output": "neutral"},
+]
+
+
+def bits_equal(a, b) -> bool:
+    a, b = np.asarray(a), np.asarray(b)
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+def run_lora_case(build, work, name, seed):
+    base_cfg, bits, qblock, targets = LORA_CASES[name]
+    state = {}
+
+    def run():
+        if "err" in state:
+            raise state["err"]
+        if "out" in state:
+            return state["out"]
+        try:
+            base_params = ref.init_params(base_cfg, seed=seed)
+            base = os.path.join(work, f"lora_{name}_base.h5")
+            ref.save_checkpoint(base, base_cfg, base_params)
+            jsonl = os.path.join(work, f"lora_{name}.jsonl")
+            with open(jsonl, "w") as f:
+                for ex in INSTRUCTIONS:
+                    f.write(json.dumps(ex) + "\n")
+            run_dir = os.path.join(work, f"run_lora_{name}")
+            steps = 2
+            run_cmd([os.path.join(build, "lrllm"), "--mode", "finetune", "--model.init", base,
+                     "--data.train", jsonl, "--data.val", jsonl,
+                     "--data.tokenizer_dir", os.path.join(REPO, "input", "data", "tokenizer"),
+                     "--lora.rank", str(LORA_RANK), "--lora.alpha", repr(LORA_ALPHA),
+                     "--lora.targets", targets, "--quant.bits", str(bits),
+                     "--quant.block", str(qblock), "--train.steps", str(steps),
+                     "--train.batch_size", "2", "--train.lr", "1e-2", "--train.warmup", "0",
+                     "--train.eval_batches", "1", "--run.dir", run_dir, "--device", "cpu"])
+            ckpt = find_final_checkpoint(run_dir, steps)
+            rng = np.random.default_rng(seed + 1000)
+            toks = rng.integers(0, base_cfg.vocab_size, size=(BATCH + 1) * base_cfg.seq_len + 3)
+            data = os.path.join(work, f"lora_{name}.bin")
+            ref.write_tokens(data, toks)
+            out = os.path.join(work, f"lora_{name}_out.h5")
+            run_cmd([os.path.join(build, "tests", "grad_dump"), "--init", ckpt, "--data", data,
+                     "--batch", str(BATCH), "--out", out])
+            with h5py.File(out, "r") as f:
+                if "loss" not in f.attrs:
+                    raise CheckFailed("grad_dump output has no root attr 'loss'")
+                got_loss = float(f.attrs["loss"])
+                got = ref.read_group_tensors(f, "grads")
+            cfg, params = ref.load_model(ckpt)
+            want_sites = [ref.site_path(i, s) for i in range(cfg.n_layer) for s in
+                          (ref.LINEAR_SITES if targets == "all" else targets.split(","))]
+            if (cfg.lora_rank, cfg.lora_alpha) != (LORA_RANK, LORA_ALPHA):
+                raise CheckFailed(f"checkpoint /config lora_rank {cfg.lora_rank}, lora_alpha "
+                                  f"{cfg.lora_alpha}; expected {LORA_RANK}, {LORA_ALPHA}")
+            have = sorted(k for k in params if ref.is_lora(k))
+            expect = sorted(f"{sp}/{t}" for sp in want_sites for t in ("lora_A", "lora_B"))
+            if have != expect:
+                raise CheckFailed(f"checkpoint adapters {have} != expected {expect}")
+            x, y = ref.batch(toks, cfg.seq_len, range(BATCH))
+            loss, grads = ref.loss_and_grads(params, cfg, x, y, trainable=ref.is_lora)
+            frozen = ref.to_torch(params, requires_grad=False)
+            with torch.no_grad():
+                _, l0 = ref.forward({k: v for k, v in frozen.items() if not ref.is_lora(k)},
+                                    cfg, x, y)
+            state["out"] = dict(ckpt=ckpt, base=base, cfg=cfg, got_loss=got_loss, loss=loss,
+                                loss_no_lora=l0.item(), got=got, grads=grads, bits=bits)
+            return state["out"]
+        except Exception as e:
+            state["err"] = e
+            raise
+
+    def check_loss():
+        r = run()
+        got_loss, loss = r["got_loss"], r["loss"]
+        e = abs(got_loss - loss) / abs(loss)
+        if not (e <= LOSS_RTOL):
+            raise CheckFailed(f"loss lrllm {got_loss:.9f} vs torch {loss:.9f} (rel {e:.2e} > "
+                              f"{LOSS_RTOL:g})")
+        moved = abs(r["loss_no_lora"] - loss) / abs(loss)
+        if not moved > 10 * LOSS_RTOL:
+            raise CheckFailed(f"the trained adapters change the loss by only {moved:.1e} "
+                              f"(rel): the check cannot see them")
+
+    def check_grads():
+        r = run()
+        got, grads = r["got"], r["grads"]
+        extra = sorted(k for k in got if k not in grads)
+        if extra:
+            more = f" (+{len(extra) - 4} more)" if len(extra) > 4 else ""
+            raise CheckFailed(f"{len(extra)} gradients of frozen tensors in grad_dump's output: "
+                              f"{', '.join(extra[:4])}{more}")
+        for k, g in grads.items():
+            if not np.linalg.norm(g) > 0:
+                raise CheckFailed(f"reference gradient of {k} is zero")
+        compare_tensors(got, grads, GRAD_RTOL, "adapter gradients")
+
+    def check_base():
+        r = run()
+        _, base_p, _ = ref.load_checkpoint(r["base"])
+        _, stored, _ = ref.load_checkpoint(r["ckpt"])
+        kind = {0: None, 8: "int8", 4: "nf4"}[r["bits"]]
+        with h5py.File(r["ckpt"], "r") as f:
+            qattr = ref._attr_str(f["config"].attrs.get("quant", ""))
+            if qattr != (kind or "none"):
+                raise CheckFailed(f"/config quant is {qattr!r}, expected {kind or 'none'!r}")
+            for k, v in base_p.items():
+                site = k.rsplit("/", 1)[0]
+                if k.endswith("/W") and kind is not None:
+                    if k in stored:
+                        raise CheckFailed(f"{k} stored as float under quant {kind}")
+                    if site + "/W_q" not in stored:
+                        raise CheckFailed(f"no {site}/W_q in the checkpoint")
+                    q = ref.read_quantized(f["model"][site])
+                    check_quantized(site, v, q, kind, LORA_CASES[name][2])
+                    continue
+                if k not in stored:
+                    raise CheckFailed(f"base tensor {k} missing from the checkpoint")
+                if not bits_equal(stored[k], v):
+                    d = np.abs(stored[k].astype(np.float64) - v).max() \
+                        if stored[k].shape == v.shape else float("nan")
+                    raise CheckFailed(f"{k} ({stored[k].dtype}{list(stored[k].shape)}) is not "
+                                      f"bitwise the base's (max |diff| {d:.2e})")
+            for k, v in stored.items():
+                if ref.is_lora(k) and k.endswith("lora_B") and not np.any(v != 0):
+                    raise CheckFailed(f"{k} is all zero after 2 finetuning steps")
+
+    return [("loss", check_loss), ("grads", check_grads), ("base", check_base)]
+
+
+def check_quantized(site, w, q, kind, block):
+    """lrllm's stored quantization of base W against numpy's, and the dequantization bound."""
+    if q["kind"] != kind or q["block"] != block or q["shape"] != tuple(w.shape):
+        raise CheckFailed(f"{site}/W_q attrs quant {q['kind']}, block_size {q['block']}, shape "
+                          f"{q['shape']}; expected {kind}, {block}, {tuple(w.shape)}")
+    if kind == "nf4" and not q["double_quant"]:
+        raise CheckFailed(f"{site}: NF4 base not double-quantized (the default)")
+    mine = ref.quantize(w, kind, block)
+    keys = ["codes"] + (["absmax_q", "absmax_scale"] if q["double_quant"] else ["absmax"])
+    for key in keys:
+        if not bits_equal(q[key], mine[key]):
+            a, b = np.asarray(q[key]), np.asarray(mine[key])
+            if a.shape != b.shape or a.dtype != b.dtype:
+                why = f"{a.dtype}{list(a.shape)} vs numpy's {b.dtype}{list(b.shape)}"
+            else:
+                i = int(np.flatnonzero(a != b)[0])
+                why = f"{int((a != b).sum())}/{a.size} differ; first [{i}]: {a[i]} vs {b[i]}"
+            raise CheckFailed(f"{site} {key}: {why}")
+    if q["double_quant"] and np.float32(q["absmax_mean"]) != np.float32(mine["absmax_mean"]):
+        raise CheckFailed(f"{site} absmax_mean {q['absmax_mean']!r} vs numpy "
+                          f"{mine['absmax_mean']!r}")
+    deq = ref.dequantize(q).astype(np.float64).reshape(-1)
+    x = w.reshape(-1).astype(np.float64)
+    if kind == "int8":
+        a = ref._per_value(ref._block_absmax(w.reshape(-1), block), x.size, block)
+        err, bound = np.abs(deq - x), a.astype(np.float64) * (1 / 254 + 1e-6)
+    else:
+        err, bound = nf4_error_and_bound(w, q)
+    if not np.all(err <= bound):
+        i = int(np.argmax(err - bound))
+        raise CheckFailed(f"{site} dequantized W off by {err[i]:.3g} at [{i}] (bound "
+                          f"{bound[i]:.3g})")
+
+
+# ----------------------------------------------------------------------------------------------
 
 
 def main():
@@ -385,6 +645,9 @@ def main():
     for v, seed, n_seq in (("dense", 20, 40), ("lowrank", 21, 26)):
         for suffix, fn in run_train_case(build, work, v, seed, n_seq):
             checks.append((f"train_{v}_{suffix}", fn))
+    for i, name in enumerate(LORA_CASES):
+        for suffix, fn in run_lora_case(build, work, name, seed=30 + i):
+            checks.append((f"lora_{name}_{suffix}", fn))
 
     for name, fn in checks:
         if args.only and args.only not in name:
