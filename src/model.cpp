@@ -166,10 +166,14 @@ ParamCounts Model::param_counts() const {
   return c;
 }
 
-int classifier_chunk_rows(int N, int vocab_size) {
+int classifier_row_limit(int vocab_size, int max_rows) {
   const int by_budget =
       static_cast<int>(std::max<std::size_t>(1, kClassifierBudgetBytes / (sizeof(float) * vocab_size)));
-  const int limit = std::min(kClassifierMaxRows, by_budget);
+  return std::min(max_rows, by_budget);
+}
+
+int classifier_chunk_rows(int N, int vocab_size, int max_rows) {
+  const int limit = classifier_row_limit(vocab_size, max_rows);
   const int chunks = (N + limit - 1) / limit;
   return (N + chunks - 1) / chunks;
 }
@@ -243,8 +247,9 @@ void Model::ensure_acts(int B) {
   lnf_ = f(N * C);
   lnf_mean_ = f(N);
   lnf_rstd_ = f(N);
-  chunk_rows_ = classifier_chunk_rows(static_cast<int>(N), cfg_.vocab_size);
-  logits_ = f(static_cast<std::size_t>(chunk_rows_) * cfg_.vocab_size);
+  // A smaller batch later (a short validation batch) splits into chunks no larger than this.
+  const int max_rows = recompute_ ? kClassifierMaxRowsLowMemory : kClassifierMaxRows;
+  logits_ = f(std::min<std::size_t>(N, classifier_row_limit(cfg_.vocab_size, max_rows)) * cfg_.vocab_size);
   losses_ = f(N);
   dresid_ = f(N * C);
   scratch_c_ = f(N * C);
@@ -307,7 +312,8 @@ double Model::classifier(const float* x, const int32_t* targets, float* dx, int 
   const float* wte = at(wte_);
   be_.layernorm_forward(lnf_, lnf_mean_, lnf_rstd_, x, at(lnf_w_), at(lnf_b_), N, C);
   const float row_scale = valid > 0 ? grad_scale / static_cast<float>(valid) : 0.0f;
-  const int chunk = classifier_chunk_rows(N, V);
+  const int chunk =
+      classifier_chunk_rows(N, V, recompute_ ? kClassifierMaxRowsLowMemory : kClassifierMaxRows);
   for (int n0 = 0; n0 < N; n0 += chunk) {
     const int rows = std::min(chunk, N - n0);
     const float* xr = lnf_ + static_cast<std::size_t>(n0) * C;

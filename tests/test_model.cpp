@@ -249,6 +249,9 @@ TEST(Model, ClassifierChunksAreEqualAndBounded) {
   // A vocabulary so large that the byte budget, not the row limit, decides.
   EXPECT_EQ(classifier_chunk_rows(1000, 1 << 20), 32);
   EXPECT_EQ(classifier_chunk_rows(1, 50257), 1);
+  // Never more than the limit, whatever N: a smaller batch after a larger one fits the same buffer.
+  for (int n = 1; n < 2000; n += 37) EXPECT_LE(classifier_chunk_rows(n, 50257), classifier_row_limit(50257));
+  EXPECT_EQ(classifier_chunk_rows(600, 50257, kClassifierMaxRowsLowMemory), 60);
 }
 
 TEST(Model, TokensOutsideVocabularyAreInputErrors) {

@@ -149,3 +149,6 @@ for s in "${SHAPES[@]}"; do
 done
 
 "$PY" tools/bench_report.py report "$OUT" --threads "$THREADS" --steps "$STEPS"
+
+# Finetuning memory (DESIGN §1: the paper's 6.3x): full finetuning against LoRA over a quantized base.
+"$PY" tools/bench_finetune.py "$BUILD"

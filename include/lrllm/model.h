@@ -139,7 +139,6 @@ class Model {
   std::size_t act_bytes_ = 0;
   int max_rank_ = 0;  // the widest low-rank or LoRA intermediate
   int max_lora_ = 0;
-  int chunk_rows_ = 0;
 };
 
 // Prints parameters by kind and the compression of the linear layers against their dense equivalent.
@@ -149,7 +148,11 @@ void print_param_counts(const ParamCounts& counts, const ModelConfig& cfg);
 // kClassifierMaxRows rows and kClassifierBudgetBytes of logits, N split into equal chunks. Larger chunks run
 // the lm_head GEMMs faster and update the wte gradient fewer times; these bounds keep the buffer modest.
 inline constexpr int kClassifierMaxRows = 512;
+// With recomputation memory comes first: a [64, vocab] buffer, 13 MB for GPT-2's vocabulary.
+inline constexpr int kClassifierMaxRowsLowMemory = 64;
 inline constexpr std::size_t kClassifierBudgetBytes = std::size_t{128} << 20;
-int classifier_chunk_rows(int N, int vocab_size);
+// The most rows one chunk may have, and the rows per chunk for N rows (never more than the limit or N).
+int classifier_row_limit(int vocab_size, int max_rows = kClassifierMaxRows);
+int classifier_chunk_rows(int N, int vocab_size, int max_rows = kClassifierMaxRows);
 
 }  // namespace lrllm
