@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # make run: pretrains the tiny GPT-2 dense and low-rank on 2 MPI ranks, evaluates both checkpoints on the
-# held-out split, and prints parameters, tokens/s and validation loss side by side.
+# held-out split, and prints parameters, tokens/s and validation loss side by side; then finetunes the dense
+# one with LoRA over its NF4-quantized, frozen base (with recomputation) on the demo tasks and evaluates base
+# and finetuned model on the tasks' test splits, side by side.
 # usage: tools/demo.sh [BUILD_DIR]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -24,3 +26,19 @@ for kind in tiny tiny-lowrank; do
 done
 
 /usr/bin/python3 tools/summarize.py "$out/tiny" "$out/tiny-lowrank"
+
+tasks=input/data/tasks
+cat "$tasks"/{finsent,brown-genre,spam}_train.jsonl | awk 'NR % 20 != 0' >"$out/tasks_train.jsonl"
+cat "$tasks"/{finsent,brown-genre,spam}_train.jsonl | awk 'NR % 20 == 0' >"$out/tasks_val.jsonl"
+base=$(ls "$out/tiny"/ckpt_*.h5 | sort | tail -1)
+echo "== finetuning $base: LoRA over an NF4 base, recompute (input/configs/tiny-finetune.cfg)"
+mpirun --quiet -np "$ranks" --oversubscribe "$build/lrllm" --mode finetune --config input/configs/tiny-finetune.cfg \
+  --model.init "$base" --run.dir "$out/tiny-finetune" | tee "$out/tiny-finetune.log"
+tuned=$(ls "$out/tiny-finetune"/ckpt_*.h5 | sort | tail -1)
+test_sets="$tasks/finsent_test.jsonl,$tasks/brown-genre_test.jsonl,$tasks/spam_test.jsonl"
+for model in "$base" "$tuned"; do
+  echo "== evaluating $model on the demo tasks (label scoring)"
+  mpirun --quiet -np "$ranks" --oversubscribe "$build/lrllm" --mode eval --model.init "$model" \
+    --eval.tasks "$test_sets" --eval.method score --run.dir "$(dirname "$model")"
+done
+/usr/bin/python3 tools/summarize.py --eval "$out/tiny" "$out/tiny-finetune"

@@ -1,8 +1,10 @@
 """Side-by-side summary of lrllm run directories: parameters, tokens/s, validation loss.
 
 usage: summarize.py RUN_DIR [RUN_DIR ...]
+       summarize.py --eval RUN_DIR [RUN_DIR ...]
 Reads RUN_DIR/metrics.h5, the newest RUN_DIR/ckpt_*.h5 and, if present, RUN_DIR/eval.txt (the output of
-lrllm --mode eval).
+lrllm --mode eval). With --eval: the latest task evaluation of each run (/eval/<task>/ in metrics.h5), side
+by side.
 """
 import glob
 import os
@@ -53,7 +55,34 @@ def summarize(run_dir):
     }
 
 
+def eval_table(dirs):
+    results = {}
+    tasks = []
+    for d in dirs:
+        with h5py.File(os.path.join(d, "metrics.h5"), "r") as f:
+            for task in f.get("eval", {}):
+                g = f["eval"][task]
+                results[(d, task)] = {k: float(g[k][-1]) for k in ("accuracy", "f1_macro", "f1_weighted", "n")}
+                if task not in tasks:
+                    tasks.append(task)
+    names = [os.path.basename(d.rstrip("/")) for d in dirs]
+    print()
+    print("| task | n | " + " | ".join(f"{n} accuracy | {n} F1 macro | {n} F1 weighted" for n in names) + " |")
+    print("|---|---|" + "---|---|---|" * len(dirs))
+    for task in tasks:
+        cells = []
+        n = 0
+        for d in dirs:
+            r = results.get((d, task))
+            n = int(r["n"]) if r else n
+            cells.append(f"{r['accuracy']:.3f} | {r['f1_macro']:.3f} | {r['f1_weighted']:.3f}" if r else "- | - | -")
+        print(f"| {task} | {n} | " + " | ".join(cells) + " |")
+
+
 def main():
+    if sys.argv[1] == "--eval":
+        eval_table(sys.argv[2:])
+        return
     rows = [summarize(d) for d in sys.argv[1:]]
     base = rows[0]
     print()
