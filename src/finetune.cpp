@@ -72,14 +72,8 @@ int run_finetune(const Config& cfg, const Comm& comm) {
     setup.val = load_examples(cfg.data.val.empty() ? cfg.data.train : cfg.data.val, tok, T, false, cfg.seed);
     setup.data_summary = strprintf("train %zu examples, val %zu examples", setup.train->num_sequences(),
                                    setup.val->num_sequences());
-    setup.backend = make_backend(cfg.device);
-    setup.model = std::make_unique<Model>(setup.mc, *setup.backend, cfg.train.recompute == "block");
-    setup.optimizer = std::make_unique<AdamW>(*setup.backend, setup.model->table(), cfg.train);
-    setup.state.seed = cfg.seed;
-    if (!setup.resume.empty()) {
-      load_weights(setup.resume, *setup.model);
-      load_training_state(setup.resume, *setup.optimizer, setup.state);
-    } else {
+    setup.build(cfg);
+    if (setup.resume.empty()) {
       setup.model->init_adapters(cfg.seed);
       load_base_weights(cfg.model.init, *setup.model);
     }

@@ -71,6 +71,17 @@ ModelConfig resolve_model_config(const Config& cfg, const std::string& resume_pa
   return m;
 }
 
+void TrainSetup::build(const Config& cfg) {
+  backend = make_backend(cfg.device);
+  model = std::make_unique<Model>(mc, *backend, cfg.train.recompute == "block");
+  optimizer = std::make_unique<AdamW>(*backend, model->table(), cfg.train);
+  state.seed = cfg.seed;
+  if (!resume.empty()) {
+    load_weights(resume, *model);
+    load_training_state(resume, *optimizer, state);
+  }
+}
+
 void prepare_run_dir(const Config& cfg, const Comm& comm) {
   if (!comm.root()) return;
   std::error_code ec;
@@ -90,17 +101,12 @@ int run_pretrain(const Config& cfg, const Comm& comm) {
     setup.train = std::make_unique<Batcher>(*train_file, setup.mc.seq_len, cfg.data.shuffle, cfg.seed);
     setup.val = std::make_unique<Batcher>(*val_file, setup.mc.seq_len, false, cfg.seed);
     setup.keep_alive = {train_file, val_file};
-    setup.backend = make_backend(cfg.device);
-    setup.model = std::make_unique<Model>(setup.mc, *setup.backend, cfg.train.recompute == "block");
-    setup.optimizer = std::make_unique<AdamW>(*setup.backend, setup.model->table(), cfg.train);
-    setup.state.seed = cfg.seed;
-    if (!setup.resume.empty()) {
-      load_weights(setup.resume, *setup.model);
-      load_training_state(setup.resume, *setup.optimizer, setup.state);
-    } else if (!setup.mc.init.empty()) {
-      load_weights(setup.mc.init, *setup.model);
-    } else {
-      setup.model->init_random(cfg.seed);
+    setup.build(cfg);
+    if (setup.resume.empty()) {
+      if (!setup.mc.init.empty())
+        load_weights(setup.mc.init, *setup.model);
+      else
+        setup.model->init_random(cfg.seed);
     }
     prepare_run_dir(cfg, comm);
   });

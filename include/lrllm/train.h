@@ -28,6 +28,10 @@ struct TrainSetup {
   std::unique_ptr<Model> model;
   std::unique_ptr<AdamW> optimizer;
   TrainState state;
+
+  // Creates backend, model (of mc) and optimizer; when resuming, loads weights, moments and state. A fresh
+  // start's weights are the mode's to set.
+  void build(const Config& cfg);
 };
 
 // Runs train.steps steps from setup.state, writing metrics.h5 and checkpoints (mode names them).
