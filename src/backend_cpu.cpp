@@ -80,8 +80,8 @@ class CpuBackend final : public Backend {
     std::memcpy(dst, src, n * sizeof(float));
   }
 
-  void matmul_strided(float* C, const float* A, const float* B, int M, int N, int K, bool trans_a, bool trans_b,
-                      float alpha, float beta, int lda, int ldb, int ldc) override {
+  void matmul_strided(float* C, const float* A, const float* B, int M, int N, int K, bool trans_a,
+                      bool trans_b, float alpha, float beta, int lda, int ldb, int ldc) override {
     cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans, M, N,
                 K, alpha, A, lda, B, ldb, beta, C, ldc);
   }

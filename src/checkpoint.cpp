@@ -78,7 +78,8 @@ ModelConfig read_model_config(const std::string& path) {
   if (f.has_attr("/config", "quant")) m.quant = f.attr_string("/config", "quant");
   if (m.quant != "none" && m.quant != "int8" && m.quant != "nf4")
     throw InputError(path + ": /config quant '" + m.quant + "' is not none, int8 or nf4");
-  if (f.has_attr("/config", "quant_block")) m.quant_block = static_cast<int>(f.attr_int("/config", "quant_block"));
+  if (f.has_attr("/config", "quant_block"))
+    m.quant_block = static_cast<int>(f.attr_int("/config", "quant_block"));
   m.init = path;
   return m;
 }
@@ -104,8 +105,8 @@ void load_into(const std::string& path, Model& model, bool adapters_from_file) {
       q = read_quantized(f, prefix);
       const std::vector<int64_t> expected = {layer->out(), layer->in()};
       if (q.shape != expected)
-        throw InputError(path + ": " + prefix + "/W_q holds " + shape_string(q.shape) + ", the model expects " +
-                         shape_string(expected));
+        throw InputError(path + ": " + prefix + "/W_q holds " + shape_string(q.shape) +
+                         ", the model expects " + shape_string(expected));
       continue;
     }
     // A float base is quantized as it loads.
@@ -121,9 +122,13 @@ void load_into(const std::string& path, Model& model, bool adapters_from_file) {
 
 }  // namespace
 
-void load_weights(const std::string& path, Model& model) { load_into(path, model, true); }
+void load_weights(const std::string& path, Model& model) {
+  load_into(path, model, true);
+}
 
-void load_base_weights(const std::string& path, Model& model) { load_into(path, model, false); }
+void load_base_weights(const std::string& path, Model& model) {
+  load_into(path, model, false);
+}
 
 void save_checkpoint(const std::string& path, const std::string& mode, Model& model, AdamW* optimizer,
                      const TrainState* state) {
@@ -322,7 +327,8 @@ void print_info(const std::string& path) {
           counts.other += n;
       }
     }
-    std::printf("  %-40s %-8s %s%s\n", d.c_str(), dtype.c_str(), shape_string(shape).c_str(), storage.c_str());
+    std::printf("  %-40s %-8s %s%s\n", d.c_str(), dtype.c_str(), shape_string(shape).c_str(),
+                storage.c_str());
   }
   print_param_counts(counts, m);
   std::printf("parameters: %zu in /model (%.2f MB); all datasets %.2f MB; file %.2f MB\n", model_params,

@@ -36,9 +36,13 @@ std::string sites_with(const int (&ranks)[kNumSites]) {
 
 }  // namespace
 
-std::string ModelConfig::lowrank_targets() const { return sites_with(lowrank_rank); }
+std::string ModelConfig::lowrank_targets() const {
+  return sites_with(lowrank_rank);
+}
 
-std::string ModelConfig::lora_targets() const { return sites_with(lora_rank); }
+std::string ModelConfig::lora_targets() const {
+  return sites_with(lora_rank);
+}
 
 bool ModelConfig::any_lora() const {
   for (int r : lora_rank)
@@ -65,9 +69,9 @@ constexpr unsigned kHelpWidth = 110;
 
 po::options_description make_options(Config& c) {
   po::options_description general("General", kHelpWidth);
-  general.add_options()("help,h", "print this help and exit")(
-      "version", "print the version and build and exit")("mode", po::value(&c.mode),
-                                                         "pretrain | finetune | eval | decompose | export | tokenize | info")(
+  general.add_options()("help,h", "print this help and exit")("version",
+                                                              "print the version and build and exit")(
+      "mode", po::value(&c.mode), "pretrain | finetune | eval | decompose | export | tokenize | info")(
       "config", po::value(&c.config_file), "INI file with [section] option = value lines")(
       "device", po::value(&c.device)->default_value(c.device), "cpu | cuda | auto")(
       "seed", po::value(&c.seed)->default_value(c.seed), "seed of initialisation and data order");
@@ -98,7 +102,8 @@ po::options_description make_options(Config& c) {
   finetune.add_options()("lora.rank", po::value(&ft.lora_rank)->default_value(ft.lora_rank),
                          "LoRA adapter rank (finetune: required)")(
       "lora.alpha", po::value(&ft.lora_alpha)->default_value(ft.lora_alpha, text(ft.lora_alpha)),
-      "LoRA scale is alpha / rank")("lora.targets", po::value(&ft.lora_targets)->default_value(ft.lora_targets),
+      "LoRA scale is alpha / rank")("lora.targets",
+                                    po::value(&ft.lora_targets)->default_value(ft.lora_targets),
                                     "sites with adapters: all, or a comma list of qkv, proj, fc, mlp_proj")(
       "lora.merge", po::value(&ft.lora_merge)->default_value(ft.lora_merge),
       "export: fold the adapters into the weights (a low-rank site grows to rank r + lora rank)")(
@@ -174,9 +179,11 @@ void require(bool ok, const std::string& message) {
 void validate(const Config& c) {
   bool known_mode = false;
   for (const char* m : kModes) known_mode |= c.mode == m;
-  require(!c.mode.empty(), "--mode is required (pretrain, finetune, eval, decompose, export, tokenize, info); see --help");
+  require(!c.mode.empty(),
+          "--mode is required (pretrain, finetune, eval, decompose, export, tokenize, info); see --help");
   require(known_mode,
-          "--mode " + c.mode + " is not a mode of this lrllm (pretrain, finetune, eval, decompose, export, tokenize, info)");
+          "--mode " + c.mode +
+              " is not a mode of this lrllm (pretrain, finetune, eval, decompose, export, tokenize, info)");
   require(c.device == "cpu" || c.device == "cuda" || c.device == "auto",
           "--device must be cpu, cuda or auto, not '" + c.device + "'");
   const TrainConfig& t = c.train;
@@ -233,7 +240,8 @@ void validate_model_config(const ModelConfig& m) {
     require(lr >= 0 && lr < limit, strprintf("LoRA rank %d of %s is not below min(in, out) = %d", lr,
                                              site_name(static_cast<LinearSite>(s)), limit));
   }
-  require(m.quant == "none" || m.quant == "int8" || m.quant == "nf4", "quantization must be none, int8 or nf4");
+  require(m.quant == "none" || m.quant == "int8" || m.quant == "nf4",
+          "quantization must be none, int8 or nf4");
   require(m.quant_block >= 1, "--quant.block must be >= 1");
 }
 
@@ -253,7 +261,8 @@ void parse_sites(const std::string& option, const std::string& text, bool (&on)[
     for (int s = 0; s < kNumSites; ++s) {
       if (item == site_name(static_cast<LinearSite>(s))) on[s] = found = true;
     }
-    require(found || item.empty(), "--" + option + ": unknown site '" + item + "' (all, qkv, proj, fc, mlp_proj)");
+    require(found || item.empty(),
+            "--" + option + ": unknown site '" + item + "' (all, qkv, proj, fc, mlp_proj)");
   }
 }
 

@@ -20,7 +20,8 @@
 
 namespace lrllm {
 
-double validation_loss(Model& model, BatchSource& batcher, uint64_t sequences, int batch_size, const Comm& comm) {
+double validation_loss(Model& model, BatchSource& batcher, uint64_t sequences, int batch_size,
+                       const Comm& comm) {
   const int T = model.config().seq_len;
   std::vector<int32_t> tokens(static_cast<std::size_t>(batch_size) * T), targets(tokens.size());
   const uint64_t share = sequences / comm.size();
@@ -45,7 +46,8 @@ std::string task_name(const std::string& path) {
 // The prompt's tokens, cut from the left so that `room` positions remain free in a sequence of seq_len.
 std::vector<int32_t> prompt_tokens(const Tokenizer& tok, const Example& e, int seq_len, int room) {
   const std::vector<int> ids = tok.encode(prompt_of(e));
-  const std::size_t keep = std::min<std::size_t>(ids.size(), static_cast<std::size_t>(std::max(1, seq_len - room)));
+  const std::size_t keep =
+      std::min<std::size_t>(ids.size(), static_cast<std::size_t>(std::max(1, seq_len - room)));
   return std::vector<int32_t>(ids.end() - static_cast<std::ptrdiff_t>(keep), ids.end());
 }
 
@@ -67,7 +69,8 @@ std::string generate_answer(Model& model, const Tokenizer& tok, const Example& e
 }
 
 // Label scoring: the label whose tokens the model finds most likely after the prompt (sum of log-probs).
-std::string best_label(Model& model, const Tokenizer& tok, const Example& e, const std::vector<std::string>& labels) {
+std::string best_label(Model& model, const Tokenizer& tok, const Example& e,
+                       const std::vector<std::string>& labels) {
   const int T = model.config().seq_len;
   std::string best;
   double best_logp = -INFINITY;
@@ -99,7 +102,8 @@ int run_instruction_eval(const Config& cfg, const Comm& comm) {
   std::vector<std::vector<Example>> tasks;
   std::vector<std::vector<std::string>> label_sets;
   collective_check(comm, [&] {
-    if (cfg.model.init.empty()) throw InputError("--mode eval needs --model.init (a checkpoint or model file)");
+    if (cfg.model.init.empty())
+      throw InputError("--mode eval needs --model.init (a checkpoint or model file)");
     std::stringstream list(cfg.eval.tasks);
     for (std::string path; std::getline(list, path, ',');)
       if (!path.empty()) paths.push_back(path);
@@ -123,9 +127,11 @@ int run_instruction_eval(const Config& cfg, const Comm& comm) {
   });
   std::unique_ptr<Metrics> metrics;
   if (comm.root()) {
-    metrics = std::make_unique<Metrics>((std::filesystem::path(cfg.run.dir) / "metrics.h5").string(), INT64_MAX);
-    std::printf("eval %s, method %s\n| task | n | accuracy | f1_macro | f1_weighted |\n|---|---|---|---|---|\n",
-                cfg.model.init.c_str(), cfg.eval.method.c_str());
+    metrics =
+        std::make_unique<Metrics>((std::filesystem::path(cfg.run.dir) / "metrics.h5").string(), INT64_MAX);
+    std::printf(
+        "eval %s, method %s\n| task | n | accuracy | f1_macro | f1_weighted |\n|---|---|---|---|---|\n",
+        cfg.model.init.c_str(), cfg.eval.method.c_str());
   }
   for (std::size_t t = 0; t < tasks.size(); ++t) {
     const std::vector<Example>& examples = tasks[t];
@@ -135,9 +141,10 @@ int run_instruction_eval(const Config& cfg, const Comm& comm) {
     std::vector<double> confusion(L * (L + 1), 0.0);
     for (std::size_t i = comm.rank(); i < examples.size(); i += comm.size()) {
       const Example& e = examples[i];
-      const std::string predicted = cfg.eval.method == "score"
-                                        ? best_label(*model, *tok, e, labels)
-                                        : label_of(generate_answer(*model, *tok, e, cfg.eval.max_new_tokens), labels);
+      const std::string predicted =
+          cfg.eval.method == "score"
+              ? best_label(*model, *tok, e, labels)
+              : label_of(generate_answer(*model, *tok, e, cfg.eval.max_new_tokens), labels);
       const std::size_t gold = std::lower_bound(labels.begin(), labels.end(), e.output) - labels.begin();
       const auto hit = std::find(labels.begin(), labels.end(), predicted);
       confusion[gold * (L + 1) + static_cast<std::size_t>(hit - labels.begin())] += 1.0;

@@ -49,7 +49,8 @@ std::vector<float> dense_weight(Model& src, Linear& layer) {
 }  // namespace
 
 int run_export(const Config& cfg) {
-  if (cfg.model.init.empty()) throw InputError("--mode export needs --model.init (a checkpoint or model file)");
+  if (cfg.model.init.empty())
+    throw InputError("--mode export needs --model.init (a checkpoint or model file)");
   if (cfg.data.output.empty()) throw InputError("--mode export needs --data.output (the file to write)");
   const ModelConfig in_cfg = read_model_config(cfg.model.init);
   const bool merge = cfg.finetune.lora_merge && in_cfg.any_lora();
@@ -97,7 +98,8 @@ int run_export(const Config& cfg) {
       if (!merge || from.lora_rank() == 0) continue;  // copied by name above
       const int r = from.rank(), rl = from.lora_rank(), in = from.in(), out = from.out();
       const float *A = require_tensor(src, prefix + "/A"), *B = require_tensor(src, prefix + "/B");
-      const float *LA = require_tensor(src, prefix + "/lora_A"), *LB = require_tensor(src, prefix + "/lora_B");
+      const float *LA = require_tensor(src, prefix + "/lora_A"),
+                  *LB = require_tensor(src, prefix + "/lora_B");
       const TensorInfo* ta = nullptr;
       const TensorInfo* tb = nullptr;
       float* dA = find_tensor(dst, prefix + "/A", &ta);
@@ -113,14 +115,15 @@ int run_export(const Config& cfg) {
     std::vector<float> w = dense_weight(src, from);
     if (merge && from.lora_rank() > 0) {
       // W += s lora_B lora_A
-      backend->matmul(w.data(), require_tensor(src, prefix + "/lora_B"), require_tensor(src, prefix + "/lora_A"),
-                      from.out(), from.in(), from.lora_rank(), false, false, scale, 1.0f);
+      backend->matmul(w.data(), require_tensor(src, prefix + "/lora_B"),
+                      require_tensor(src, prefix + "/lora_A"), from.out(), from.in(), from.lora_rank(), false,
+                      false, scale, 1.0f);
     }
     if (to.quantized()) {
       const std::vector<int64_t> shape = {to.out(), to.in()};
-      dst.quantized_weight(to) = out_cfg.quant == "int8" ? quantize_int8(w.data(), shape, out_cfg.quant_block)
-                                                         : quantize_nf4(w.data(), shape, out_cfg.quant_double,
-                                                                        out_cfg.quant_block);
+      dst.quantized_weight(to) =
+          out_cfg.quant == "int8" ? quantize_int8(w.data(), shape, out_cfg.quant_block)
+                                  : quantize_nf4(w.data(), shape, out_cfg.quant_double, out_cfg.quant_block);
     } else {
       const TensorInfo* t = nullptr;
       float* dW = find_tensor(dst, prefix + "/W", &t);
@@ -129,11 +132,14 @@ int run_export(const Config& cfg) {
   }
   save_checkpoint(cfg.data.output, "export", dst, nullptr, nullptr);
   const MemoryBytes mem = dst.memory(1);
-  std::printf("exported %s -> %s: %s weights%s, %.2f MB of parameters (float32 %.2f MB, quantized %.2f MB); file %.2f MB\n",
-              cfg.model.init.c_str(), cfg.data.output.c_str(), out_cfg.quant == "none" ? "float32" : out_cfg.quant.c_str(),
-              merge ? ", adapters merged" : (out_cfg.any_lora() ? ", adapters kept" : ""), mem.params / 1e6,
-              (mem.params_trainable + mem.params_frozen) / 1e6, mem.params_quantized / 1e6,
-              static_cast<double>(std::filesystem::file_size(cfg.data.output)) / 1e6);
+  std::printf(
+      "exported %s -> %s: %s weights%s, %.2f MB of parameters (float32 %.2f MB, quantized %.2f MB); file "
+      "%.2f MB\n",
+      cfg.model.init.c_str(), cfg.data.output.c_str(),
+      out_cfg.quant == "none" ? "float32" : out_cfg.quant.c_str(),
+      merge ? ", adapters merged" : (out_cfg.any_lora() ? ", adapters kept" : ""), mem.params / 1e6,
+      (mem.params_trainable + mem.params_frozen) / 1e6, mem.params_quantized / 1e6,
+      static_cast<double>(std::filesystem::file_size(cfg.data.output)) / 1e6);
   return 0;
 }
 

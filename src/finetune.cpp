@@ -14,7 +14,10 @@ namespace {
 class InstructionBatches final : public BatchSource {
  public:
   InstructionBatches(std::vector<Encoded> examples, int seq_len, int32_t pad, bool shuffle, uint64_t seed)
-      : examples_(std::move(examples)), seq_len_(seq_len), pad_(pad), order_(examples_.size(), shuffle, seed) {}
+      : examples_(std::move(examples)),
+        seq_len_(seq_len),
+        pad_(pad),
+        order_(examples_.size(), shuffle, seed) {}
   std::size_t num_sequences() const override { return examples_.size(); }
   void fill(uint64_t first, int count, int32_t* tokens, int32_t* targets) override {
     std::vector<std::size_t> rows(count);
@@ -53,9 +56,11 @@ int run_finetune(const Config& cfg, const Comm& comm) {
     if (!cfg.checkpoint.resume.empty()) {
       setup.resume = resolve_resume(cfg.checkpoint.resume, cfg.run.dir);
       setup.mc = read_model_config(setup.resume);
-      if (!setup.mc.any_lora()) throw InputError(setup.resume + ": has no LoRA adapters to resume finetuning");
+      if (!setup.mc.any_lora())
+        throw InputError(setup.resume + ": has no LoRA adapters to resume finetuning");
     } else {
-      if (cfg.model.init.empty()) throw InputError("--mode finetune needs --model.init (the base checkpoint)");
+      if (cfg.model.init.empty())
+        throw InputError("--mode finetune needs --model.init (the base checkpoint)");
       setup.mc = read_model_config(cfg.model.init);
       if (setup.mc.any_lora())
         throw InputError(cfg.model.init + ": already has LoRA adapters; resume it with --checkpoint.resume");

@@ -41,12 +41,14 @@ void Linear::quantized_forward(Backend& be, const LinearScratch& s, const float*
   }
 }
 
-void Linear::quantized_input_grad(Backend& be, const LinearScratch& s, const float* dy, float* dx, int N) const {
+void Linear::quantized_input_grad(Backend& be, const LinearScratch& s, const float* dy, float* dx,
+                                  int N) const {
   for (int o0 = 0; o0 < out_; o0 += s.tile_rows) {
     const int rows = std::min(s.tile_rows, out_ - o0);
     dequantize(*qw_, static_cast<std::size_t>(o0) * in_, static_cast<std::size_t>(rows) * in_, s.tile);
     // dx += dy[:, o0:o0+rows] tile
-    be.matmul_strided(dx, dy + o0, s.tile, N, in_, rows, false, false, 1.0f, o0 == 0 ? 0.0f : 1.0f, out_, in_, in_);
+    be.matmul_strided(dx, dy + o0, s.tile, N, in_, rows, false, false, 1.0f, o0 == 0 ? 0.0f : 1.0f, out_, in_,
+                      in_);
   }
 }
 
@@ -73,13 +75,15 @@ void Linear::backward(Backend& be, const WeightBuffers& wb, const LinearScratch&
   if (quantized_) {
     quantized_input_grad(be, s, dy, dx, N);
   } else if (rank_ > 0) {
-    if (float* g = wb.grad(b_mat)) be.matmul(g, dy, mid, out_, rank_, N, true, false, 1.0f, 1.0f);  // dB += dy^T mid
-    be.matmul(s.dmid, dy, wb.at(b_mat), N, rank_, out_, false, false, 1.0f, 0.0f);              // dmid = dy B
-    if (float* g = wb.grad(a)) be.matmul(g, s.dmid, x, rank_, in_, N, true, false, 1.0f, 1.0f);  // dA += dmid^T x
-    be.matmul(dx, s.dmid, wb.at(a), N, in_, rank_, false, false, 1.0f, 0.0f);                   // dx = dmid A
+    if (float* g = wb.grad(b_mat))
+      be.matmul(g, dy, mid, out_, rank_, N, true, false, 1.0f, 1.0f);               // dB += dy^T mid
+    be.matmul(s.dmid, dy, wb.at(b_mat), N, rank_, out_, false, false, 1.0f, 0.0f);  // dmid = dy B
+    if (float* g = wb.grad(a))
+      be.matmul(g, s.dmid, x, rank_, in_, N, true, false, 1.0f, 1.0f);         // dA += dmid^T x
+    be.matmul(dx, s.dmid, wb.at(a), N, in_, rank_, false, false, 1.0f, 0.0f);  // dx = dmid A
   } else {
     if (float* g = wb.grad(w)) be.matmul(g, dy, x, out_, in_, N, true, false, 1.0f, 1.0f);  // dW += dy^T x
-    be.matmul(dx, dy, wb.at(w), N, in_, out_, false, false, 1.0f, 0.0f);                  // dx = dy W
+    be.matmul(dx, dy, wb.at(w), N, in_, out_, false, false, 1.0f, 0.0f);                    // dx = dy W
   }
   if (lora_rank_ > 0) {
     // y += s * lora_mid lora_B^T with lora_mid = x lora_A^T:

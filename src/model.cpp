@@ -108,9 +108,13 @@ QuantizedTensor& Model::quantized_weight(const Linear& layer) {
   throw RuntimeError("layer " + layer.prefix() + " is not quantized");
 }
 
-void Model::init_random(uint64_t seed) { init_tables(seed, true); }
+void Model::init_random(uint64_t seed) {
+  init_tables(seed, true);
+}
 
-void Model::init_adapters(uint64_t seed) { init_tables(seed, false); }
+void Model::init_adapters(uint64_t seed) {
+  init_tables(seed, false);
+}
 
 void Model::init_tables(uint64_t seed, bool frozen_too) {
   const double resid_std = 0.02 / std::sqrt(2.0 * cfg_.n_layer);
@@ -129,7 +133,8 @@ void Model::init_tables(uint64_t seed, bool frozen_too) {
       if (n.ends_with("/lora_A")) {
         // As PEFT's default: uniform in +-1/sqrt(in); with lora_B zero the adapters start as the identity.
         const double bound = 1.0 / std::sqrt(static_cast<double>(t.shape[1]));
-        for (std::size_t i = 0; i < t.size; ++i) dst[i] = static_cast<float>((2.0 * rng.uniform() - 1.0) * bound);
+        for (std::size_t i = 0; i < t.size; ++i)
+          dst[i] = static_cast<float>((2.0 * rng.uniform() - 1.0) * bound);
         continue;
       }
       const bool residual =
@@ -148,7 +153,9 @@ void Model::init_tables(uint64_t seed, bool frozen_too) {
   if (frozen_too) fill(frozen_table_, frozen_);
 }
 
-void Model::zero_grads() { be_.fill(grads_, table_.total(), 0.0f); }
+void Model::zero_grads() {
+  be_.fill(grads_, table_.total(), 0.0f);
+}
 
 ParamCounts Model::param_counts() const {
   ParamCounts c;
@@ -295,13 +302,13 @@ void Model::block_backward(int l, Acts& a, const float* x, float* dresid, int B)
   blk.mlp_proj.backward(be_, w, ls, a.gelu, a.mlp_mid, a.lora_mid[3], dresid, scratch_ff_, N);
   be_.gelu_backward(scratch_ff2_, a.fc, scratch_ff_, static_cast<std::size_t>(N) * F);
   blk.fc.backward(be_, w, ls, a.ln2, a.fc_mid, a.lora_mid[2], scratch_ff2_, scratch_c_, N);
-  be_.layernorm_backward(dresid, grad_or_sink(blk.ln2_w, 0), grad_or_sink(blk.ln2_b, 1),
-                         scratch_c_, a.x_mid, at(blk.ln2_w), a.ln2_mean, a.ln2_rstd, N, C);
+  be_.layernorm_backward(dresid, grad_or_sink(blk.ln2_w, 0), grad_or_sink(blk.ln2_b, 1), scratch_c_, a.x_mid,
+                         at(blk.ln2_w), a.ln2_mean, a.ln2_rstd, N, C);
   blk.proj.backward(be_, w, ls, a.attn, a.proj_mid, a.lora_mid[1], dresid, scratch_c_, N);
   be_.attention_backward(scratch_3c_, scratch_c_, a.qkv, a.probs, B, cfg_.seq_len, C, cfg_.n_head);
   blk.qkv.backward(be_, w, ls, a.ln1, a.qkv_mid, a.lora_mid[0], scratch_3c_, scratch_c2_, N);
-  be_.layernorm_backward(dresid, grad_or_sink(blk.ln1_w, 0), grad_or_sink(blk.ln1_b, 1),
-                         scratch_c2_, x, at(blk.ln1_w), a.ln1_mean, a.ln1_rstd, N, C);
+  be_.layernorm_backward(dresid, grad_or_sink(blk.ln1_w, 0), grad_or_sink(blk.ln1_b, 1), scratch_c2_, x,
+                         at(blk.ln1_w), a.ln1_mean, a.ln1_rstd, N, C);
 }
 
 // Final LayerNorm, the tied lm_head and the loss, a chunk of rows at a time so that only one
@@ -342,7 +349,8 @@ void Model::logits_at(const int32_t* tokens, int position, float* out) {
   const int T = cfg_.seq_len, C = cfg_.d_model;
   for (int i = 0; i < T; ++i)
     if (tokens[i] < 0 || tokens[i] >= cfg_.vocab_size)
-      throw InputError(strprintf("token id %d is outside the model's vocabulary of %d", tokens[i], cfg_.vocab_size));
+      throw InputError(
+          strprintf("token id %d is outside the model's vocabulary of %d", tokens[i], cfg_.vocab_size));
   be_.to_device(tokens_dev_, tokens, T * sizeof(int32_t));
   be_.embedding_forward(resid_[0], tokens_dev_, at(wte_), at(wpe_), 1, T, C);
   for (int l = 0; l < cfg_.n_layer; ++l) block_forward(l, acts_for(l), resid_[l], resid_[l + 1], 1);
@@ -379,7 +387,8 @@ double Model::step(const int32_t* tokens, const int32_t* targets, int B, float g
     block_backward(l, acts_for(l), resid_[l], dresid_, B);
   }
   // A frozen model stops here: nothing below the first block has a gradient.
-  if (!wte_.frozen) be_.embedding_backward(grads_ + wte_.offset, grads_ + wpe_.offset, dresid_, tokens_dev_, B, T, C);
+  if (!wte_.frozen)
+    be_.embedding_backward(grads_ + wte_.offset, grads_ + wpe_.offset, dresid_, tokens_dev_, B, T, C);
   return loss;
 }
 

@@ -65,8 +65,9 @@ ModelConfig resolve_model_config(const Config& cfg, const std::string& resume_pa
     throw InputError("lowrank options cannot reshape the model of " + from +
                      "; turn a dense checkpoint low-rank with --mode decompose");
   if (m.any_lora() || m.quant != "none")
-    throw InputError(from + " has LoRA adapters or a quantized base: continue it with --mode finetune, or "
-                            "export it merged (--mode export --lora.merge true) to pretrain further");
+    throw InputError(from +
+                     " has LoRA adapters or a quantized base: continue it with --mode finetune, or "
+                     "export it merged (--mode export --lora.merge true) to pretrain further");
   validate_model_config(m);
   return m;
 }
@@ -143,7 +144,8 @@ int run_training(const Config& cfg, const Comm& comm, TrainSetup& setup, const s
                   mc.lowrank_rank[s] ? ("r" + std::to_string(mc.lowrank_rank[s])).c_str() : "dense");
       if (mc.lora_rank[s] > 0) std::printf("+lora%d", mc.lora_rank[s]);
     }
-    if (mc.any_lora()) std::printf(", frozen base stored as %s", mc.quant == "none" ? "float32" : mc.quant.c_str());
+    if (mc.any_lora())
+      std::printf(", frozen base stored as %s", mc.quant == "none" ? "float32" : mc.quant.c_str());
     std::printf("\n");
     print_param_counts(model.param_counts(), mc);
     std::printf("batch: %d seq/rank x %d accum x %d ranks = %llu sequences, %llu tokens per step; %s\n", B,

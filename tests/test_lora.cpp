@@ -1,5 +1,6 @@
 // LoRA over a frozen base: adapter gradients against finite differences, adapters that start as the
-// identity, and a quantized base that computes exactly what the float model with its dequantized weights does.
+// identity, and a quantized base that computes exactly what the float model with its dequantized weights
+// does.
 #include <gtest/gtest.h>
 
 #include <array>
@@ -51,10 +52,10 @@ void fill_quantized(Model& model, uint64_t seed) {
   const ModelConfig& c = model.config();
   for (Linear* layer : model.quantized_layers()) {
     const std::vector<int64_t> shape = {layer->out(), layer->in()};
-    const std::vector<float> w =
-        random_floats(static_cast<std::size_t>(layer->out()) * layer->in(), derive_seed(seed, layer->prefix()), 0.3);
-    model.quantized_weight(*layer) =
-        c.quant == "int8" ? quantize_int8(w.data(), shape, c.quant_block) : quantize_nf4(w.data(), shape, true, c.quant_block);
+    const std::vector<float> w = random_floats(static_cast<std::size_t>(layer->out()) * layer->in(),
+                                               derive_seed(seed, layer->prefix()), 0.3);
+    model.quantized_weight(*layer) = c.quant == "int8" ? quantize_int8(w.data(), shape, c.quant_block)
+                                                       : quantize_nf4(w.data(), shape, true, c.quant_block);
   }
 }
 
@@ -122,13 +123,12 @@ TEST_P(LoraGradTest, AdapterGradientsMatchFiniteDifferences) {
   EXPECT_EQ(checked.size(), model.table().tensors().size());
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Bases, LoraGradTest,
-    ::testing::Values(LoraCase{"dense_float", {0, 0, 0, 0}, {2, 2, 2, 2}, "none"},
-                      LoraCase{"lowrank_float", {3, 0, 4, 0}, {2, 0, 2, 3}, "none"},
-                      LoraCase{"dense_nf4", {0, 0, 0, 0}, {2, 2, 0, 2}, "nf4"},
-                      LoraCase{"mixed_int8", {3, 0, 0, 0}, {0, 2, 2, 2}, "int8"}),
-    [](const ::testing::TestParamInfo<LoraCase>& info) { return info.param.name; });
+INSTANTIATE_TEST_SUITE_P(Bases, LoraGradTest,
+                         ::testing::Values(LoraCase{"dense_float", {0, 0, 0, 0}, {2, 2, 2, 2}, "none"},
+                                           LoraCase{"lowrank_float", {3, 0, 4, 0}, {2, 0, 2, 3}, "none"},
+                                           LoraCase{"dense_nf4", {0, 0, 0, 0}, {2, 2, 0, 2}, "nf4"},
+                                           LoraCase{"mixed_int8", {3, 0, 0, 0}, {0, 2, 2, 2}, "int8"}),
+                         [](const ::testing::TestParamInfo<LoraCase>& info) { return info.param.name; });
 
 // lora_B starts at zero, so a freshly initialised adapter leaves the base model's loss exactly as it was.
 TEST(Lora, FreshAdaptersDoNotChangeTheModel) {
@@ -145,7 +145,8 @@ TEST(Lora, FreshAdaptersDoNotChangeTheModel) {
             adapted.step(tokens.data(), targets.data(), kBatch, 0.0f));
 }
 
-// The quantized base dequantizes tile by tile; the result equals a float model holding the dequantized weights.
+// The quantized base dequantizes tile by tile; the result equals a float model holding the dequantized
+// weights.
 TEST(Lora, QuantizedBaseEqualsFloatModelWithDequantizedWeights) {
   for (const char* quant : {"int8", "nf4"}) {
     const ModelConfig qcfg = lora_config({0, 0, 0, 0}, {2, 2, 2, 2}, quant);

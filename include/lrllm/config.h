@@ -83,7 +83,7 @@ struct FinetuneConfig {
   double lora_alpha = 16.0;
   std::string lora_targets = "all";
   bool lora_merge = false;  // export: fold the adapters into the base weights
-  int quant_bits = 0;  // 0: float32 base, 8: int8, 4: NF4
+  int quant_bits = 0;       // 0: float32 base, 8: int8, 4: NF4
   int quant_block = 64;
   bool quant_double = true;
 };

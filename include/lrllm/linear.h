@@ -1,6 +1,6 @@
 // One linear layer (DESIGN §3): a base, dense W[out,in] + b or low-rank A[r,in], B[out,r] + b with
-// y = B(Ax) + b, and optional LoRA adapters lora_A[rl,in], lora_B[out,rl] adding (alpha/rl) * lora_B lora_A x.
-// A base can be frozen (finetuning), and a frozen dense W can be stored quantized (int8 or NF4), in which
+// y = B(Ax) + b, and optional LoRA adapters lora_A[rl,in], lora_B[out,rl] adding (alpha/rl) * lora_B lora_A
+// x. A base can be frozen (finetuning), and a frozen dense W can be stored quantized (int8 or NF4), in which
 // case forward and the input gradient dequantize one tile of rows at a time.
 #pragma once
 
@@ -42,8 +42,8 @@ class Linear {
   // Registers the layer's tensors under prefix (e.g. "h.0/attn/qkv"): base tensors in `base` (the trainable
   // table when pretraining, the frozen one when finetuning), adapters in `trainable`. rank 0: a dense base;
   // lora_rank 0: no adapters; quantized: a dense base whose W is held in quantized storage (set_quantized).
-  Linear(ParamTable& trainable, ParamTable& base, bool base_frozen, const std::string& prefix, int in, int out,
-         int rank, int lora_rank, double lora_alpha, bool quantized);
+  Linear(ParamTable& trainable, ParamTable& base, bool base_frozen, const std::string& prefix, int in,
+         int out, int rank, int lora_rank, double lora_alpha, bool quantized);
 
   int in() const { return in_; }
   int out() const { return out_; }
@@ -56,8 +56,8 @@ class Linear {
   void set_quantized(const QuantizedTensor* w) { qw_ = w; }
 
   // y[N,out] = base(x) + adapters(x). mid[N,r] (low-rank base) and lora_mid[N,rl] are kept for backward.
-  void forward(Backend& be, const WeightBuffers& w, const LinearScratch& s, const float* x, float* y, float* mid,
-               float* lora_mid, int N) const;
+  void forward(Backend& be, const WeightBuffers& w, const LinearScratch& s, const float* x, float* y,
+               float* mid, float* lora_mid, int N) const;
   // Accumulates gradients of the trainable tensors and writes dx[N,in].
   void backward(Backend& be, const WeightBuffers& w, const LinearScratch& s, const float* x, const float* mid,
                 const float* lora_mid, const float* dy, float* dx, int N) const;

@@ -16,7 +16,8 @@ class Metrics {
   Metrics(const std::string& path, int64_t resume_step);
   // Queues one row; a metric missing from a row is stored as NaN.
   void append(const std::map<std::string, double>& row);
-  // Queues one evaluation result of a task: one row of the series under /eval/<task>/ (accuracy, f1_macro, ...).
+  // Queues one evaluation result of a task: one row of the series under /eval/<task>/ (accuracy, f1_macro,
+  // ...).
   void append_eval(const std::string& task, const std::map<std::string, double>& row);
   // Writes queued rows to the file and flushes it.
   void flush();

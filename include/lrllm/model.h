@@ -70,8 +70,8 @@ class Model {
   // grad_scale * d(mean loss)/d(param) into grads().
   double step(const int32_t* tokens, const int32_t* targets, int B, float grad_scale);
 
-  // The next-token logits [vocab] at `position` of one sequence of seq_len tokens (host memory; positions after
-  // `position` do not matter: attention is causal). For generation.
+  // The next-token logits [vocab] at `position` of one sequence of seq_len tokens (host memory; positions
+  // after `position` do not matter: attention is causal). For generation.
   void logits_at(const int32_t* tokens, int position, float* out);
 
   ParamCounts param_counts() const;
