@@ -103,6 +103,11 @@ class CpuBackend final : public Backend {
     for (std::size_t i = 0; i < n; ++i) out[i] = a[i] + b[i];
   }
 
+  void mul(float* out, const float* a, const float* b, std::size_t n) override {
+#pragma omp parallel for simd schedule(static)
+    for (std::size_t i = 0; i < n; ++i) out[i] = a[i] * b[i];
+  }
+
   void scale(float* x, std::size_t n, float s) override {
 #pragma omp parallel for schedule(static)
     for (std::size_t i = 0; i < n; ++i) x[i] *= s;

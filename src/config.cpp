@@ -102,9 +102,11 @@ po::options_description make_options(Config& c) {
   finetune.add_options()("lora.rank", po::value(&ft.lora_rank)->default_value(ft.lora_rank),
                          "LoRA adapter rank (finetune: required)")(
       "lora.alpha", po::value(&ft.lora_alpha)->default_value(ft.lora_alpha, text(ft.lora_alpha)),
-      "LoRA scale is alpha / rank")("lora.targets",
-                                    po::value(&ft.lora_targets)->default_value(ft.lora_targets),
-                                    "sites with adapters: all, or a comma list of qkv, proj, fc, mlp_proj")(
+      "LoRA scale is alpha / rank")(
+      "lora.dropout", po::value(&ft.lora_dropout)->default_value(ft.lora_dropout, text(ft.lora_dropout)),
+      "dropout probability on the adapters' input while training")(
+      "lora.targets", po::value(&ft.lora_targets)->default_value(ft.lora_targets),
+      "sites with adapters: all, or a comma list of qkv, proj, fc, mlp_proj")(
       "lora.merge", po::value(&ft.lora_merge)->default_value(ft.lora_merge),
       "export: fold the adapters into the weights (a low-rank site grows to rank r + lora rank)")(
       "quant.bits", po::value(&ft.quant_bits)->default_value(ft.quant_bits),
@@ -208,6 +210,7 @@ void validate(const Config& c) {
   require(ft.quant_block >= 1 && ft.quant_block <= 4096, "--quant.block must be between 1 and 4096");
   require(ft.lora_rank >= 0, "--lora.rank must be >= 0");
   require(ft.lora_alpha > 0, "--lora.alpha must be > 0");
+  require(ft.lora_dropout >= 0 && ft.lora_dropout < 1, "--lora.dropout must be in [0, 1)");
   require(c.eval.method == "generate" || c.eval.method == "score", "--eval.method must be generate or score");
   require(c.eval.max_new_tokens >= 1, "--eval.max_new_tokens must be >= 1");
   require(c.checkpoint.every >= 0, "--checkpoint.every must be >= 0");
@@ -276,6 +279,7 @@ void apply_finetune(const Config& c, ModelConfig& m) {
   for (int s = 0; s < kNumSites; ++s) m.lora_rank[s] = on[s] ? ft.lora_rank : 0;
   require(m.any_lora(), "--lora.targets selects no site");
   m.lora_alpha = ft.lora_alpha;
+  m.lora_dropout = ft.lora_dropout;
   m.quant = ft.quant_bits == 8 ? "int8" : ft.quant_bits == 4 ? "nf4" : "none";
   m.quant_block = ft.quant_block;
   m.quant_double = ft.quant_double;

@@ -58,6 +58,7 @@ int run_finetune(const Config& cfg, const Comm& comm) {
       setup.mc = read_model_config(setup.resume);
       if (!setup.mc.any_lora())
         throw InputError(setup.resume + ": has no LoRA adapters to resume finetuning");
+      setup.mc.lora_dropout = cfg.finetune.lora_dropout;
     } else {
       if (cfg.model.init.empty())
         throw InputError("--mode finetune needs --model.init (the base checkpoint)");

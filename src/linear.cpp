@@ -53,7 +53,7 @@ void Linear::quantized_input_grad(Backend& be, const LinearScratch& s, const flo
 }
 
 void Linear::forward(Backend& be, const WeightBuffers& wb, const LinearScratch& s, const float* x, float* y,
-                     float* mid, float* lora_mid, int N) const {
+                     float* mid, float* lora_mid, const float* lora_mask, int N) const {
   if (quantized_) {
     quantized_forward(be, s, x, y, N);
   } else if (rank_ > 0) {
@@ -64,13 +64,19 @@ void Linear::forward(Backend& be, const WeightBuffers& wb, const LinearScratch& 
   }
   be.add_bias(y, wb.at(bias), N, out_);
   if (lora_rank_ > 0) {
-    be.matmul(lora_mid, x, wb.at(lora_a), N, lora_rank_, in_, false, true, 1.0f, 0.0f);
+    const float* lx = x;
+    if (lora_mask != nullptr) {
+      be.mul(s.lora_x, x, lora_mask, static_cast<std::size_t>(N) * in_);
+      lx = s.lora_x;
+    }
+    be.matmul(lora_mid, lx, wb.at(lora_a), N, lora_rank_, in_, false, true, 1.0f, 0.0f);
     be.matmul(y, lora_mid, wb.at(lora_b), N, out_, lora_rank_, false, true, lora_scale_, 1.0f);
   }
 }
 
 void Linear::backward(Backend& be, const WeightBuffers& wb, const LinearScratch& s, const float* x,
-                      const float* mid, const float* lora_mid, const float* dy, float* dx, int N) const {
+                      const float* mid, const float* lora_mid, const float* lora_mask, const float* dy,
+                      float* dx, int N) const {
   if (float* g = wb.grad(bias)) be.bias_backward(g, dy, N, out_);
   if (quantized_) {
     quantized_input_grad(be, s, dy, dx, N);
@@ -89,8 +95,18 @@ void Linear::backward(Backend& be, const WeightBuffers& wb, const LinearScratch&
     // y += s * lora_mid lora_B^T with lora_mid = x lora_A^T:
     be.matmul(wb.grad(lora_b), dy, lora_mid, out_, lora_rank_, N, true, false, lora_scale_, 1.0f);
     be.matmul(s.dmid, dy, wb.at(lora_b), N, lora_rank_, out_, false, false, lora_scale_, 0.0f);
-    be.matmul(wb.grad(lora_a), s.dmid, x, lora_rank_, in_, N, true, false, 1.0f, 1.0f);
-    be.matmul(dx, s.dmid, wb.at(lora_a), N, in_, lora_rank_, false, false, 1.0f, 1.0f);
+    if (lora_mask == nullptr) {
+      be.matmul(wb.grad(lora_a), s.dmid, x, lora_rank_, in_, N, true, false, 1.0f, 1.0f);
+      be.matmul(dx, s.dmid, wb.at(lora_a), N, in_, lora_rank_, false, false, 1.0f, 1.0f);
+    } else {
+      // The adapters saw x * mask: rebuild it for dA, then route their input gradient through the mask.
+      const std::size_t n = static_cast<std::size_t>(N) * in_;
+      be.mul(s.lora_x, x, lora_mask, n);
+      be.matmul(wb.grad(lora_a), s.dmid, s.lora_x, lora_rank_, in_, N, true, false, 1.0f, 1.0f);
+      be.matmul(s.lora_x, s.dmid, wb.at(lora_a), N, in_, lora_rank_, false, false, 1.0f, 0.0f);
+      be.mul(s.lora_x, s.lora_x, lora_mask, n);
+      be.add(dx, dx, s.lora_x, n);
+    }
   }
 }
 

@@ -14,6 +14,7 @@ struct Model::Acts {
   float *ln1, *ln1_mean, *ln1_rstd, *qkv, *qkv_mid, *attn, *probs, *proj_mid, *x_mid;
   float *ln2, *ln2_mean, *ln2_rstd, *fc, *fc_mid, *gelu, *mlp_mid;
   float* lora_mid[kNumSites];
+  float* lora_mask[kNumSites];  // LoRA dropout masks, 0 or 1/(1-p) [N, in]
 };
 
 namespace {
@@ -246,8 +247,12 @@ void Model::ensure_acts(int B) {
     a->fc_mid = f(N * std::max(1, cfg_.lowrank_rank[2]));
     a->gelu = f(N * F);
     a->mlp_mid = f(N * std::max(1, cfg_.lowrank_rank[3]));
-    for (int site = 0; site < kNumSites; ++site)
-      a->lora_mid[site] = cfg_.lora_rank[site] > 0 ? f(N * cfg_.lora_rank[site]) : nullptr;
+    const std::size_t site_in[kNumSites] = {C, C, C, F};
+    for (int site = 0; site < kNumSites; ++site) {
+      const bool adapted = cfg_.lora_rank[site] > 0;
+      a->lora_mid[site] = adapted ? f(N * cfg_.lora_rank[site]) : nullptr;
+      a->lora_mask[site] = adapted && cfg_.lora_dropout > 0 ? f(N * site_in[site]) : nullptr;
+    }
     layer_acts_.push_back(a);
   }
   for (int l = 0; l <= cfg_.n_layer; ++l) resid_.push_back(f(N * C));
@@ -265,6 +270,7 @@ void Model::ensure_acts(int B) {
   scratch_ff_ = f(N * F);
   scratch_ff2_ = f(N * F);
   scratch_rank_ = f(N * std::max(1, max_rank_));
+  if (cfg_.lora_dropout > 0) scratch_lora_x_ = f(N * std::max(C, F));
   tokens_dev_ = be_.alloc_int(N);
   targets_dev_ = be_.alloc_int(N);
   act_allocs_.push_back(tokens_dev_);
@@ -276,20 +282,32 @@ Model::Acts& Model::acts_for(int l) {
   return *layer_acts_[recompute_ ? 0 : l];
 }
 
+const float* Model::lora_mask(int l, int site, Acts& a, int in, int N) {
+  if (!training_ || a.lora_mask[site] == nullptr) return nullptr;
+  const double p = cfg_.lora_dropout;
+  const float keep = static_cast<float>(1.0 / (1.0 - p));
+  std::vector<float> mask(static_cast<std::size_t>(N) * in);
+  Rng rng(
+      derive_seed(dropout_seed_, "h." + std::to_string(l) + "/" + site_name(static_cast<LinearSite>(site))));
+  for (float& m : mask) m = rng.uniform() < p ? 0.0f : keep;
+  be_.to_device(a.lora_mask[site], mask.data(), mask.size() * sizeof(float));
+  return a.lora_mask[site];
+}
+
 void Model::block_forward(int l, Acts& a, const float* x, float* x_out, int B) {
   const Block& blk = blocks_[l];
   const int N = B * cfg_.seq_len, C = cfg_.d_model, F = cfg_.ff();
   const WeightBuffers w = buffers();
   const LinearScratch ls = linear_scratch();
   be_.layernorm_forward(a.ln1, a.ln1_mean, a.ln1_rstd, x, at(blk.ln1_w), at(blk.ln1_b), N, C);
-  blk.qkv.forward(be_, w, ls, a.ln1, a.qkv, a.qkv_mid, a.lora_mid[0], N);
+  blk.qkv.forward(be_, w, ls, a.ln1, a.qkv, a.qkv_mid, a.lora_mid[0], lora_mask(l, 0, a, C, N), N);
   be_.attention_forward(a.attn, a.probs, a.qkv, B, cfg_.seq_len, C, cfg_.n_head);
-  blk.proj.forward(be_, w, ls, a.attn, scratch_c_, a.proj_mid, a.lora_mid[1], N);
+  blk.proj.forward(be_, w, ls, a.attn, scratch_c_, a.proj_mid, a.lora_mid[1], lora_mask(l, 1, a, C, N), N);
   be_.add(a.x_mid, x, scratch_c_, static_cast<std::size_t>(N) * C);
   be_.layernorm_forward(a.ln2, a.ln2_mean, a.ln2_rstd, a.x_mid, at(blk.ln2_w), at(blk.ln2_b), N, C);
-  blk.fc.forward(be_, w, ls, a.ln2, a.fc, a.fc_mid, a.lora_mid[2], N);
+  blk.fc.forward(be_, w, ls, a.ln2, a.fc, a.fc_mid, a.lora_mid[2], lora_mask(l, 2, a, C, N), N);
   be_.gelu_forward(a.gelu, a.fc, static_cast<std::size_t>(N) * F);
-  blk.mlp_proj.forward(be_, w, ls, a.gelu, scratch_c_, a.mlp_mid, a.lora_mid[3], N);
+  blk.mlp_proj.forward(be_, w, ls, a.gelu, scratch_c_, a.mlp_mid, a.lora_mid[3], lora_mask(l, 3, a, F, N), N);
   be_.add(x_out, a.x_mid, scratch_c_, static_cast<std::size_t>(N) * C);
 }
 
@@ -299,14 +317,16 @@ void Model::block_backward(int l, Acts& a, const float* x, float* dresid, int B)
   const int N = B * cfg_.seq_len, C = cfg_.d_model, F = cfg_.ff();
   const WeightBuffers w = buffers();
   const LinearScratch ls = linear_scratch();
-  blk.mlp_proj.backward(be_, w, ls, a.gelu, a.mlp_mid, a.lora_mid[3], dresid, scratch_ff_, N);
+  const float* mask[kNumSites];
+  for (int s = 0; s < kNumSites; ++s) mask[s] = training_ ? a.lora_mask[s] : nullptr;
+  blk.mlp_proj.backward(be_, w, ls, a.gelu, a.mlp_mid, a.lora_mid[3], mask[3], dresid, scratch_ff_, N);
   be_.gelu_backward(scratch_ff2_, a.fc, scratch_ff_, static_cast<std::size_t>(N) * F);
-  blk.fc.backward(be_, w, ls, a.ln2, a.fc_mid, a.lora_mid[2], scratch_ff2_, scratch_c_, N);
+  blk.fc.backward(be_, w, ls, a.ln2, a.fc_mid, a.lora_mid[2], mask[2], scratch_ff2_, scratch_c_, N);
   be_.layernorm_backward(dresid, grad_or_sink(blk.ln2_w, 0), grad_or_sink(blk.ln2_b, 1), scratch_c_, a.x_mid,
                          at(blk.ln2_w), a.ln2_mean, a.ln2_rstd, N, C);
-  blk.proj.backward(be_, w, ls, a.attn, a.proj_mid, a.lora_mid[1], dresid, scratch_c_, N);
+  blk.proj.backward(be_, w, ls, a.attn, a.proj_mid, a.lora_mid[1], mask[1], dresid, scratch_c_, N);
   be_.attention_backward(scratch_3c_, scratch_c_, a.qkv, a.probs, B, cfg_.seq_len, C, cfg_.n_head);
-  blk.qkv.backward(be_, w, ls, a.ln1, a.qkv_mid, a.lora_mid[0], scratch_3c_, scratch_c2_, N);
+  blk.qkv.backward(be_, w, ls, a.ln1, a.qkv_mid, a.lora_mid[0], mask[0], scratch_3c_, scratch_c2_, N);
   be_.layernorm_backward(dresid, grad_or_sink(blk.ln1_w, 0), grad_or_sink(blk.ln1_b, 1), scratch_c2_, x,
                          at(blk.ln1_w), a.ln1_mean, a.ln1_rstd, N, C);
 }

@@ -17,6 +17,7 @@
 #include "lrllm/metrics.h"
 #include "lrllm/model.h"
 #include "lrllm/optimizer.h"
+#include "lrllm/rng.h"
 
 namespace fs = std::filesystem;
 
@@ -176,12 +177,19 @@ int run_training(const Config& cfg, const Comm& comm, TrainSetup& setup, const s
     // Forward and backward over this rank's micro-batches; the step's batch is sequences_per_step sequences
     // from the data cursor, of which micro-step m on rank r takes the (m * dp + r)-th slice of B.
     model.zero_grads();
+    model.set_training(true);
     double loss = 0;
     for (int micro = 0; micro < tc.grad_accum; ++micro) {
       const uint64_t first = state.data_cursor + (static_cast<uint64_t>(micro) * dp + comm.rank()) * B;
       train_batches.fill(first, B, tokens.data(), targets.data());
+      // Dropout masks follow from the seed, the step and the slice: a resumed run draws the same ones.
+      model.set_dropout_seed(
+          derive_seed(state.seed, strprintf("dropout %lld %llu", static_cast<long long>(step),
+                                            static_cast<unsigned long long>(first))));
       loss += model.step(tokens.data(), targets.data(), B, 1.0f / tc.grad_accum) / tc.grad_accum;
     }
+
+    model.set_training(false);
 
     // Gradient communication: the mean over data-parallel ranks.
     comm.allreduce_mean(model.grads(), n_params);

@@ -76,6 +76,7 @@ struct LoraCase {
   const char* name;
   std::array<int, kNumSites> lowrank, lora;
   const char* quant;
+  double dropout = 0.0;
 };
 
 class LoraGradTest : public ::testing::TestWithParam<LoraCase> {};
@@ -84,9 +85,14 @@ class LoraGradTest : public ::testing::TestWithParam<LoraCase> {};
 // each of their gradients matches fourth-order finite differences of the loss (see test_model.cpp).
 TEST_P(LoraGradTest, AdapterGradientsMatchFiniteDifferences) {
   const LoraCase& c = GetParam();
-  const ModelConfig cfg = lora_config(c.lowrank, c.lora, c.quant);
+  ModelConfig cfg = lora_config(c.lowrank, c.lora, c.quant);
+  cfg.lora_dropout = c.dropout;
   auto be = make_cpu_backend();
   Model model(cfg, *be, false);
+  // In training mode with a fixed seed every pass draws the same dropout masks, so finite differences see the
+  // function whose gradient backward computes.
+  model.set_training(true);
+  model.set_dropout_seed(42);
   for (const TensorInfo& t : model.table().tensors())
     EXPECT_TRUE(t.name.ends_with("/lora_A") || t.name.ends_with("/lora_B")) << t.name << " is trainable";
   fill_table(model, model.table(), model.params(), 3);
@@ -123,12 +129,40 @@ TEST_P(LoraGradTest, AdapterGradientsMatchFiniteDifferences) {
   EXPECT_EQ(checked.size(), model.table().tensors().size());
 }
 
-INSTANTIATE_TEST_SUITE_P(Bases, LoraGradTest,
-                         ::testing::Values(LoraCase{"dense_float", {0, 0, 0, 0}, {2, 2, 2, 2}, "none"},
-                                           LoraCase{"lowrank_float", {3, 0, 4, 0}, {2, 0, 2, 3}, "none"},
-                                           LoraCase{"dense_nf4", {0, 0, 0, 0}, {2, 2, 0, 2}, "nf4"},
-                                           LoraCase{"mixed_int8", {3, 0, 0, 0}, {0, 2, 2, 2}, "int8"}),
-                         [](const ::testing::TestParamInfo<LoraCase>& info) { return info.param.name; });
+INSTANTIATE_TEST_SUITE_P(
+    Bases, LoraGradTest,
+    ::testing::Values(LoraCase{"dense_float", {0, 0, 0, 0}, {2, 2, 2, 2}, "none"},
+                      LoraCase{"lowrank_float", {3, 0, 4, 0}, {2, 0, 2, 3}, "none"},
+                      LoraCase{"dense_nf4", {0, 0, 0, 0}, {2, 2, 0, 2}, "nf4"},
+                      LoraCase{"mixed_int8", {3, 0, 0, 0}, {0, 2, 2, 2}, "int8"},
+                      LoraCase{"dense_nf4_dropout", {0, 0, 0, 0}, {2, 2, 2, 2}, "nf4", 0.3},
+                      LoraCase{"lowrank_dropout", {3, 0, 4, 0}, {2, 2, 2, 2}, "none", 0.5}),
+    [](const ::testing::TestParamInfo<LoraCase>& info) { return info.param.name; });
+
+// Dropout is a training-time regulariser: it changes the training loss, and evaluation (training off) sees
+// the model without it.
+TEST(Lora, DropoutActsOnlyWhileTraining) {
+  ModelConfig cfg = lora_config({0, 0, 0, 0}, {2, 2, 2, 2}, "none");
+  const ModelConfig plain_cfg = cfg;
+  cfg.lora_dropout = 0.5;
+  auto be = make_cpu_backend();
+  Model dropped(cfg, *be, false), plain(plain_cfg, *be, false);
+  for (Model* m : {&dropped, &plain}) {
+    fill_table(*m, m->table(), m->params(), 31);
+    fill_table(*m, m->frozen_table(), m->frozen(), 32);
+  }
+  const std::vector<int32_t> tokens = ids(kBatch * cfg.seq_len, cfg.vocab_size, 33),
+                             targets = ids(kBatch * cfg.seq_len, cfg.vocab_size, 34);
+  const double eval_loss = dropped.step(tokens.data(), targets.data(), kBatch, 0.0f);
+  EXPECT_EQ(eval_loss, plain.step(tokens.data(), targets.data(), kBatch, 0.0f));
+  dropped.set_training(true);
+  dropped.set_dropout_seed(1);
+  const double a = dropped.step(tokens.data(), targets.data(), kBatch, 0.0f);
+  EXPECT_NE(a, eval_loss);
+  EXPECT_EQ(a, dropped.step(tokens.data(), targets.data(), kBatch, 0.0f)) << "same seed, same masks";
+  dropped.set_dropout_seed(2);
+  EXPECT_NE(a, dropped.step(tokens.data(), targets.data(), kBatch, 0.0f)) << "another seed, other masks";
+}
 
 // lora_B starts at zero, so a freshly initialised adapter leaves the base model's loss exactly as it was.
 TEST(Lora, FreshAdaptersDoNotChangeTheModel) {

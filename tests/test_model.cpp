@@ -402,8 +402,8 @@ TEST(Linear, LowRankForwardEqualsDenseWithProductWeight) {
   auto be = make_cpu_backend();
   std::vector<float> y_low(N * out), y_dense(N * out), mid(N * rank), unused(1);
   const WeightBuffers w{params.data(), nullptr, nullptr};
-  low.forward(*be, w, {}, x.data(), y_low.data(), mid.data(), nullptr, N);
-  dense.forward(*be, w, {}, x.data(), y_dense.data(), unused.data(), nullptr, N);
+  low.forward(*be, w, {}, x.data(), y_low.data(), mid.data(), nullptr, nullptr, N);
+  dense.forward(*be, w, {}, x.data(), y_dense.data(), unused.data(), nullptr, nullptr, N);
   EXPECT_LT(rel_error(y_low, test::to_double(y_dense)), 1e-5);
 }
 

@@ -42,6 +42,8 @@ class Backend {
   virtual void add(float* out, const float* a, const float* b, std::size_t n) = 0;
   // x *= s
   virtual void scale(float* x, std::size_t n, float s) = 0;
+  // out = a * b, elementwise
+  virtual void mul(float* out, const float* a, const float* b, std::size_t n) = 0;
   // Sum of squares, accumulated in double.
   virtual double sum_squares(const float* x, std::size_t n) = 0;
 

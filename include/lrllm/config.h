@@ -27,6 +27,8 @@ struct ModelConfig {
   // LoRA adapters per site (0: none). A model with any adapter has a frozen base: only adapters train.
   int lora_rank[kNumSites] = {0, 0, 0, 0};
   double lora_alpha = 16.0;
+  // Dropout on the adapters' input while training (a training setting: not stored in checkpoints).
+  double lora_dropout = 0.0;
   // Storage of the frozen base's dense linear weights: "none" (float32), "int8" or "nf4".
   std::string quant = "none";
   int quant_block = 64;
@@ -81,6 +83,7 @@ struct CheckpointConfig {
 struct FinetuneConfig {
   int lora_rank = 0;
   double lora_alpha = 16.0;
+  double lora_dropout = 0.0;
   std::string lora_targets = "all";
   bool lora_merge = false;  // export: fold the adapters into the base weights
   int quant_bits = 0;       // 0: float32 base, 8: int8, 4: NF4

@@ -34,6 +34,7 @@ struct LinearScratch {
   float* dmid = nullptr;  // [N, max(r, rl)]
   float* tile = nullptr;  // dequantized rows of a quantized W: [tile_rows, in]
   int tile_rows = 0;
+  float* lora_x = nullptr;  // [N, in]: the adapters' dropped-out input, then their input gradient
 };
 
 class Linear {
@@ -55,12 +56,13 @@ class Linear {
   std::size_t weight_count() const;  // parameters in W or A and B, without the bias and adapters
   void set_quantized(const QuantizedTensor* w) { qw_ = w; }
 
-  // y[N,out] = base(x) + adapters(x). mid[N,r] (low-rank base) and lora_mid[N,rl] are kept for backward.
+  // y[N,out] = base(x) + adapters(x * lora_mask). mid[N,r] (low-rank base) and lora_mid[N,rl] are kept for
+  // backward. lora_mask [N,in] is LoRA dropout's mask (0 or 1/(1-p)), or nullptr for none.
   void forward(Backend& be, const WeightBuffers& w, const LinearScratch& s, const float* x, float* y,
-               float* mid, float* lora_mid, int N) const;
-  // Accumulates gradients of the trainable tensors and writes dx[N,in].
+               float* mid, float* lora_mid, const float* lora_mask, int N) const;
+  // Accumulates gradients of the trainable tensors and writes dx[N,in]; lora_mask as in forward.
   void backward(Backend& be, const WeightBuffers& w, const LinearScratch& s, const float* x, const float* mid,
-                const float* lora_mid, const float* dy, float* dx, int N) const;
+                const float* lora_mid, const float* lora_mask, const float* dy, float* dx, int N) const;
 
   TensorRef w, a, b_mat, bias, lora_a, lora_b;
 

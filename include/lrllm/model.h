@@ -74,6 +74,11 @@ class Model {
   // after `position` do not matter: attention is causal). For generation.
   void logits_at(const int32_t* tokens, int position, float* out);
 
+  // Training mode turns LoRA dropout on (evaluation and generation run without it). Each micro-batch's masks
+  // come from a seed the training loop sets, so a resumed or recomputed pass draws the same ones.
+  void set_training(bool training) { training_ = training; }
+  void set_dropout_seed(uint64_t seed) { dropout_seed_ = seed; }
+
   ParamCounts param_counts() const;
   // Bytes of parameters and gradients, and of activations for micro-batches of B sequences (allocating them).
   MemoryBytes memory(int B);
@@ -91,8 +96,11 @@ class Model {
   void block_backward(int l, Acts& a, const float* x, float* dresid, int B);
   double classifier(const float* x, const int32_t* targets, float* dx, int N, float grad_scale, int valid);
   Acts& acts_for(int l);
+  // The LoRA dropout mask of block l's site for this micro-batch (written into the block's activations), or
+  // nullptr when dropout is off.
+  const float* lora_mask(int l, int site, Acts& a, int in, int N);
   WeightBuffers buffers() const { return {params_, grads_, frozen_}; }
-  LinearScratch linear_scratch() const { return {scratch_rank_, tile_, tile_rows_}; }
+  LinearScratch linear_scratch() const { return {scratch_rank_, tile_, tile_rows_, scratch_lora_x_}; }
   const float* at(TensorRef r) const { return (r.frozen ? frozen_ : params_) + r.offset; }
   // The gradient of a LayerNorm tensor r, or when r is frozen one of two discarded [d_model] sinks (the
   // primitive always produces both gradients).
@@ -133,6 +141,9 @@ class Model {
   float* scratch_ff_ = nullptr;   // [N, F]
   float* scratch_ff2_ = nullptr;  // [N, F]
   float* scratch_rank_ = nullptr;
+  float* scratch_lora_x_ = nullptr;  // [N, max(C, F)], with LoRA dropout
+  bool training_ = false;
+  uint64_t dropout_seed_ = 0;
   int32_t* tokens_dev_ = nullptr;
   int32_t* targets_dev_ = nullptr;
   std::vector<void*> act_allocs_;

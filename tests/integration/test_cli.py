@@ -323,9 +323,17 @@ def test_finetune_trains_only_adapters_over_a_frozen_quantized_base():
 
 def test_finetune_recompute_gives_identical_losses():
     base = base_checkpoint()
-    a, b = tmpdir("ft-rc-none"), tmpdir("ft-rc-block")
-    finetune(a, base, ["--quant.bits", "4"])
-    finetune(b, base, ["--quant.bits", "4", "--train.recompute", "block"])
+    for dropout in ["0", "0.2"]:
+        a, b = tmpdir("ft-rc-none"), tmpdir("ft-rc-block")
+        finetune(a, base, ["--quant.bits", "4", "--lora.dropout", dropout])
+        finetune(b, base, ["--quant.bits", "4", "--lora.dropout", dropout, "--train.recompute", "block"])
+        assert np.array_equal(metric(a, "loss"), metric(b, "loss")), dropout
+    # Dropout draws masks from the step, so an interrupted and resumed run matches one that never stopped.
+    a, b = tmpdir("ft-do-full"), tmpdir("ft-do-part")
+    finetune(a, base, ["--lora.dropout", "0.2", "--checkpoint.every", "1"])
+    finetune(b, base, ["--lora.dropout", "0.2", "--checkpoint.every", "1"])
+    os.remove(os.path.join(b, "ckpt_000003.h5"))
+    finetune(b, base, ["--lora.dropout", "0.2", "--checkpoint.every", "1", "--checkpoint.resume", "latest"])
     assert np.array_equal(metric(a, "loss"), metric(b, "loss"))
 
 
