@@ -73,11 +73,16 @@ class CpuBackend final : public Backend {
     return static_cast<int32_t*>(aligned_zeroed(count * sizeof(int32_t)));
   }
   void release(void* ptr) override { std::free(ptr); }
-  void to_device(void* dst, const void* src, std::size_t bytes) override { std::memcpy(dst, src, bytes); }
-  void to_host(void* dst, const void* src, std::size_t bytes) override { std::memcpy(dst, src, bytes); }
+  // An empty transfer may come with null pointers (an empty tensor table), which memcpy must not see.
+  void to_device(void* dst, const void* src, std::size_t bytes) override {
+    if (bytes > 0) std::memcpy(dst, src, bytes);
+  }
+  void to_host(void* dst, const void* src, std::size_t bytes) override {
+    if (bytes > 0) std::memcpy(dst, src, bytes);
+  }
   void fill(float* x, std::size_t n, float value) override { std::fill(x, x + n, value); }
   void copy(float* dst, const float* src, std::size_t n) override {
-    std::memcpy(dst, src, n * sizeof(float));
+    if (n > 0) std::memcpy(dst, src, n * sizeof(float));
   }
 
   void matmul_strided(float* C, const float* A, const float* B, int M, int N, int K, bool trans_a,

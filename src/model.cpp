@@ -59,7 +59,6 @@ Model::Model(const ModelConfig& cfg, Backend& backend, bool recompute)
   lnf_b_ = add("ln_f/b", {C});
   for (int s = 0; s < kNumSites; ++s) {
     max_rank_ = std::max({max_rank_, cfg.lowrank_rank[s], cfg.lora_rank[s]});
-    max_lora_ = std::max(max_lora_, cfg.lora_rank[s]);
   }
   params_ = be_.alloc(table_.total());
   grads_ = be_.alloc(table_.total());

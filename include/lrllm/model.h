@@ -149,7 +149,6 @@ class Model {
   std::vector<void*> act_allocs_;
   std::size_t act_bytes_ = 0;
   int max_rank_ = 0;  // the widest low-rank or LoRA intermediate
-  int max_lora_ = 0;
 };
 
 // Prints parameters by kind and the compression of the linear layers against their dense equivalent.
