@@ -220,48 +220,54 @@ class CpuBackend final : public Backend {
     }
   }
 
-  void attention_forward(float* out, float* probs, const float* qkv, int B, int T, int C, int NH) override {
-    const int hs = C / NH;
-    const float scale = 1.0f / std::sqrt(static_cast<float>(hs));
-    const std::size_t row = 3 * static_cast<std::size_t>(C);
-#pragma omp parallel for schedule(static) collapse(2)
-    for (int b = 0; b < B; ++b) {
-      for (int h = 0; h < NH; ++h) {
-        const float* q = qkv + b * T * row + h * hs;
-        const float* k = q + C;
-        const float* v = q + 2 * C;
-        float* p = probs + (static_cast<std::size_t>(b) * NH + h) * T * T;
-        // Scores for the whole T x T square; the masked upper triangle is overwritten with zeros below.
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, hs, scale, q, row, k, row, 0.0f, p, T);
-        for (int t = 0; t < T; ++t) {
-          float* pr = p + static_cast<std::size_t>(t) * T;
-          float mx = pr[0];
-#pragma omp simd reduction(max : mx)
-          for (int s = 1; s <= t; ++s) mx = pr[s] > mx ? pr[s] : mx;
-          float sum = 0;
-#pragma omp simd reduction(+ : sum)
-          for (int s = 0; s <= t; ++s) {
-            pr[s] = exp_approx(pr[s] - mx);
-            sum += pr[s];
-          }
-          const float inv = 1.0f / sum;
-          for (int s = 0; s <= t; ++s) pr[s] *= inv;
-          for (int s = t + 1; s < T; ++s) pr[s] = 0.0f;
-        }
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, hs, T, 1.0f, p, T, v, row, 0.0f,
-                    out + b * T * static_cast<std::size_t>(C) + h * hs, C);
-      }
-    }
-  }
-
-  void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* probs, int B, int T,
-                          int C, int NH) override {
+  void attention_forward(float* out, float* lse, const float* qkv, int B, int T, int C, int NH) override {
     const int hs = C / NH;
     const float scale = 1.0f / std::sqrt(static_cast<float>(hs));
     const std::size_t row = 3 * static_cast<std::size_t>(C);
 #pragma omp parallel
     {
-      std::vector<float> dp(static_cast<std::size_t>(T) * T);
+      std::vector<float> p(static_cast<std::size_t>(T) * T);
+#pragma omp for schedule(static) collapse(2)
+      for (int b = 0; b < B; ++b) {
+        for (int h = 0; h < NH; ++h) {
+          const float* q = qkv + b * T * row + h * hs;
+          const float* k = q + C;
+          const float* v = q + 2 * C;
+          float* l = lse + (static_cast<std::size_t>(b) * NH + h) * T;
+          // Scores for the whole T x T square; the masked upper triangle is overwritten with zeros below.
+          cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, hs, scale, q, row, k, row, 0.0f,
+                      p.data(), T);
+          for (int t = 0; t < T; ++t) {
+            float* pr = p.data() + static_cast<std::size_t>(t) * T;
+            float mx = pr[0];
+#pragma omp simd reduction(max : mx)
+            for (int s = 1; s <= t; ++s) mx = pr[s] > mx ? pr[s] : mx;
+            float sum = 0;
+#pragma omp simd reduction(+ : sum)
+            for (int s = 0; s <= t; ++s) {
+              pr[s] = exp_approx(pr[s] - mx);
+              sum += pr[s];
+            }
+            const float inv = 1.0f / sum;
+            for (int s = 0; s <= t; ++s) pr[s] *= inv;
+            for (int s = t + 1; s < T; ++s) pr[s] = 0.0f;
+            l[t] = mx + std::log(sum);
+          }
+          cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, hs, T, 1.0f, p.data(), T, v, row, 0.0f,
+                      out + b * T * static_cast<std::size_t>(C) + h * hs, C);
+        }
+      }
+    }
+  }
+
+  void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* out,
+                          const float* lse, int B, int T, int C, int NH) override {
+    const int hs = C / NH;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(hs));
+    const std::size_t row = 3 * static_cast<std::size_t>(C);
+#pragma omp parallel
+    {
+      std::vector<float> p(static_cast<std::size_t>(T) * T), dp(p.size());
 #pragma omp for schedule(static) collapse(2)
       for (int b = 0; b < B; ++b) {
         for (int h = 0; h < NH; ++h) {
@@ -272,19 +278,34 @@ class CpuBackend final : public Backend {
           float* dq = dqkv + base;
           float* dk = dq + C;
           float* dv = dq + 2 * C;
-          const float* p = probs + (static_cast<std::size_t>(b) * NH + h) * T * T;
-          const float* dO = dout + b * T * static_cast<std::size_t>(C) + h * hs;
+          const float* l = lse + (static_cast<std::size_t>(b) * NH + h) * T;
+          const std::size_t head = b * T * static_cast<std::size_t>(C) + h * hs;
+          const float* dO = dout + head;
+          const float* O = out + head;
+          // P = exp(S - lse), recomputed from the scores.
+          cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, hs, scale, q, row, k, row, 0.0f,
+                      p.data(), T);
+          for (int t = 0; t < T; ++t) {
+            float* pr = p.data() + static_cast<std::size_t>(t) * T;
+            const float lt = l[t];
+#pragma omp simd
+            for (int s = 0; s <= t; ++s) pr[s] = exp_approx(pr[s] - lt);
+            for (int s = t + 1; s < T; ++s) pr[s] = 0.0f;
+          }
           // dP = dO V^T ; dV = P^T dO
           cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, hs, 1.0f, dO, C, v, row, 0.0f, dp.data(),
                       T);
-          cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, hs, T, 1.0f, p, T, dO, C, 0.0f, dv, row);
-          // dS = P * (dP - rowsum(dP * P)), with the 1/sqrt(hs) of the scores folded in.
+          cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, hs, T, 1.0f, p.data(), T, dO, C, 0.0f, dv,
+                      row);
+          // dS = P * (dP - D) with D_t = sum_s dP_ts P_ts = dO_t . O_t, the 1/sqrt(hs) of the scores folded
+          // in.
           for (int t = 0; t < T; ++t) {
             float* dr = dp.data() + static_cast<std::size_t>(t) * T;
-            const float* pr = p + static_cast<std::size_t>(t) * T;
-            float dot = 0;
-            for (int s = 0; s <= t; ++s) dot += dr[s] * pr[s];
-            for (int s = 0; s <= t; ++s) dr[s] = pr[s] * (dr[s] - dot) * scale;
+            const float* pr = p.data() + static_cast<std::size_t>(t) * T;
+            float d = 0;
+            for (int i = 0; i < hs; ++i)
+              d += dO[static_cast<std::size_t>(t) * C + i] * O[static_cast<std::size_t>(t) * C + i];
+            for (int s = 0; s <= t; ++s) dr[s] = pr[s] * (dr[s] - d) * scale;
             for (int s = t + 1; s < T; ++s) dr[s] = 0.0f;
           }
           // dQ = dS K ; dK = dS^T Q

@@ -11,7 +11,7 @@ namespace lrllm {
 
 // What one block keeps from forward for its backward.
 struct Model::Acts {
-  float *ln1, *ln1_mean, *ln1_rstd, *qkv, *qkv_mid, *attn, *probs, *proj_mid, *x_mid;
+  float *ln1, *ln1_mean, *ln1_rstd, *qkv, *qkv_mid, *attn, *attn_lse, *proj_mid, *x_mid;
   float *ln2, *ln2_mean, *ln2_rstd, *fc, *fc_mid, *gelu, *mlp_mid;
   float* lora_mid[kNumSites];
   float* lora_mask[kNumSites];  // LoRA dropout masks, 0 or 1/(1-p) [N, in]
@@ -236,7 +236,7 @@ void Model::ensure_acts(int B) {
     a->qkv = f(N * 3 * C);
     a->qkv_mid = f(N * std::max(1, cfg_.lowrank_rank[0]));
     a->attn = f(N * C);
-    a->probs = f(B * NH * T * T);
+    a->attn_lse = f(B * NH * T);
     a->proj_mid = f(N * std::max(1, cfg_.lowrank_rank[1]));
     a->x_mid = f(N * C);
     a->ln2 = f(N * C);
@@ -300,7 +300,7 @@ void Model::block_forward(int l, Acts& a, const float* x, float* x_out, int B) {
   const LinearScratch ls = linear_scratch();
   be_.layernorm_forward(a.ln1, a.ln1_mean, a.ln1_rstd, x, at(blk.ln1_w), at(blk.ln1_b), N, C);
   blk.qkv.forward(be_, w, ls, a.ln1, a.qkv, a.qkv_mid, a.lora_mid[0], lora_mask(l, 0, a, C, N), N);
-  be_.attention_forward(a.attn, a.probs, a.qkv, B, cfg_.seq_len, C, cfg_.n_head);
+  be_.attention_forward(a.attn, a.attn_lse, a.qkv, B, cfg_.seq_len, C, cfg_.n_head);
   blk.proj.forward(be_, w, ls, a.attn, scratch_c_, a.proj_mid, a.lora_mid[1], lora_mask(l, 1, a, C, N), N);
   be_.add(a.x_mid, x, scratch_c_, static_cast<std::size_t>(N) * C);
   be_.layernorm_forward(a.ln2, a.ln2_mean, a.ln2_rstd, a.x_mid, at(blk.ln2_w), at(blk.ln2_b), N, C);
@@ -324,7 +324,7 @@ void Model::block_backward(int l, Acts& a, const float* x, float* dresid, int B)
   be_.layernorm_backward(dresid, grad_or_sink(blk.ln2_w, 0), grad_or_sink(blk.ln2_b, 1), scratch_c_, a.x_mid,
                          at(blk.ln2_w), a.ln2_mean, a.ln2_rstd, N, C);
   blk.proj.backward(be_, w, ls, a.attn, a.proj_mid, a.lora_mid[1], mask[1], dresid, scratch_c_, N);
-  be_.attention_backward(scratch_3c_, scratch_c_, a.qkv, a.probs, B, cfg_.seq_len, C, cfg_.n_head);
+  be_.attention_backward(scratch_3c_, scratch_c_, a.qkv, a.attn, a.attn_lse, B, cfg_.seq_len, C, cfg_.n_head);
   blk.qkv.backward(be_, w, ls, a.ln1, a.qkv_mid, a.lora_mid[0], mask[0], scratch_3c_, scratch_c2_, N);
   be_.layernorm_backward(dresid, grad_or_sink(blk.ln1_w, 0), grad_or_sink(blk.ln1_b, 1), scratch_c2_, x,
                          at(blk.ln1_w), a.ln1_mean, a.ln1_rstd, N, C);

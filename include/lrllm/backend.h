@@ -60,11 +60,12 @@ class Backend {
   virtual void gelu_backward(float* dinp, const float* inp, const float* dout, std::size_t n) = 0;
 
   // Causal multi-head attention. qkv [B,T,3C] (q, then k, then v, each split into NH heads of C/NH);
-  // out [B,T,C]; probs [B,NH,T,T] are the softmax probabilities kept for backward.
-  virtual void attention_forward(float* out, float* probs, const float* qkv, int B, int T, int C, int NH) = 0;
-  // dqkv is overwritten.
-  virtual void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* probs, int B,
-                                  int T, int C, int NH) = 0;
+  // out [B,T,C]. No [T,T] matrix is kept: lse [B,NH,T] holds each score row's log-sum-exp, from which
+  // backward recomputes the probabilities.
+  virtual void attention_forward(float* out, float* lse, const float* qkv, int B, int T, int C, int NH) = 0;
+  // dqkv is overwritten; out and lse are forward's.
+  virtual void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* out,
+                                  const float* lse, int B, int T, int C, int NH) = 0;
 
   // out[b,t,:] = wte[tokens[b,t],:] + wpe[t,:]
   virtual void embedding_forward(float* out, const int32_t* tokens, const float* wte, const float* wpe, int B,
