@@ -274,32 +274,40 @@ def prepare_grad_case(work, variant, seed):
     return ckpt, data, loss, grads
 
 
+def once(fn):
+    """fn runs on the first call only; later calls return its result, or raise its error, again."""
+    memo = {}
+
+    def wrapper():
+        if "err" in memo:
+            raise memo["err"]
+        if "out" not in memo:
+            try:
+                memo["out"] = fn()
+            except Exception as e:  # noqa: BLE001 - remembered for every check that shares the run
+                memo["err"] = e
+                raise
+        return memo["out"]
+
+    return wrapper
+
+
 def run_grad_case(build, work, variant, seed):
     """Returns a pair of check functions (loss, grads) sharing one grad_dump run."""
-    state = {}
-
+    @once
     def run():
-        if "err" in state:
-            raise state["err"]
-        if "out" in state:
-            return state["out"]
-        try:
-            ckpt, data, loss, grads = prepare_grad_case(work, variant, seed)
-            out = os.path.join(work, f"grad_{variant}_out.h5")
-            exe = os.path.join(build, "tests", "grad_dump")
-            run_cmd([exe, "--init", ckpt, "--data", data, "--batch", str(BATCH), "--out", out])
-            if not os.path.exists(out):
-                raise CheckFailed(f"grad_dump exited 0 but wrote no {os.path.basename(out)}")
-            with h5py.File(out, "r") as f:
-                if "loss" not in f.attrs:
-                    raise CheckFailed("grad_dump output has no root attr 'loss'")
-                got_loss = float(f.attrs["loss"])
-                got = ref.read_group_tensors(f, "grads")
-            state["out"] = (got_loss, loss, got, grads)
-            return state["out"]
-        except Exception as e:
-            state["err"] = e
-            raise
+        ckpt, data, loss, grads = prepare_grad_case(work, variant, seed)
+        out = os.path.join(work, f"grad_{variant}_out.h5")
+        exe = os.path.join(build, "tests", "grad_dump")
+        run_cmd([exe, "--init", ckpt, "--data", data, "--batch", str(BATCH), "--out", out])
+        if not os.path.exists(out):
+            raise CheckFailed(f"grad_dump exited 0 but wrote no {os.path.basename(out)}")
+        with h5py.File(out, "r") as f:
+            if "loss" not in f.attrs:
+                raise CheckFailed("grad_dump output has no root attr 'loss'")
+            got_loss = float(f.attrs["loss"])
+            got = ref.read_group_tensors(f, "grads")
+        return (got_loss, loss, got, grads)
 
     def check_loss():
         got_loss, loss, _, _ = run()
@@ -332,38 +340,28 @@ def find_final_checkpoint(run_dir, steps):
 def run_train_case(build, work, variant, seed, n_seq):
     cfg = VARIANTS[variant]
     tc = ref.TrainConfig(steps=10, batch_size=BATCH)
-    state = {}
-
+    @once
     def run():
-        if "err" in state:
-            raise state["err"]
-        if "out" in state:
-            return state["out"]
-        try:
-            params = ref.init_params(cfg, seed=seed)
-            ckpt = os.path.join(work, f"train_{variant}.h5")
-            ref.save_checkpoint(ckpt, cfg, params)
-            rng = np.random.default_rng(seed + 1000)
-            toks = rng.integers(0, cfg.vocab_size, size=n_seq * cfg.seq_len + 1 + 5)
-            data = os.path.join(work, f"train_{variant}.bin")
-            ref.write_tokens(data, toks)
-            run_dir = os.path.join(work, f"run_{variant}")
-            exe = os.path.join(build, "lrllm")
-            cmd = [exe, "--mode", "pretrain", "--model.init", ckpt, "--data.train", data,
-                   "--data.val", data, "--data.shuffle", "false",
-                   "--train.steps", str(tc.steps), "--train.batch_size", str(tc.batch_size),
-                   "--train.grad_accum", "1", "--train.lr", repr(tc.lr),
-                   "--train.min_lr", repr(tc.min_lr), "--train.warmup", str(tc.warmup),
-                   "--train.weight_decay", repr(tc.weight_decay),
-                   "--train.grad_clip", repr(tc.grad_clip), "--train.eval_every", "0",
-                   "--run.dir", run_dir, "--device", "cpu"]
-            run_cmd(cmd)
-            hist, final, opt = ref.train(params, cfg, toks, tc)
-            state["out"] = (run_dir, hist, final, opt, tc)
-            return state["out"]
-        except Exception as e:
-            state["err"] = e
-            raise
+        params = ref.init_params(cfg, seed=seed)
+        ckpt = os.path.join(work, f"train_{variant}.h5")
+        ref.save_checkpoint(ckpt, cfg, params)
+        rng = np.random.default_rng(seed + 1000)
+        toks = rng.integers(0, cfg.vocab_size, size=n_seq * cfg.seq_len + 1 + 5)
+        data = os.path.join(work, f"train_{variant}.bin")
+        ref.write_tokens(data, toks)
+        run_dir = os.path.join(work, f"run_{variant}")
+        exe = os.path.join(build, "lrllm")
+        cmd = [exe, "--mode", "pretrain", "--model.init", ckpt, "--data.train", data,
+               "--data.val", data, "--data.shuffle", "false",
+               "--train.steps", str(tc.steps), "--train.batch_size", str(tc.batch_size),
+               "--train.grad_accum", "1", "--train.lr", repr(tc.lr),
+               "--train.min_lr", repr(tc.min_lr), "--train.warmup", str(tc.warmup),
+               "--train.weight_decay", repr(tc.weight_decay),
+               "--train.grad_clip", repr(tc.grad_clip), "--train.eval_every", "0",
+               "--run.dir", run_dir, "--device", "cpu"]
+        run_cmd(cmd)
+        hist, final, opt = ref.train(params, cfg, toks, tc)
+        return (run_dir, hist, final, opt, tc)
 
     def metrics(run_dir):
         path = os.path.join(run_dir, "metrics.h5")
@@ -469,66 +467,56 @@ def bits_equal(a, b) -> bool:
 
 def run_lora_case(build, work, name, seed):
     base_cfg, bits, qblock, targets = LORA_CASES[name]
-    state = {}
-
+    @once
     def run():
-        if "err" in state:
-            raise state["err"]
-        if "out" in state:
-            return state["out"]
-        try:
-            base_params = ref.init_params(base_cfg, seed=seed)
-            base = os.path.join(work, f"lora_{name}_base.h5")
-            ref.save_checkpoint(base, base_cfg, base_params)
-            jsonl = os.path.join(work, f"lora_{name}.jsonl")
-            with open(jsonl, "w") as f:
-                for ex in INSTRUCTIONS:
-                    f.write(json.dumps(ex) + "\n")
-            run_dir = os.path.join(work, f"run_lora_{name}")
-            steps = 2
-            run_cmd([os.path.join(build, "lrllm"), "--mode", "finetune", "--model.init", base,
-                     "--data.train", jsonl, "--data.val", jsonl,
-                     "--data.tokenizer_dir", os.path.join(REPO, "input", "data", "tokenizer"),
-                     "--lora.rank", str(LORA_RANK), "--lora.alpha", repr(LORA_ALPHA),
-                     "--lora.targets", targets, "--quant.bits", str(bits),
-                     "--quant.block", str(qblock), "--train.steps", str(steps),
-                     "--train.batch_size", "2", "--train.lr", "1e-2", "--train.warmup", "0",
-                     "--train.eval_batches", "1", "--run.dir", run_dir, "--device", "cpu"])
-            ckpt = find_final_checkpoint(run_dir, steps)
-            rng = np.random.default_rng(seed + 1000)
-            toks = rng.integers(0, base_cfg.vocab_size, size=(BATCH + 1) * base_cfg.seq_len + 3)
-            data = os.path.join(work, f"lora_{name}.bin")
-            ref.write_tokens(data, toks)
-            out = os.path.join(work, f"lora_{name}_out.h5")
-            run_cmd([os.path.join(build, "tests", "grad_dump"), "--init", ckpt, "--data", data,
-                     "--batch", str(BATCH), "--out", out])
-            with h5py.File(out, "r") as f:
-                if "loss" not in f.attrs:
-                    raise CheckFailed("grad_dump output has no root attr 'loss'")
-                got_loss = float(f.attrs["loss"])
-                got = ref.read_group_tensors(f, "grads")
-            cfg, params = ref.load_model(ckpt)
-            want_sites = [ref.site_path(i, s) for i in range(cfg.n_layer) for s in
-                          (ref.LINEAR_SITES if targets == "all" else targets.split(","))]
-            if (cfg.lora_rank, cfg.lora_alpha) != (LORA_RANK, LORA_ALPHA):
-                raise CheckFailed(f"checkpoint /config lora_rank {cfg.lora_rank}, lora_alpha "
-                                  f"{cfg.lora_alpha}; expected {LORA_RANK}, {LORA_ALPHA}")
-            have = sorted(k for k in params if ref.is_lora(k))
-            expect = sorted(f"{sp}/{t}" for sp in want_sites for t in ("lora_A", "lora_B"))
-            if have != expect:
-                raise CheckFailed(f"checkpoint adapters {have} != expected {expect}")
-            x, y = ref.batch(toks, cfg.seq_len, range(BATCH))
-            loss, grads = ref.loss_and_grads(params, cfg, x, y, trainable=ref.is_lora)
-            frozen = ref.to_torch(params, requires_grad=False)
-            with torch.no_grad():
-                _, l0 = ref.forward({k: v for k, v in frozen.items() if not ref.is_lora(k)},
-                                    cfg, x, y)
-            state["out"] = dict(ckpt=ckpt, base=base, cfg=cfg, got_loss=got_loss, loss=loss,
-                                loss_no_lora=l0.item(), got=got, grads=grads, bits=bits)
-            return state["out"]
-        except Exception as e:
-            state["err"] = e
-            raise
+        base_params = ref.init_params(base_cfg, seed=seed)
+        base = os.path.join(work, f"lora_{name}_base.h5")
+        ref.save_checkpoint(base, base_cfg, base_params)
+        jsonl = os.path.join(work, f"lora_{name}.jsonl")
+        with open(jsonl, "w") as f:
+            for ex in INSTRUCTIONS:
+                f.write(json.dumps(ex) + "\n")
+        run_dir = os.path.join(work, f"run_lora_{name}")
+        steps = 2
+        run_cmd([os.path.join(build, "lrllm"), "--mode", "finetune", "--model.init", base,
+                 "--data.train", jsonl, "--data.val", jsonl,
+                 "--data.tokenizer_dir", os.path.join(REPO, "input", "data", "tokenizer"),
+                 "--lora.rank", str(LORA_RANK), "--lora.alpha", repr(LORA_ALPHA),
+                 "--lora.targets", targets, "--quant.bits", str(bits),
+                 "--quant.block", str(qblock), "--train.steps", str(steps),
+                 "--train.batch_size", "2", "--train.lr", "1e-2", "--train.warmup", "0",
+                 "--train.eval_batches", "1", "--run.dir", run_dir, "--device", "cpu"])
+        ckpt = find_final_checkpoint(run_dir, steps)
+        rng = np.random.default_rng(seed + 1000)
+        toks = rng.integers(0, base_cfg.vocab_size, size=(BATCH + 1) * base_cfg.seq_len + 3)
+        data = os.path.join(work, f"lora_{name}.bin")
+        ref.write_tokens(data, toks)
+        out = os.path.join(work, f"lora_{name}_out.h5")
+        run_cmd([os.path.join(build, "tests", "grad_dump"), "--init", ckpt, "--data", data,
+                 "--batch", str(BATCH), "--out", out])
+        with h5py.File(out, "r") as f:
+            if "loss" not in f.attrs:
+                raise CheckFailed("grad_dump output has no root attr 'loss'")
+            got_loss = float(f.attrs["loss"])
+            got = ref.read_group_tensors(f, "grads")
+        cfg, params = ref.load_model(ckpt)
+        want_sites = [ref.site_path(i, s) for i in range(cfg.n_layer) for s in
+                      (ref.LINEAR_SITES if targets == "all" else targets.split(","))]
+        if (cfg.lora_rank, cfg.lora_alpha) != (LORA_RANK, LORA_ALPHA):
+            raise CheckFailed(f"checkpoint /config lora_rank {cfg.lora_rank}, lora_alpha "
+                              f"{cfg.lora_alpha}; expected {LORA_RANK}, {LORA_ALPHA}")
+        have = sorted(k for k in params if ref.is_lora(k))
+        expect = sorted(f"{sp}/{t}" for sp in want_sites for t in ("lora_A", "lora_B"))
+        if have != expect:
+            raise CheckFailed(f"checkpoint adapters {have} != expected {expect}")
+        x, y = ref.batch(toks, cfg.seq_len, range(BATCH))
+        loss, grads = ref.loss_and_grads(params, cfg, x, y, trainable=ref.is_lora)
+        frozen = ref.to_torch(params, requires_grad=False)
+        with torch.no_grad():
+            _, l0 = ref.forward({k: v for k, v in frozen.items() if not ref.is_lora(k)},
+                                cfg, x, y)
+        return dict(ckpt=ckpt, base=base, cfg=cfg, got_loss=got_loss, loss=loss,
+                            loss_no_lora=l0.item(), got=got, grads=grads, bits=bits)
 
     def check_loss():
         r = run()
