@@ -516,7 +516,7 @@ def run_lora_case(build, work, name, seed):
             _, l0 = ref.forward({k: v for k, v in frozen.items() if not ref.is_lora(k)},
                                 cfg, x, y)
         return dict(ckpt=ckpt, base=base, cfg=cfg, got_loss=got_loss, loss=loss,
-                            loss_no_lora=l0.item(), got=got, grads=grads, bits=bits)
+                    loss_no_lora=l0.item(), got=got, grads=grads, bits=bits)
 
     def check_loss():
         r = run()
