@@ -7,7 +7,12 @@ BUILD ?= build
 Q := $(if $(filter 1,$(V)),,@)
 SANITIZE ?= 0
 NVCC ?= $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
-CUDA ?= $(if $(NVCC),1,0)
+# nvcc alone is not enough: some images ship the compiler without the shared runtime and cuBLAS, so the
+# CUDA build needs both libraries, wherever this toolkit's layout puts them.
+CUDA_HOME := $(patsubst %/bin/nvcc,%,$(realpath $(NVCC)))
+CUDA_LIB_DIR := $(firstword $(foreach d,$(CUDA_HOME)/lib64 $(CUDA_HOME)/lib $(CUDA_HOME)/targets/x86_64-linux/lib \
+                  /usr/lib/x86_64-linux-gnu,$(if $(and $(wildcard $(d)/libcudart.so),$(wildcard $(d)/libcublas.so),$(wildcard $(d)/libcublasLt.so)),$(d))))
+CUDA ?= $(if $(and $(NVCC),$(CUDA_LIB_DIR)),1,0)
 CUDA_ARCH ?= sm_90
 JOBS ?= $(shell nproc)
 
@@ -35,10 +40,9 @@ LIB_SRCS := $(filter-out src/main.cpp,$(wildcard src/*.cpp))
 LIB_OBJS := $(LIB_SRCS:src/%.cpp=$(BUILD)/obj/%.o)
 CUDA_SRCS := $(wildcard cuda/*.cu)
 ifeq ($(CUDA),1)
-  CUDA_HOME := $(patsubst %/bin/nvcc,%,$(NVCC))
   CUDA_OBJS := $(CUDA_SRCS:cuda/%.cu=$(BUILD)/obj/cuda/%.o)
   CXXFLAGS += -DLRLLM_WITH_CUDA
-  LDLIBS += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcudart -lcublasLt -lcublas
+  LDLIBS += -L$(CUDA_LIB_DIR) -Wl,-rpath,$(CUDA_LIB_DIR) -lcudart -lcublasLt -lcublas
   NVCCFLAGS := -std=c++20 -O3 -arch=$(CUDA_ARCH) -Iinclude -DLRLLM_WITH_CUDA --compiler-options -Wall,-Wextra,-Werror
 endif
 TEST_SRCS := $(filter-out tests/tokenizer_dump.cpp tests/grad_dump.cpp,$(wildcard tests/*.cpp))
