@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <ctime>
 #include <filesystem>
+#include <sstream>
 #include <string_view>
 #include <vector>
 
@@ -39,9 +40,19 @@ void write_tensors(H5File& f, const std::string& group, const ParamTable& table,
   for (const TensorInfo& t : table.tensors()) f.write(group + "/" + t.name, flat.data() + t.offset, t.shape);
 }
 
+// A tensor-parallel part reads the full tensor and keeps its slice.
 void read_tensors(const H5File& f, const std::string& group, const ParamTable& table,
                   std::vector<float>& flat) {
-  for (const TensorInfo& t : table.tensors()) f.read(group + "/" + t.name, flat.data() + t.offset, t.shape);
+  std::vector<float> full;
+  for (const TensorInfo& t : table.tensors()) {
+    if (t.split.axis < 0) {
+      f.read(group + "/" + t.name, flat.data() + t.offset, t.shape);
+      continue;
+    }
+    full.resize(t.size * t.split.parts);
+    f.read(group + "/" + t.name, full.data(), t.full_shape);
+    extract_part(t, full.data(), flat.data() + t.offset);
+  }
 }
 
 std::vector<float> to_host(Backend& be, const float* dev, std::size_t n) {
@@ -130,67 +141,221 @@ void load_base_weights(const std::string& path, Model& model) {
   load_into(path, model, false);
 }
 
-void save_checkpoint(const std::string& path, const std::string& mode, Model& model, AdamW* optimizer,
-                     const TrainState* state) {
-  const std::string tmp = path + ".tmp";
-  {
-    H5File f = H5File::create(tmp);
-    f.set_attr("/", "format", std::string("lrllm"));
-    f.set_attr("/", "format_version", kFormatVersion);
-    f.set_attr("/", "lrllm_version", std::string(kVersion));
-    f.set_attr("/", "mode", mode);
-    f.set_attr("/", "created", now_iso8601());
+namespace {
 
-    const ModelConfig& c = model.config();
-    f.ensure_group("/config");
-    f.set_attr("/config", "arch", c.arch);
-    f.set_attr("/config", "vocab_size", int64_t{c.vocab_size});
-    f.set_attr("/config", "seq_len", int64_t{c.seq_len});
-    f.set_attr("/config", "n_layer", int64_t{c.n_layer});
-    f.set_attr("/config", "n_head", int64_t{c.n_head});
-    f.set_attr("/config", "d_model", int64_t{c.d_model});
-    f.set_attr("/config", "d_ff", int64_t{c.ff()});
-    f.set_attr("/config", "tied_embeddings", int64_t{1});
-    f.set_attr("/config", "lowrank_rank", int64_t{c.lowrank_rank_attr()});
-    f.set_attr("/config", "lowrank_targets", c.lowrank_targets());
-    int lora_rank = 0;
-    for (int r : c.lora_rank) lora_rank = std::max(lora_rank, r);
-    f.set_attr("/config", "lora_rank", int64_t{lora_rank});
-    f.set_attr("/config", "lora_alpha", c.any_lora() ? c.lora_alpha : 0.0);
-    f.set_attr("/config", "lora_targets", c.lora_targets());
-    f.set_attr("/config", "quant", c.quant);
-    f.set_attr("/config", "quant_block", int64_t{c.quant_block});
+void write_header(H5File& f, const std::string& mode, const ModelConfig& c) {
+  f.set_attr("/", "format", std::string("lrllm"));
+  f.set_attr("/", "format_version", kFormatVersion);
+  f.set_attr("/", "lrllm_version", std::string(kVersion));
+  f.set_attr("/", "mode", mode);
+  f.set_attr("/", "created", now_iso8601());
+  f.ensure_group("/config");
+  f.set_attr("/config", "arch", c.arch);
+  f.set_attr("/config", "vocab_size", int64_t{c.vocab_size});
+  f.set_attr("/config", "seq_len", int64_t{c.seq_len});
+  f.set_attr("/config", "n_layer", int64_t{c.n_layer});
+  f.set_attr("/config", "n_head", int64_t{c.n_head});
+  f.set_attr("/config", "d_model", int64_t{c.d_model});
+  f.set_attr("/config", "d_ff", int64_t{c.ff()});
+  f.set_attr("/config", "tied_embeddings", int64_t{1});
+  f.set_attr("/config", "lowrank_rank", int64_t{c.lowrank_rank_attr()});
+  f.set_attr("/config", "lowrank_targets", c.lowrank_targets());
+  int lora_rank = 0;
+  for (int r : c.lora_rank) lora_rank = std::max(lora_rank, r);
+  f.set_attr("/config", "lora_rank", int64_t{lora_rank});
+  f.set_attr("/config", "lora_alpha", c.any_lora() ? c.lora_alpha : 0.0);
+  f.set_attr("/config", "lora_targets", c.lora_targets());
+  f.set_attr("/config", "quant", c.quant);
+  f.set_attr("/config", "quant_block", int64_t{c.quant_block});
+}
 
-    Backend& be = model.backend();
-    const std::size_t n = model.table().total();
-    write_tensors(f, "/model", model.table(), to_host(be, model.params(), n));
-    write_tensors(f, "/model", model.frozen_table(),
-                  to_host(be, model.frozen(), model.frozen_table().total()));
-    for (Linear* layer : model.quantized_layers())
-      write_quantized(f, "/model/" + layer->prefix(), model.quantized_weight(*layer));
-    if (optimizer != nullptr) {
-      f.ensure_group("/optimizer");
-      f.set_attr("/optimizer", "step", int64_t{optimizer->step()});
-      f.set_attr("/optimizer", "name", std::string("adamw"));
-      f.set_attr("/optimizer", "beta1", optimizer->config().beta1);
-      f.set_attr("/optimizer", "beta2", optimizer->config().beta2);
-      f.set_attr("/optimizer", "eps", optimizer->config().eps);
-      f.set_attr("/optimizer", "weight_decay", optimizer->config().weight_decay);
-      write_tensors(f, "/optimizer/m", model.table(), to_host(be, optimizer->m(), n));
-      write_tensors(f, "/optimizer/v", model.table(), to_host(be, optimizer->v(), n));
-    }
-    if (state != nullptr) {
-      f.ensure_group("/state");
-      f.set_attr("/state", "step", state->step);
-      f.set_attr("/state", "tokens_seen", state->tokens_seen);
-      f.set_attr("/state", "seed", static_cast<int64_t>(state->seed));
-      f.set_attr("/state", "data_cursor", static_cast<int64_t>(state->data_cursor));
-    }
-    f.close();
+void write_optimizer_and_state(H5File& f, const AdamW* optimizer, const TrainState* state) {
+  if (optimizer != nullptr) {
+    f.ensure_group("/optimizer");
+    f.set_attr("/optimizer", "step", int64_t{optimizer->step()});
+    f.set_attr("/optimizer", "name", std::string("adamw"));
+    f.set_attr("/optimizer", "beta1", optimizer->config().beta1);
+    f.set_attr("/optimizer", "beta2", optimizer->config().beta2);
+    f.set_attr("/optimizer", "eps", optimizer->config().eps);
+    f.set_attr("/optimizer", "weight_decay", optimizer->config().weight_decay);
   }
+  if (state != nullptr) {
+    f.ensure_group("/state");
+    f.set_attr("/state", "step", state->step);
+    f.set_attr("/state", "tokens_seen", state->tokens_seen);
+    f.set_attr("/state", "seed", static_cast<int64_t>(state->seed));
+    f.set_attr("/state", "data_cursor", static_cast<int64_t>(state->data_cursor));
+  }
+}
+
+// The frozen base and its quantized layers (a whole model: finetuning runs without tensor or pipeline
+// parallelism).
+void write_frozen(H5File& f, Model& model) {
+  write_tensors(f, "/model", model.frozen_table(),
+                to_host(model.backend(), model.frozen(), model.frozen_table().total()));
+  for (Linear* layer : model.quantized_layers())
+    write_quantized(f, "/model/" + layer->prefix(), model.quantized_weight(*layer));
+}
+
+void rename_into_place(const std::string& tmp, const std::string& path) {
   std::error_code ec;
   fs::rename(tmp, path, ec);
   if (ec) throw RuntimeError("cannot rename " + tmp + " to " + path + ": " + ec.message());
+}
+
+}  // namespace
+
+void save_checkpoint(const std::string& path, const std::string& mode, Model& model, AdamW* optimizer,
+                     const TrainState* state) {
+  LRLLM_CHECK(optimizer == nullptr || optimizer->whole(), "save_checkpoint", "sharded optimizer state");
+  const std::string tmp = path + ".tmp";
+  {
+    H5File f = H5File::create(tmp);
+    write_header(f, mode, model.config());
+    Backend& be = model.backend();
+    const std::size_t n = model.table().total();
+    write_tensors(f, "/model", model.table(), to_host(be, model.params(), n));
+    write_frozen(f, model);
+    write_optimizer_and_state(f, optimizer, state);
+    if (optimizer != nullptr) {
+      write_tensors(f, "/optimizer/m", model.table(), to_host(be, optimizer->m(), n));
+      write_tensors(f, "/optimizer/v", model.table(), to_host(be, optimizer->v(), n));
+    }
+    f.close();
+  }
+  rename_into_place(tmp, path);
+}
+
+namespace {
+
+// A tensor's description as world rank 0 needs it to assemble the full tensor from its parts.
+std::string describe(const ParamTable& table) {
+  std::string out;
+  for (const TensorInfo& t : table.tensors()) {
+    out += strprintf("%s %d %d %d %zu", t.name.c_str(), t.split.axis, t.split.groups, t.split.replica ? 1 : 0,
+                     t.full_shape.size());
+    for (int64_t d : t.full_shape) out += " " + std::to_string(d);
+    out += "\n";
+  }
+  return out;
+}
+
+std::vector<TensorInfo> parse_description(const std::string& text, int parts) {
+  std::vector<TensorInfo> out;
+  std::istringstream in(text);
+  std::string line;
+  while (std::getline(in, line)) {
+    std::istringstream fields(line);
+    TensorInfo t;
+    int replica = 0;
+    std::size_t dims = 0;
+    fields >> t.name >> t.split.axis >> t.split.groups >> replica >> dims;
+    t.split.replica = replica != 0;
+    t.split.parts = t.split.axis >= 0 ? parts : 1;
+    t.full_shape.resize(dims);
+    for (int64_t& d : t.full_shape) fields >> d;
+    t.shape = t.full_shape;
+    if (t.split.axis >= 0) t.shape[t.split.axis] /= parts;
+    t.size = 1;
+    for (int64_t d : t.shape) t.size *= static_cast<std::size_t>(d);
+    out.push_back(std::move(t));
+  }
+  return out;
+}
+
+constexpr int kSaveTag = 7;
+
+}  // namespace
+
+void save_checkpoint(const std::string& path, const std::string& mode, Model& model, AdamW& optimizer,
+                     const TrainState& state, const Topology& topo) {
+  Backend& be = model.backend();
+  const ParamTable& table = model.table();
+  const std::size_t n = table.total();
+  // The moments of the whole local layout, on data-parallel rank 0 (ZeRO gathers the shards).
+  std::vector<float> m, v;
+  if (optimizer.whole()) {
+    if (topo.dp_rank() == 0) {
+      m = to_host(be, optimizer.m(), n);
+      v = to_host(be, optimizer.v(), n);
+    }
+  } else {
+    const std::vector<std::size_t> bounds = topo.dp_bounds(n);
+    m.resize(topo.dp_rank() == 0 ? n : 0);
+    v.resize(m.size());
+    const std::size_t shard = optimizer.end() - optimizer.begin();
+    topo.gather_dp(to_host(be, optimizer.m(), shard).data(), m.data(), bounds);
+    topo.gather_dp(to_host(be, optimizer.v(), shard).data(), v.data(), bounds);
+  }
+  if (topo.dp_rank() != 0) return;
+  const std::vector<float> params = to_host(be, model.params(), n);
+  const std::vector<float>* const kinds[3] = {&params, &m, &v};
+  const char* const groups[3] = {"/model", "/optimizer/m", "/optimizer/v"};
+
+  if (!topo.world().root()) {
+    // Every part this rank holds goes to world rank 0, in table order; the stage's first tensor-parallel
+    // rank describes the stage's tensors first.
+    if (topo.tp_rank() == 0) {
+      const std::string text = describe(table);
+      LRLLM_MPI(MPI_Send(text.data(), static_cast<int>(text.size()), MPI_CHAR, 0, kSaveTag, MPI_COMM_WORLD));
+    }
+    for (const TensorInfo& t : table.tensors()) {
+      if (t.split.replica) continue;
+      for (const auto* kind : kinds)
+        LRLLM_MPI(MPI_Send(kind->data() + t.offset, static_cast<int>(t.size), MPI_FLOAT, 0, kSaveTag,
+                           MPI_COMM_WORLD));
+    }
+    return;
+  }
+
+  const std::string tmp = path + ".tmp";
+  {
+    H5File f = H5File::create(tmp);
+    write_header(f, mode, model.config());
+    write_optimizer_and_state(f, &optimizer, &state);
+    if (model.first_stage() && model.last_stage() && topo.tp() == 1) write_frozen(f, model);
+    std::vector<float> full[3], part;
+    for (int stage = 0; stage < topo.pp(); ++stage) {
+      const int stage_root = stage * topo.tp();  // world rank of (dp 0, stage, tp 0)
+      std::vector<TensorInfo> tensors;
+      if (stage == 0) {
+        tensors = table.tensors();
+      } else {
+        MPI_Status status;
+        int len = 0;
+        LRLLM_MPI(MPI_Probe(stage_root, kSaveTag, MPI_COMM_WORLD, &status));
+        LRLLM_MPI(MPI_Get_count(&status, MPI_CHAR, &len));
+        std::string text(len, '\0');
+        LRLLM_MPI(
+            MPI_Recv(text.data(), len, MPI_CHAR, stage_root, kSaveTag, MPI_COMM_WORLD, MPI_STATUS_IGNORE));
+        tensors = parse_description(text, topo.tp());
+      }
+      for (TensorInfo t : tensors) {
+        if (t.split.replica) continue;
+        std::size_t full_size = 1;
+        for (int64_t d : t.full_shape) full_size *= static_cast<std::size_t>(d);
+        for (auto& buffer : full) buffer.resize(full_size);
+        for (int p = 0; p < t.split.parts; ++p) {
+          t.split.part = p;
+          const int source = stage_root + p;
+          for (int k = 0; k < 3; ++k) {
+            const float* data = kinds[k]->data() + t.offset;
+            if (source != 0) {
+              part.resize(t.size);
+              LRLLM_MPI(MPI_Recv(part.data(), static_cast<int>(t.size), MPI_FLOAT, source, kSaveTag,
+                                 MPI_COMM_WORLD, MPI_STATUS_IGNORE));
+              data = part.data();
+            }
+            insert_part(t, data, full[k].data());
+          }
+        }
+        for (int k = 0; k < 3; ++k)
+          f.write(std::string(groups[k]) + "/" + t.name, full[k].data(), t.full_shape);
+      }
+    }
+    f.close();
+  }
+  rename_into_place(tmp, path);
 }
 
 void load_training_state(const std::string& path, AdamW& optimizer, TrainState& state) {
@@ -199,12 +364,14 @@ void load_training_state(const std::string& path, AdamW& optimizer, TrainState& 
     throw InputError(path + ": has no /optimizer or /state to resume from (a model file? use --model.init)");
   const std::string name = f.attr_string("/optimizer", "name");
   if (name != "adamw") throw InputError(path + ": optimizer '" + name + "' is not supported (adamw is)");
+  // The moments of this rank's range (a ZeRO shard, or all of them).
   const ParamTable& table = optimizer.table();
   std::vector<float> host(table.total(), 0.0f);
+  const std::size_t begin = optimizer.begin(), bytes = (optimizer.end() - begin) * sizeof(float);
   read_tensors(f, "/optimizer/m", table, host);
-  optimizer.backend().to_device(optimizer.m(), host.data(), host.size() * sizeof(float));
+  optimizer.backend().to_device(optimizer.m(), host.data() + begin, bytes);
   read_tensors(f, "/optimizer/v", table, host);
-  optimizer.backend().to_device(optimizer.v(), host.data(), host.size() * sizeof(float));
+  optimizer.backend().to_device(optimizer.v(), host.data() + begin, bytes);
   optimizer.set_step(static_cast<int>(f.attr_int("/optimizer", "step")));
   state.step = f.attr_int("/state", "step");
   state.tokens_seen = f.attr_int("/state", "tokens_seen");

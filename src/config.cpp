@@ -169,8 +169,21 @@ po::options_description make_options(Config& c) {
       "checkpoints kept in run.dir (0: all)")("checkpoint.resume", po::value(&c.checkpoint.resume),
                                               "resume from a checkpoint path, or latest");
 
+  po::options_description parallel("Parallelism [parallel] (data parallel = ranks / (tp * pp))", kHelpWidth);
+  ParallelConfig& p = c.parallel;
+  parallel.add_options()("parallel.tp", po::value(&p.tp)->default_value(p.tp),
+                         "tensor-parallel group size (Megatron: heads and MLP split)")(
+      "parallel.pp", po::value(&p.pp)->default_value(p.pp), "pipeline stages (blocks split, 1F1B schedule)")(
+      "parallel.zero", po::value(&p.zero)->default_value(p.zero),
+      "1: shard the AdamW state over the data-parallel ranks (ZeRO-1)")(
+      "parallel.micro_batches", po::value(&p.micro_batches)->default_value(p.micro_batches),
+      "pipeline micro-batches per micro-step (must divide train.batch_size)")(
+      "parallel.bucket_mb", po::value(&p.bucket_mb)->default_value(p.bucket_mb, text(p.bucket_mb)),
+      "gradient averaging bucket size in MB (buckets start while backward runs)");
+
   po::options_description all(kHelpWidth);
-  all.add(general).add(model).add(lowrank).add(finetune).add(eval).add(train).add(data).add(run);
+  all.add(general).add(model).add(lowrank).add(finetune).add(eval).add(train).add(data).add(run).add(
+      parallel);
   return all;
 }
 

@@ -20,19 +20,21 @@
 
 namespace lrllm {
 
-double validation_loss(Model& model, BatchSource& batcher, uint64_t sequences, int batch_size,
-                       const Comm& comm) {
-  const int T = model.config().seq_len;
+double validation_loss(Pipeline& pipeline, const Topology& topo, BatchSource& batcher, uint64_t sequences,
+                       int batch_size) {
+  const int T = pipeline.config().seq_len;
   std::vector<int32_t> tokens(static_cast<std::size_t>(batch_size) * T), targets(tokens.size());
-  const uint64_t share = sequences / comm.size();
-  const uint64_t begin = share * comm.rank();
+  const uint64_t share = sequences / topo.dp();
+  const uint64_t begin = share * topo.dp_rank();
   double sum = 0;
   for (uint64_t first = begin; first < begin + share; first += batch_size) {
     const int count = static_cast<int>(std::min<uint64_t>(batch_size, begin + share - first));
     batcher.fill(first, count, tokens.data(), targets.data());
-    sum += model.step(tokens.data(), targets.data(), count, 0.0f) * count;
+    sum += pipeline.evaluate(tokens.data(), targets.data(), count) * count;
   }
-  return comm.allreduce_sum(sum) / static_cast<double>(share * comm.size());
+  // The last stage has the loss; its tensor-parallel replicas computed the same.
+  const bool counts = topo.last_stage() && topo.tp_rank() == 0;
+  return topo.world_sum(counts ? sum : 0.0) / static_cast<double>(share * topo.dp());
 }
 
 namespace {
@@ -193,12 +195,15 @@ int run_eval(const Config& cfg, const Comm& comm) {
     model = std::make_unique<Model>(mc, *backend, false);
     load_weights(cfg.model.init, *model);
   });
+  // Data parallel only: every rank holds the whole model.
+  const Topology topo(comm, ParallelConfig{});
+  Pipeline pipeline(*model, topo, 1);
   // Every sequence of the file once (rounded down to a multiple of the ranks), unless a number of batches
   // was asked for.
   const uint64_t per_batch = static_cast<uint64_t>(cfg.train.batch_size) * comm.size();
   uint64_t sequences = std::max<uint64_t>(1, batcher->num_sequences() / comm.size()) * comm.size();
   if (cfg.was_given("train.eval_batches")) sequences = per_batch * cfg.train.eval_batches;
-  const double loss = validation_loss(*model, *batcher, sequences, cfg.train.batch_size, comm);
+  const double loss = validation_loss(pipeline, topo, *batcher, sequences, cfg.train.batch_size);
   if (comm.root())
     std::printf("eval %s on %s: %llu tokens, loss %.6f, ppl %.3f\n", cfg.model.init.c_str(), data.c_str(),
                 static_cast<unsigned long long>(sequences * model->config().seq_len), loss, std::exp(loss));

@@ -78,6 +78,10 @@ int run_finetune(const Config& cfg, const Comm& comm) {
     setup.val = load_examples(cfg.data.val.empty() ? cfg.data.train : cfg.data.val, tok, T, false, cfg.seed);
     setup.data_summary = strprintf("train %zu examples, val %zu examples", setup.train->num_sequences(),
                                    setup.val->num_sequences());
+    setup.check_layout(cfg, comm);
+  });
+  setup.make_topology(cfg, comm);
+  collective_check(comm, [&] {
     setup.build(cfg);
     if (setup.resume.empty()) {
       setup.model->init_adapters(cfg.seed);

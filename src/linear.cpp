@@ -7,27 +7,48 @@
 namespace lrllm {
 
 Linear::Linear(ParamTable& trainable, ParamTable& base, bool base_frozen, const std::string& prefix, int in,
-               int out, int rank, int lora_rank, double lora_alpha, bool quantized)
-    : prefix_(prefix), in_(in), out_(out), rank_(rank), lora_rank_(lora_rank), quantized_(quantized) {
-  auto add = [&](ParamTable& table, bool frozen, const std::string& name, std::vector<int64_t> shape) {
-    return TensorRef{table.add(prefix + "/" + name, std::move(shape)), frozen};
+               int out, int rank, int lora_rank, double lora_alpha, bool quantized, const LinearTp& tp)
+    : prefix_(prefix),
+      in_(tp.mode == TpMode::row ? in / tp.parts : in),
+      out_(tp.mode == TpMode::column ? out / tp.parts : out),
+      full_in_(in),
+      full_out_(out),
+      rank_(rank),
+      lora_rank_(lora_rank),
+      tp_(tp),
+      quantized_(quantized) {
+  LRLLM_CHECK(tp.parts == 1 || (lora_rank == 0 && !quantized), "Linear", "tensor parallelism of " + prefix);
+  auto add = [&](ParamTable& table, bool frozen, const std::string& name, std::vector<int64_t> shape,
+                 TensorSplit split) {
+    return TensorRef{table.add(prefix + "/" + name, std::move(shape), split), frozen};
   };
+  // Column-parallel: the out axis of W, B and b is split (in groups); row-parallel: the in axis of W and A.
+  const bool split = tp.parts > 1;
+  const TensorSplit whole{-1, 1, 0, 1, split && tp.part > 0};
+  const TensorSplit outs{0, tp.groups, tp.part, tp.parts, false};
+  const TensorSplit ins{1, 1, tp.part, tp.parts, false};
+  const bool column = tp.mode == TpMode::column, row = tp.mode == TpMode::row;
   if (rank > 0) {
-    a = add(base, base_frozen, "A", {rank, in});
-    b_mat = add(base, base_frozen, "B", {out, rank});
+    a = add(base, base_frozen, "A", {rank, in_}, row ? ins : whole);
+    b_mat = add(base, base_frozen, "B", {out_, rank}, column ? outs : whole);
   } else if (!quantized) {
-    w = add(base, base_frozen, "W", {out, in});
+    w = add(base, base_frozen, "W", {out_, in_}, column ? outs : row ? ins : whole);
   }
-  bias = add(base, base_frozen, "b", {out});
+  bias = add(base, base_frozen, "b", {out_}, column ? outs : whole);
   if (lora_rank > 0) {
-    lora_a = add(trainable, false, "lora_A", {lora_rank, in});
-    lora_b = add(trainable, false, "lora_B", {out, lora_rank});
+    lora_a = add(trainable, false, "lora_A", {lora_rank, in}, whole);
+    lora_b = add(trainable, false, "lora_B", {out, lora_rank}, whole);
     lora_scale_ = static_cast<float>(lora_alpha / lora_rank);
   }
 }
 
 std::size_t Linear::weight_count() const {
-  return rank_ > 0 ? static_cast<std::size_t>(rank_) * (in_ + out_) : static_cast<std::size_t>(in_) * out_;
+  return rank_ > 0 ? static_cast<std::size_t>(rank_) * (full_in_ + full_out_)
+                   : static_cast<std::size_t>(full_in_) * full_out_;
+}
+
+void Linear::reduce(float* x, std::size_t n) const {
+  if (tp_.parts > 1) tp_.group->allreduce_sum(x, n);
 }
 
 // The CPU backend shares host memory, so the tile is dequantized in place; a device backend would run its own
@@ -58,9 +79,11 @@ void Linear::forward(Backend& be, const WeightBuffers& wb, const LinearScratch& 
     quantized_forward(be, s, x, y, N);
   } else if (rank_ > 0) {
     be.matmul(mid, x, wb.at(a), N, rank_, in_, false, true, 1.0f, 0.0f);
+    if (tp_.mode == TpMode::row) reduce(mid, static_cast<std::size_t>(N) * rank_);
     be.matmul(y, mid, wb.at(b_mat), N, out_, rank_, false, true, 1.0f, 0.0f);
   } else {
     be.matmul(y, x, wb.at(w), N, out_, in_, false, true, 1.0f, 0.0f);
+    if (tp_.mode == TpMode::row) reduce(y, static_cast<std::size_t>(N) * out_);
   }
   be.add_bias(y, wb.at(bias), N, out_);
   if (lora_rank_ > 0) {
@@ -84,12 +107,14 @@ void Linear::backward(Backend& be, const WeightBuffers& wb, const LinearScratch&
     if (float* g = wb.grad(b_mat))
       be.matmul(g, dy, mid, out_, rank_, N, true, false, 1.0f, 1.0f);               // dB += dy^T mid
     be.matmul(s.dmid, dy, wb.at(b_mat), N, rank_, out_, false, false, 1.0f, 0.0f);  // dmid = dy B
+    if (tp_.mode == TpMode::column) reduce(s.dmid, static_cast<std::size_t>(N) * rank_);
     if (float* g = wb.grad(a))
       be.matmul(g, s.dmid, x, rank_, in_, N, true, false, 1.0f, 1.0f);         // dA += dmid^T x
     be.matmul(dx, s.dmid, wb.at(a), N, in_, rank_, false, false, 1.0f, 0.0f);  // dx = dmid A
   } else {
     if (float* g = wb.grad(w)) be.matmul(g, dy, x, out_, in_, N, true, false, 1.0f, 1.0f);  // dW += dy^T x
     be.matmul(dx, dy, wb.at(w), N, in_, out_, false, false, 1.0f, 0.0f);                    // dx = dy W
+    if (tp_.mode == TpMode::column) reduce(dx, static_cast<std::size_t>(N) * in_);
   }
   if (lora_rank_ > 0) {
     // y += s * lora_mid lora_B^T with lora_mid = x lora_A^T:

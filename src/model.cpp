@@ -24,39 +24,53 @@ constexpr std::size_t kTileFloats = std::size_t{1} << 20;
 
 }  // namespace
 
-Model::Model(const ModelConfig& cfg, Backend& backend, bool recompute)
-    : cfg_(cfg), be_(backend), recompute_(recompute) {
+Model::Model(const ModelConfig& cfg, Backend& backend, bool recompute, const ModelShard& shard)
+    : cfg_(cfg),
+      be_(backend),
+      recompute_(recompute),
+      first_layer_(shard.first_layer),
+      end_layer_(shard.end_layer < 0 ? cfg.n_layer : shard.end_layer),
+      tp_(shard.tp) {
   const int C = cfg.d_model, F = cfg.ff();
   // With adapters, or with quantized storage, the base is frozen: everything but the adapters goes to the
   // frozen table. (A quantized model without adapters trains nothing; it serves evaluation and generation.)
   const bool quantized = cfg.quant != "none";
   const bool frozen = cfg.any_lora() || quantized;
   ParamTable& base = frozen ? frozen_table_ : table_;
-  auto add = [&](const std::string& name, std::vector<int64_t> shape) {
-    return TensorRef{base.add(name, std::move(shape)), frozen};
+  // Tensors every rank of a tensor-parallel group holds whole: the first rank's copy is the one that counts.
+  const bool tp_replica = shard.tp > 1 && shard.tp_part > 0;
+  auto add = [&](const std::string& name, std::vector<int64_t> shape, bool replica = false) {
+    TensorSplit whole;
+    whole.replica = tp_replica || replica;
+    return TensorRef{base.add(name, std::move(shape), whole), frozen};
   };
-  auto linear = [&](const std::string& prefix, int in, int out, int site) {
+  auto linear = [&](const std::string& prefix, int in, int out, int site, TpMode mode, int groups) {
     const int rank = cfg.lowrank_rank[site];
+    LinearTp tp;
+    if (shard.tp > 1) tp = {mode, shard.tp_part, shard.tp, groups, shard.tp_group};
     return Linear(table_, base, frozen, prefix, in, out, rank, cfg.lora_rank[site], cfg.lora_alpha,
-                  quantized && rank == 0);
+                  quantized && rank == 0, tp);
   };
-  wte_ = add("wte", {cfg.vocab_size, C});
-  wpe_ = add("wpe", {cfg.seq_len, C});
-  for (int l = 0; l < cfg.n_layer; ++l) {
+  // The last stage's wte is the lm_head's copy of the tied embedding; the first stage's is saved.
+  if (first_stage() || last_stage()) wte_ = add("wte", {cfg.vocab_size, C}, !first_stage());
+  if (first_stage()) wpe_ = add("wpe", {cfg.seq_len, C});
+  for (int l = first_layer_; l < end_layer_; ++l) {
     const std::string h = "h." + std::to_string(l);
     Block b;
     b.ln1_w = add(h + "/ln_1/w", {C});
     b.ln1_b = add(h + "/ln_1/b", {C});
-    b.qkv = linear(h + "/attn/qkv", C, 3 * C, 0);
-    b.proj = linear(h + "/attn/proj", C, C, 1);
+    b.qkv = linear(h + "/attn/qkv", C, 3 * C, 0, TpMode::column, 3);
+    b.proj = linear(h + "/attn/proj", C, C, 1, TpMode::row, 1);
     b.ln2_w = add(h + "/ln_2/w", {C});
     b.ln2_b = add(h + "/ln_2/b", {C});
-    b.fc = linear(h + "/mlp/fc", C, F, 2);
-    b.mlp_proj = linear(h + "/mlp/proj", F, C, 3);
+    b.fc = linear(h + "/mlp/fc", C, F, 2, TpMode::column, 1);
+    b.mlp_proj = linear(h + "/mlp/proj", F, C, 3, TpMode::row, 1);
     blocks_.push_back(b);
   }
-  lnf_w_ = add("ln_f/w", {C});
-  lnf_b_ = add("ln_f/b", {C});
+  if (last_stage()) {
+    lnf_w_ = add("ln_f/w", {C});
+    lnf_b_ = add("ln_f/b", {C});
+  }
   for (int s = 0; s < kNumSites; ++s) {
     max_rank_ = std::max({max_rank_, cfg.lowrank_rank[s], cfg.lora_rank[s]});
   }
@@ -83,7 +97,7 @@ Model::Model(const ModelConfig& cfg, Backend& backend, bool recompute)
 
 Model::~Model() {
   for (void* p : act_allocs_) be_.release(p);
-  for (Acts* a : layer_acts_) delete a;
+  for (Acts* a : all_acts_) delete a;
   for (float* p : {params_, grads_, frozen_, sink_, tile_})
     if (p != nullptr) be_.release(p);
 }
@@ -97,7 +111,7 @@ std::vector<Linear*> Model::quantized_layers() {
 }
 
 Linear& Model::layer(int block, LinearSite site) {
-  Block& b = blocks_.at(block);
+  Block& b = blocks_.at(block - first_layer_);
   Linear* sites[kNumSites] = {&b.qkv, &b.proj, &b.fc, &b.mlp_proj};
   return *sites[static_cast<int>(site)];
 }
@@ -120,6 +134,7 @@ void Model::init_tables(uint64_t seed, bool frozen_too) {
   const double resid_std = 0.02 / std::sqrt(2.0 * cfg_.n_layer);
   auto fill = [&](const ParamTable& table, float* device) {
     std::vector<float> host(table.total(), 0.0f);
+    std::vector<float> full;
     for (const TensorInfo& t : table.tensors()) {
       float* dst = host.data() + t.offset;
       const std::string& n = t.name;
@@ -129,23 +144,28 @@ void Model::init_tables(uint64_t seed, bool frozen_too) {
         continue;
       }
       if (t.shape.size() < 2 || n.ends_with("/lora_B")) continue;  // biases, LayerNorm shifts, lora_B: zero
+      // The full tensor is drawn and this rank's part taken, so every parallel layout starts from the same
+      // weights.
+      std::size_t full_size = 1;
+      for (int64_t d : t.full_shape) full_size *= static_cast<std::size_t>(d);
+      full.resize(full_size);
       Rng rng(derive_seed(seed, n));
       if (n.ends_with("/lora_A")) {
         // As PEFT's default: uniform in +-1/sqrt(in); with lora_B zero the adapters start as the identity.
-        const double bound = 1.0 / std::sqrt(static_cast<double>(t.shape[1]));
-        for (std::size_t i = 0; i < t.size; ++i)
-          dst[i] = static_cast<float>((2.0 * rng.uniform() - 1.0) * bound);
-        continue;
+        const double bound = 1.0 / std::sqrt(static_cast<double>(t.full_shape[1]));
+        for (float& v : full) v = static_cast<float>((2.0 * rng.uniform() - 1.0) * bound);
+      } else {
+        const bool residual =
+            n.find("/attn/proj/") != std::string::npos || n.find("/mlp/proj/") != std::string::npos;
+        double std_dev = residual ? resid_std : 0.02;
+        if (n.ends_with("/A") || n.ends_with("/B")) {
+          // A product of two factors of rank r has variance r * sa^2 * sb^2; match the dense layer's.
+          const TensorInfo& a = table.at(n.substr(0, n.size() - 1) + "A");
+          std_dev = std::sqrt(std_dev / std::sqrt(static_cast<double>(a.full_shape[0])));
+        }
+        for (float& v : full) v = static_cast<float>(rng.normal() * std_dev);
       }
-      const bool residual =
-          n.find("/attn/proj/") != std::string::npos || n.find("/mlp/proj/") != std::string::npos;
-      double std_dev = residual ? resid_std : 0.02;
-      if (n.ends_with("/A") || n.ends_with("/B")) {
-        // A product of two factors of rank r has variance r * sa^2 * sb^2; match the dense layer's.
-        const TensorInfo& a = table.at(n.substr(0, n.size() - 1) + "A");
-        std_dev = std::sqrt(std_dev / std::sqrt(static_cast<double>(a.shape[0])));
-      }
-      for (std::size_t i = 0; i < t.size; ++i) dst[i] = static_cast<float>(rng.normal() * std_dev);
+      extract_part(t, full.data(), dst);
     }
     be_.to_device(device, host.data(), host.size() * sizeof(float));
   };
@@ -159,17 +179,16 @@ void Model::zero_grads() {
 
 ParamCounts Model::param_counts() const {
   ParamCounts c;
-  std::size_t all = table_.count() + frozen_table_.count();
-  c.embedding = cfg_.vocab_size * static_cast<std::size_t>(cfg_.d_model) +
-                cfg_.seq_len * static_cast<std::size_t>(cfg_.d_model);
-  for (const Block& b : blocks_) {
-    for (const Linear* lin : {&b.qkv, &b.proj, &b.fc, &b.mlp_proj}) {
-      (lin->lowrank() ? c.linear_lowrank : c.linear_dense) += lin->weight_count();
-      if (lin->quantized()) all += lin->weight_count();
-      c.lora += static_cast<std::size_t>(lin->lora_rank()) * (lin->in() + lin->out());
-    }
+  const std::size_t C = cfg_.d_model, F = cfg_.ff(), L = cfg_.n_layer;
+  c.embedding = (cfg_.vocab_size + cfg_.seq_len) * C;
+  const std::size_t widths[kNumSites][2] = {{C, 3 * C}, {C, C}, {C, F}, {F, C}};
+  for (int s = 0; s < kNumSites; ++s) {
+    const std::size_t in = widths[s][0], out = widths[s][1], r = cfg_.lowrank_rank[s];
+    (r > 0 ? c.linear_lowrank : c.linear_dense) += L * (r > 0 ? r * (in + out) : in * out);
+    c.lora += L * cfg_.lora_rank[s] * (in + out);
   }
-  c.other = all - c.embedding - c.linear_dense - c.linear_lowrank - c.lora;
+  // Two LayerNorms and four biases a block, and ln_f.
+  c.other = L * (4 * C + 3 * C + C + F + C) + 2 * C;
   return c;
 }
 
@@ -198,8 +217,8 @@ void print_param_counts(const ParamCounts& c, const ModelConfig& cfg) {
   if (c.lora > 0) std::printf("LoRA adapters: %zu trainable parameters (the base is frozen)\n", c.lora);
 }
 
-MemoryBytes Model::memory(int B) {
-  ensure_acts(B);
+MemoryBytes Model::memory(int B, int slots) {
+  reserve(B, slots);
   MemoryBytes m;
   m.params_trainable = table_.total() * sizeof(float);
   m.params_frozen = frozen_table_.total() * sizeof(float);
@@ -210,75 +229,88 @@ MemoryBytes Model::memory(int B) {
   return m;
 }
 
-void Model::ensure_acts(int B) {
-  if (B <= acts_batch_) return;
+void Model::reserve(int B, int slots) {
+  if (B <= acts_batch_ && slots <= static_cast<int>(slots_.size())) return;
+  B = std::max(B, acts_batch_);
+  slots = std::max<int>(slots, slots_.size());
   for (void* p : act_allocs_) be_.release(p);
   act_allocs_.clear();
-  for (Acts* a : layer_acts_) delete a;
-  layer_acts_.clear();
-  resid_.clear();
+  for (Acts* a : all_acts_) delete a;
+  all_acts_.clear();
+  slots_.assign(slots, Slot{});
   act_bytes_ = 0;
 
+  // Under tensor parallelism the attention and MLP inner widths are this rank's slice.
   const std::size_t N = static_cast<std::size_t>(B) * cfg_.seq_len;
-  const std::size_t C = cfg_.d_model, F = cfg_.ff(), T = cfg_.seq_len, NH = cfg_.n_head;
+  const std::size_t C = cfg_.d_model, T = cfg_.seq_len;
+  const std::size_t Cl = C / tp_, Fl = cfg_.ff() / tp_, NHl = cfg_.n_head / tp_;
+  const int local_layers = end_layer_ - first_layer_;
   auto f = [&](std::size_t n) {
     float* p = be_.alloc(n);
     act_allocs_.push_back(p);
     act_bytes_ += n * sizeof(float);
     return p;
   };
-  const int stored_layers = recompute_ ? 1 : cfg_.n_layer;
-  for (int l = 0; l < stored_layers; ++l) {
+  auto make_acts = [&] {
     Acts* a = new Acts;
+    all_acts_.push_back(a);
     a->ln1 = f(N * C);
     a->ln1_mean = f(N);
     a->ln1_rstd = f(N);
-    a->qkv = f(N * 3 * C);
+    a->qkv = f(N * 3 * Cl);
     a->qkv_mid = f(N * std::max(1, cfg_.lowrank_rank[0]));
-    a->attn = f(N * C);
-    a->attn_lse = f(B * NH * T);
+    a->attn = f(N * Cl);
+    a->attn_lse = f(B * NHl * T);
     a->proj_mid = f(N * std::max(1, cfg_.lowrank_rank[1]));
     a->x_mid = f(N * C);
     a->ln2 = f(N * C);
     a->ln2_mean = f(N);
     a->ln2_rstd = f(N);
-    a->fc = f(N * F);
+    a->fc = f(N * Fl);
     a->fc_mid = f(N * std::max(1, cfg_.lowrank_rank[2]));
-    a->gelu = f(N * F);
+    a->gelu = f(N * Fl);
     a->mlp_mid = f(N * std::max(1, cfg_.lowrank_rank[3]));
-    const std::size_t site_in[kNumSites] = {C, C, C, F};
+    const std::size_t site_in[kNumSites] = {C, C, C, Fl};
     for (int site = 0; site < kNumSites; ++site) {
       const bool adapted = cfg_.lora_rank[site] > 0;
       a->lora_mid[site] = adapted ? f(N * cfg_.lora_rank[site]) : nullptr;
       a->lora_mask[site] = adapted && cfg_.lora_dropout > 0 ? f(N * site_in[site]) : nullptr;
     }
-    layer_acts_.push_back(a);
+    return a;
+  };
+  // Recomputation rebuilds a block's activations just before its backward: one set serves every block and
+  // slot.
+  Acts* shared = recompute_ ? make_acts() : nullptr;
+  for (Slot& slot : slots_) {
+    for (int l = 0; l < local_layers; ++l) slot.acts.push_back(recompute_ ? shared : make_acts());
+    for (int l = 0; l <= local_layers; ++l) slot.resid.push_back(f(N * C));
+    slot.dresid = f(N * C);
+    slot.tokens = be_.alloc_int(N);
+    slot.targets = be_.alloc_int(N);
+    act_allocs_.push_back(slot.tokens);
+    act_allocs_.push_back(slot.targets);
   }
-  for (int l = 0; l <= cfg_.n_layer; ++l) resid_.push_back(f(N * C));
-  lnf_ = f(N * C);
-  lnf_mean_ = f(N);
-  lnf_rstd_ = f(N);
-  // A smaller batch later (a short validation batch) splits into chunks no larger than this.
-  const int max_rows = recompute_ ? kClassifierMaxRowsLowMemory : kClassifierMaxRows;
-  logits_ = f(std::min<std::size_t>(N, classifier_row_limit(cfg_.vocab_size, max_rows)) * cfg_.vocab_size);
-  losses_ = f(N);
-  dresid_ = f(N * C);
+  if (last_stage()) {
+    lnf_ = f(N * C);
+    lnf_mean_ = f(N);
+    lnf_rstd_ = f(N);
+    // A smaller batch later (a short validation batch) splits into chunks no larger than this.
+    const int max_rows = recompute_ ? kClassifierMaxRowsLowMemory : kClassifierMaxRows;
+    logits_ = f(std::min<std::size_t>(N, classifier_row_limit(cfg_.vocab_size, max_rows)) * cfg_.vocab_size);
+    losses_ = f(N);
+  }
   scratch_c_ = f(N * C);
   scratch_c2_ = f(N * C);
-  scratch_3c_ = f(N * 3 * C);
-  scratch_ff_ = f(N * F);
-  scratch_ff2_ = f(N * F);
+  scratch_3c_ = f(N * 3 * Cl);
+  scratch_ff_ = f(N * Fl);
+  scratch_ff2_ = f(N * Fl);
   scratch_rank_ = f(N * std::max(1, max_rank_));
-  if (cfg_.lora_dropout > 0) scratch_lora_x_ = f(N * std::max(C, F));
-  tokens_dev_ = be_.alloc_int(N);
-  targets_dev_ = be_.alloc_int(N);
-  act_allocs_.push_back(tokens_dev_);
-  act_allocs_.push_back(targets_dev_);
+  if (cfg_.lora_dropout > 0) scratch_lora_x_ = f(N * std::max(C, Fl));
   acts_batch_ = B;
 }
 
-Model::Acts& Model::acts_for(int l) {
-  return *layer_acts_[recompute_ ? 0 : l];
+Model::Acts& Model::acts_for(int slot, int l) {
+  return *slots_[slot].acts[l - first_layer_];
 }
 
 const float* Model::lora_mask(int l, int site, Acts& a, int in, int N) {
@@ -294,14 +326,15 @@ const float* Model::lora_mask(int l, int site, Acts& a, int in, int N) {
 }
 
 void Model::block_forward(int l, Acts& a, const float* x, float* x_out, int B) {
-  const Block& blk = blocks_[l];
-  const int N = B * cfg_.seq_len, C = cfg_.d_model, F = cfg_.ff();
+  const Block& blk = blocks_[l - first_layer_];
+  const int N = B * cfg_.seq_len, C = cfg_.d_model, F = cfg_.ff() / tp_, Cl = C / tp_,
+            NHl = cfg_.n_head / tp_;
   const WeightBuffers w = buffers();
   const LinearScratch ls = linear_scratch();
   be_.layernorm_forward(a.ln1, a.ln1_mean, a.ln1_rstd, x, at(blk.ln1_w), at(blk.ln1_b), N, C);
   blk.qkv.forward(be_, w, ls, a.ln1, a.qkv, a.qkv_mid, a.lora_mid[0], lora_mask(l, 0, a, C, N), N);
-  be_.attention_forward(a.attn, a.attn_lse, a.qkv, B, cfg_.seq_len, C, cfg_.n_head);
-  blk.proj.forward(be_, w, ls, a.attn, scratch_c_, a.proj_mid, a.lora_mid[1], lora_mask(l, 1, a, C, N), N);
+  be_.attention_forward(a.attn, a.attn_lse, a.qkv, B, cfg_.seq_len, Cl, NHl);
+  blk.proj.forward(be_, w, ls, a.attn, scratch_c_, a.proj_mid, a.lora_mid[1], lora_mask(l, 1, a, Cl, N), N);
   be_.add(a.x_mid, x, scratch_c_, static_cast<std::size_t>(N) * C);
   be_.layernorm_forward(a.ln2, a.ln2_mean, a.ln2_rstd, a.x_mid, at(blk.ln2_w), at(blk.ln2_b), N, C);
   blk.fc.forward(be_, w, ls, a.ln2, a.fc, a.fc_mid, a.lora_mid[2], lora_mask(l, 2, a, C, N), N);
@@ -312,8 +345,9 @@ void Model::block_forward(int l, Acts& a, const float* x, float* x_out, int B) {
 
 // dresid holds d(loss)/d(block output) on entry and d(loss)/d(block input) on return.
 void Model::block_backward(int l, Acts& a, const float* x, float* dresid, int B) {
-  const Block& blk = blocks_[l];
-  const int N = B * cfg_.seq_len, C = cfg_.d_model, F = cfg_.ff();
+  const Block& blk = blocks_[l - first_layer_];
+  const int N = B * cfg_.seq_len, C = cfg_.d_model, F = cfg_.ff() / tp_, Cl = C / tp_,
+            NHl = cfg_.n_head / tp_;
   const WeightBuffers w = buffers();
   const LinearScratch ls = linear_scratch();
   const float* mask[kNumSites];
@@ -324,7 +358,7 @@ void Model::block_backward(int l, Acts& a, const float* x, float* dresid, int B)
   be_.layernorm_backward(dresid, grad_or_sink(blk.ln2_w, 0), grad_or_sink(blk.ln2_b, 1), scratch_c_, a.x_mid,
                          at(blk.ln2_w), a.ln2_mean, a.ln2_rstd, N, C);
   blk.proj.backward(be_, w, ls, a.attn, a.proj_mid, a.lora_mid[1], mask[1], dresid, scratch_c_, N);
-  be_.attention_backward(scratch_3c_, scratch_c_, a.qkv, a.attn, a.attn_lse, B, cfg_.seq_len, C, cfg_.n_head);
+  be_.attention_backward(scratch_3c_, scratch_c_, a.qkv, a.attn, a.attn_lse, B, cfg_.seq_len, Cl, NHl);
   blk.qkv.backward(be_, w, ls, a.ln1, a.qkv_mid, a.lora_mid[0], mask[0], scratch_3c_, scratch_c2_, N);
   be_.layernorm_backward(dresid, grad_or_sink(blk.ln1_w, 0), grad_or_sink(blk.ln1_b, 1), scratch_c2_, x,
                          at(blk.ln1_w), a.ln1_mean, a.ln1_rstd, N, C);
@@ -333,11 +367,11 @@ void Model::block_backward(int l, Acts& a, const float* x, float* dresid, int B)
 // Final LayerNorm, the tied lm_head and the loss, a chunk of rows at a time so that only one
 // [chunk, vocab] logits buffer ever exists. With a gradient, dx receives d(loss)/d(final residual).
 double Model::classifier(const float* x, const int32_t* targets, float* dx, int N, float grad_scale,
-                         int valid) {
+                         int normalizer) {
   const int C = cfg_.d_model, V = cfg_.vocab_size;
   const float* wte = at(wte_);
   be_.layernorm_forward(lnf_, lnf_mean_, lnf_rstd_, x, at(lnf_w_), at(lnf_b_), N, C);
-  const float row_scale = valid > 0 ? grad_scale / static_cast<float>(valid) : 0.0f;
+  const float row_scale = normalizer > 0 ? grad_scale / static_cast<float>(normalizer) : 0.0f;
   const int chunk =
       classifier_chunk_rows(N, V, recompute_ ? kClassifierMaxRowsLowMemory : kClassifierMaxRows);
   for (int n0 = 0; n0 < N; n0 += chunk) {
@@ -360,28 +394,25 @@ double Model::classifier(const float* x, const int32_t* targets, float* dx, int 
     be_.layernorm_backward(dx, grad_or_sink(lnf_w_, 0), grad_or_sink(lnf_b_, 1), scratch_c_, x, at(lnf_w_),
                            lnf_mean_, lnf_rstd_, N, C);
   }
-  return valid > 0 ? sum / valid : 0.0;
+  return normalizer > 0 ? sum / normalizer : 0.0;
 }
 
 void Model::logits_at(const int32_t* tokens, int position, float* out) {
-  ensure_acts(1);
+  LRLLM_CHECK(first_stage() && last_stage() && tp_ == 1, "Model::logits_at", "needs the whole model");
+  reserve(1);
   const int T = cfg_.seq_len, C = cfg_.d_model;
-  for (int i = 0; i < T; ++i)
-    if (tokens[i] < 0 || tokens[i] >= cfg_.vocab_size)
-      throw InputError(
-          strprintf("token id %d is outside the model's vocabulary of %d", tokens[i], cfg_.vocab_size));
-  be_.to_device(tokens_dev_, tokens, T * sizeof(int32_t));
-  be_.embedding_forward(resid_[0], tokens_dev_, at(wte_), at(wpe_), 1, T, C);
-  for (int l = 0; l < cfg_.n_layer; ++l) block_forward(l, acts_for(l), resid_[l], resid_[l + 1], 1);
-  const float* x = resid_[cfg_.n_layer] + static_cast<std::size_t>(position) * C;
+  count_valid(tokens, tokens, T);
+  Slot& s = slots_[0];
+  be_.to_device(s.tokens, tokens, T * sizeof(int32_t));
+  be_.embedding_forward(s.resid[0], s.tokens, at(wte_), at(wpe_), 1, T, C);
+  for (int l = 0; l < cfg_.n_layer; ++l) block_forward(l, acts_for(0, l), s.resid[l], s.resid[l + 1], 1);
+  const float* x = s.resid[cfg_.n_layer] + static_cast<std::size_t>(position) * C;
   be_.layernorm_forward(lnf_, lnf_mean_, lnf_rstd_, x, at(lnf_w_), at(lnf_b_), 1, C);
   be_.matmul(logits_, lnf_, at(wte_), 1, cfg_.vocab_size, C, false, true, 1.0f, 0.0f);
   be_.to_host(out, logits_, cfg_.vocab_size * sizeof(float));
 }
 
-double Model::step(const int32_t* tokens, const int32_t* targets, int B, float grad_scale) {
-  ensure_acts(B);
-  const int T = cfg_.seq_len, C = cfg_.d_model, N = B * T;
+int Model::count_valid(const int32_t* tokens, const int32_t* targets, int N) const {
   int valid = 0;
   for (int i = 0; i < N; ++i) {
     if (tokens[i] < 0 || tokens[i] >= cfg_.vocab_size || targets[i] >= cfg_.vocab_size)
@@ -389,26 +420,73 @@ double Model::step(const int32_t* tokens, const int32_t* targets, int B, float g
                                  std::max(tokens[i], targets[i]), cfg_.vocab_size));
     valid += targets[i] >= 0;
   }
+  return valid;
+}
+
+double Model::step(const int32_t* tokens, const int32_t* targets, int B, float grad_scale) {
+  LRLLM_CHECK(first_stage() && last_stage(), "Model::step", "needs every block (use a pipeline)");
+  reserve(B);
+  const int valid = count_valid(tokens, targets, B * cfg_.seq_len);
   // No valid target: the mean loss is 0 and has no gradient. Running backward anyway would push what
   // softmax_xent leaves in the logits buffer at scale 0 (not a gradient) into the gradients.
   if (valid == 0) grad_scale = 0.0f;
-  be_.to_device(tokens_dev_, tokens, N * sizeof(int32_t));
-  be_.to_device(targets_dev_, targets, N * sizeof(int32_t));
+  const double loss = forward(0, tokens, targets, B, grad_scale, valid);
+  if (grad_scale != 0.0f) backward(0, B);
+  return loss;
+}
 
-  be_.embedding_forward(resid_[0], tokens_dev_, at(wte_), at(wpe_), B, T, C);
-  for (int l = 0; l < cfg_.n_layer; ++l) block_forward(l, acts_for(l), resid_[l], resid_[l + 1], B);
-  const double loss = classifier(resid_[cfg_.n_layer], targets_dev_, dresid_, N, grad_scale, valid);
-  if (grad_scale == 0.0f) return loss;
+double Model::forward(int slot, const int32_t* tokens, const int32_t* targets, int B, float grad_scale,
+                      int normalizer) {
+  const int T = cfg_.seq_len, C = cfg_.d_model, N = B * T;
+  Slot& s = slots_.at(slot);
+  if (first_stage()) {
+    be_.to_device(s.tokens, tokens, N * sizeof(int32_t));
+    be_.embedding_forward(s.resid[0], s.tokens, at(wte_), at(wpe_), B, T, C);
+  }
+  for (int l = first_layer_; l < end_layer_; ++l)
+    block_forward(l, acts_for(slot, l), s.resid[l - first_layer_], s.resid[l - first_layer_ + 1], B);
+  if (!last_stage()) return 0.0;
+  be_.to_device(s.targets, targets, N * sizeof(int32_t));
+  return classifier(s.resid.back(), s.targets, s.dresid, N, grad_scale, normalizer);
+}
 
-  for (int l = cfg_.n_layer - 1; l >= 0; --l) {
+void Model::backward(int slot, int B) {
+  Slot& s = slots_.at(slot);
+  for (int l = end_layer_ - 1; l >= first_layer_; --l) {
+    const float* x = s.resid[l - first_layer_];
     // With recomputation only block inputs were kept: run the block forward again to rebuild its activations.
-    if (recompute_) block_forward(l, acts_for(l), resid_[l], scratch_c2_, B);
-    block_backward(l, acts_for(l), resid_[l], dresid_, B);
+    if (recompute_) block_forward(l, acts_for(slot, l), x, scratch_c2_, B);
+    block_backward(l, acts_for(slot, l), x, s.dresid, B);
+    if (block_grads_hook_) block_grads_hook_(l);
   }
   // A frozen model stops here: nothing below the first block has a gradient.
-  if (!wte_.frozen)
-    be_.embedding_backward(grads_ + wte_.offset, grads_ + wpe_.offset, dresid_, tokens_dev_, B, T, C);
-  return loss;
+  if (first_stage() && !wte_.frozen)
+    be_.embedding_backward(grads_ + wte_.offset, grads_ + wpe_.offset, s.dresid, s.tokens, B, cfg_.seq_len,
+                           cfg_.d_model);
+}
+
+float* Model::stage_input(int slot) {
+  return slots_.at(slot).resid.front();
+}
+
+const float* Model::stage_output(int slot) {
+  return slots_.at(slot).resid.back();
+}
+
+float* Model::stage_grad(int slot) {
+  return slots_.at(slot).dresid;
+}
+
+std::pair<std::size_t, std::size_t> Model::block_range(int l) const {
+  // A block's trainable tensors are registered together, so they are one contiguous range.
+  const std::string prefix = "h." + std::to_string(l) + "/";
+  std::size_t begin = table_.total(), end = 0;
+  for (const TensorInfo& t : table_.tensors()) {
+    if (!t.name.starts_with(prefix)) continue;
+    begin = std::min(begin, t.offset);
+    end = std::max(end, t.offset + t.size);
+  }
+  return begin < end ? std::pair{begin, end} : std::pair<std::size_t, std::size_t>{0, 0};
 }
 
 }  // namespace lrllm

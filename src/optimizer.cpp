@@ -5,10 +5,11 @@
 
 namespace lrllm {
 
-AdamW::AdamW(Backend& backend, const ParamTable& table, const TrainConfig& cfg)
-    : be_(backend), table_(table), cfg_(cfg) {
-  m_ = be_.alloc(table.total());
-  v_ = be_.alloc(table.total());
+AdamW::AdamW(Backend& backend, const ParamTable& table, const TrainConfig& cfg, std::size_t begin,
+             std::size_t end)
+    : be_(backend), table_(table), cfg_(cfg), begin_(begin), end_(end == 0 ? table.total() : end) {
+  m_ = be_.alloc(end_ - begin_);
+  v_ = be_.alloc(end_ - begin_);
 }
 
 AdamW::~AdamW() {
@@ -19,10 +20,12 @@ AdamW::~AdamW() {
 void AdamW::update(float* params, const float* grads, float lr) {
   ++step_;
   for (const TensorInfo& t : table_.tensors()) {
+    const std::size_t b = std::max(t.offset, begin_), e = std::min(t.offset + t.size, end_);
+    if (b >= e) continue;
     const float wd = t.decay ? static_cast<float>(cfg_.weight_decay) : 0.0f;
-    be_.adamw(params + t.offset, grads + t.offset, m_ + t.offset, v_ + t.offset, t.size, lr,
-              static_cast<float>(cfg_.beta1), static_cast<float>(cfg_.beta2), static_cast<float>(cfg_.eps),
-              wd, step_);
+    const std::size_t i = b - begin_;
+    be_.adamw(params + b, grads + i, m_ + i, v_ + i, e - b, lr, static_cast<float>(cfg_.beta1),
+              static_cast<float>(cfg_.beta2), static_cast<float>(cfg_.eps), wd, step_);
   }
 }
 
@@ -33,13 +36,16 @@ double lr_at(const TrainConfig& cfg, int step) {
   return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + std::cos(M_PI * std::min(1.0, progress)));
 }
 
+void clip_to_max_norm(Backend& backend, float* grads, std::size_t n, double norm, double max_norm) {
+  if (max_norm <= 0) return;
+  // PyTorch's clip_grad_norm_: coefficient max_norm / (norm + 1e-6), applied only when below 1.
+  const double coef = max_norm / (norm + 1e-6);
+  if (coef < 1.0) backend.scale(grads, n, static_cast<float>(coef));
+}
+
 double clip_grad_norm(Backend& backend, float* grads, std::size_t n, double max_norm) {
   const double norm = std::sqrt(backend.sum_squares(grads, n));
-  if (max_norm > 0) {
-    // PyTorch's clip_grad_norm_: coefficient max_norm / (norm + 1e-6), applied only when below 1.
-    const double coef = max_norm / (norm + 1e-6);
-    if (coef < 1.0) backend.scale(grads, n, static_cast<float>(coef));
-  }
+  clip_to_max_norm(backend, grads, n, norm, max_norm);
   return norm;
 }
 

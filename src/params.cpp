@@ -1,16 +1,21 @@
 #include "lrllm/params.h"
 
+#include <algorithm>
+
 #include "lrllm/common.h"
 
 namespace lrllm {
 
-std::size_t ParamTable::add(const std::string& name, std::vector<int64_t> shape) {
+std::size_t ParamTable::add(const std::string& name, std::vector<int64_t> shape, const TensorSplit& split) {
   TensorInfo t;
   t.name = name;
   t.size = 1;
   for (int64_t d : shape) t.size *= static_cast<std::size_t>(d);
   t.decay = shape.size() >= 2;
+  t.full_shape = shape;
+  if (split.axis >= 0) t.full_shape.at(split.axis) *= split.parts;
   t.shape = std::move(shape);
+  t.split = split;
   t.offset = total_;
   total_ += (t.size + 15) / 16 * 16;
   tensors_.push_back(std::move(t));
@@ -39,6 +44,42 @@ std::string shape_string(const std::vector<int64_t>& shape) {
   std::string s = "[";
   for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
   return s + "]";
+}
+
+namespace {
+
+// Runs copy(local_offset, full_offset, n) over the contiguous runs of t's part inside the full tensor.
+template <typename Copy>
+void for_each_run(const TensorInfo& t, Copy copy) {
+  if (t.split.axis < 0) {
+    copy(std::size_t{0}, std::size_t{0}, t.size);
+    return;
+  }
+  // View the tensor as [outer, D, inner] around the split axis; the local D is groups x s rows of inner.
+  const int axis = t.split.axis;
+  std::size_t outer = 1, inner = 1;
+  for (int i = 0; i < axis; ++i) outer *= t.shape[i];
+  for (std::size_t i = axis + 1; i < t.shape.size(); ++i) inner *= t.shape[i];
+  const std::size_t local_d = t.shape[axis], full_d = t.full_shape[axis];
+  const std::size_t s = local_d / t.split.groups;
+  for (std::size_t o = 0; o < outer; ++o)
+    for (int g = 0; g < t.split.groups; ++g)
+      copy((o * local_d + g * s) * inner, (o * full_d + g * s * t.split.parts + t.split.part * s) * inner,
+           s * inner);
+}
+
+}  // namespace
+
+void extract_part(const TensorInfo& t, const float* full, float* part) {
+  for_each_run(t, [&](std::size_t local, std::size_t global, std::size_t n) {
+    std::copy(full + global, full + global + n, part + local);
+  });
+}
+
+void insert_part(const TensorInfo& t, const float* part, float* full) {
+  for_each_run(t, [&](std::size_t local, std::size_t global, std::size_t n) {
+    std::copy(part + local, part + local + n, full + global);
+  });
 }
 
 }  // namespace lrllm

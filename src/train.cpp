@@ -13,10 +13,12 @@
 #include "lrllm/checkpoint.h"
 #include "lrllm/common.h"
 #include "lrllm/data.h"
+#include "lrllm/data_parallel.h"
 #include "lrllm/evaluate.h"
 #include "lrllm/metrics.h"
 #include "lrllm/model.h"
 #include "lrllm/optimizer.h"
+#include "lrllm/pipeline.h"
 #include "lrllm/rng.h"
 
 namespace fs = std::filesystem;
@@ -73,10 +75,23 @@ ModelConfig resolve_model_config(const Config& cfg, const std::string& resume_pa
   return m;
 }
 
+void TrainSetup::check_layout(const Config& cfg, const Comm& comm) const {
+  validate_layout(cfg.parallel, comm.size(), mc, cfg.train.batch_size);
+}
+
+void TrainSetup::make_topology(const Config& cfg, const Comm& comm) {
+  topo = std::make_unique<Topology>(comm, cfg.parallel);
+}
+
 void TrainSetup::build(const Config& cfg) {
   backend = make_backend(cfg.device);
-  model = std::make_unique<Model>(mc, *backend, cfg.train.recompute == "block");
-  optimizer = std::make_unique<AdamW>(*backend, model->table(), cfg.train);
+  model = std::make_unique<Model>(mc, *backend, cfg.train.recompute == "block", topo->shard(mc.n_layer));
+  // ZeRO-1: this rank's shard of the optimizer state.
+  const std::size_t n = model->table().total();
+  const std::vector<std::size_t> bounds =
+      cfg.parallel.zero == 1 ? topo->dp_bounds(n) : std::vector<std::size_t>{0, n};
+  const std::size_t shard = cfg.parallel.zero == 1 ? topo->dp_rank() : 0;
+  optimizer = std::make_unique<AdamW>(*backend, model->table(), cfg.train, bounds[shard], bounds[shard + 1]);
   state.seed = cfg.seed;
   if (!resume.empty()) {
     load_weights(resume, *model);
@@ -103,6 +118,10 @@ int run_pretrain(const Config& cfg, const Comm& comm) {
     setup.train = std::make_unique<Batcher>(*train_file, setup.mc.seq_len, cfg.data.shuffle, cfg.seed);
     setup.val = std::make_unique<Batcher>(*val_file, setup.mc.seq_len, false, cfg.seed);
     setup.keep_alive = {train_file, val_file};
+    setup.check_layout(cfg, comm);
+  });
+  setup.make_topology(cfg, comm);
+  collective_check(comm, [&] {
     setup.build(cfg);
     if (setup.resume.empty()) {
       if (!setup.mc.init.empty())
@@ -122,20 +141,24 @@ int run_training(const Config& cfg, const Comm& comm, TrainSetup& setup, const s
   BatchSource& train_batches = *setup.train;
   BatchSource& val_batches = *setup.val;
   Backend* backend = setup.backend.get();
+  const Topology& topo = *setup.topo;
   Model& model = *setup.model;
   AdamW& optimizer = *setup.optimizer;
   TrainState& state = setup.state;
+  Pipeline pipeline(model, topo, cfg.parallel.micro_batches);
+  DataParallel data_parallel(model, topo, cfg.parallel.zero == 1, cfg.parallel.bucket_mb);
 
-  const int B = tc.batch_size, T = mc.seq_len, dp = comm.size();
+  const int B = tc.batch_size, T = mc.seq_len, dp = topo.dp();
   const uint64_t sequences_per_step = static_cast<uint64_t>(B) * tc.grad_accum * dp;
   const MemoryBytes mem = [&] {
-    MemoryBytes m = model.memory(B);
+    MemoryBytes m = model.memory(B / cfg.parallel.micro_batches, pipeline.slots());
     m.optimizer = optimizer.bytes();
+    m.grads += data_parallel.extra_bytes();
     return m;
   }();
 
   if (comm.root()) {
-    std::printf("lrllm %s on %d rank(s), device %s, %s\n", mode.c_str(), dp, backend->name().c_str(),
+    std::printf("lrllm %s on %d rank(s), device %s, %s\n", mode.c_str(), comm.size(), backend->name().c_str(),
                 resume.empty() ? (mc.init.empty() ? "random init" : ("init from " + mc.init).c_str())
                                : ("resuming " + resume + " at step " + std::to_string(state.step)).c_str());
     std::printf("model: gpt2 n_layer %d n_head %d d_model %d d_ff %d seq_len %d vocab %d, linear sites:",
@@ -149,9 +172,20 @@ int run_training(const Config& cfg, const Comm& comm, TrainSetup& setup, const s
       std::printf(", frozen base stored as %s", mc.quant == "none" ? "float32" : mc.quant.c_str());
     std::printf("\n");
     print_param_counts(model.param_counts(), mc);
-    std::printf("batch: %d seq/rank x %d accum x %d ranks = %llu sequences, %llu tokens per step; %s\n", B,
-                tc.grad_accum, dp, static_cast<unsigned long long>(sequences_per_step),
-                static_cast<unsigned long long>(sequences_per_step * T), setup.data_summary.c_str());
+    std::printf(
+        "batch: %d seq/rank x %d accum x %d data-parallel ranks = %llu sequences, %llu tokens per step; %s\n",
+        B, tc.grad_accum, dp, static_cast<unsigned long long>(sequences_per_step),
+        static_cast<unsigned long long>(sequences_per_step * T), setup.data_summary.c_str());
+  }
+  topo.print_placement(mc);
+  if (comm.root()) {
+    if (topo.pp() > 1)
+      std::printf(
+          "pipeline: %d stages, %d micro-batches of %d sequences, 1F1B schedule, bubble %.1f%% of a step\n",
+          topo.pp(), cfg.parallel.micro_batches, B / cfg.parallel.micro_batches,
+          100.0 * pipeline.bubble_fraction());
+    if (cfg.parallel.zero == 1)
+      std::printf("ZeRO-1: optimizer state sharded over %d data-parallel ranks\n", dp);
     std::printf(
         "memory per rank: params %.1f MB (trainable %.1f, frozen %.1f, quantized %.1f), grads %.1f MB, "
         "optimizer %.1f MB, activations %.1f MB\n",
@@ -165,7 +199,8 @@ int run_training(const Config& cfg, const Comm& comm, TrainSetup& setup, const s
     metrics = std::make_unique<Metrics>((fs::path(cfg.run.dir) / "metrics.h5").string(), state.step);
 
   std::vector<int32_t> tokens(static_cast<std::size_t>(B) * T), targets(tokens.size());
-  const std::size_t n_params = model.table().total();
+  // The loss lives on the last stage, where the tensor-parallel ranks all computed it.
+  const bool holds_loss = topo.last_stage() && topo.tp_rank() == 0;
   double elapsed_train_s = 0;
   int timed_steps = 0;
   double last_val = NAN;
@@ -173,35 +208,41 @@ int run_training(const Config& cfg, const Comm& comm, TrainSetup& setup, const s
 
   for (int64_t step = state.step; step < tc.steps; ++step) {
     const auto t0 = std::chrono::steady_clock::now();
+    const double counters_before[4] = {static_cast<double>(topo.bytes(Group::dp)),
+                                       static_cast<double>(topo.bytes(Group::tp)),
+                                       static_cast<double>(topo.bytes(Group::pp)), topo.pp_wait_s()};
 
-    // Forward and backward over this rank's micro-batches; the step's batch is sequences_per_step sequences
-    // from the data cursor, of which micro-step m on rank r takes the (m * dp + r)-th slice of B.
+    // Forward and backward over this rank's micro-steps through the pipeline; the step's batch is
+    // sequences_per_step sequences from the data cursor, of which micro-step m on data-parallel rank r takes
+    // the (m * dp + r)-th slice of B. The last micro-step starts gradient averaging as its backward goes.
     model.zero_grads();
     model.set_training(true);
     double loss = 0;
     for (int micro = 0; micro < tc.grad_accum; ++micro) {
-      const uint64_t first = state.data_cursor + (static_cast<uint64_t>(micro) * dp + comm.rank()) * B;
+      const uint64_t first = state.data_cursor + (static_cast<uint64_t>(micro) * dp + topo.dp_rank()) * B;
       train_batches.fill(first, B, tokens.data(), targets.data());
       // Dropout masks follow from the seed, the step and the slice: a resumed run draws the same ones.
       model.set_dropout_seed(
           derive_seed(state.seed, strprintf("dropout %lld %llu", static_cast<long long>(step),
                                             static_cast<unsigned long long>(first))));
-      loss += model.step(tokens.data(), targets.data(), B, 1.0f / tc.grad_accum) / tc.grad_accum;
+      const bool last_micro = micro == tc.grad_accum - 1;
+      loss += pipeline.train(tokens.data(), targets.data(), B, 1.0f / tc.grad_accum,
+                             last_micro ? &data_parallel.hook() : nullptr) /
+              tc.grad_accum;
     }
-
     model.set_training(false);
 
-    // Gradient communication: the mean over data-parallel ranks.
-    comm.allreduce_mean(model.grads(), n_params);
-    loss = comm.allreduce_sum(loss) / dp;
+    // Gradient communication: the tied embedding between stages, then the mean over data-parallel ranks.
+    data_parallel.finish_gradients();
+    loss = topo.world_sum(holds_loss ? loss : 0.0) / dp;
     if (!std::isfinite(loss))
       throw DivergenceError(strprintf("loss is %f at step %lld; stopping (the last checkpoint in %s is kept)",
                                       loss, static_cast<long long>(step + 1), cfg.run.dir.c_str()));
 
     // Optimizer.
-    const double grad_norm = clip_grad_norm(*backend, model.grads(), n_params, tc.grad_clip);
+    const double grad_norm = data_parallel.clip(tc.grad_clip);
     const double lr = lr_at(tc, static_cast<int>(step));
-    optimizer.update(model.params(), model.grads(), static_cast<float>(lr));
+    data_parallel.update(optimizer, static_cast<float>(lr));
     state.step = step + 1;
     state.data_cursor += sequences_per_step;
     state.tokens_seen += static_cast<int64_t>(sequences_per_step * T);
@@ -213,13 +254,18 @@ int run_training(const Config& cfg, const Comm& comm, TrainSetup& setup, const s
     }
     const double tokens_per_s = sequences_per_step * T / step_s;
 
-    // Metrics.
+    // Metrics: bytes each communicator carried this step, summed over ranks, and the share of the step the
+    // ranks spent waiting for pipeline transfers.
     const bool last = state.step == tc.steps;
     double val_loss = NAN;
     if ((tc.eval_every > 0 && state.step % tc.eval_every == 0) || last) {
-      val_loss = validation_loss(model, val_batches, tc.eval_batches * sequences_per_step, B, comm);
+      val_loss = validation_loss(pipeline, topo, val_batches, tc.eval_batches * sequences_per_step, B);
       last_val = val_loss;
     }
+    double counters[4] = {topo.bytes(Group::dp) - counters_before[0],
+                          topo.bytes(Group::tp) - counters_before[1],
+                          topo.bytes(Group::pp) - counters_before[2], topo.pp_wait_s() - counters_before[3]};
+    topo.world_sum(counters, 4);
     if (comm.root()) {
       metrics->append({{"step", static_cast<double>(state.step)},
                        {"loss", loss},
@@ -229,6 +275,10 @@ int run_training(const Config& cfg, const Comm& comm, TrainSetup& setup, const s
                        {"step_ms", step_s * 1e3},
                        {"val_loss", val_loss},
                        {"tokens_seen", static_cast<double>(state.tokens_seen)},
+                       {"comm_bytes_dp", counters[0]},
+                       {"comm_bytes_tp", counters[1]},
+                       {"comm_bytes_pp", counters[2]},
+                       {"pp_wait_frac", counters[3] / comm.size() / step_s},
                        {"mem_params", static_cast<double>(mem.params)},
                        {"mem_params_trainable", static_cast<double>(mem.params_trainable)},
                        {"mem_params_frozen", static_cast<double>(mem.params_frozen)},
@@ -251,18 +301,18 @@ int run_training(const Config& cfg, const Comm& comm, TrainSetup& setup, const s
       }
     }
 
-    // Checkpoint.
+    // Checkpoint: every rank hands its parts to world rank 0, which writes the full tensors.
     if ((cfg.checkpoint.every > 0 && state.step % cfg.checkpoint.every == 0) || last) {
-      if (comm.root()) {
-        save_checkpoint(checkpoint_path(cfg.run.dir, state.step), mode, model, &optimizer, &state);
-        prune_checkpoints(cfg.run.dir, cfg.checkpoint.keep);
-      }
+      save_checkpoint(checkpoint_path(cfg.run.dir, state.step), mode, model, optimizer, state, topo);
+      if (comm.root()) prune_checkpoints(cfg.run.dir, cfg.checkpoint.keep);
     }
   }
+  // A run of zero steps still leaves its starting point as a checkpoint (an initial model for other tools).
+  const bool missing =
+      comm.root() && state.step == first_step && !fs::exists(checkpoint_path(cfg.run.dir, state.step));
+  if (topo.world_sum(missing ? 1.0 : 0.0) > 0)
+    save_checkpoint(checkpoint_path(cfg.run.dir, state.step), mode, model, optimizer, state, topo);
   if (comm.root()) {
-    // A run of zero steps still leaves its starting point as a checkpoint (an initial model for other tools).
-    if (state.step == first_step && !fs::exists(checkpoint_path(cfg.run.dir, state.step)))
-      save_checkpoint(checkpoint_path(cfg.run.dir, state.step), mode, model, &optimizer, &state);
     metrics->flush();
     const double avg_tps = timed_steps > 0 ? sequences_per_step * T * timed_steps / elapsed_train_s : NAN;
     std::printf("done: %lld steps, %lld tokens, %.0f tok/s, final val loss %.4f, checkpoint %s\n",

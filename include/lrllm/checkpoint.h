@@ -7,6 +7,7 @@
 #include "lrllm/config.h"
 #include "lrllm/model.h"
 #include "lrllm/optimizer.h"
+#include "lrllm/topology.h"
 
 namespace lrllm {
 
@@ -35,7 +36,13 @@ void load_base_weights(const std::string& path, Model& model);
 void save_checkpoint(const std::string& path, const std::string& mode, Model& model, AdamW* optimizer,
                      const TrainState* state);
 
-// Loads /optimizer and /state of a checkpoint for a resume.
+// The same from a training run under any parallel layout, called by every rank: the full tensors are
+// assembled on world rank 0 from each stage's and tensor slice's parts (and ZeRO's optimizer shards), which
+// writes the file, so it can be resumed under any other layout.
+void save_checkpoint(const std::string& path, const std::string& mode, Model& model, AdamW& optimizer,
+                     const TrainState& state, const Topology& topo);
+
+// Loads /optimizer and /state of a checkpoint for a resume (this rank's parts and optimizer range).
 void load_training_state(const std::string& path, AdamW& optimizer, TrainState& state);
 
 // "latest" resolves to the newest checkpoint in run_dir; anything else is a path that must exist.

@@ -99,10 +99,11 @@ struct EvalConfig {
 };
 
 struct ParallelConfig {
-  int tp = 1;
-  int pp = 1;
-  int zero = 0;
-  int micro_batches = 1;
+  int tp = 1;             // tensor-parallel group size
+  int pp = 1;             // pipeline stages
+  int zero = 0;           // 1: shard the optimizer state over the data-parallel ranks (ZeRO-1)
+  int micro_batches = 1;  // pipeline micro-batches per micro-step (dividing train.batch_size)
+  double bucket_mb = 25;  // gradient averaging buckets, started as backward finishes their blocks
 };
 
 struct Config {

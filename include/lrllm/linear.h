@@ -2,6 +2,12 @@
 // y = B(Ax) + b, and optional LoRA adapters lora_A[rl,in], lora_B[out,rl] adding (alpha/rl) * lora_B lora_A
 // x. A base can be frozen (finetuning), and a frozen dense W can be stored quantized (int8 or NF4), in which
 // case forward and the input gradient dequantize one tile of rows at a time.
+//
+// Under tensor parallelism (Megatron) a layer is column-parallel (each rank computes a slice of the outputs
+// from the full input) or row-parallel (each rank holds a slice of the inputs and the outputs are summed).
+// A dense layer sums the d-wide tensor (dx of a column-parallel layer in backward, y of a row-parallel one in
+// forward). A low-rank layer sums the r-wide intermediate instead: Ax = sum over ranks of A_part x_part, and
+// dx = (sum over ranks of dy_part B_part) A; the factor on the other side is replicated.
 #pragma once
 
 #include <cstddef>
@@ -12,6 +18,23 @@
 #include "lrllm/quant.h"
 
 namespace lrllm {
+
+// Sums a tensor in place over the tensor-parallel group.
+class TensorReducer {
+ public:
+  virtual ~TensorReducer() = default;
+  virtual void allreduce_sum(float* x, std::size_t n) const = 0;
+};
+
+enum class TpMode { none, column, row };
+
+// A layer's tensor-parallel slice: part `part` of `parts`; groups: the output splits in that many equal
+// groups (3 for the fused qkv, so each rank gets the same heads of q, k and v).
+struct LinearTp {
+  TpMode mode = TpMode::none;
+  int part = 0, parts = 1, groups = 1;
+  const TensorReducer* group = nullptr;
+};
 
 // Where a tensor lives: in the trainable buffers (params, with gradients) or in the frozen buffer.
 struct TensorRef {
@@ -43,9 +66,11 @@ class Linear {
   // Registers the layer's tensors under prefix (e.g. "h.0/attn/qkv"): base tensors in `base` (the trainable
   // table when pretraining, the frozen one when finetuning), adapters in `trainable`. rank 0: a dense base;
   // lora_rank 0: no adapters; quantized: a dense base whose W is held in quantized storage (set_quantized).
+  // in and out are the full layer's; tp slices them (adapters and quantization need tp.parts == 1).
   Linear(ParamTable& trainable, ParamTable& base, bool base_frozen, const std::string& prefix, int in,
-         int out, int rank, int lora_rank, double lora_alpha, bool quantized);
+         int out, int rank, int lora_rank, double lora_alpha, bool quantized, const LinearTp& tp = {});
 
+  // This rank's widths.
   int in() const { return in_; }
   int out() const { return out_; }
   int rank() const { return rank_; }
@@ -53,7 +78,8 @@ class Linear {
   bool lowrank() const { return rank_ > 0; }
   bool quantized() const { return quantized_; }
   const std::string& prefix() const { return prefix_; }
-  std::size_t weight_count() const;  // parameters in W or A and B, without the bias and adapters
+  std::size_t weight_count()
+      const;  // parameters in W or A and B of the full layer, without bias and adapters
   void set_quantized(const QuantizedTensor* w) { qw_ = w; }
 
   // y[N,out] = base(x) + adapters(x * lora_mask). mid[N,r] (low-rank base) and lora_mid[N,rl] are kept for
@@ -70,8 +96,12 @@ class Linear {
   void quantized_forward(Backend& be, const LinearScratch& s, const float* x, float* y, int N) const;
   void quantized_input_grad(Backend& be, const LinearScratch& s, const float* dy, float* dx, int N) const;
 
+  // The row-parallel sum of a partial result [N, n], and the column-parallel sum of an input gradient.
+  void reduce(float* x, std::size_t n) const;
+
   std::string prefix_;
-  int in_ = 0, out_ = 0, rank_ = 0, lora_rank_ = 0;
+  int in_ = 0, out_ = 0, full_in_ = 0, full_out_ = 0, rank_ = 0, lora_rank_ = 0;
+  LinearTp tp_;
   float lora_scale_ = 0.0f;
   bool quantized_ = false;
   const QuantizedTensor* qw_ = nullptr;

@@ -5,6 +5,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -34,9 +35,20 @@ struct MemoryBytes {
   std::size_t grads = 0, optimizer = 0, activations = 0;
 };
 
+// The part of the model one rank holds (DESIGN §3 "Parallelism"): the blocks [first_layer, end_layer) of its
+// pipeline stage and, under tensor parallelism, its slice of each of them (qkv and fc column-parallel, attn
+// proj and mlp proj row-parallel, heads split). The first stage embeds; the last holds ln_f and its own copy
+// of the tied wte for the lm_head. The default is the whole model.
+struct ModelShard {
+  int first_layer = 0;
+  int end_layer = -1;  // -1: n_layer
+  int tp_part = 0, tp = 1;
+  const TensorReducer* tp_group = nullptr;
+};
+
 class Model {
  public:
-  Model(const ModelConfig& cfg, Backend& backend, bool recompute);
+  Model(const ModelConfig& cfg, Backend& backend, bool recompute, const ModelShard& shard = {});
   ~Model();
   Model(const Model&) = delete;
   Model& operator=(const Model&) = delete;
@@ -65,10 +77,37 @@ class Model {
   void init_adapters(uint64_t seed);
   void zero_grads();
 
-  // One micro-batch of B sequences: tokens and targets [B, seq_len] on the host; targets < 0 are ignored.
-  // Returns the mean loss over valid targets. With grad_scale != 0 also runs backward and accumulates
-  // grad_scale * d(mean loss)/d(param) into grads().
+  // One micro-batch of B sequences through the whole model: tokens and targets [B, seq_len] on the host;
+  // targets < 0 are ignored. Returns the mean loss over valid targets. With grad_scale != 0 also runs
+  // backward and accumulates grad_scale * d(mean loss)/d(param) into grads().
   double step(const int32_t* tokens, const int32_t* targets, int B, float grad_scale);
+
+  // The pieces of step() for a pipeline stage, on activation slot `slot` (a micro-batch in flight; reserve
+  // first). forward: the first stage embeds tokens, later ones read stage_input(slot); the last stage returns
+  // the loss summed over valid targets / normalizer and, with grad_scale != 0, leaves grad_scale times its
+  // gradient in stage_grad(slot) (other stages return 0). backward: from stage_grad(slot), which it turns
+  // into the gradient of the stage's input; the first stage finishes with the embeddings' gradients.
+  double forward(int slot, const int32_t* tokens, const int32_t* targets, int B, float grad_scale,
+                 int normalizer);
+  void backward(int slot, int B);
+  float* stage_input(int slot);
+  const float* stage_output(int slot);
+  float* stage_grad(int slot);
+  // Activations for `slots` micro-batches of B sequences in flight.
+  void reserve(int B, int slots = 1);
+  bool first_stage() const { return first_layer_ == 0; }
+  bool last_stage() const { return end_layer_ == cfg_.n_layer; }
+  int first_layer() const { return first_layer_; }
+  int end_layer() const { return end_layer_; }
+  // Called with each block's index as soon as its gradients are final in backward (set for the step's last
+  // micro-batch: data parallelism starts averaging them while backward goes on); empty: none.
+  void set_block_grads_hook(std::function<void(int)> hook) { block_grads_hook_ = std::move(hook); }
+  // Offsets [begin, end) of block l's tensors in the trainable table.
+  std::pair<std::size_t, std::size_t> block_range(int l) const;
+  TensorRef wte() const { return wte_; }
+
+  // Valid targets (>= 0) among N, checking every id against the vocabulary. Throws InputError.
+  int count_valid(const int32_t* tokens, const int32_t* targets, int N) const;
 
   // The next-token logits [vocab] at `position` of one sequence of seq_len tokens (host memory; positions
   // after `position` do not matter: attention is causal). For generation.
@@ -79,9 +118,11 @@ class Model {
   void set_training(bool training) { training_ = training; }
   void set_dropout_seed(uint64_t seed) { dropout_seed_ = seed; }
 
+  // The full model's parameters (whatever this rank holds).
   ParamCounts param_counts() const;
-  // Bytes of parameters and gradients, and of activations for micro-batches of B sequences (allocating them).
-  MemoryBytes memory(int B);
+  // This rank's bytes of parameters and gradients, and of activations for `slots` micro-batches of B
+  // sequences (allocating them).
+  MemoryBytes memory(int B, int slots = 1);
 
   struct Block {
     TensorRef ln1_w, ln1_b, ln2_w, ln2_b;
@@ -90,12 +131,21 @@ class Model {
 
  private:
   struct Acts;
+  // What one micro-batch in flight keeps.
+  struct Slot {
+    std::vector<float*> resid;  // x entering each local block; the last: the stage's output
+    std::vector<Acts*> acts;    // per local block (one shared set under recomputation, in slot 0)
+    float* dresid = nullptr;    // the gradient flowing back through the stage
+    int32_t* tokens = nullptr;
+    int32_t* targets = nullptr;
+  };
   void init_tables(uint64_t seed, bool frozen_too);
-  void ensure_acts(int B);
+  Block& blk(int l) { return blocks_[l - first_layer_]; }
   void block_forward(int l, Acts& a, const float* x, float* x_out, int B);
   void block_backward(int l, Acts& a, const float* x, float* dresid, int B);
-  double classifier(const float* x, const int32_t* targets, float* dx, int N, float grad_scale, int valid);
-  Acts& acts_for(int l);
+  double classifier(const float* x, const int32_t* targets, float* dx, int N, float grad_scale,
+                    int normalizer);
+  Acts& acts_for(int slot, int l);
   // The LoRA dropout mask of block l's site for this micro-batch (written into the block's activations), or
   // nullptr when dropout is off.
   const float* lora_mask(int l, int site, Acts& a, int in, int N);
@@ -111,6 +161,8 @@ class Model {
   ModelConfig cfg_;
   Backend& be_;
   bool recompute_;
+  int first_layer_ = 0, end_layer_ = 0;
+  int tp_ = 1;  // attention heads and the MLP's width are split tp ways
   ParamTable table_;
   ParamTable frozen_table_;
   TensorRef wte_, wpe_, lnf_w_, lnf_b_;
@@ -125,16 +177,16 @@ class Model {
   int tile_rows_ = 0;
   std::size_t tile_floats_ = 0;
 
-  // Activation storage for the current micro-batch size.
+  // Activation storage for the current micro-batch size and slots.
   int acts_batch_ = 0;
-  std::vector<float*> resid_;  // x entering block l (l = n_layer: the final residual)
-  std::vector<Acts*> layer_acts_;
+  std::vector<Slot> slots_;
+  std::vector<Acts*> all_acts_;
+  std::function<void(int)> block_grads_hook_;
   float* lnf_ = nullptr;
   float* lnf_mean_ = nullptr;
   float* lnf_rstd_ = nullptr;
   float* logits_ = nullptr;  // one chunk of rows
   float* losses_ = nullptr;
-  float* dresid_ = nullptr;
   float* scratch_c_ = nullptr;    // [N, C]
   float* scratch_c2_ = nullptr;   // [N, C]
   float* scratch_3c_ = nullptr;   // [N, 3C]
@@ -144,8 +196,6 @@ class Model {
   float* scratch_lora_x_ = nullptr;  // [N, max(C, F)], with LoRA dropout
   bool training_ = false;
   uint64_t dropout_seed_ = 0;
-  int32_t* tokens_dev_ = nullptr;
-  int32_t* targets_dev_ = nullptr;
   std::vector<void*> act_allocs_;
   std::size_t act_bytes_ = 0;
   int max_rank_ = 0;  // the widest low-rank or LoRA intermediate

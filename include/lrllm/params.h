@@ -10,18 +10,34 @@
 
 namespace lrllm {
 
+// How a rank's tensor relates to the full tensor of the checkpoint under tensor parallelism: part `part` of
+// `parts` along `axis`, which is cut into `groups` equal groups first (the fused qkv splits q, k and v
+// alike). axis -1: the rank holds the whole tensor.
+struct TensorSplit {
+  int axis = -1;
+  int groups = 1;
+  int part = 0;
+  int parts = 1;
+  // Another rank holds the copy that counts: it alone is saved and enters the gradient norm (the replicas of
+  // a tensor-parallel group, and the last pipeline stage's copy of the tied embedding).
+  bool replica = false;
+};
+
 struct TensorInfo {
-  std::string name;  // e.g. "h.0/attn/qkv/A"
-  std::vector<int64_t> shape;
+  std::string name;                 // e.g. "h.0/attn/qkv/A"
+  std::vector<int64_t> shape;       // this rank's
+  std::vector<int64_t> full_shape;  // the checkpoint's
   std::size_t offset = 0;
   std::size_t size = 0;
   bool decay = false;  // AdamW weight decay applies to 2-D weights only
+  TensorSplit split;
 };
 
 class ParamTable {
  public:
-  // Appends a tensor; offsets are padded to 16 floats so every tensor starts 64-byte aligned.
-  std::size_t add(const std::string& name, std::vector<int64_t> shape);
+  // Appends a tensor (its local shape); offsets are padded to 16 floats so every tensor starts 64-byte
+  // aligned.
+  std::size_t add(const std::string& name, std::vector<int64_t> shape, const TensorSplit& split = {});
   const TensorInfo* find(const std::string& name) const;
   const TensorInfo& at(const std::string& name) const;
   const std::vector<TensorInfo>& tensors() const { return tensors_; }
@@ -34,5 +50,9 @@ class ParamTable {
 };
 
 std::string shape_string(const std::vector<int64_t>& shape);
+
+// Copies this rank's part of a full tensor (laid out as t.full_shape) into part, or back.
+void extract_part(const TensorInfo& t, const float* full, float* part);
+void insert_part(const TensorInfo& t, const float* part, float* full);
 
 }  // namespace lrllm

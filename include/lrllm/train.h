@@ -13,6 +13,7 @@
 #include "lrllm/data.h"
 #include "lrllm/model.h"
 #include "lrllm/optimizer.h"
+#include "lrllm/topology.h"
 
 namespace lrllm {
 
@@ -24,13 +25,18 @@ struct TrainSetup {
   std::unique_ptr<BatchSource> train, val;
   std::vector<std::shared_ptr<void>> keep_alive;  // what the batch sources read from
   std::string data_summary;                       // one line for the start banner
+  std::unique_ptr<Topology> topo;
   std::unique_ptr<Backend> backend;
   std::unique_ptr<Model> model;
   std::unique_ptr<AdamW> optimizer;
   TrainState state;
 
-  // Creates backend, model (of mc) and optimizer; when resuming, loads weights, moments and state. A fresh
-  // start's weights are the mode's to set.
+  // Checks the parallel layout against mc and the batch (InputError), inside the mode's collective_check.
+  void check_layout(const Config& cfg, const Comm& comm) const;
+  // Splits the world into the layout's groups: collective, so outside any check that one rank may fail.
+  void make_topology(const Config& cfg, const Comm& comm);
+  // Creates backend, this rank's share of the model (of mc) and its optimizer state; when resuming, loads
+  // weights, moments and state. A fresh start's weights are the mode's to set.
   void build(const Config& cfg);
 };
 

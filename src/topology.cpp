@@ -1,0 +1,206 @@
+#include "lrllm/topology.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <climits>
+#include <cstdio>
+
+#include "lrllm/common.h"
+
+namespace lrllm {
+namespace {
+
+// MPI counts are int: large transfers go in pieces of at most this many floats.
+constexpr std::size_t kMaxCount = INT_MAX / 2;
+
+template <typename Fn>
+void in_pieces(std::size_t n, Fn fn) {
+  for (std::size_t off = 0; off < n; off += kMaxCount)
+    fn(off, static_cast<int>(std::min(kMaxCount, n - off)));
+}
+
+std::vector<int> int_counts(const std::vector<std::size_t>& bounds, std::vector<int>* displs) {
+  std::vector<int> counts;
+  for (std::size_t d = 0; d + 1 < bounds.size(); ++d) {
+    if (bounds[d + 1] > kMaxCount) throw RuntimeError("a ZeRO shard buffer exceeds MPI's int counts");
+    counts.push_back(static_cast<int>(bounds[d + 1] - bounds[d]));
+    if (displs != nullptr) displs->push_back(static_cast<int>(bounds[d]));
+  }
+  return counts;
+}
+
+}  // namespace
+
+void validate_layout(const ParallelConfig& p, int world_size, const ModelConfig& m, int batch_size) {
+  auto require = [](bool ok, const std::string& message) {
+    if (!ok) throw InputError(message);
+  };
+  require(p.tp >= 1 && p.pp >= 1, "--parallel.tp and --parallel.pp must be >= 1");
+  require(p.zero == 0 || p.zero == 1, strprintf("--parallel.zero must be 0 or 1, not %d", p.zero));
+  require(p.micro_batches >= 1, "--parallel.micro_batches must be >= 1");
+  require(
+      world_size % (p.tp * p.pp) == 0,
+      strprintf("%d ranks cannot be split into tensor-parallel groups of %d times pipeline stages of %d: the "
+                "rank count must be a multiple of parallel.tp * parallel.pp = %d",
+                world_size, p.tp, p.pp, p.tp * p.pp));
+  require(
+      p.pp <= m.n_layer,
+      strprintf("--parallel.pp %d is above the model's %d layers: a stage needs a block", p.pp, m.n_layer));
+  require(m.n_head % p.tp == 0,
+          strprintf("--parallel.tp %d does not divide the model's %d attention heads", p.tp, m.n_head));
+  require(m.ff() % p.tp == 0, strprintf("--parallel.tp %d does not divide d_ff %d", p.tp, m.ff()));
+  require(batch_size % p.micro_batches == 0,
+          strprintf("--parallel.micro_batches %d does not divide train.batch_size %d", p.micro_batches,
+                    batch_size));
+  require(
+      (p.tp == 1 && p.pp == 1) || (!m.any_lora() && m.quant == "none"),
+      "--parallel.tp and --parallel.pp above 1 with LoRA adapters or a quantized base are not supported yet: "
+      "finetune with data parallelism (and parallel.zero)");
+  require(p.bucket_mb > 0, "--parallel.bucket_mb must be > 0");
+}
+
+std::pair<int, int> Topology::stage_layers(int n_layer, int pp, int stage) {
+  const int base = n_layer / pp, extra = n_layer % pp;
+  const int first = stage * base + std::min(stage, extra);
+  return {first, first + base + (stage < extra ? 1 : 0)};
+}
+
+Topology::Topology(const Comm& world, const ParallelConfig& p) : world_(world), tp_(p.tp), pp_(p.pp) {
+  dp_ = world.size() / (tp_ * pp_);
+  const int r = world.rank();
+  tp_rank_ = r % tp_;
+  pp_rank_ = (r / tp_) % pp_;
+  dp_rank_ = r / (tp_ * pp_);
+  LRLLM_MPI(MPI_Comm_split(MPI_COMM_WORLD, dp_rank_ * pp_ + pp_rank_, tp_rank_, &tp_comm_));
+  LRLLM_MPI(MPI_Comm_split(MPI_COMM_WORLD, dp_rank_ * tp_ + tp_rank_, pp_rank_, &pp_comm_));
+  LRLLM_MPI(MPI_Comm_split(MPI_COMM_WORLD, pp_rank_ * tp_ + tp_rank_, dp_rank_, &dp_comm_));
+  const bool ends = pp_ > 1 && (first_stage() || last_stage());
+  LRLLM_MPI(MPI_Comm_split(MPI_COMM_WORLD, ends ? dp_rank_ * tp_ + tp_rank_ : MPI_UNDEFINED, pp_rank_,
+                           &embed_comm_));
+  for (MPI_Comm c : {tp_comm_, pp_comm_, dp_comm_, embed_comm_})
+    if (c != MPI_COMM_NULL) LRLLM_MPI(MPI_Comm_set_errhandler(c, MPI_ERRORS_RETURN));
+}
+
+Topology::~Topology() {
+  int finalized = 0;
+  MPI_Finalized(&finalized);
+  if (finalized) return;
+  for (MPI_Comm* c : {&tp_comm_, &pp_comm_, &dp_comm_, &embed_comm_})
+    if (*c != MPI_COMM_NULL) MPI_Comm_free(c);
+}
+
+ModelShard Topology::shard(int n_layer) const {
+  ModelShard s;
+  std::tie(s.first_layer, s.end_layer) = stage_layers(n_layer, pp_, pp_rank_);
+  s.tp_part = tp_rank_;
+  s.tp = tp_;
+  s.tp_group = this;
+  return s;
+}
+
+void Topology::print_placement(const ModelConfig& m) const {
+  char host[64] = {};
+  gethostname(host, sizeof host - 1);
+  const auto [first, end] = stage_layers(m.n_layer, pp_, pp_rank_);
+  const int heads = m.n_head / tp_;
+  char line[256];
+  std::snprintf(line, sizeof line,
+                "  rank %d on %s: dp %d/%d, stage %d/%d (blocks %d-%d%s%s), tensor slice %d/%d (heads %d-%d)",
+                world_.rank(), host, dp_rank_, dp_, pp_rank_, pp_, first, end - 1,
+                first_stage() ? ", embeddings" : "", last_stage() ? ", lm_head" : "", tp_rank_, tp_,
+                tp_rank_ * heads, (tp_rank_ + 1) * heads - 1);
+  std::vector<char> all(world_.root() ? sizeof line * world_.size() : 0);
+  LRLLM_MPI(MPI_Gather(line, sizeof line, MPI_CHAR, all.data(), sizeof line, MPI_CHAR, 0, MPI_COMM_WORLD));
+  if (!world_.root()) return;
+  std::printf("layout: %d ranks = dp %d x pp %d x tp %d\n", world_.size(), dp_, pp_, tp_);
+  for (int r = 0; r < world_.size(); ++r) std::printf("%s\n", all.data() + r * sizeof line);
+}
+
+MPI_Comm Topology::comm(Group g) const {
+  return g == Group::dp ? dp_comm_ : g == Group::tp ? tp_comm_ : pp_comm_;
+}
+
+void Topology::allreduce_sum(float* x, std::size_t n) const {
+  allreduce_sum(Group::tp, x, n);
+}
+
+void Topology::allreduce_sum(Group g, float* x, std::size_t n) const {
+  int size = 1;
+  LRLLM_MPI(MPI_Comm_size(comm(g), &size));
+  if (size == 1) return;
+  count(g, n);
+  in_pieces(n, [&](std::size_t off, int c) {
+    LRLLM_MPI(MPI_Allreduce(MPI_IN_PLACE, x + off, c, MPI_FLOAT, MPI_SUM, comm(g)));
+  });
+}
+
+double Topology::world_sum(double x) const {
+  world_sum(&x, 1);
+  return x;
+}
+
+void Topology::world_sum(double* x, int n) const {
+  if (world_.size() > 1) LRLLM_MPI(MPI_Allreduce(MPI_IN_PLACE, x, n, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
+}
+
+MPI_Request Topology::iallreduce_dp(float* x, std::size_t n) const {
+  if (n > kMaxCount) throw RuntimeError("a gradient bucket exceeds MPI's int counts");
+  count(Group::dp, n);
+  MPI_Request req = MPI_REQUEST_NULL;
+  LRLLM_MPI(MPI_Iallreduce(MPI_IN_PLACE, x, static_cast<int>(n), MPI_FLOAT, MPI_SUM, dp_comm_, &req));
+  return req;
+}
+
+std::vector<std::size_t> Topology::dp_bounds(std::size_t n) const {
+  const std::size_t share = ((n + dp_ - 1) / dp_ + 15) / 16 * 16;
+  std::vector<std::size_t> bounds;
+  for (int d = 0; d <= dp_; ++d) bounds.push_back(std::min(n, share * d));
+  return bounds;
+}
+
+void Topology::reduce_scatter_dp(const float* x, float* shard, const std::vector<std::size_t>& bounds) const {
+  count(Group::dp, bounds.back());
+  const std::vector<int> counts = int_counts(bounds, nullptr);
+  LRLLM_MPI(MPI_Reduce_scatter(x, shard, counts.data(), MPI_FLOAT, MPI_SUM, dp_comm_));
+}
+
+void Topology::allgather_dp(float* x, const std::vector<std::size_t>& bounds) const {
+  count(Group::dp, bounds[dp_rank_ + 1] - bounds[dp_rank_]);
+  std::vector<int> displs;
+  const std::vector<int> counts = int_counts(bounds, &displs);
+  LRLLM_MPI(MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, x, counts.data(), displs.data(), MPI_FLOAT,
+                           dp_comm_));
+}
+
+void Topology::gather_dp(const float* shard, float* full, const std::vector<std::size_t>& bounds) const {
+  std::vector<int> displs;
+  const std::vector<int> counts = int_counts(bounds, &displs);
+  LRLLM_MPI(MPI_Gatherv(shard, counts[dp_rank_], MPI_FLOAT, full, counts.data(), displs.data(), MPI_FLOAT, 0,
+                        dp_comm_));
+}
+
+void Topology::sum_tied_embedding(float* grad, std::size_t n) const {
+  if (embed_comm_ == MPI_COMM_NULL) return;
+  count(Group::pp, n);
+  in_pieces(n, [&](std::size_t off, int c) {
+    LRLLM_MPI(MPI_Allreduce(MPI_IN_PLACE, grad + off, c, MPI_FLOAT, MPI_SUM, embed_comm_));
+  });
+}
+
+MPI_Request Topology::isend_stage(const float* x, std::size_t n, int stage, int tag) const {
+  if (n > kMaxCount) throw RuntimeError("a pipeline transfer exceeds MPI's int counts");
+  count(Group::pp, n);
+  MPI_Request req = MPI_REQUEST_NULL;
+  LRLLM_MPI(MPI_Isend(x, static_cast<int>(n), MPI_FLOAT, stage, tag, pp_comm_, &req));
+  return req;
+}
+
+void Topology::recv_stage(float* x, std::size_t n, int stage, int tag) const {
+  const auto t0 = std::chrono::steady_clock::now();
+  LRLLM_MPI(MPI_Recv(x, static_cast<int>(n), MPI_FLOAT, stage, tag, pp_comm_, MPI_STATUS_IGNORE));
+  pp_wait_s_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+}  // namespace lrllm
