@@ -37,6 +37,13 @@ void set_threads(const lrllm::Comm& comm) {
   omp_set_num_threads(std::max(1, cores / std::max(1, comm.local_size())));
 }
 
+// This process's rank as the launcher (mpirun, srun) set it, before MPI starts; 0 when run alone.
+int launcher_rank() {
+  for (const char* name : {"OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID"})
+    if (const char* value = std::getenv(name)) return std::atoi(value);
+  return 0;
+}
+
 int run_tokenize(const lrllm::Config& cfg) {
   if (cfg.data.input.empty() || cfg.data.output.empty())
     throw lrllm::InputError("--mode tokenize needs --data.input (a text file or folder) and --data.output");
@@ -71,10 +78,12 @@ int main(int argc, char** argv) {
   lrllm::ensure_blas_kernels(argv);
   lrllm::Config cfg;
   // Options are parsed before MPI starts, so --help, --version and bad options never wait on other ranks.
+  // Every rank parses the same command line; the first alone speaks.
+  const bool speaks = launcher_rank() == 0;
   try {
-    if (!lrllm::parse_config(argc, argv, cfg, true)) return 0;
+    if (!lrllm::parse_config(argc, argv, cfg, speaks)) return 0;
   } catch (const lrllm::InputError& e) {
-    std::fprintf(stderr, "lrllm: error: %s\n", e.what());
+    if (speaks) std::fprintf(stderr, "lrllm: error: %s\n", e.what());
     return 2;
   }
   int code = 0;

@@ -46,6 +46,7 @@ suite() {
 suite "unit tests (GoogleTest)" env LRLLM_TOKENIZER_DIR=input/data/tokenizer OMP_NUM_THREADS=2 \
   "$build/tests/unit"
 suite "integration (lrllm under mpirun)" "$python" tests/integration/test_cli.py "$build"
+suite "parallel layouts (tp, pp, dp, ZeRO)" "$python" tests/integration/test_parallel.py "$build"
 suite "PyTorch reference" bash tests/reference/run.sh "$build"
 suite "tokenizer against gpt-3-encoder" bash tests/tokenizer/compare.sh "$build"
 

@@ -426,8 +426,9 @@ def test_help_and_version():
     assert p.stdout.startswith("lrllm ") and ("CPU-only" in p.stdout or "CUDA" in p.stdout), p.stdout
 
 
-def main():
-    tests = [(n, f) for n, f in globals().items() if n.startswith("test_") and callable(f)]
+def main(namespace=None):
+    """Runs the test_* functions of namespace (this module's by default)."""
+    tests = [(n, f) for n, f in (namespace or globals()).items() if n.startswith("test_") and callable(f)]
     only = os.environ.get("LRLLM_TEST_FILTER")
     failed = 0
     for name, fn in tests:

@@ -1,0 +1,160 @@
+"""Parallel layouts of lrllm under mpirun: every layout of 1, 2 and 4 ranks gives the loss curve of one rank,
+checkpoints resume across layouts, low-rank layers cut tensor-parallel traffic to r/d, bad layouts stop
+cleanly, and a killed rank ends the job.
+
+Run as: /usr/bin/python3 tests/integration/test_parallel.py BUILD_DIR
+"""
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+
+import test_cli as cli
+from test_cli import ENV, LRLLM, TRAIN, VAL, bad_input, metric, model_tensors, rel, run, tmpdir
+
+# Four blocks and four heads, so that pp and tp reach 4; d_ff divisible by 4.
+MODEL = ["--model.vocab_size", "512", "--model.n_layer", "4", "--model.n_head", "4", "--model.d_model", "32",
+         "--model.d_ff", "128", "--model.seq_len", "16", "--device", "cpu"]
+GLOBAL_BATCH = 8
+KINDS = [("dense", []), ("lowrank", ["--lowrank.rank", "8"])]
+# (ranks, tp, pp, micro_batches, zero); data parallel = ranks / (tp * pp).
+LAYOUTS = [
+    (2, 1, 1, 1, 0), (2, 1, 1, 1, 1), (2, 2, 1, 1, 0), (2, 1, 2, 4, 0), (2, 1, 2, 2, 1),
+    (4, 1, 1, 1, 0), (4, 1, 1, 1, 1), (4, 4, 1, 1, 0), (4, 1, 4, 2, 0), (4, 2, 2, 2, 0), (4, 2, 2, 2, 1),
+    (4, 2, 1, 1, 0), (4, 2, 1, 1, 1), (4, 1, 2, 2, 0), (4, 1, 2, 2, 1),
+]
+
+
+def layout_args(ranks, tp, pp, micro, zero):
+    dp = ranks // (tp * pp)
+    return ["--parallel.tp", str(tp), "--parallel.pp", str(pp), "--parallel.micro_batches", str(micro),
+            "--parallel.zero", str(zero), "--train.batch_size", str(GLOBAL_BATCH // dp)]
+
+
+def train(run_dir, ranks, extra=(), steps=5, check=True):
+    args = ["--mode", "pretrain", *MODEL, "--data.train", TRAIN, "--data.val", VAL, "--run.dir", run_dir,
+            "--train.steps", str(steps), "--train.warmup", "2", "--train.lr", "3e-3", "--train.eval_every", "0",
+            "--train.eval_batches", "1", *extra]
+    return run(args, np_=ranks, check=check)
+
+
+def name_of(layout):
+    ranks, tp, pp, micro, zero = layout
+    return f"np{ranks}-tp{tp}-pp{pp}-mb{micro}" + ("-zero" if zero else "")
+
+
+def test_every_layout_gives_the_single_rank_loss_curve():
+    for kind, extra in KINDS:
+        base = tmpdir(f"layout-{kind}-np1")
+        train(base, 1, [*extra, *layout_args(1, 1, 1, 1, 0)])
+        want, want_val = metric(base, "loss"), metric(base, "val_loss")[-1]
+        for layout in LAYOUTS:
+            d = tmpdir(f"layout-{kind}-{name_of(layout)}")
+            p = train(d, layout[0], [*extra, *layout_args(*layout)])
+            got = metric(d, "loss")
+            assert len(got) == 5 and rel(got, want) < 1e-5, f"{kind} {name_of(layout)}: {got} vs {want}"
+            assert rel(metric(d, "val_loss")[-1], want_val) < 1e-5, f"{kind} {name_of(layout)}: val loss"
+            assert rel(metric(d, "grad_norm"), metric(base, "grad_norm")) < 1e-4, f"{kind} {name_of(layout)}"
+            assert f"layout: {layout[0]} ranks" in p.stdout, p.stdout
+
+
+def resume_across(first, second, name):
+    """Trains 6 steps under layout `first`; resumes its step-3 checkpoint under `second`."""
+    full, part = tmpdir(f"xresume-{name}-full"), tmpdir(f"xresume-{name}-part")
+    train(full, first[0], [*layout_args(*first), "--checkpoint.every", "3"], steps=6)
+    train(part, first[0], [*layout_args(*first), "--checkpoint.every", "3"], steps=3)
+    p = train(part, second[0], [*layout_args(*second), "--checkpoint.every", "3", "--checkpoint.resume", "latest"],
+              steps=6)
+    assert "resuming" in p.stdout, p.stdout
+    assert list(metric(part, "step")) == [1, 2, 3, 4, 5, 6]
+    assert rel(metric(part, "loss"), metric(full, "loss")) < 1e-5, (metric(part, "loss"), metric(full, "loss"))
+    a, b = model_tensors(os.path.join(full, "ckpt_000006.h5")), model_tensors(os.path.join(part, "ckpt_000006.h5"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert np.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), f"{name}: {k} differs"
+
+
+def test_resume_from_tp2_pp2_at_one_rank():
+    resume_across((4, 2, 2, 2, 0), (1, 1, 1, 1, 0), "tp2pp2-to-1")
+
+
+def test_resume_from_one_rank_under_zero_and_tp():
+    resume_across((1, 1, 1, 1, 0), (4, 2, 1, 1, 1), "1-to-dp2tp2zero")
+
+
+def test_checkpoint_from_a_sharded_layout_is_the_full_model():
+    d1, d4 = tmpdir("full-np1"), tmpdir("full-tp2pp2zero")
+    train(d1, 1, layout_args(1, 1, 1, 1, 0), steps=2)
+    train(d4, 4, layout_args(4, 2, 1, 1, 1) + ["--lowrank.rank", "8", "--lowrank.targets", "qkv,proj"], steps=2)
+    dense, sharded = model_tensors(os.path.join(d1, "ckpt_000002.h5")), model_tensors(os.path.join(d4, "ckpt_000002.h5"))
+    assert dense["h.3/attn/qkv/W"].shape == (96, 32) and sharded["h.3/attn/qkv/B"].shape == (96, 8)
+    assert sharded["h.3/attn/proj/A"].shape == (8, 32) and sharded["wte"].shape == (512, 32)
+
+
+def tp_bytes(extra):
+    d = tmpdir("tpbytes")
+    train(d, 2, [*extra, *layout_args(2, 2, 1, 1, 0)], steps=2)
+    return metric(d, "comm_bytes_tp")[0]
+
+
+def test_lowrank_cuts_tensor_parallel_bytes_to_r_over_d():
+    dense, lowrank = tp_bytes([]), tp_bytes(["--lowrank.rank", "8"])
+    # Per block and micro-step, two d-wide sums in forward (row-parallel outputs) and two in backward
+    # (column-parallel input gradients), from each of the 2 ranks: N = 8 sequences x 16 tokens.
+    assert dense == 2 * 4 * 4 * (8 * 16) * 32 * 4, dense
+    assert lowrank * 32 == dense * 8, (lowrank, dense)
+
+
+def test_pipeline_reports_bubble_and_traffic():
+    d = tmpdir("bubble")
+    p = train(d, 2, layout_args(2, 1, 2, 4, 0), steps=2)
+    assert "1F1B schedule, bubble 20.0% of a step" in p.stdout, p.stdout
+    # Each step: 4 micro-batches of 2 x 16 x 32 floats forward, as many gradients back, and the tied
+    # embedding's gradient summed between the two end stages.
+    assert metric(d, "comm_bytes_pp")[0] == (2 * 4 * 2 * 16 * 32 + 2 * 512 * 32) * 4, metric(d, "comm_bytes_pp")
+    assert metric(d, "comm_bytes_dp")[0] == 0 and metric(d, "comm_bytes_tp")[0] == 0
+
+
+def test_bad_layouts_stop_before_work():
+    base = ["--mode", "pretrain", *MODEL, "--data.train", TRAIN, "--run.dir", tmpdir("badlayout")]
+    bad_input([*base, "--parallel.tp", "2"], "multiple of parallel.tp * parallel.pp = 2", np_=3)
+    bad_input([*base, "--parallel.pp", "8"], "above the model's 4 layers", np_=8)
+    bad_input([*base, "--parallel.tp", "3"], "does not divide the model's 4 attention heads", np_=3)
+    odd_ff = [a if a != "128" else "130" for a in base]
+    bad_input([*odd_ff, "--parallel.tp", "4"], "does not divide d_ff 130", np_=4)
+    bad_input([*base, "--parallel.tp", "2", "--parallel.tp", "4"], "more than once", np_=2)
+    bad_input([*base, "--parallel.pp", "2", "--parallel.micro_batches", "3", "--train.batch_size", "4"],
+              "micro_batches 3 does not divide train.batch_size 4", np_=2)
+    bad_input([*base, "--parallel.zero", "2"], "parallel.zero must be 0 or 1", np_=2)
+
+
+def test_killed_rank_ends_the_job():
+    d = tmpdir("killed")
+    args = ["--mode", "pretrain", *MODEL, "--data.train", TRAIN, "--run.dir", d, "--train.steps", "100000",
+            "--train.eval_every", "0", *layout_args(2, 1, 2, 2, 0)]
+    job = subprocess.Popen(["mpirun", "--quiet", "-np", "2", "--oversubscribe", LRLLM, *args], env=ENV,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        ranks = []
+        while time.time() < deadline and len(ranks) < 2:
+            time.sleep(0.5)
+            out = subprocess.run(["pgrep", "-f", "-s", str(job.pid), LRLLM], capture_output=True, text=True)
+            ranks = [int(x) for x in out.stdout.split() if int(x) != job.pid]
+        assert len(ranks) == 2, f"ranks not found: {ranks}"
+        time.sleep(2)  # well into training
+        os.kill(max(ranks), signal.SIGKILL)
+        killed = time.time()
+        rc = job.wait(timeout=60)
+        assert rc != 0, "the job exited 0 after a rank was killed"
+        assert time.time() - killed < 60
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+
+
+if __name__ == "__main__":
+    cli.main(globals())
