@@ -153,10 +153,10 @@ MPI_Request Topology::iallreduce_dp(float* x, std::size_t n) const {
   return req;
 }
 
-std::vector<std::size_t> Topology::dp_bounds(std::size_t n) const {
-  const std::size_t share = ((n + dp_ - 1) / dp_ + 15) / 16 * 16;
+std::vector<std::size_t> Topology::shard_bounds(std::size_t n, int parts) {
+  const std::size_t share = ((n + parts - 1) / parts + 15) / 16 * 16;
   std::vector<std::size_t> bounds;
-  for (int d = 0; d <= dp_; ++d) bounds.push_back(std::min(n, share * d));
+  for (int d = 0; d <= parts; ++d) bounds.push_back(std::min(n, share * d));
   return bounds;
 }
 

@@ -59,9 +59,11 @@ class Topology : public TensorReducer {
   void world_sum(double* x, int n) const;
   // Starts an in-place sum over the data-parallel group; the caller waits for the request.
   MPI_Request iallreduce_dp(float* x, std::size_t n) const;
-  // ZeRO-1's shards of a flat buffer of n floats: shard d is [bounds[d], bounds[d+1]), equal and 64-byte
-  // aligned but for the last.
-  std::vector<std::size_t> dp_bounds(std::size_t n) const;
+  // ZeRO-1's shards of a flat buffer of n floats over the data-parallel ranks (see shard_bounds).
+  std::vector<std::size_t> dp_bounds(std::size_t n) const { return shard_bounds(n, dp_); }
+  // n floats in `parts` shards: shard d is [bounds[d], bounds[d+1]), equal and 64-byte aligned but for the
+  // last.
+  static std::vector<std::size_t> shard_bounds(std::size_t n, int parts);
   // Data parallelism with sharded optimizer state: shard d of the flat buffer is [bounds[d], bounds[d+1]).
   void reduce_scatter_dp(const float* x, float* shard, const std::vector<std::size_t>& bounds) const;
   void allgather_dp(float* x, const std::vector<std::size_t>& bounds) const;
