@@ -1,5 +1,6 @@
 // lrllm: parse the options, start MPI, run the mode. Errors end as one line on stderr with an exit status:
-// 2 for bad input, 3 for a diverged run, 1 for any other failure.
+// 2 for bad input, 3 for a diverged run, 1 for any other failure; 75 is a training run stopped by SIGTERM or
+// SIGUSR1 after writing its checkpoint (signals.h).
 #include <omp.h>
 
 #include <cstdio>
@@ -16,6 +17,7 @@
 #include "lrllm/evaluate.h"
 #include "lrllm/export.h"
 #include "lrllm/finetune.h"
+#include "lrllm/signals.h"
 #include "lrllm/tokenizer.h"
 #include "lrllm/train.h"
 
@@ -91,6 +93,7 @@ int main(int argc, char** argv) {
   try {
     lrllm::Comm& comm = lrllm::Comm::world(&argc, &argv);
     set_threads(comm);
+    lrllm::install_stop_handlers();
     started_work = true;
     code = run_mode(cfg, comm);
     if (comm.size() > 1) comm.barrier();

@@ -20,6 +20,7 @@
 #include "lrllm/optimizer.h"
 #include "lrllm/pipeline.h"
 #include "lrllm/rng.h"
+#include "lrllm/signals.h"
 
 namespace fs = std::filesystem;
 
@@ -262,10 +263,13 @@ int run_training(const Config& cfg, const Comm& comm, TrainSetup& setup, const s
       val_loss = validation_loss(pipeline, topo, val_batches, tc.eval_batches * sequences_per_step, B);
       last_val = val_loss;
     }
-    double counters[4] = {topo.bytes(Group::dp) - counters_before[0],
+    // The last counter: whether any rank was asked to stop (preemption), so that all agree.
+    double counters[5] = {topo.bytes(Group::dp) - counters_before[0],
                           topo.bytes(Group::tp) - counters_before[1],
-                          topo.bytes(Group::pp) - counters_before[2], topo.pp_wait_s() - counters_before[3]};
-    topo.world_sum(counters, 4);
+                          topo.bytes(Group::pp) - counters_before[2], topo.pp_wait_s() - counters_before[3],
+                          stop_requested() ? 1.0 : 0.0};
+    topo.world_sum(counters, 5);
+    const bool stop = counters[4] > 0 && !last;
     if (comm.root()) {
       metrics->append({{"step", static_cast<double>(state.step)},
                        {"loss", loss},
@@ -302,9 +306,21 @@ int run_training(const Config& cfg, const Comm& comm, TrainSetup& setup, const s
     }
 
     // Checkpoint: every rank hands its parts to world rank 0, which writes the full tensors.
-    if ((cfg.checkpoint.every > 0 && state.step % cfg.checkpoint.every == 0) || last) {
+    if ((cfg.checkpoint.every > 0 && state.step % cfg.checkpoint.every == 0) || last || stop) {
       save_checkpoint(checkpoint_path(cfg.run.dir, state.step), mode, model, optimizer, state, topo);
       if (comm.root()) prune_checkpoints(cfg.run.dir, cfg.checkpoint.keep);
+    }
+    if (stop) {
+      if (comm.root()) {
+        metrics->flush();
+        std::printf(
+            "stopped by a signal after step %lld: checkpoint %s written; resume with --checkpoint.resume "
+            "latest (exit %d)\n",
+            static_cast<long long>(state.step), checkpoint_path(cfg.run.dir, state.step).c_str(),
+            kExitStopped);
+        std::fflush(stdout);
+      }
+      return kExitStopped;
     }
   }
   // A run of zero steps still leaves its starting point as a checkpoint (an initial model for other tools).

@@ -156,5 +156,36 @@ def test_killed_rank_ends_the_job():
             job.wait()
 
 
+def test_stop_signal_checkpoints_and_resumes_exactly():
+    # A run told to stop (SIGUSR1, which mpirun forwards to every rank; srun sends SIGTERM) finishes its step,
+    # writes a checkpoint and exits 75; resuming from latest ends where an uninterrupted run ends.
+    steps, layout = 600, layout_args(2, 1, 2, 2, 0)
+    whole, stopped = tmpdir("signal-whole"), tmpdir("signal-stopped")
+    train(whole, 2, layout, steps=steps)
+    args = ["--mode", "pretrain", *MODEL, "--data.train", TRAIN, "--data.val", VAL, "--run.dir", stopped,
+            "--train.steps", str(steps), "--train.warmup", "2", "--train.lr", "3e-3", "--train.eval_every", "0",
+            "--train.eval_batches", "1", *layout]
+    job = subprocess.Popen(["mpirun", "--quiet", "-np", "2", "--oversubscribe", LRLLM, *args], env=ENV,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        for line in job.stdout:
+            if line.startswith("step "):
+                job.send_signal(signal.SIGUSR1)
+                break
+        out = line + job.stdout.read()
+        rc = job.wait(timeout=60)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+    assert rc == 75, (rc, out[-500:], job.stderr.read())
+    assert "stopped by a signal after step" in out, out[-500:]
+    stop_step = len(metric(stopped, "loss"))
+    assert 0 < stop_step < steps, stop_step
+    assert os.path.exists(os.path.join(stopped, f"ckpt_{stop_step:06d}.h5"))
+    train(stopped, 2, [*layout, "--checkpoint.resume", "latest"], steps=steps)
+    assert np.array_equal(metric(stopped, "loss"), metric(whole, "loss"))
+
+
 if __name__ == "__main__":
     cli.main(globals())

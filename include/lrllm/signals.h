@@ -1,0 +1,16 @@
+// Preemption: SIGTERM (Slurm at a time limit or preemption, srun's first signal) and SIGUSR1 (what
+// `sbatch --signal=B:USR1@120` or `mpirun`, which forwards it, delivers) ask a training run to stop. The loop
+// finishes its step, every rank agrees, a checkpoint is written, and lrllm exits with kExitStopped so that a
+// job script can requeue itself and resume from `latest`.
+#pragma once
+
+namespace lrllm {
+
+// EX_TEMPFAIL of sysexits.h: a temporary failure, try again.
+inline constexpr int kExitStopped = 75;
+
+void install_stop_handlers();
+// Whether a stop signal arrived since install_stop_handlers.
+bool stop_requested();
+
+}  // namespace lrllm
