@@ -57,26 +57,9 @@ void Comm::abort(int code) {
   std::_Exit(code);
 }
 
-void Comm::allreduce_mean(float* x, std::size_t n) const {
-  if (size_ == 1) return;
-  // MPI counts are int: reduce in pieces.
-  for (std::size_t off = 0; off < n; off += INT_MAX / 2) {
-    const int count = static_cast<int>(std::min<std::size_t>(INT_MAX / 2, n - off));
-    LRLLM_MPI(MPI_Allreduce(MPI_IN_PLACE, x + off, count, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD));
-  }
-  const float inv = 1.0f / static_cast<float>(size_);
-  for (std::size_t i = 0; i < n; ++i) x[i] *= inv;
-}
-
 double Comm::allreduce_sum(double x) const {
   double out = x;
   if (size_ > 1) LRLLM_MPI(MPI_Allreduce(&x, &out, 1, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
-  return out;
-}
-
-int Comm::allreduce_max(int x) const {
-  int out = x;
-  if (size_ > 1) LRLLM_MPI(MPI_Allreduce(&x, &out, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD));
   return out;
 }
 

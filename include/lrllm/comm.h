@@ -24,11 +24,7 @@ class Comm {
   int local_size() const { return local_size_; }
   bool root() const { return rank_ == 0; }
 
-  // Averages x over the ranks, in place.
-  void allreduce_mean(float* x, std::size_t n) const;
   double allreduce_sum(double x) const;
-  // The largest of x over the ranks (a flag one rank raised reaches all).
-  int allreduce_max(int x) const;
   void barrier() const;
 
  private:
