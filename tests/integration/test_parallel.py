@@ -72,8 +72,10 @@ def resume_across(first, second, name):
     assert rel(metric(part, "loss"), metric(full, "loss")) < 1e-5, (metric(part, "loss"), metric(full, "loss"))
     a, b = model_tensors(os.path.join(full, "ckpt_000006.h5")), model_tensors(os.path.join(part, "ckpt_000006.h5"))
     assert a.keys() == b.keys()
+    # Per tensor, not per element: Adam turns a gradient that is only rounding noise (a bias entry near zero)
+    # into a full-size step of either sign, so single elements may differ by about lr between layouts.
     for k in a:
-        assert np.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), f"{name}: {k} differs"
+        assert np.linalg.norm(a[k] - b[k]) <= 1e-3 * np.linalg.norm(a[k]) + 1e-6, f"{name}: {k} differs"
 
 
 def test_resume_from_tp2_pp2_at_one_rank():
