@@ -152,3 +152,6 @@ done
 
 # Finetuning memory (DESIGN §1: the paper's 6.3x): full finetuning against LoRA over a quantized base.
 "$PY" tools/bench_finetune.py "$BUILD"
+
+# Parallel training: data-parallel scaling against PyTorch DDP, the pipeline bubble, tensor-parallel traffic.
+"$PY" tools/bench_parallel.py "$BUILD"
