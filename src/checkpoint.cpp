@@ -332,9 +332,7 @@ void save_checkpoint(const std::string& path, const std::string& mode, Model& mo
       }
       for (TensorInfo t : tensors) {
         if (t.split.replica) continue;
-        std::size_t full_size = 1;
-        for (int64_t d : t.full_shape) full_size *= static_cast<std::size_t>(d);
-        for (auto& buffer : full) buffer.resize(full_size);
+        for (auto& buffer : full) buffer.resize(t.full_size());
         for (int p = 0; p < t.split.parts; ++p) {
           t.split.part = p;
           const int source = stage_root + p;

@@ -40,11 +40,8 @@ DataParallel::DataParallel(Model& model, const Topology& topo, bool zero, double
   if (covered_begin > 0) rest_.emplace_back(0, covered_begin);
   if (covered_end < n) rest_.emplace_back(covered_end, n);
   hook_ = [this](int layer) {
-    for (Bucket& b : buckets_) {
-      if (b.started || b.lowest_layer != layer) continue;
-      b.request = topo_.iallreduce_dp(model_.grads() + b.begin, b.end - b.begin);
-      b.started = true;
-    }
+    for (Bucket& b : buckets_)
+      if (!b.started && b.lowest_layer == layer) start(b);
   };
 }
 
@@ -52,6 +49,11 @@ DataParallel::~DataParallel() {
   for (Bucket& b : buckets_)
     if (b.request != MPI_REQUEST_NULL) MPI_Request_free(&b.request);
   if (shard_grads_ != nullptr) model_.backend().release(shard_grads_);
+}
+
+void DataParallel::start(Bucket& b) {
+  b.request = topo_.iallreduce_dp(model_.grads() + b.begin, b.end - b.begin);
+  b.started = true;
 }
 
 float* DataParallel::grads_of_shard() {
@@ -74,10 +76,7 @@ void DataParallel::finish_gradients() {
   if (topo_.dp() == 1) return;
   // Buckets whose blocks had no backward this step (no valid target) start now.
   for (Bucket& b : buckets_)
-    if (!b.started) {
-      b.request = topo_.iallreduce_dp(grads + b.begin, b.end - b.begin);
-      b.started = true;
-    }
+    if (!b.started) start(b);
   for (const auto& [begin, end] : rest_) topo_.allreduce_sum(Group::dp, grads + begin, end - begin);
   for (Bucket& b : buckets_) {
     LRLLM_MPI(MPI_Wait(&b.request, MPI_STATUS_IGNORE));

@@ -146,9 +146,7 @@ void Model::init_tables(uint64_t seed, bool frozen_too) {
       if (t.shape.size() < 2 || n.ends_with("/lora_B")) continue;  // biases, LayerNorm shifts, lora_B: zero
       // The full tensor is drawn and this rank's part taken, so every parallel layout starts from the same
       // weights.
-      std::size_t full_size = 1;
-      for (int64_t d : t.full_shape) full_size *= static_cast<std::size_t>(d);
-      full.resize(full_size);
+      full.resize(t.full_size());
       Rng rng(derive_seed(seed, n));
       if (n.ends_with("/lora_A")) {
         // As PEFT's default: uniform in +-1/sqrt(in); with lora_B zero the adapters start as the identity.

@@ -22,6 +22,12 @@ std::size_t ParamTable::add(const std::string& name, std::vector<int64_t> shape,
   return tensors_.back().offset;
 }
 
+std::size_t TensorInfo::full_size() const {
+  std::size_t n = 1;
+  for (int64_t d : full_shape) n *= static_cast<std::size_t>(d);
+  return n;
+}
+
 const TensorInfo* ParamTable::find(const std::string& name) const {
   for (const auto& t : tensors_)
     if (t.name == name) return &t;

@@ -50,6 +50,7 @@ class DataParallel {
     bool started = false;
   };
   float* grads_of_shard();
+  void start(Bucket& b);
 
   Model& model_;
   const Topology& topo_;

@@ -140,7 +140,6 @@ class Model {
     int32_t* targets = nullptr;
   };
   void init_tables(uint64_t seed, bool frozen_too);
-  Block& blk(int l) { return blocks_[l - first_layer_]; }
   void block_forward(int l, Acts& a, const float* x, float* x_out, int B);
   void block_backward(int l, Acts& a, const float* x, float* dresid, int B);
   double classifier(const float* x, const int32_t* targets, float* dx, int N, float grad_scale,

@@ -31,6 +31,7 @@ struct TensorInfo {
   std::size_t size = 0;
   bool decay = false;  // AdamW weight decay applies to 2-D weights only
   TensorSplit split;
+  std::size_t full_size() const;  // elements of the full tensor
 };
 
 class ParamTable {
