@@ -58,7 +58,8 @@ int ModelConfig::lowrank_rank_attr() const {
 
 namespace {
 
-const char* const kModes[] = {"pretrain", "finetune", "eval", "decompose", "export", "tokenize", "info"};
+const char* const kModes[] = {"pretrain",  "finetune", "eval",     "generate",
+                              "decompose", "export",   "tokenize", "info"};
 
 // A default as the user would write it (6e-04, not 0.00059999999999999995).
 std::string text(double value) {
@@ -71,10 +72,11 @@ po::options_description make_options(Config& c) {
   po::options_description general("General", kHelpWidth);
   general.add_options()("help,h", "print this help and exit")("version",
                                                               "print the version and build and exit")(
-      "mode", po::value(&c.mode), "pretrain | finetune | eval | decompose | export | tokenize | info")(
+      "mode", po::value(&c.mode),
+      "pretrain | finetune | eval | generate | decompose | export | tokenize | info")(
       "config", po::value(&c.config_file), "INI file with [section] option = value lines")(
       "device", po::value(&c.device)->default_value(c.device), "cpu | cuda | auto")(
-      "seed", po::value(&c.seed)->default_value(c.seed), "seed of initialisation and data order");
+      "seed", po::value(&c.seed)->default_value(c.seed), "seed of initialisation, data order and sampling");
 
   po::options_description model("Model [model]", kHelpWidth);
   ModelConfig& m = c.model;
@@ -124,6 +126,16 @@ po::options_description make_options(Config& c) {
       "the label set, comma-separated (an example outside it is an error); default: each task's outputs")(
       "eval.max_new_tokens", po::value(&c.eval.max_new_tokens)->default_value(c.eval.max_new_tokens),
       "answer length limit for generate");
+
+  po::options_description generate("Generation [generate]", kHelpWidth);
+  GenerateConfig& g = c.generate;
+  generate.add_options()("generate.prompt", po::value(&g.prompt), "text to continue (empty: <|endoftext|>)")(
+      "generate.max_new_tokens", po::value(&g.max_new_tokens)->default_value(g.max_new_tokens),
+      "tokens to generate at most (stops early at <|endoftext|>)")(
+      "generate.temperature", po::value(&g.temperature)->default_value(g.temperature, text(g.temperature)),
+      "sampling temperature; 0: greedy (the most likely token)")(
+      "generate.top_k", po::value(&g.top_k)->default_value(g.top_k),
+      "sample among the k most likely tokens (0: all); the draws follow --seed");
 
   po::options_description train("Training [train]", kHelpWidth);
   TrainConfig& t = c.train;
@@ -182,8 +194,16 @@ po::options_description make_options(Config& c) {
       "gradient averaging bucket size in MB (buckets start while backward runs)");
 
   po::options_description all(kHelpWidth);
-  all.add(general).add(model).add(lowrank).add(finetune).add(eval).add(train).add(data).add(run).add(
-      parallel);
+  all.add(general)
+      .add(model)
+      .add(lowrank)
+      .add(finetune)
+      .add(eval)
+      .add(generate)
+      .add(train)
+      .add(data)
+      .add(run)
+      .add(parallel);
   return all;
 }
 
@@ -195,10 +215,11 @@ void validate(const Config& c) {
   bool known_mode = false;
   for (const char* m : kModes) known_mode |= c.mode == m;
   require(!c.mode.empty(),
-          "--mode is required (pretrain, finetune, eval, decompose, export, tokenize, info); see --help");
-  require(known_mode,
-          "--mode " + c.mode +
-              " is not a mode of this lrllm (pretrain, finetune, eval, decompose, export, tokenize, info)");
+          "--mode is required (pretrain, finetune, eval, generate, decompose, export, tokenize, info); see "
+          "--help");
+  require(known_mode, "--mode " + c.mode +
+                          " is not a mode of this lrllm (pretrain, finetune, eval, generate, decompose, "
+                          "export, tokenize, info)");
   require(c.device == "cpu" || c.device == "cuda" || c.device == "auto",
           "--device must be cpu, cuda or auto, not '" + c.device + "'");
   const TrainConfig& t = c.train;
@@ -226,6 +247,9 @@ void validate(const Config& c) {
   require(ft.lora_dropout >= 0 && ft.lora_dropout < 1, "--lora.dropout must be in [0, 1)");
   require(c.eval.method == "generate" || c.eval.method == "score", "--eval.method must be generate or score");
   require(c.eval.max_new_tokens >= 1, "--eval.max_new_tokens must be >= 1");
+  require(c.generate.max_new_tokens >= 1, "--generate.max_new_tokens must be >= 1");
+  require(c.generate.temperature >= 0, "--generate.temperature must be >= 0");
+  require(c.generate.top_k >= 0, "--generate.top_k must be >= 0");
   require(c.checkpoint.every >= 0, "--checkpoint.every must be >= 0");
   require(c.checkpoint.keep >= 0, "--checkpoint.keep must be >= 0");
 }

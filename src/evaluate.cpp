@@ -12,6 +12,7 @@
 #include "lrllm/backend.h"
 #include "lrllm/checkpoint.h"
 #include "lrllm/common.h"
+#include "lrllm/generate.h"
 #include "lrllm/instruct.h"
 #include "lrllm/metrics.h"
 #include "lrllm/scoring.h"
@@ -55,19 +56,10 @@ std::vector<int32_t> prompt_tokens(const Tokenizer& tok, const Example& e, int s
 
 // FinGPT's protocol: the greedy answer, up to max_new tokens or <|endoftext|>.
 std::string generate_answer(Model& model, const Tokenizer& tok, const Example& e, int max_new) {
-  const int T = model.config().seq_len;
-  std::vector<int32_t> seq = prompt_tokens(tok, e, T, max_new);
-  const std::size_t prompt_len = seq.size();
-  std::vector<int32_t> padded(T, tok.eot());
-  std::vector<float> logits(model.config().vocab_size);
-  for (int k = 0; k < max_new && static_cast<int>(seq.size()) < T; ++k) {
-    std::copy(seq.begin(), seq.end(), padded.begin());
-    model.logits_at(padded.data(), static_cast<int>(seq.size()) - 1, logits.data());
-    const int next = static_cast<int>(std::max_element(logits.begin(), logits.end()) - logits.begin());
-    if (next == tok.eot()) break;
-    seq.push_back(next);
-  }
-  return tok.decode(std::vector<int>(seq.begin() + static_cast<std::ptrdiff_t>(prompt_len), seq.end()));
+  Rng unused(0);  // greedy decoding draws nothing
+  const std::vector<int32_t> answer = continue_tokens(
+      model, prompt_tokens(tok, e, model.config().seq_len, max_new), max_new, tok.eot(), Sampling{}, unused);
+  return tok.decode(std::vector<int>(answer.begin(), answer.end()));
 }
 
 // Label scoring: the label whose tokens the model finds most likely after the prompt (sum of log-probs).

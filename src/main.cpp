@@ -17,6 +17,7 @@
 #include "lrllm/evaluate.h"
 #include "lrllm/export.h"
 #include "lrllm/finetune.h"
+#include "lrllm/generate.h"
 #include "lrllm/signals.h"
 #include "lrllm/tokenizer.h"
 #include "lrllm/train.h"
@@ -64,6 +65,7 @@ int run_mode(const lrllm::Config& cfg, const lrllm::Comm& comm) {
   if (!comm.root()) return 0;
   if (cfg.mode == "decompose") return lrllm::run_decompose(cfg);
   if (cfg.mode == "export") return lrllm::run_export(cfg);
+  if (cfg.mode == "generate") return lrllm::run_generate(cfg);
   if (cfg.mode == "tokenize") return run_tokenize(cfg);
   if (cfg.mode == "info") {
     if (cfg.model.init.empty())

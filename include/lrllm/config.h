@@ -98,6 +98,13 @@ struct EvalConfig {
   int max_new_tokens = 8;
 };
 
+struct GenerateConfig {
+  std::string prompt;
+  int max_new_tokens = 64;
+  double temperature = 0.0;  // 0: greedy
+  int top_k = 0;             // sample among the k most likely tokens; 0: all
+};
+
 struct ParallelConfig {
   int tp = 1;             // tensor-parallel group size
   int pp = 1;             // pipeline stages
@@ -120,6 +127,7 @@ struct Config {
   bool was_given(const std::string& option) const { return given.count(option) > 0; }
   FinetuneConfig finetune;
   EvalConfig eval;
+  GenerateConfig generate;
   TrainConfig train;
   DataConfig data;
   RunConfig run;

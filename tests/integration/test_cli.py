@@ -418,9 +418,46 @@ def test_export_quantizes_and_merges_adapters():
               "quantized")
 
 
+def generate(model, extra=()):
+    p = run(["--mode", "generate", "--model.init", model, "--data.tokenizer_dir", TOKENIZER, "--generate.prompt",
+             "Shares of", "--generate.max_new_tokens", "12", *extra])
+    assert p.stdout.startswith("Shares of") and p.stdout.endswith("\n"), p.stdout
+    assert "generated " in p.stderr, p.stderr
+    return p.stdout
+
+
+def test_generate_is_seeded_and_reads_exports():
+    base = base_checkpoint()
+    greedy = generate(base)
+    assert greedy == generate(base, ["--seed", "7"]), "greedy decoding must not depend on the seed"
+    assert greedy == generate(base, ["--generate.temperature", "1.5", "--generate.top_k", "1"]), "top_k 1 is greedy"
+    sampled = ["--generate.temperature", "1.0", "--generate.top_k", "50"]
+    a = generate(base, sampled + ["--seed", "1"])
+    assert a == generate(base, sampled + ["--seed", "1"]), "same seed, same text"
+    assert a != generate(base, sampled + ["--seed", "2"]), "another seed should draw other tokens"
+    nf4 = os.path.join(TMP, "generate-nf4.h5")
+    run(["--mode", "export", "--model.init", base, "--quant.bits", "4", "--data.output", nf4])
+    assert len(generate(nf4)) > len("Shares of\n")
+    bad_input(["--mode", "generate", "--data.tokenizer_dir", TOKENIZER], "--model.init")
+    bad_input(["--mode", "generate", "--model.init", base, "--generate.temperature", "-1"], "temperature")
+    bad_input(["--mode", "generate", "--model.init", base, "--generate.top_k", "-3"], "top_k")
+    small = os.path.join(tmpdir("gen-small"), "ckpt_000001.h5")
+    pretrain(os.path.dirname(small), ["--train.steps", "1", "--train.eval_every", "0"])
+    bad_input(["--mode", "generate", "--model.init", small, "--data.tokenizer_dir", TOKENIZER], "vocabulary")
+
+
+def test_logs_are_plain_lines_when_not_a_terminal():
+    d = tmpdir("plain-log")
+    p = pretrain(d)
+    text = p.stdout + p.stderr
+    assert "step " in p.stdout, p.stdout
+    control = sorted({hex(ord(c)) for c in text if ord(c) < 32 and c != "\n"})
+    assert not control, f"control characters in a non-tty log: {control}"
+
+
 def test_help_and_version():
     p = run(["--help"])
-    for opt in ["--train.lr", "--lowrank.rank", "--checkpoint.resume", "--data.train", "--run.dir"]:
+    for opt in ["--train.lr", "--lowrank.rank", "--checkpoint.resume", "--data.train", "--run.dir", "--generate.top_k"]:
         assert opt in p.stdout, opt
     p = run(["--version"])
     assert p.stdout.startswith("lrllm ") and ("CPU-only" in p.stdout or "CUDA" in p.stdout), p.stdout

@@ -26,6 +26,11 @@ Checks
                              base   every float tensor bit-identical to the base file; a
                                     quantized W: codes/scales equal to the numpy quantization of
                                     the base W, dequantization within the error bound
+  generate_{dense,lowrank}  `lrllm --mode generate` greedy (45 tokens from a prompt of the GPT-2
+                           tokenizer, so the window of seq_len 32 slides) vs the float64 torch
+                           model's argmax continuation over the same HDF5 weights, token for token
+                           (decoded with OpenAI's byte-level table); each step's top-2 logit gap is
+                           checked to be far above float32 rounding, so the comparison is decisive
 
 The torch side runs in float64 throughout (model, gradients and the AdamW loop).
 """
@@ -613,6 +618,84 @@ def check_quantized(site, w, q, kind, block):
 # ----------------------------------------------------------------------------------------------
 
 
+GENERATE_PROMPT = "Quarterly revenue rose 12% as the bank"
+GENERATE_TOKENS = 45
+# Logits far apart (the final LayerNorm's gain scaled up), so float32 rounding cannot swap the argmax.
+GENERATE_LOGIT_SCALE = 8.0
+
+
+def gpt2_byte_decoder() -> dict[str, int]:
+    """OpenAI's table from the printable characters encoder.json uses back to bytes."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\u00a1"), ord("\u00ac") + 1)) + \
+        list(range(ord("\u00ae"), ord("\u00ff") + 1))
+    chars = list(printable)
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars)}
+
+
+def run_generate_case(build, work, variant, seed):
+    base = VARIANTS[variant]
+    cfg = ref.Config(**{**SMALL, "vocab_size": 50257},
+                     lowrank_rank=base.lowrank_rank, lowrank_targets=base.lowrank_targets)
+    tokenizer = os.path.join(REPO, "input", "data", "tokenizer")
+
+    def check():
+        params = ref.init_params(cfg, seed=seed)
+        params["ln_f/w"] = params["ln_f/w"] * GENERATE_LOGIT_SCALE
+        model = os.path.join(work, f"generate_{variant}.h5")
+        ref.save_checkpoint(model, cfg, params)
+        prompt_file = os.path.join(work, "generate_prompt.txt")
+        with open(prompt_file, "w") as f:
+            f.write(GENERATE_PROMPT)
+        prompt_bin = os.path.join(work, "generate_prompt.bin")
+        run_cmd([os.path.join(build, "lrllm"), "--mode", "tokenize", "--data.input", prompt_file,
+                 "--data.output", prompt_bin, "--data.tokenizer_dir", tokenizer])
+        eot = 50256
+        context = [int(t) for t in ref.read_tokens(prompt_bin) if t != eot]
+        # Bytes, not text: a continuation may stop inside a UTF-8 character.
+        cmd = [os.path.join(build, "lrllm"), "--mode", "generate", "--model.init", model, "--generate.prompt",
+               GENERATE_PROMPT, "--generate.max_new_tokens", str(GENERATE_TOKENS), "--data.tokenizer_dir",
+               tokenizer, "--device", "cpu"]
+        p = subprocess.run(cmd, capture_output=True, timeout=300, cwd=REPO)
+        if p.returncode != 0:
+            raise CheckFailed(f"lrllm --mode generate exited {p.returncode}: {p.stderr.decode(errors='replace')}")
+        P = ref.to_torch(params, requires_grad=False)
+        want = []
+        with torch.no_grad():
+            for _ in range(GENERATE_TOKENS):
+                idx = torch.tensor([context[-cfg.seq_len:]])
+                logits, _ = ref.forward(P, cfg, idx)
+                top2 = torch.topk(logits[0, -1], 2)
+                gap = float(top2.values[0] - top2.values[1])
+                if gap < 1e-3:
+                    raise CheckFailed(f"test setup: a near tie (gap {gap:.1e}) after {len(want)} tokens")
+                nxt = int(top2.indices[0])
+                if nxt == eot:
+                    break
+                want.append(nxt)
+                context.append(nxt)
+        with open(os.path.join(tokenizer, "encoder.json")) as f:
+            token_text = {i: t for t, i in json.load(f).items()}
+        byte_of = gpt2_byte_decoder()
+        want_bytes = bytes(byte_of[c] for t in want for c in token_text[t])
+        prompt = GENERATE_PROMPT.encode()
+        got = p.stdout
+        if not got.startswith(prompt) or not got.endswith(b"\n"):
+            raise CheckFailed(f"output is not prompt + continuation + newline: {got[:100]!r}")
+        got = got[len(prompt):-1]
+        if got != want_bytes:
+            raise CheckFailed(f"lrllm continued {got[:80]!r}, torch {want_bytes[:80]!r}")
+        if len(want) < GENERATE_TOKENS // 2:
+            raise CheckFailed(f"only {len(want)} tokens before <|endoftext|>: too short to compare")
+
+    return check
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--build", default=os.path.join(REPO, "build"),
@@ -636,6 +719,9 @@ def main():
     for i, name in enumerate(LORA_CASES):
         for suffix, fn in run_lora_case(build, work, name, seed=30 + i):
             checks.append((f"lora_{name}_{suffix}", fn))
+
+    for i, v in enumerate(("dense", "lowrank")):
+        checks.append((f"generate_{v}", run_generate_case(build, work, v, seed=43 + i)))
 
     for name, fn in checks:
         if args.only and args.only not in name:
