@@ -91,11 +91,31 @@ ModelConfig read_model_config(const std::string& path) {
     throw InputError(path + ": /config quant '" + m.quant + "' is not none, int8 or nf4");
   if (f.has_attr("/config", "quant_block"))
     m.quant_block = static_cast<int>(f.attr_int("/config", "quant_block"));
+  m.quant_embedding = f.exists("/model/wte_q");
   m.init = path;
   return m;
 }
 
 namespace {
+
+// A quantized tensor from its stored codes, or quantized as it loads from a float one.
+void load_quantized(const H5File& f, const std::string& stem, const std::vector<int64_t>& expected,
+                    const ModelConfig& c, QuantizedTensor& q) {
+  if (f.exists(stem + "_q")) {
+    q = read_quantized(f, stem);
+    if (q.shape != expected)
+      throw InputError(f.path() + ": " + stem + "_q holds " + shape_string(q.shape) + ", the model expects " +
+                       shape_string(expected));
+    return;
+  }
+  if (!f.exists(stem)) throw InputError(f.path() + ": " + stem + " is missing (neither float nor quantized)");
+  if (f.shape(stem) != expected)
+    throw InputError(f.path() + ": " + stem + " has shape " + shape_string(f.shape(stem)) +
+                     ", the model expects " + shape_string(expected));
+  const std::vector<float> w = f.read_all(stem);
+  q = c.quant == "int8" ? quantize_int8(w.data(), expected, c.quant_block)
+                        : quantize_nf4(w.data(), expected, c.quant_double, c.quant_block);
+}
 
 void load_into(const std::string& path, Model& model, bool adapters_from_file) {
   const H5File f = H5File::open_read(path);
@@ -108,27 +128,12 @@ void load_into(const std::string& path, Model& model, bool adapters_from_file) {
     read_tensors(f, "/model", model.table(), host);
     be.to_device(model.params(), host.data(), host.size() * sizeof(float));
   }
-  const ModelConfig& c = model.config();
-  for (Linear* layer : model.quantized_layers()) {
-    const std::string prefix = "/model/" + layer->prefix();
-    QuantizedTensor& q = model.quantized_weight(*layer);
-    if (f.exists(prefix + "/W_q")) {
-      q = read_quantized(f, prefix);
-      const std::vector<int64_t> expected = {layer->out(), layer->in()};
-      if (q.shape != expected)
-        throw InputError(path + ": " + prefix + "/W_q holds " + shape_string(q.shape) +
-                         ", the model expects " + shape_string(expected));
-      continue;
-    }
-    // A float base is quantized as it loads.
-    const std::vector<float> w = f.read_all(prefix + "/W");
-    const std::vector<int64_t> expected = {layer->out(), layer->in()};
-    if (f.shape(prefix + "/W") != expected)
-      throw InputError(path + ": " + prefix + "/W has shape " + shape_string(f.shape(prefix + "/W")) +
-                       ", the model expects " + shape_string(expected));
-    q = c.quant == "int8" ? quantize_int8(w.data(), expected, c.quant_block)
-                          : quantize_nf4(w.data(), expected, c.quant_double, c.quant_block);
-  }
+  for (Linear* layer : model.quantized_layers())
+    load_quantized(f, "/model/" + layer->prefix() + "/W", {layer->out(), layer->in()}, model.config(),
+                   model.quantized_weight(*layer));
+  if (QuantizedTensor* wte = model.quantized_embedding())
+    load_quantized(f, "/model/wte", {model.config().vocab_size, model.config().d_model}, model.config(),
+                   *wte);
 }
 
 }  // namespace
@@ -194,7 +199,8 @@ void write_frozen(H5File& f, Model& model) {
   write_tensors(f, "/model", model.frozen_table(),
                 to_host(model.backend(), model.frozen(), model.frozen_table().total()));
   for (Linear* layer : model.quantized_layers())
-    write_quantized(f, "/model/" + layer->prefix(), model.quantized_weight(*layer));
+    write_quantized(f, "/model/" + layer->prefix() + "/W", model.quantized_weight(*layer));
+  if (const QuantizedTensor* wte = model.quantized_embedding()) write_quantized(f, "/model/wte", *wte);
 }
 
 void rename_into_place(const std::string& tmp, const std::string& path) {
@@ -470,13 +476,13 @@ void print_info(const std::string& path) {
     std::string storage;
     if (d.starts_with("/model/")) {
       model_bytes += n * elem;
-      if (d.ends_with("/W_q")) {
-        // Quantized codes: count the weight's logical values, from the shape attribute.
-        const QuantizedTensor q = read_quantized(f, d.substr(0, d.size() - 4));
-        counts.linear_dense += q.size();
+      if (d.ends_with("/W_q") || d == "/model/wte_q") {
+        // Quantized codes: count the tensor's logical values, from the shape attribute.
+        const QuantizedTensor q = read_quantized(f, d.substr(0, d.size() - 2));
+        (d == "/model/wte_q" ? counts.embedding : counts.linear_dense) += q.size();
         model_params += q.size();
         storage = " (" + f.attr_string(d, "quant") + " codes of " + shape_string(q.shape) + ")";
-      } else if (d.find("/W_absmax") != std::string::npos) {
+      } else if (d.find("/W_absmax") != std::string::npos || d.starts_with("/model/wte_absmax")) {
         storage = " (quantization scales)";
       } else {
         model_params += n;

@@ -114,6 +114,8 @@ po::options_description make_options(Config& c) {
       "quant.bits", po::value(&ft.quant_bits)->default_value(ft.quant_bits),
       "storage of the frozen base's dense weights: 0 (float32), 8 (int8), 4 (NF4)")(
       "quant.block", po::value(&ft.quant_block)->default_value(ft.quant_block), "values per absmax block")(
+      "quant.embedding", po::value(&ft.quant_embedding)->default_value(ft.quant_embedding),
+      "store the tied wte (embedding and lm_head) quantized too")(
       "quant.double", po::value(&ft.quant_double)->default_value(ft.quant_double),
       "NF4: quantize the absmax values to 8 bits too");
 
@@ -320,6 +322,7 @@ void apply_finetune(const Config& c, ModelConfig& m) {
   m.quant = ft.quant_bits == 8 ? "int8" : ft.quant_bits == 4 ? "nf4" : "none";
   m.quant_block = ft.quant_block;
   m.quant_double = ft.quant_double;
+  m.quant_embedding = ft.quant_embedding;
 }
 
 void apply_lowrank(const Config& c, ModelConfig& m) {

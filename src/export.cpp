@@ -66,6 +66,7 @@ int run_export(const Config& cfg) {
   out_cfg.quant = bits == 8 ? "int8" : bits == 4 ? "nf4" : "none";
   out_cfg.quant_block = cfg.finetune.quant_block;
   out_cfg.quant_double = cfg.finetune.quant_double;
+  out_cfg.quant_embedding = bits != 0 && cfg.finetune.quant_embedding;
   validate_model_config(out_cfg);
 
   auto backend = make_cpu_backend();
@@ -128,6 +129,23 @@ int run_export(const Config& cfg) {
       const TensorInfo* t = nullptr;
       float* dW = find_tensor(dst, prefix + "/W", &t);
       std::copy(w.begin(), w.end(), dW);
+    }
+  }
+  // The tied embedding, when either side stores it quantized (otherwise it was copied by name).
+  if (src.quantized_embedding() != nullptr || dst.quantized_embedding() != nullptr) {
+    const std::vector<int64_t> shape = {in_cfg.vocab_size, in_cfg.d_model};
+    std::vector<float> wte(static_cast<std::size_t>(shape[0] * shape[1]));
+    if (const QuantizedTensor* q = src.quantized_embedding())
+      dequantize(*q, 0, q->size(), wte.data());
+    else
+      std::copy_n(require_tensor(src, "wte"), wte.size(), wte.begin());
+    if (QuantizedTensor* q = dst.quantized_embedding()) {
+      *q = out_cfg.quant == "int8"
+               ? quantize_int8(wte.data(), shape, out_cfg.quant_block)
+               : quantize_nf4(wte.data(), shape, out_cfg.quant_double, out_cfg.quant_block);
+    } else {
+      const TensorInfo* t = nullptr;
+      std::copy(wte.begin(), wte.end(), find_tensor(dst, "wte", &t));
     }
   }
   save_checkpoint(cfg.data.output, "export", dst, nullptr, nullptr);

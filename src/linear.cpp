@@ -53,30 +53,32 @@ void Linear::reduce(float* x, std::size_t n) const {
 
 // The CPU backend shares host memory, so the tile is dequantized in place; a device backend would run its own
 // dequantizing kernel here.
-void Linear::quantized_forward(Backend& be, const LinearScratch& s, const float* x, float* y, int N) const {
-  for (int o0 = 0; o0 < out_; o0 += s.tile_rows) {
-    const int rows = std::min(s.tile_rows, out_ - o0);
-    dequantize(*qw_, static_cast<std::size_t>(o0) * in_, static_cast<std::size_t>(rows) * in_, s.tile);
+void quantized_matmul(Backend& be, const QuantizedTensor& w, float* tile, int tile_rows, const float* x,
+                      float* y, int N) {
+  const int out = static_cast<int>(w.shape.at(0)), in = static_cast<int>(w.shape.at(1));
+  for (int o0 = 0; o0 < out; o0 += tile_rows) {
+    const int rows = std::min(tile_rows, out - o0);
+    dequantize(w, static_cast<std::size_t>(o0) * in, static_cast<std::size_t>(rows) * in, tile);
     // y[:, o0:o0+rows] = x tile^T
-    be.matmul_strided(y + o0, x, s.tile, N, rows, in_, false, true, 1.0f, 0.0f, in_, in_, out_);
+    be.matmul_strided(y + o0, x, tile, N, rows, in, false, true, 1.0f, 0.0f, in, in, out);
   }
 }
 
-void Linear::quantized_input_grad(Backend& be, const LinearScratch& s, const float* dy, float* dx,
-                                  int N) const {
-  for (int o0 = 0; o0 < out_; o0 += s.tile_rows) {
-    const int rows = std::min(s.tile_rows, out_ - o0);
-    dequantize(*qw_, static_cast<std::size_t>(o0) * in_, static_cast<std::size_t>(rows) * in_, s.tile);
+void quantized_matmul_input_grad(Backend& be, const QuantizedTensor& w, float* tile, int tile_rows,
+                                 const float* dy, float* dx, int N) {
+  const int out = static_cast<int>(w.shape.at(0)), in = static_cast<int>(w.shape.at(1));
+  for (int o0 = 0; o0 < out; o0 += tile_rows) {
+    const int rows = std::min(tile_rows, out - o0);
+    dequantize(w, static_cast<std::size_t>(o0) * in, static_cast<std::size_t>(rows) * in, tile);
     // dx += dy[:, o0:o0+rows] tile
-    be.matmul_strided(dx, dy + o0, s.tile, N, in_, rows, false, false, 1.0f, o0 == 0 ? 0.0f : 1.0f, out_, in_,
-                      in_);
+    be.matmul_strided(dx, dy + o0, tile, N, in, rows, false, false, 1.0f, o0 == 0 ? 0.0f : 1.0f, out, in, in);
   }
 }
 
 void Linear::forward(Backend& be, const WeightBuffers& wb, const LinearScratch& s, const float* x, float* y,
                      float* mid, float* lora_mid, const float* lora_mask, int N) const {
   if (quantized_) {
-    quantized_forward(be, s, x, y, N);
+    quantized_matmul(be, *qw_, s.tile, s.tile_rows, x, y, N);
   } else if (rank_ > 0) {
     be.matmul(mid, x, wb.at(a), N, rank_, in_, false, true, 1.0f, 0.0f);
     if (tp_.mode == TpMode::row) reduce(mid, static_cast<std::size_t>(N) * rank_);
@@ -102,7 +104,7 @@ void Linear::backward(Backend& be, const WeightBuffers& wb, const LinearScratch&
                       float* dx, int N) const {
   if (float* g = wb.grad(bias)) be.bias_backward(g, dy, N, out_);
   if (quantized_) {
-    quantized_input_grad(be, s, dy, dx, N);
+    quantized_matmul_input_grad(be, *qw_, s.tile, s.tile_rows, dy, dx, N);
   } else if (rank_ > 0) {
     if (float* g = wb.grad(b_mat))
       be.matmul(g, dy, mid, out_, rank_, N, true, false, 1.0f, 1.0f);               // dB += dy^T mid

@@ -52,7 +52,10 @@ Model::Model(const ModelConfig& cfg, Backend& backend, bool recompute, const Mod
                   quantized && rank == 0, tp);
   };
   // The last stage's wte is the lm_head's copy of the tied embedding; the first stage's is saved.
-  if (first_stage() || last_stage()) wte_ = add("wte", {cfg.vocab_size, C}, !first_stage());
+  if (quantized && cfg.quant_embedding)
+    wte_q_ = std::make_unique<QuantizedTensor>();
+  else if (first_stage() || last_stage())
+    wte_ = add("wte", {cfg.vocab_size, C}, !first_stage());
   if (first_stage()) wpe_ = add("wpe", {cfg.seq_len, C});
   for (int l = first_layer_; l < end_layer_; ++l) {
     const std::string h = "h." + std::to_string(l);
@@ -79,7 +82,7 @@ Model::Model(const ModelConfig& cfg, Backend& backend, bool recompute, const Mod
   frozen_ = be_.alloc(frozen_table_.total());
   sink_ = be_.alloc(2 * static_cast<std::size_t>(C));
   if (quantized) {
-    int widest = 0;
+    int widest = wte_q_ ? C : 0;
     for (Block& b : blocks_) {
       for (Linear* lin : {&b.qkv, &b.proj, &b.fc, &b.mlp_proj}) {
         if (!lin->quantized()) continue;
@@ -92,6 +95,12 @@ Model::Model(const ModelConfig& cfg, Backend& backend, bool recompute, const Mod
     tile_rows_ = static_cast<int>(std::max<std::size_t>(1, kTileFloats / widest));
     tile_floats_ = static_cast<std::size_t>(tile_rows_) * widest;
     tile_ = be_.alloc(tile_floats_);
+    if (wte_q_) {
+      std::vector<int32_t> ids(tile_floats_ / C);
+      for (std::size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<int32_t>(i);
+      tile_ids_ = be_.alloc_int(ids.size());
+      be_.to_device(tile_ids_, ids.data(), ids.size() * sizeof(int32_t));
+    }
   }
 }
 
@@ -100,6 +109,7 @@ Model::~Model() {
   for (Acts* a : all_acts_) delete a;
   for (float* p : {params_, grads_, frozen_, sink_, tile_})
     if (p != nullptr) be_.release(p);
+  if (tile_ids_ != nullptr) be_.release(tile_ids_);
 }
 
 std::vector<Linear*> Model::quantized_layers() {
@@ -221,6 +231,7 @@ MemoryBytes Model::memory(int B, int slots) {
   m.params_trainable = table_.total() * sizeof(float);
   m.params_frozen = frozen_table_.total() * sizeof(float);
   for (const auto& q : quantized_) m.params_quantized += q->bytes();
+  if (wte_q_) m.params_quantized += wte_q_->bytes();
   m.params = m.params_trainable + m.params_frozen + m.params_quantized;
   m.grads = m.params_trainable;
   m.activations = act_bytes_ + tile_floats_ * sizeof(float);
@@ -367,7 +378,6 @@ void Model::block_backward(int l, Acts& a, const float* x, float* dresid, int B)
 double Model::classifier(const float* x, const int32_t* targets, float* dx, int N, float grad_scale,
                          int normalizer) {
   const int C = cfg_.d_model, V = cfg_.vocab_size;
-  const float* wte = at(wte_);
   be_.layernorm_forward(lnf_, lnf_mean_, lnf_rstd_, x, at(lnf_w_), at(lnf_b_), N, C);
   const float row_scale = normalizer > 0 ? grad_scale / static_cast<float>(normalizer) : 0.0f;
   const int chunk =
@@ -375,12 +385,12 @@ double Model::classifier(const float* x, const int32_t* targets, float* dx, int 
   for (int n0 = 0; n0 < N; n0 += chunk) {
     const int rows = std::min(chunk, N - n0);
     const float* xr = lnf_ + static_cast<std::size_t>(n0) * C;
-    be_.matmul(logits_, xr, wte, rows, V, C, false, true, 1.0f, 0.0f);
+    lm_head(logits_, xr, rows);
     be_.softmax_xent(losses_ + n0, logits_, targets + n0, rows, V, row_scale);
     if (grad_scale != 0.0f) {
-      if (!wte_.frozen) be_.matmul(grads_ + wte_.offset, logits_, xr, V, C, rows, true, false, 1.0f, 1.0f);
-      be_.matmul(scratch_c_ + static_cast<std::size_t>(n0) * C, logits_, wte, rows, C, V, false, false, 1.0f,
-                 0.0f);
+      if (!wte_q_ && !wte_.frozen)
+        be_.matmul(grads_ + wte_.offset, logits_, xr, V, C, rows, true, false, 1.0f, 1.0f);
+      lm_head_input_grad(scratch_c_ + static_cast<std::size_t>(n0) * C, logits_, rows);
     }
   }
   std::vector<float> losses(N);
@@ -395,6 +405,40 @@ double Model::classifier(const float* x, const int32_t* targets, float* dx, int 
   return normalizer > 0 ? sum / normalizer : 0.0;
 }
 
+void Model::embed(float* out, const int32_t* device_tokens, const int32_t* host_tokens, int B) {
+  const int T = cfg_.seq_len, C = cfg_.d_model;
+  if (!wte_q_) {
+    be_.embedding_forward(out, device_tokens, at(wte_), at(wpe_), B, T, C);
+    return;
+  }
+  // The rows the tokens pick, dequantized into the tile, are embedded with the ids 0, 1, 2, ... of the tile.
+  const int per_tile = static_cast<int>(tile_floats_ / C);
+  for (int b = 0; b < B; ++b)
+    for (int t0 = 0; t0 < T; t0 += per_tile) {
+      const int rows = std::min(per_tile, T - t0);
+      const int32_t* ids = host_tokens + static_cast<std::size_t>(b) * T + t0;
+      for (int i = 0; i < rows; ++i)
+        dequantize(*wte_q_, static_cast<std::size_t>(ids[i]) * C, C, tile_ + static_cast<std::size_t>(i) * C);
+      be_.embedding_forward(out + (static_cast<std::size_t>(b) * T + t0) * C, tile_ids_, tile_,
+                            at(wpe_) + static_cast<std::size_t>(t0) * C, 1, rows, C);
+    }
+}
+
+void Model::lm_head(float* logits, const float* x, int N) {
+  if (wte_q_)
+    quantized_matmul(be_, *wte_q_, tile_, static_cast<int>(tile_floats_ / cfg_.d_model), x, logits, N);
+  else
+    be_.matmul(logits, x, at(wte_), N, cfg_.vocab_size, cfg_.d_model, false, true, 1.0f, 0.0f);
+}
+
+void Model::lm_head_input_grad(float* dx, const float* dlogits, int N) {
+  if (wte_q_)
+    quantized_matmul_input_grad(be_, *wte_q_, tile_, static_cast<int>(tile_floats_ / cfg_.d_model), dlogits,
+                                dx, N);
+  else
+    be_.matmul(dx, dlogits, at(wte_), N, cfg_.d_model, cfg_.vocab_size, false, false, 1.0f, 0.0f);
+}
+
 void Model::logits_at(const int32_t* tokens, int position, float* out) {
   LRLLM_CHECK(first_stage() && last_stage() && tp_ == 1, "Model::logits_at", "needs the whole model");
   reserve(1);
@@ -402,11 +446,11 @@ void Model::logits_at(const int32_t* tokens, int position, float* out) {
   count_valid(tokens, tokens, T);
   Slot& s = slots_[0];
   be_.to_device(s.tokens, tokens, T * sizeof(int32_t));
-  be_.embedding_forward(s.resid[0], s.tokens, at(wte_), at(wpe_), 1, T, C);
+  embed(s.resid[0], s.tokens, tokens, 1);
   for (int l = 0; l < cfg_.n_layer; ++l) block_forward(l, acts_for(0, l), s.resid[l], s.resid[l + 1], 1);
   const float* x = s.resid[cfg_.n_layer] + static_cast<std::size_t>(position) * C;
   be_.layernorm_forward(lnf_, lnf_mean_, lnf_rstd_, x, at(lnf_w_), at(lnf_b_), 1, C);
-  be_.matmul(logits_, lnf_, at(wte_), 1, cfg_.vocab_size, C, false, true, 1.0f, 0.0f);
+  lm_head(logits_, lnf_, 1);
   be_.to_host(out, logits_, cfg_.vocab_size * sizeof(float));
 }
 
@@ -435,11 +479,11 @@ double Model::step(const int32_t* tokens, const int32_t* targets, int B, float g
 
 double Model::forward(int slot, const int32_t* tokens, const int32_t* targets, int B, float grad_scale,
                       int normalizer) {
-  const int T = cfg_.seq_len, C = cfg_.d_model, N = B * T;
+  const int N = B * cfg_.seq_len;
   Slot& s = slots_.at(slot);
   if (first_stage()) {
     be_.to_device(s.tokens, tokens, N * sizeof(int32_t));
-    be_.embedding_forward(s.resid[0], s.tokens, at(wte_), at(wpe_), B, T, C);
+    embed(s.resid[0], s.tokens, tokens, B);
   }
   for (int l = first_layer_; l < end_layer_; ++l)
     block_forward(l, acts_for(slot, l), s.resid[l - first_layer_], s.resid[l - first_layer_ + 1], B);
@@ -458,7 +502,7 @@ void Model::backward(int slot, int B) {
     if (block_grads_hook_) block_grads_hook_(l);
   }
   // A frozen model stops here: nothing below the first block has a gradient.
-  if (first_stage() && !wte_.frozen)
+  if (first_stage() && !wte_q_ && !wte_.frozen)
     be_.embedding_backward(grads_ + wte_.offset, grads_ + wpe_.offset, s.dresid, s.tokens, B, cfg_.seq_len,
                            cfg_.d_model);
 }

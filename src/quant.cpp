@@ -277,10 +277,10 @@ void dequantize(const QuantizedTensor& q, std::size_t first, std::size_t count, 
   }
 }
 
-void write_quantized(H5File& f, const std::string& prefix, const QuantizedTensor& q) {
+void write_quantized(H5File& f, const std::string& stem, const QuantizedTensor& q) {
   const std::string problem = inconsistency(q);
-  if (!problem.empty()) throw RuntimeError("write_quantized " + prefix + ": " + problem);
-  const std::string wq = prefix + "/W_q";
+  if (!problem.empty()) throw RuntimeError("write_quantized " + stem + ": " + problem);
+  const std::string wq = stem + "_q";
   const bool is_int8 = q.kind == QuantKind::int8;
   f.write_bytes(wq, q.codes.data(), {static_cast<int64_t>(q.codes.size())}, is_int8);
   f.set_attr(wq, "quant", std::string(is_int8 ? "int8" : "nf4"));
@@ -289,15 +289,15 @@ void write_quantized(H5File& f, const std::string& prefix, const QuantizedTensor
   if (q.double_quant) {
     f.set_attr(wq, "absmax_mean", static_cast<double>(q.absmax_mean));
     f.set_attr(wq, "absmax_block_size", int64_t{kAbsmaxBlock});
-    f.write_bytes(prefix + "/W_absmax_q", q.absmax_q.data(), {static_cast<int64_t>(q.absmax_q.size())}, true);
-    f.write(prefix + "/W_absmax_scale", q.absmax_scale.data(), {static_cast<int64_t>(q.absmax_scale.size())});
+    f.write_bytes(stem + "_absmax_q", q.absmax_q.data(), {static_cast<int64_t>(q.absmax_q.size())}, true);
+    f.write(stem + "_absmax_scale", q.absmax_scale.data(), {static_cast<int64_t>(q.absmax_scale.size())});
   } else {
-    f.write(prefix + "/W_absmax", q.absmax.data(), {static_cast<int64_t>(q.absmax.size())});
+    f.write(stem + "_absmax", q.absmax.data(), {static_cast<int64_t>(q.absmax.size())});
   }
 }
 
-QuantizedTensor read_quantized(const H5File& f, const std::string& prefix) {
-  const std::string wq = prefix + "/W_q";
+QuantizedTensor read_quantized(const H5File& f, const std::string& stem) {
+  const std::string wq = stem + "_q";
   if (!f.exists(wq)) bad_file(f, "dataset " + wq + " is missing");
   QuantizedTensor q;
   require_attr(f, wq, "quant");
@@ -321,11 +321,11 @@ QuantizedTensor read_quantized(const H5File& f, const std::string& prefix) {
       std::any_of(q.codes.begin(), q.codes.end(), [](uint8_t c) { return static_cast<int8_t>(c) == -128; }))
     bad_file(f, wq + " holds the code -128, outside the symmetric int8 range");
 
-  const std::string absmax = prefix + "/W_absmax", absmax_q = prefix + "/W_absmax_q";
+  const std::string absmax = stem + "_absmax", absmax_q = stem + "_absmax_q";
   const auto finite_non_negative = [](float v) { return std::isfinite(v) && v >= 0; };
   if (f.exists(absmax_q)) {
     if (q.kind == QuantKind::int8) bad_file(f, absmax_q + ": int8 storage cannot be double-quantized");
-    if (f.exists(absmax)) bad_file(f, prefix + " holds both W_absmax and W_absmax_q");
+    if (f.exists(absmax)) bad_file(f, stem + " has both _absmax and _absmax_q");
     q.double_quant = true;
     require_attr(f, wq, "absmax_block_size");
     if (f.attr_int(wq, "absmax_block_size") != kAbsmaxBlock)
@@ -340,7 +340,7 @@ QuantizedTensor read_quantized(const H5File& f, const std::string& prefix) {
     if (std::any_of(q.absmax_q.begin(), q.absmax_q.end(),
                     [](uint8_t c) { return static_cast<int8_t>(c) == -128; }))
       bad_file(f, absmax_q + " holds the code -128, outside the symmetric int8 range");
-    const std::string scale = prefix + "/W_absmax_scale";
+    const std::string scale = stem + "_absmax_scale";
     require_dataset(f, scale, absmax_scales(nb));
     q.absmax_scale.resize(absmax_scales(nb));
     f.read(scale, q.absmax_scale.data(), {static_cast<int64_t>(q.absmax_scale.size())});

@@ -400,14 +400,14 @@ TEST(QuantHdf5, RoundTripsBitwiseWithTheDocumentedLayout) {
   const QuantizedTensor dq = quantize_nf4(x.data(), {96 * 200 + 3}, true);
   {
     H5File f = H5File::create(path);
-    write_quantized(f, "/model/h.0/attn/qkv", i8);
-    write_quantized(f, "/model/h.0/mlp/fc", n4);
-    write_quantized(f, "/model/h.1/mlp/fc", dq);
+    write_quantized(f, "/model/h.0/attn/qkv/W", i8);
+    write_quantized(f, "/model/h.0/mlp/fc/W", n4);
+    write_quantized(f, "/model/h.1/mlp/fc/W", dq);
   }
   const H5File f = H5File::open_read(path);
-  expect_identical(read_quantized(f, "/model/h.0/attn/qkv"), i8);
-  expect_identical(read_quantized(f, "/model/h.0/mlp/fc"), n4);
-  expect_identical(read_quantized(f, "/model/h.1/mlp/fc"), dq);
+  expect_identical(read_quantized(f, "/model/h.0/attn/qkv/W"), i8);
+  expect_identical(read_quantized(f, "/model/h.0/mlp/fc/W"), n4);
+  expect_identical(read_quantized(f, "/model/h.1/mlp/fc/W"), dq);
 
   // What users and tools read.
   EXPECT_EQ(f.dtype_name("/model/h.0/attn/qkv/W_q"), "int8");
@@ -466,12 +466,12 @@ TEST(QuantHdf5, BrokenFilesAreInputErrorsNamingTheFile) {
     const std::string path = dir.file(name + ".h5");
     write_broken(path, q, br);
     const H5File f = H5File::open_read(path);
-    expect_input_error([&] { read_quantized(f, "/m"); }, path);
-    expect_input_error([&] { read_quantized(f, "/m"); }, detail);
+    expect_input_error([&] { read_quantized(f, "/m/W"); }, path);
+    expect_input_error([&] { read_quantized(f, "/m/W"); }, detail);
   };
   // The hand-written layout is sound: each file below differs from this one in one piece.
   write_broken(dir.file("intact.h5"), n4, {});
-  expect_identical(read_quantized(H5File::open_read(dir.file("intact.h5")), "/m"), n4);
+  expect_identical(read_quantized(H5File::open_read(dir.file("intact.h5")), "/m/W"), n4);
   check("truncated nf4 codes", n4, {.codes_dropped = 1}, "W_q");
   check("truncated int8 codes", i8, {.codes_dropped = 100}, "W_q");
   check("missing absmax", n4, {.omit_absmax = true}, "W_absmax");
@@ -482,18 +482,18 @@ TEST(QuantHdf5, BrokenFilesAreInputErrorsNamingTheFile) {
   check("negative block size", n4, {.block = -4}, "block_size");
   {
     const H5File f = H5File::open_read(dir.file("intact.h5"));
-    expect_input_error([&] { read_quantized(f, "/elsewhere"); }, "/elsewhere/W_q");
+    expect_input_error([&] { read_quantized(f, "/elsewhere/W"); }, "/elsewhere/W_q");
   }
   // A file cut short on disk.
   const std::string good = dir.file("good.h5");
   {
     H5File f = H5File::create(good);
-    write_quantized(f, "/m", n4);
+    write_quantized(f, "/m/W", n4);
   }
   const std::string cut = dir.file("cut.h5");
   std::filesystem::copy_file(good, cut);
   std::filesystem::resize_file(cut, std::filesystem::file_size(good) / 2);
-  expect_input_error([&] { read_quantized(H5File::open_read(cut), "/m"); }, cut);
+  expect_input_error([&] { read_quantized(H5File::open_read(cut), "/m/W"); }, cut);
 }
 
 // ---- speed (printed, not asserted) ----

@@ -32,7 +32,8 @@ struct ModelConfig {
   // Storage of the frozen base's dense linear weights: "none" (float32), "int8" or "nf4".
   std::string quant = "none";
   int quant_block = 64;
-  bool quant_double = true;  // nf4: absmax quantized to 8 bits as well
+  bool quant_double = true;      // nf4: absmax quantized to 8 bits as well
+  bool quant_embedding = false;  // with quant: the tied wte (embedding and lm_head) is stored quantized too
 
   int ff() const { return d_ff > 0 ? d_ff : 4 * d_model; }
   bool any_lowrank() const;
@@ -89,6 +90,7 @@ struct FinetuneConfig {
   int quant_bits = 0;       // 0: float32 base, 8: int8, 4: NF4
   int quant_block = 64;
   bool quant_double = true;
+  bool quant_embedding = true;
 };
 
 struct EvalConfig {

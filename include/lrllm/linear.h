@@ -60,6 +60,13 @@ struct LinearScratch {
   float* lora_x = nullptr;  // [N, in]: the adapters' dropped-out input, then their input gradient
 };
 
+// y[N, out] = x[N, in] W^T and dx[N, in] = dy[N, out] W for a quantized W [out, in], dequantizing tile_rows
+// rows of W at a time into tile, so that W is never expanded whole.
+void quantized_matmul(Backend& be, const QuantizedTensor& w, float* tile, int tile_rows, const float* x,
+                      float* y, int N);
+void quantized_matmul_input_grad(Backend& be, const QuantizedTensor& w, float* tile, int tile_rows,
+                                 const float* dy, float* dx, int N);
+
 class Linear {
  public:
   Linear() = default;
@@ -93,9 +100,6 @@ class Linear {
   TensorRef w, a, b_mat, bias, lora_a, lora_b;
 
  private:
-  void quantized_forward(Backend& be, const LinearScratch& s, const float* x, float* y, int N) const;
-  void quantized_input_grad(Backend& be, const LinearScratch& s, const float* dy, float* dx, int N) const;
-
   // The row-parallel sum of a partial result [N, n], and the column-parallel sum of an input gradient.
   void reduce(float* x, std::size_t n) const;
 

@@ -68,6 +68,8 @@ class Model {
   std::vector<Linear*> quantized_layers();
   Linear& layer(int block, LinearSite site);
   QuantizedTensor& quantized_weight(const Linear& layer);
+  // The tied wte's quantized storage, or nullptr where wte is a float tensor of a table.
+  QuantizedTensor* quantized_embedding() { return wte_q_.get(); }
 
   // GPT-2 initialisation (normal 0.02, residual projections scaled by 1/sqrt(2 n_layer)) of every float
   // tensor, LoRA's lora_A uniform in +-1/sqrt(in) and lora_B zero; deterministic in the seed and
@@ -140,6 +142,12 @@ class Model {
     int32_t* targets = nullptr;
   };
   void init_tables(uint64_t seed, bool frozen_too);
+  // out[B, T, C] = wte[tokens] + wpe: tokens on the device, and on the host for a quantized wte, whose rows
+  // are dequantized as the tokens pick them.
+  void embed(float* out, const int32_t* device_tokens, const int32_t* host_tokens, int B);
+  // The tied lm_head: logits[N, V] = x[N, C] wte^T, and dx[N, C] = dlogits[N, V] wte.
+  void lm_head(float* logits, const float* x, int N);
+  void lm_head_input_grad(float* dx, const float* dlogits, int N);
   void block_forward(int l, Acts& a, const float* x, float* x_out, int B);
   void block_backward(int l, Acts& a, const float* x, float* dresid, int B);
   double classifier(const float* x, const int32_t* targets, float* dx, int N, float grad_scale,
@@ -172,7 +180,9 @@ class Model {
   float* sink_ = nullptr;  // [d_model] x 2: LayerNorm gradients of a frozen model, discarded
   std::vector<std::unique_ptr<QuantizedTensor>> quantized_;  // by layer, for quantized layers
   std::vector<const Linear*> quantized_owner_;
+  std::unique_ptr<QuantizedTensor> wte_q_;
   float* tile_ = nullptr;
+  int32_t* tile_ids_ = nullptr;  // 0, 1, 2, ...: token ids of the embedding rows dequantized into the tile
   int tile_rows_ = 0;
   std::size_t tile_floats_ = 0;
 

@@ -79,16 +79,15 @@ QuantizedTensor quantize_nf4(const float* x, std::vector<int64_t> shape, bool do
 // memory beyond out, and splits large ranges across OpenMP threads.
 void dequantize(const QuantizedTensor& q, std::size_t first, std::size_t count, float* out);
 
-// HDF5 layout under prefix (e.g. "/model/h.0/attn/qkv"), all datasets 1-D in flattened order:
-//   W_q            int8 [size] (int8) or uint8 [(size + 1) / 2] (nf4)
-//                  attrs: quant ("int8" | "nf4"), block_size, shape (int64 array: the logical shape),
-//                  and when double-quantized absmax_mean (float64) and absmax_block_size (256)
-//   W_absmax       float32 [blocks]                          (not double-quantized)
-//   W_absmax_q     int8 [blocks]                              (double-quantized)
-//   W_absmax_scale float32 [ceil(blocks / 256)]               (double-quantized)
-void write_quantized(H5File& f, const std::string& prefix, const QuantizedTensor& q);
-// InputError naming the file on missing datasets or attributes, wrong types, counts that do not match the
-// shape and block size, or out-of-range values.
-QuantizedTensor read_quantized(const H5File& f, const std::string& prefix);
+// HDF5 layout beside the float tensor's own path, the stem (e.g. "/model/h.0/attn/qkv/W" or "/model/wte"),
+// all datasets 1-D in flattened order:
+//   <stem>_q            int8 [size] (int8) or uint8 [(size + 1) / 2] (nf4)
+//                       attrs: quant ("int8" | "nf4"), block_size, shape (int64 array: the logical shape),
+//                       and when double-quantized absmax_mean (float64) and absmax_block_size (256)
+//   <stem>_absmax       float32 [blocks]                          (not double-quantized)
+//   <stem>_absmax_q     int8 [blocks]                              (double-quantized)
+//   <stem>_absmax_scale float32 [ceil(blocks / 256)]               (double-quantized)
+void write_quantized(H5File& f, const std::string& stem, const QuantizedTensor& q);
+QuantizedTensor read_quantized(const H5File& f, const std::string& stem);
 
 }  // namespace lrllm

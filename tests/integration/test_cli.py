@@ -300,14 +300,19 @@ def finetune(run_dir, base, extra=(), check=True, np_=None):
 
 def test_finetune_trains_only_adapters_over_a_frozen_quantized_base():
     base = base_checkpoint()
-    for bits, kind in [("4", "nf4"), ("8", "int8"), ("0", "none")]:
-        d = tmpdir(f"ft-{bits}")
-        p = finetune(d, base, ["--quant.bits", bits])
+    for bits, kind, quant_wte in [("4", "nf4", "true"), ("8", "int8", "true"), ("4", "nf4", "false"),
+                                  ("0", "none", "true")]:
+        d = tmpdir(f"ft-{bits}-{quant_wte}")
+        p = finetune(d, base, ["--quant.bits", bits, "--quant.embedding", quant_wte])
         assert "frozen base stored as" in p.stdout, p.stdout
         ckpt = os.path.join(d, "ckpt_000003.h5")
         with h5py.File(base, "r") as fb, h5py.File(ckpt, "r") as ff:
             assert ff["config"].attrs["quant"] == kind and ff["config"].attrs["lora_rank"] == 4
-            for name in ["wte", "wpe", "ln_f/w", "h.0/ln_1/w", "h.1/mlp/fc/b", "h.0/attn/qkv/b"]:
+            wte_quantized = kind != "none" and quant_wte == "true"
+            # A quantized wte's codes are checked against a reference quantization in tests/reference.
+            assert ("wte_q" in ff["model"]) == wte_quantized and ("wte" in ff["model"]) != wte_quantized
+            for name in ["wpe", "ln_f/w", "h.0/ln_1/w", "h.1/mlp/fc/b", "h.0/attn/qkv/b"] + \
+                    ([] if wte_quantized else ["wte"]):
                 assert np.array_equal(fb["model/" + name][()], ff["model/" + name][()]), f"{name} changed"
             if kind == "none":
                 assert np.array_equal(fb["model/h.0/attn/qkv/W"][()], ff["model/h.0/attn/qkv/W"][()])

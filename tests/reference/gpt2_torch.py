@@ -196,16 +196,17 @@ def load_checkpoint(path: str):
 
 
 def load_model(path: str):
-    """(Config, params) with every quantized W replaced by its float32 dequantization `W`."""
+    """(Config, params) with every quantized tensor (a W, or the tied wte) replaced by its float32
+    dequantization."""
     with h5py.File(path, "r") as f:
         cfg = read_config(f)
         params = read_group_tensors(f, "model")
-        qsites = sorted({k[:-len("/W_q")] for k in params if k.endswith("/W_q")})
-        for site in qsites:
-            q = read_quantized(f["model"][site])
-            for k in [k for k in params if k.startswith(site + "/W_")]:
+        stems = sorted(k[:-len("_q")] for k in params if k.endswith("/W_q") or k == "wte_q")
+        for stem in stems:
+            q = read_quantized(f["model"], stem)
+            for k in [k for k in params if k.startswith(stem + "_")]:
                 del params[k]
-            params[site + "/W"] = dequantize(q)
+            params[stem] = dequantize(q)
     return cfg, params
 
 
@@ -441,19 +442,20 @@ def dequantize(q: dict) -> np.ndarray:
     return vals.astype(np.float32).reshape(q["shape"])
 
 
-def read_quantized(g: h5py.Group) -> dict:
-    """A quantized W stored under group g (W_q with attrs, W_absmax or W_absmax_q/_scale)."""
-    d = g["W_q"]
+def read_quantized(g: h5py.Group, stem: str = "W") -> dict:
+    """A quantized tensor stored beside its float path `stem` under group g: <stem>_q with attrs, and
+    <stem>_absmax or <stem>_absmax_q / _absmax_scale."""
+    d = g[stem + "_q"]
     kind = _attr_str(d.attrs["quant"])
     q = {"kind": kind, "block": int(d.attrs["block_size"]),
          "shape": tuple(int(s) for s in d.attrs["shape"]), "codes": d[()],
-         "double_quant": "W_absmax_q" in g}
+         "double_quant": stem + "_absmax_q" in g}
     if q["double_quant"]:
         assert int(d.attrs["absmax_block_size"]) == NF4_ABSMAX_BLOCK
-        q.update(absmax_q=g["W_absmax_q"][()], absmax_scale=g["W_absmax_scale"][()],
+        q.update(absmax_q=g[stem + "_absmax_q"][()], absmax_scale=g[stem + "_absmax_scale"][()],
                  absmax_mean=float(d.attrs["absmax_mean"]))
     else:
-        q["absmax"] = g["W_absmax"][()]
+        q["absmax"] = g[stem + "_absmax"][()]
     return q
 
 

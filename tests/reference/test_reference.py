@@ -558,14 +558,13 @@ def run_lora_case(build, work, name, seed):
             if qattr != (kind or "none"):
                 raise CheckFailed(f"/config quant is {qattr!r}, expected {kind or 'none'!r}")
             for k, v in base_p.items():
-                site = k.rsplit("/", 1)[0]
-                if k.endswith("/W") and kind is not None:
+                if (k.endswith("/W") or k == "wte") and kind is not None:
                     if k in stored:
                         raise CheckFailed(f"{k} stored as float under quant {kind}")
-                    if site + "/W_q" not in stored:
-                        raise CheckFailed(f"no {site}/W_q in the checkpoint")
-                    q = ref.read_quantized(f["model"][site])
-                    check_quantized(site, v, q, kind, LORA_CASES[name][2])
+                    if k + "_q" not in stored:
+                        raise CheckFailed(f"no {k}_q in the checkpoint")
+                    q = ref.read_quantized(f["model"], k)
+                    check_quantized(k, v, q, kind, LORA_CASES[name][2])
                     continue
                 if k not in stored:
                     raise CheckFailed(f"base tensor {k} missing from the checkpoint")
@@ -582,9 +581,9 @@ def run_lora_case(build, work, name, seed):
 
 
 def check_quantized(site, w, q, kind, block):
-    """lrllm's stored quantization of base W against numpy's, and the dequantization bound."""
+    """lrllm's stored quantization of a base tensor against numpy's, and the dequantization bound."""
     if q["kind"] != kind or q["block"] != block or q["shape"] != tuple(w.shape):
-        raise CheckFailed(f"{site}/W_q attrs quant {q['kind']}, block_size {q['block']}, shape "
+        raise CheckFailed(f"{site}_q attrs quant {q['kind']}, block_size {q['block']}, shape "
                           f"{q['shape']}; expected {kind}, {block}, {tuple(w.shape)}")
     if kind == "nf4" and not q["double_quant"]:
         raise CheckFailed(f"{site}: NF4 base not double-quantized (the default)")
