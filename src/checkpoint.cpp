@@ -82,7 +82,10 @@ ModelConfig read_model_config(const std::string& path) {
   m.d_ff = positive_attr(f, "d_ff");
   for (int s = 0; s < kNumSites; ++s) {
     const std::string site = std::string("/model/h.0/") + kSiteDatasets[s];
-    m.lowrank_rank[s] = f.exists(site + "/A") ? static_cast<int>(f.shape(site + "/A").at(0)) : 0;
+    m.lowrank_rank[s] = f.exists(site + "/A") ? static_cast<int>(f.shape(site + "/A").at(0))
+                        : f.exists(site + "/A_q")
+                            ? static_cast<int>(f.attr_ints(site + "/A_q", "shape").at(0))
+                            : 0;
     m.lora_rank[s] = f.exists(site + "/lora_A") ? static_cast<int>(f.shape(site + "/lora_A").at(0)) : 0;
   }
   if (f.has_attr("/config", "lora_alpha")) m.lora_alpha = f.attr_double("/config", "lora_alpha");
@@ -128,12 +131,8 @@ void load_into(const std::string& path, Model& model, bool adapters_from_file) {
     read_tensors(f, "/model", model.table(), host);
     be.to_device(model.params(), host.data(), host.size() * sizeof(float));
   }
-  for (Linear* layer : model.quantized_layers())
-    load_quantized(f, "/model/" + layer->prefix() + "/W", {layer->out(), layer->in()}, model.config(),
-                   model.quantized_weight(*layer));
-  if (QuantizedTensor* wte = model.quantized_embedding())
-    load_quantized(f, "/model/wte", {model.config().vocab_size, model.config().d_model}, model.config(),
-                   *wte);
+  for (QuantizedEntry& e : model.quantized_tensors())
+    load_quantized(f, "/model/" + e.name, e.shape, model.config(), e.tensor);
 }
 
 }  // namespace
@@ -198,9 +197,7 @@ void write_optimizer_and_state(H5File& f, const AdamW* optimizer, const TrainSta
 void write_frozen(H5File& f, Model& model) {
   write_tensors(f, "/model", model.frozen_table(),
                 to_host(model.backend(), model.frozen(), model.frozen_table().total()));
-  for (Linear* layer : model.quantized_layers())
-    write_quantized(f, "/model/" + layer->prefix() + "/W", model.quantized_weight(*layer));
-  if (const QuantizedTensor* wte = model.quantized_embedding()) write_quantized(f, "/model/wte", *wte);
+  for (const QuantizedEntry& e : model.quantized_tensors()) write_quantized(f, "/model/" + e.name, e.tensor);
 }
 
 void rename_into_place(const std::string& tmp, const std::string& path) {
@@ -476,13 +473,16 @@ void print_info(const std::string& path) {
     std::string storage;
     if (d.starts_with("/model/")) {
       model_bytes += n * elem;
-      if (d.ends_with("/W_q") || d == "/model/wte_q") {
+      if (d.ends_with("_q") && !d.ends_with("_absmax_q")) {
         // Quantized codes: count the tensor's logical values, from the shape attribute.
-        const QuantizedTensor q = read_quantized(f, d.substr(0, d.size() - 2));
-        (d == "/model/wte_q" ? counts.embedding : counts.linear_dense) += q.size();
+        const std::string stem = d.substr(0, d.size() - 2);
+        const QuantizedTensor q = read_quantized(f, stem);
+        (stem == "/model/wte"   ? counts.embedding
+         : stem.ends_with("/W") ? counts.linear_dense
+                                : counts.linear_lowrank) += q.size();
         model_params += q.size();
         storage = " (" + f.attr_string(d, "quant") + " codes of " + shape_string(q.shape) + ")";
-      } else if (d.find("/W_absmax") != std::string::npos || d.starts_with("/model/wte_absmax")) {
+      } else if (d.find("_absmax") != std::string::npos) {
         storage = " (quantization scales)";
       } else {
         model_params += n;

@@ -28,7 +28,8 @@ Linear::Linear(ParamTable& trainable, ParamTable& base, bool base_frozen, const 
   const TensorSplit outs{0, tp.groups, tp.part, tp.parts, false};
   const TensorSplit ins{1, 1, tp.part, tp.parts, false};
   const bool column = tp.mode == TpMode::column, row = tp.mode == TpMode::row;
-  if (rank > 0) {
+  // A quantized base's W, or A and B, live in the model's quantized storage.
+  if (!quantized && rank > 0) {
     a = add(base, base_frozen, "A", {rank, in_}, row ? ins : whole);
     b_mat = add(base, base_frozen, "B", {out_, rank}, column ? outs : whole);
   } else if (!quantized) {
@@ -53,9 +54,10 @@ void Linear::reduce(float* x, std::size_t n) const {
 
 // The CPU backend shares host memory, so the tile is dequantized in place; a device backend would run its own
 // dequantizing kernel here.
-void quantized_matmul(Backend& be, const QuantizedTensor& w, float* tile, int tile_rows, const float* x,
-                      float* y, int N) {
+void quantized_matmul(Backend& be, const QuantizedTensor& w, float* tile, std::size_t tile_floats,
+                      const float* x, float* y, int N) {
   const int out = static_cast<int>(w.shape.at(0)), in = static_cast<int>(w.shape.at(1));
+  const int tile_rows = static_cast<int>(std::max<std::size_t>(1, tile_floats / in));
   for (int o0 = 0; o0 < out; o0 += tile_rows) {
     const int rows = std::min(tile_rows, out - o0);
     dequantize(w, static_cast<std::size_t>(o0) * in, static_cast<std::size_t>(rows) * in, tile);
@@ -64,9 +66,10 @@ void quantized_matmul(Backend& be, const QuantizedTensor& w, float* tile, int ti
   }
 }
 
-void quantized_matmul_input_grad(Backend& be, const QuantizedTensor& w, float* tile, int tile_rows,
+void quantized_matmul_input_grad(Backend& be, const QuantizedTensor& w, float* tile, std::size_t tile_floats,
                                  const float* dy, float* dx, int N) {
   const int out = static_cast<int>(w.shape.at(0)), in = static_cast<int>(w.shape.at(1));
+  const int tile_rows = static_cast<int>(std::max<std::size_t>(1, tile_floats / in));
   for (int o0 = 0; o0 < out; o0 += tile_rows) {
     const int rows = std::min(tile_rows, out - o0);
     dequantize(w, static_cast<std::size_t>(o0) * in, static_cast<std::size_t>(rows) * in, tile);
@@ -77,8 +80,11 @@ void quantized_matmul_input_grad(Backend& be, const QuantizedTensor& w, float* t
 
 void Linear::forward(Backend& be, const WeightBuffers& wb, const LinearScratch& s, const float* x, float* y,
                      float* mid, float* lora_mid, const float* lora_mask, int N) const {
-  if (quantized_) {
-    quantized_matmul(be, *qw_, s.tile, s.tile_rows, x, y, N);
+  if (quantized_ && rank_ > 0) {
+    quantized_matmul(be, *qw_, s.tile, s.tile_floats, x, mid, N);
+    quantized_matmul(be, *qb_, s.tile, s.tile_floats, mid, y, N);
+  } else if (quantized_) {
+    quantized_matmul(be, *qw_, s.tile, s.tile_floats, x, y, N);
   } else if (rank_ > 0) {
     be.matmul(mid, x, wb.at(a), N, rank_, in_, false, true, 1.0f, 0.0f);
     if (tp_.mode == TpMode::row) reduce(mid, static_cast<std::size_t>(N) * rank_);
@@ -103,8 +109,11 @@ void Linear::backward(Backend& be, const WeightBuffers& wb, const LinearScratch&
                       const float* mid, const float* lora_mid, const float* lora_mask, const float* dy,
                       float* dx, int N) const {
   if (float* g = wb.grad(bias)) be.bias_backward(g, dy, N, out_);
-  if (quantized_) {
-    quantized_matmul_input_grad(be, *qw_, s.tile, s.tile_rows, dy, dx, N);
+  if (quantized_ && rank_ > 0) {
+    quantized_matmul_input_grad(be, *qb_, s.tile, s.tile_floats, dy, s.dmid, N);  // dmid = dy B
+    quantized_matmul_input_grad(be, *qw_, s.tile, s.tile_floats, s.dmid, dx, N);  // dx = dmid A
+  } else if (quantized_) {
+    quantized_matmul_input_grad(be, *qw_, s.tile, s.tile_floats, dy, dx, N);
   } else if (rank_ > 0) {
     if (float* g = wb.grad(b_mat))
       be.matmul(g, dy, mid, out_, rank_, N, true, false, 1.0f, 1.0f);               // dB += dy^T mid

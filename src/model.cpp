@@ -48,12 +48,16 @@ Model::Model(const ModelConfig& cfg, Backend& backend, bool recompute, const Mod
     const int rank = cfg.lowrank_rank[site];
     LinearTp tp;
     if (shard.tp > 1) tp = {mode, shard.tp_part, shard.tp, groups, shard.tp_group};
-    return Linear(table_, base, frozen, prefix, in, out, rank, cfg.lora_rank[site], cfg.lora_alpha,
-                  quantized && rank == 0, tp);
+    return Linear(table_, base, frozen, prefix, in, out, rank, cfg.lora_rank[site], cfg.lora_alpha, quantized,
+                  tp);
   };
   // The last stage's wte is the lm_head's copy of the tied embedding; the first stage's is saved.
+  auto add_quantized = [&](const std::string& name, std::vector<int64_t> shape) {
+    quantized_.push_back(QuantizedEntry{name, std::move(shape), {}});
+    return &quantized_.back().tensor;
+  };
   if (quantized && cfg.quant_embedding)
-    wte_q_ = std::make_unique<QuantizedTensor>();
+    wte_q_ = add_quantized("wte", {cfg.vocab_size, C});
   else if (first_stage() || last_stage())
     wte_ = add("wte", {cfg.vocab_size, C}, !first_stage());
   if (first_stage()) wpe_ = add("wpe", {cfg.seq_len, C});
@@ -82,18 +86,19 @@ Model::Model(const ModelConfig& cfg, Backend& backend, bool recompute, const Mod
   frozen_ = be_.alloc(frozen_table_.total());
   sink_ = be_.alloc(2 * static_cast<std::size_t>(C));
   if (quantized) {
-    int widest = wte_q_ ? C : 0;
     for (Block& b : blocks_) {
       for (Linear* lin : {&b.qkv, &b.proj, &b.fc, &b.mlp_proj}) {
-        if (!lin->quantized()) continue;
-        quantized_.push_back(std::make_unique<QuantizedTensor>());
-        quantized_owner_.push_back(lin);
-        lin->set_quantized(quantized_.back().get());
-        widest = std::max(widest, lin->in());
+        const std::string& p = lin->prefix();
+        if (lin->lowrank())
+          lin->set_quantized(add_quantized(p + "/A", {lin->rank(), lin->in()}),
+                             add_quantized(p + "/B", {lin->out(), lin->rank()}));
+        else
+          lin->set_quantized(add_quantized(p + "/W", {lin->out(), lin->in()}));
       }
     }
-    tile_rows_ = static_cast<int>(std::max<std::size_t>(1, kTileFloats / widest));
-    tile_floats_ = static_cast<std::size_t>(tile_rows_) * widest;
+    int64_t widest = 1;
+    for (const QuantizedEntry& e : quantized_) widest = std::max(widest, e.shape.at(1));
+    tile_floats_ = std::max<std::size_t>(kTileFloats, widest);
     tile_ = be_.alloc(tile_floats_);
     if (wte_q_) {
       std::vector<int32_t> ids(tile_floats_ / C);
@@ -112,24 +117,16 @@ Model::~Model() {
   if (tile_ids_ != nullptr) be_.release(tile_ids_);
 }
 
-std::vector<Linear*> Model::quantized_layers() {
-  std::vector<Linear*> out;
-  for (Block& b : blocks_)
-    for (Linear* lin : {&b.qkv, &b.proj, &b.fc, &b.mlp_proj})
-      if (lin->quantized()) out.push_back(lin);
-  return out;
-}
-
 Linear& Model::layer(int block, LinearSite site) {
   Block& b = blocks_.at(block - first_layer_);
   Linear* sites[kNumSites] = {&b.qkv, &b.proj, &b.fc, &b.mlp_proj};
   return *sites[static_cast<int>(site)];
 }
 
-QuantizedTensor& Model::quantized_weight(const Linear& layer) {
-  for (std::size_t i = 0; i < quantized_owner_.size(); ++i)
-    if (quantized_owner_[i] == &layer) return *quantized_[i];
-  throw RuntimeError("layer " + layer.prefix() + " is not quantized");
+QuantizedTensor* Model::find_quantized(const std::string& name) {
+  for (QuantizedEntry& e : quantized_)
+    if (e.name == name) return &e.tensor;
+  return nullptr;
 }
 
 void Model::init_random(uint64_t seed) {
@@ -230,8 +227,7 @@ MemoryBytes Model::memory(int B, int slots) {
   MemoryBytes m;
   m.params_trainable = table_.total() * sizeof(float);
   m.params_frozen = frozen_table_.total() * sizeof(float);
-  for (const auto& q : quantized_) m.params_quantized += q->bytes();
-  if (wte_q_) m.params_quantized += wte_q_->bytes();
+  for (const QuantizedEntry& e : quantized_) m.params_quantized += e.tensor.bytes();
   m.params = m.params_trainable + m.params_frozen + m.params_quantized;
   m.grads = m.params_trainable;
   m.activations = act_bytes_ + tile_floats_ * sizeof(float);
@@ -426,15 +422,14 @@ void Model::embed(float* out, const int32_t* device_tokens, const int32_t* host_
 
 void Model::lm_head(float* logits, const float* x, int N) {
   if (wte_q_)
-    quantized_matmul(be_, *wte_q_, tile_, static_cast<int>(tile_floats_ / cfg_.d_model), x, logits, N);
+    quantized_matmul(be_, *wte_q_, tile_, tile_floats_, x, logits, N);
   else
     be_.matmul(logits, x, at(wte_), N, cfg_.vocab_size, cfg_.d_model, false, true, 1.0f, 0.0f);
 }
 
 void Model::lm_head_input_grad(float* dx, const float* dlogits, int N) {
   if (wte_q_)
-    quantized_matmul_input_grad(be_, *wte_q_, tile_, static_cast<int>(tile_floats_ / cfg_.d_model), dlogits,
-                                dx, N);
+    quantized_matmul_input_grad(be_, *wte_q_, tile_, tile_floats_, dlogits, dx, N);
   else
     be_.matmul(dx, dlogits, at(wte_), N, cfg_.d_model, cfg_.vocab_size, false, false, 1.0f, 0.0f);
 }

@@ -47,15 +47,14 @@ void fill_table(Model& model, const ParamTable& table, float* device, uint64_t s
   model.backend().to_device(device, host.data(), host.size() * sizeof(float));
 }
 
-// Random dense weights for every quantized layer, quantized as the model's config says.
+// Random values for every quantized tensor, quantized as the model's config says.
 void fill_quantized(Model& model, uint64_t seed) {
   const ModelConfig& c = model.config();
-  for (Linear* layer : model.quantized_layers()) {
-    const std::vector<int64_t> shape = {layer->out(), layer->in()};
-    const std::vector<float> w = random_floats(static_cast<std::size_t>(layer->out()) * layer->in(),
-                                               derive_seed(seed, layer->prefix()), 0.3);
-    model.quantized_weight(*layer) = c.quant == "int8" ? quantize_int8(w.data(), shape, c.quant_block)
-                                                       : quantize_nf4(w.data(), shape, true, c.quant_block);
+  for (QuantizedEntry& e : model.quantized_tensors()) {
+    const std::vector<float> w =
+        random_floats(static_cast<std::size_t>(e.shape[0] * e.shape[1]), derive_seed(seed, e.name), 0.3);
+    e.tensor = c.quant == "int8" ? quantize_int8(w.data(), e.shape, c.quant_block)
+                                 : quantize_nf4(w.data(), e.shape, true, c.quant_block);
   }
 }
 
@@ -179,33 +178,39 @@ TEST(Lora, FreshAdaptersDoNotChangeTheModel) {
             adapted.step(tokens.data(), targets.data(), kBatch, 0.0f));
 }
 
-// The quantized base dequantizes tile by tile; the result equals a float model holding the dequantized
-// weights.
+// The quantized base (dense W, low-rank A and B, the tied wte) dequantizes tile by tile; the result equals a
+// float model holding the dequantized values.
 TEST(Lora, QuantizedBaseEqualsFloatModelWithDequantizedWeights) {
-  for (const char* quant : {"int8", "nf4"}) {
-    const ModelConfig qcfg = lora_config({0, 0, 0, 0}, {2, 2, 2, 2}, quant);
-    const ModelConfig fcfg = lora_config({0, 0, 0, 0}, {2, 2, 2, 2}, "none");
-    auto be = make_cpu_backend();
-    Model q(qcfg, *be, false), f(fcfg, *be, false);
-    fill_table(q, q.table(), q.params(), 13);
-    fill_table(f, f.table(), f.params(), 13);
-    fill_table(q, q.frozen_table(), q.frozen(), 14);
-    fill_table(f, f.frozen_table(), f.frozen(), 14);
-    fill_quantized(q, 15);
-    for (Linear* layer : q.quantized_layers()) {
-      const QuantizedTensor& w = q.quantized_weight(*layer);
-      const TensorInfo& t = f.frozen_table().at(layer->prefix() + "/W");
-      dequantize(w, 0, w.size(), f.frozen() + t.offset);
-    }
-    const std::vector<int32_t> tokens = ids(kBatch * qcfg.seq_len, qcfg.vocab_size, 16),
-                               targets = ids(kBatch * qcfg.seq_len, qcfg.vocab_size, 17);
-    q.zero_grads();
-    f.zero_grads();
-    const double lq = q.step(tokens.data(), targets.data(), kBatch, 1.0f);
-    const double lf = f.step(tokens.data(), targets.data(), kBatch, 1.0f);
-    EXPECT_NEAR(lq, lf, 1e-6 * std::abs(lf)) << quant;
-    EXPECT_LT(rel_error(grads_of(q), test::to_double(grads_of(f))), 1e-5) << quant;
-  }
+  for (const std::array<int, kNumSites> lowrank : {std::array{0, 0, 0, 0}, std::array{4, 0, 4, 0}})
+    for (const bool embedding : {false, true})
+      for (const char* quant : {"int8", "nf4"}) {
+        ModelConfig qcfg = lora_config(lowrank, {2, 2, 2, 2}, quant);
+        qcfg.quant_embedding = embedding;
+        const ModelConfig fcfg = lora_config(lowrank, {2, 2, 2, 2}, "none");
+        auto be = make_cpu_backend();
+        Model q(qcfg, *be, false), f(fcfg, *be, false);
+        fill_table(q, q.table(), q.params(), 13);
+        fill_table(f, f.table(), f.params(), 13);
+        fill_table(q, q.frozen_table(), q.frozen(), 14);
+        fill_table(f, f.frozen_table(), f.frozen(), 14);
+        fill_quantized(q, 15);
+        for (const QuantizedEntry& e : q.quantized_tensors()) {
+          const TensorInfo& t = f.frozen_table().at(e.name);
+          dequantize(e.tensor, 0, e.tensor.size(), f.frozen() + t.offset);
+        }
+        const std::vector<int32_t> tokens = ids(kBatch * qcfg.seq_len, qcfg.vocab_size, 16),
+                                   targets = ids(kBatch * qcfg.seq_len, qcfg.vocab_size, 17);
+        q.zero_grads();
+        f.zero_grads();
+        const double lq = q.step(tokens.data(), targets.data(), kBatch, 1.0f);
+        const double lf = f.step(tokens.data(), targets.data(), kBatch, 1.0f);
+        ASSERT_EQ(q.quantized_tensors().size(),
+                  4 * static_cast<std::size_t>(qcfg.n_layer) +
+                      2 * static_cast<std::size_t>(qcfg.n_layer) * (lowrank[0] > 0) + embedding);
+        EXPECT_NEAR(lq, lf, 1e-6 * std::abs(lf)) << quant << " embedding " << embedding;
+        EXPECT_LT(rel_error(grads_of(q), test::to_double(grads_of(f))), 1e-5)
+            << quant << " embedding " << embedding;
+      }
 }
 
 }  // namespace

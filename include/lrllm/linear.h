@@ -1,7 +1,7 @@
 // One linear layer (DESIGN §3): a base, dense W[out,in] + b or low-rank A[r,in], B[out,r] + b with
 // y = B(Ax) + b, and optional LoRA adapters lora_A[rl,in], lora_B[out,rl] adding (alpha/rl) * lora_B lora_A
-// x. A base can be frozen (finetuning), and a frozen dense W can be stored quantized (int8 or NF4), in which
-// case forward and the input gradient dequantize one tile of rows at a time.
+// x. A base can be frozen (finetuning), and a frozen base (W, or A and B) can be stored quantized (int8 or
+// NF4), in which case forward and the input gradient dequantize one tile of rows at a time.
 //
 // Under tensor parallelism (Megatron) a layer is column-parallel (each rank computes a slice of the outputs
 // from the full input) or row-parallel (each rank holds a slice of the inputs and the outputs are summed).
@@ -55,16 +55,16 @@ struct WeightBuffers {
 // Scratch a layer may use during one call.
 struct LinearScratch {
   float* dmid = nullptr;  // [N, max(r, rl)]
-  float* tile = nullptr;  // dequantized rows of a quantized W: [tile_rows, in]
-  int tile_rows = 0;
+  float* tile = nullptr;  // dequantized rows of a quantized W, A or B
+  std::size_t tile_floats = 0;
   float* lora_x = nullptr;  // [N, in]: the adapters' dropped-out input, then their input gradient
 };
 
-// y[N, out] = x[N, in] W^T and dx[N, in] = dy[N, out] W for a quantized W [out, in], dequantizing tile_rows
-// rows of W at a time into tile, so that W is never expanded whole.
-void quantized_matmul(Backend& be, const QuantizedTensor& w, float* tile, int tile_rows, const float* x,
-                      float* y, int N);
-void quantized_matmul_input_grad(Backend& be, const QuantizedTensor& w, float* tile, int tile_rows,
+// y[N, out] = x[N, in] W^T and dx[N, in] = dy[N, out] W for a quantized W [out, in], dequantizing as many
+// rows of W at a time as fit in tile_floats, so that W is never expanded whole.
+void quantized_matmul(Backend& be, const QuantizedTensor& w, float* tile, std::size_t tile_floats,
+                      const float* x, float* y, int N);
+void quantized_matmul_input_grad(Backend& be, const QuantizedTensor& w, float* tile, std::size_t tile_floats,
                                  const float* dy, float* dx, int N);
 
 class Linear {
@@ -72,7 +72,8 @@ class Linear {
   Linear() = default;
   // Registers the layer's tensors under prefix (e.g. "h.0/attn/qkv"): base tensors in `base` (the trainable
   // table when pretraining, the frozen one when finetuning), adapters in `trainable`. rank 0: a dense base;
-  // lora_rank 0: no adapters; quantized: a dense base whose W is held in quantized storage (set_quantized).
+  // lora_rank 0: no adapters; quantized: a base whose W, or A and B, are held in quantized storage
+  // (set_quantized).
   // in and out are the full layer's; tp slices them (adapters and quantization need tp.parts == 1).
   Linear(ParamTable& trainable, ParamTable& base, bool base_frozen, const std::string& prefix, int in,
          int out, int rank, int lora_rank, double lora_alpha, bool quantized, const LinearTp& tp = {});
@@ -87,7 +88,11 @@ class Linear {
   const std::string& prefix() const { return prefix_; }
   std::size_t weight_count()
       const;  // parameters in W or A and B of the full layer, without bias and adapters
-  void set_quantized(const QuantizedTensor* w) { qw_ = w; }
+  // The quantized base: W (dense), or A and B (low-rank).
+  void set_quantized(const QuantizedTensor* w_or_a, const QuantizedTensor* b = nullptr) {
+    qw_ = w_or_a;
+    qb_ = b;
+  }
 
   // y[N,out] = base(x) + adapters(x * lora_mask). mid[N,r] (low-rank base) and lora_mid[N,rl] are kept for
   // backward. lora_mask [N,in] is LoRA dropout's mask (0 or 1/(1-p)), or nullptr for none.
@@ -108,7 +113,8 @@ class Linear {
   LinearTp tp_;
   float lora_scale_ = 0.0f;
   bool quantized_ = false;
-  const QuantizedTensor* qw_ = nullptr;
+  const QuantizedTensor* qw_ = nullptr;  // W, or A of a low-rank base
+  const QuantizedTensor* qb_ = nullptr;  // B of a low-rank base
 };
 
 }  // namespace lrllm

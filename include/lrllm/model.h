@@ -5,6 +5,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <memory>
 #include <string>
@@ -17,6 +18,13 @@
 #include "lrllm/quant.h"
 
 namespace lrllm {
+
+// A frozen tensor held in quantized storage: a linear layer's W, A or B, or the tied wte.
+struct QuantizedEntry {
+  std::string name;            // its float tensor's path under /model, e.g. "h.0/attn/qkv/W" or "wte"
+  std::vector<int64_t> shape;  // the shape the model expects
+  QuantizedTensor tensor;
+};
 
 struct ParamCounts {
   std::size_t embedding = 0;       // wte + wpe
@@ -64,12 +72,11 @@ class Model {
   float* grads() { return grads_; }
   const float* params() const { return params_; }
   float* frozen() { return frozen_; }
-  // The linear layers whose W is stored quantized, with their storage (set before use, e.g. by load_weights).
-  std::vector<Linear*> quantized_layers();
   Linear& layer(int block, LinearSite site);
-  QuantizedTensor& quantized_weight(const Linear& layer);
-  // The tied wte's quantized storage, or nullptr where wte is a float tensor of a table.
-  QuantizedTensor* quantized_embedding() { return wte_q_.get(); }
+  // The frozen tensors held quantized (filled before use, e.g. by load_weights), and one by name (nullptr
+  // when that tensor is not quantized).
+  std::deque<QuantizedEntry>& quantized_tensors() { return quantized_; }
+  QuantizedTensor* find_quantized(const std::string& name);
 
   // GPT-2 initialisation (normal 0.02, residual projections scaled by 1/sqrt(2 n_layer)) of every float
   // tensor, LoRA's lora_A uniform in +-1/sqrt(in) and lora_B zero; deterministic in the seed and
@@ -157,7 +164,7 @@ class Model {
   // nullptr when dropout is off.
   const float* lora_mask(int l, int site, Acts& a, int in, int N);
   WeightBuffers buffers() const { return {params_, grads_, frozen_}; }
-  LinearScratch linear_scratch() const { return {scratch_rank_, tile_, tile_rows_, scratch_lora_x_}; }
+  LinearScratch linear_scratch() const { return {scratch_rank_, tile_, tile_floats_, scratch_lora_x_}; }
   const float* at(TensorRef r) const { return (r.frozen ? frozen_ : params_) + r.offset; }
   // The gradient of a LayerNorm tensor r, or when r is frozen one of two discarded [d_model] sinks (the
   // primitive always produces both gradients).
@@ -177,13 +184,11 @@ class Model {
   float* params_ = nullptr;
   float* grads_ = nullptr;
   float* frozen_ = nullptr;
-  float* sink_ = nullptr;  // [d_model] x 2: LayerNorm gradients of a frozen model, discarded
-  std::vector<std::unique_ptr<QuantizedTensor>> quantized_;  // by layer, for quantized layers
-  std::vector<const Linear*> quantized_owner_;
-  std::unique_ptr<QuantizedTensor> wte_q_;
+  float* sink_ = nullptr;                 // [d_model] x 2: LayerNorm gradients of a frozen model, discarded
+  std::deque<QuantizedEntry> quantized_;  // a deque: layers keep pointers to its elements
+  QuantizedTensor* wte_q_ = nullptr;
   float* tile_ = nullptr;
   int32_t* tile_ids_ = nullptr;  // 0, 1, 2, ...: token ids of the embedding rows dequantized into the tile
-  int tile_rows_ = 0;
   std::size_t tile_floats_ = 0;
 
   // Activation storage for the current micro-batch size and slots.

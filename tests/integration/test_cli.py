@@ -460,6 +460,22 @@ def test_logs_are_plain_lines_when_not_a_terminal():
     assert not control, f"control characters in a non-tty log: {control}"
 
 
+def test_export_of_random_weights_quantizes_low_rank_factors():
+    shape = [*GPT2_SMALL, "--lowrank.rank", "8", "--seed", "3"]
+    plain, nf4 = os.path.join(TMP, "random-f32.h5"), os.path.join(TMP, "random-nf4.h5")
+    p = run(["--mode", "export", *shape, "--data.output", plain])
+    assert "(random weights)" in p.stdout, p.stdout
+    run(["--mode", "export", *shape, "--quant.bits", "4", "--data.output", nf4])
+    with h5py.File(nf4, "r") as f:
+        assert {"A_q", "B_q"} <= set(f["model/h.0/attn/qkv"]) and "wte_q" in f["model"]
+        assert "A" not in f["model/h.0/attn/qkv"] and "wte" not in f["model"]
+    assert os.path.getsize(nf4) < 0.3 * os.path.getsize(plain)
+    tokens = write_tokens(os.path.join(TMP, "random_eval.bin"), 3000, vocab=50257, seed=11)
+    assert abs(eval_loss(nf4, tokens) - eval_loss(plain, tokens)) < 0.05
+    assert "low-rank" in run(["--mode", "info", "--model.init", nf4]).stdout
+    assert len(generate(nf4)) > len("Shares of\n")
+
+
 def test_help_and_version():
     p = run(["--help"])
     for opt in ["--train.lr", "--lowrank.rank", "--checkpoint.resume", "--data.train", "--run.dir", "--generate.top_k"]:

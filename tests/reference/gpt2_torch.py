@@ -196,12 +196,12 @@ def load_checkpoint(path: str):
 
 
 def load_model(path: str):
-    """(Config, params) with every quantized tensor (a W, or the tied wte) replaced by its float32
-    dequantization."""
+    """(Config, params) with every quantized tensor (a W, A or B, or the tied wte) replaced by its
+    float32 dequantization."""
     with h5py.File(path, "r") as f:
         cfg = read_config(f)
         params = read_group_tensors(f, "model")
-        stems = sorted(k[:-len("_q")] for k in params if k.endswith("/W_q") or k == "wte_q")
+        stems = sorted(k[:-len("_q")] for k in params if k.endswith("_q") and not k.endswith("_absmax_q"))
         for stem in stems:
             q = read_quantized(f["model"], stem)
             for k in [k for k in params if k.startswith(stem + "_")]:

@@ -17,15 +17,17 @@ Checks
   lora_{none,int8,nf4,lowrank}_{loss,grads,base}   finetuning: `lrllm --mode finetune` (2 steps of
                            LoRA over a frozen GPT-2-vocabulary base stored as float32, int8 (block
                            100: short last blocks), double-quantized NF4, or a low-rank qkv/fc
-                           base with NF4 dense sites and adapters on qkv,mlp_proj only), then
+                           base stored NF4 (A, B and dense W alike) with adapters on qkv,mlp_proj
+                           only; a quantized base stores the tied wte quantized too), then
                            grad_dump on its checkpoint vs the torch model built from the numpy
                            dequantization of the stored base plus the adapters:
                              loss   rel <= 1e-5 (and the trained adapters must move the loss)
                              grads  exactly the lora_A/lora_B gradients (no base tensor's), each
                                     rel <= 1e-4
                              base   every float tensor bit-identical to the base file; a
-                                    quantized W: codes/scales equal to the numpy quantization of
-                                    the base W, dequantization within the error bound
+                                    quantized W, A, B or wte: codes/scales equal to the numpy
+                                    quantization of the base tensor, dequantization within the
+                                    error bound
   generate_{dense,lowrank}  `lrllm --mode generate` greedy (45 tokens from a prompt of the GPT-2
                            tokenizer, so the window of seq_len 32 slides) vs the float64 torch
                            model's argmax continuation over the same HDF5 weights, token for token
@@ -558,7 +560,7 @@ def run_lora_case(build, work, name, seed):
             if qattr != (kind or "none"):
                 raise CheckFailed(f"/config quant is {qattr!r}, expected {kind or 'none'!r}")
             for k, v in base_p.items():
-                if (k.endswith("/W") or k == "wte") and kind is not None:
+                if k.rsplit("/", 1)[-1] in ("W", "A", "B", "wte") and kind is not None:
                     if k in stored:
                         raise CheckFailed(f"{k} stored as float under quant {kind}")
                     if k + "_q" not in stored:
