@@ -48,7 +48,7 @@ std::string task_name(const std::string& path) {
 
 // The prompt's tokens, cut from the left so that `room` positions remain free in a sequence of seq_len.
 std::vector<int32_t> prompt_tokens(const Tokenizer& tok, const Example& e, int seq_len, int room) {
-  const std::vector<int> ids = tok.encode(prompt_of(e));
+  const std::vector<int> ids = prompt_tokens_of(tok, e);
   const std::size_t keep =
       std::min<std::size_t>(ids.size(), static_cast<std::size_t>(std::max(1, seq_len - room)));
   return std::vector<int32_t>(ids.end() - static_cast<std::ptrdiff_t>(keep), ids.end());
@@ -69,7 +69,7 @@ std::string best_label(Model& model, const Tokenizer& tok, const Example& e,
   std::string best;
   double best_logp = -INFINITY;
   for (const std::string& label : labels) {
-    const std::vector<int> answer = tok.encode(label);
+    const std::vector<int> answer = answer_tokens_of(tok, label);
     const std::vector<int32_t> prompt = prompt_tokens(tok, e, T, static_cast<int>(answer.size()) + 1);
     std::vector<int32_t> tokens(T, tok.eot()), targets(T, -1);
     std::copy(prompt.begin(), prompt.end(), tokens.begin());

@@ -59,9 +59,18 @@ std::string prompt_of(const Example& e) {
   return "Instruction: " + e.instruction + "\nInput: " + e.input + "\nAnswer: ";
 }
 
+std::vector<int> prompt_tokens_of(const Tokenizer& tok, const Example& e) {
+  const std::string prompt = prompt_of(e);
+  return tok.encode(std::string_view(prompt).substr(0, prompt.size() - 1));
+}
+
+std::vector<int> answer_tokens_of(const Tokenizer& tok, const std::string& answer) {
+  return tok.encode(" " + answer);
+}
+
 Encoded encode_example(const Tokenizer& tok, const Example& e, int seq_len) {
-  const std::vector<int> prompt = tok.encode(prompt_of(e));
-  std::vector<int> answer = tok.encode(e.output);
+  const std::vector<int> prompt = prompt_tokens_of(tok, e);
+  std::vector<int> answer = answer_tokens_of(tok, e.output);
   answer.push_back(tok.eot());
   const std::size_t len = static_cast<std::size_t>(seq_len);
   // The inputs are every token but the final end-of-text, and at least one prompt token must stay to predict

@@ -111,10 +111,13 @@ TEST(Instruct, PromptIsFinGptTemplate) {
 TEST(Instruct, LossOnlyOnAnswerAndEndOfText) {
   const Tokenizer& tok = gpt2();
   const Example e{"What is the sentiment of this news?", "Profits rose sharply.", "positive"};
-  const std::vector<int32_t> prompt = encode32(prompt_of(e));
-  const std::vector<int32_t> answer = encode32(e.output);
+  const std::vector<int> p = prompt_tokens_of(tok, e), a = answer_tokens_of(tok, e.output);
+  const std::vector<int32_t> prompt(p.begin(), p.end()), answer(a.begin(), a.end());
   std::vector<int32_t> full = prompt;
   full.insert(full.end(), answer.begin(), answer.end());
+  // The text is the template's, tokenized as GPT-2 would the whole: "Answer:" then " positive".
+  EXPECT_EQ(full, encode32(prompt_of(e) + e.output));
+  EXPECT_EQ(answer.size(), 1u);
   full.push_back(tok.eot());
 
   const Encoded enc = encode_example(tok, e, 64);
@@ -151,7 +154,7 @@ TEST(Instruct, PromptContentDoesNotChangeTargets) {
   };
   EXPECT_NE(a.tokens.size(), b.tokens.size());
   EXPECT_EQ(live(a), live(b));
-  std::vector<int32_t> expected = encode32("spam");
+  std::vector<int32_t> expected = encode32(" spam");
   expected.push_back(tok.eot());
   EXPECT_EQ(live(a), expected);
 }
@@ -161,7 +164,7 @@ TEST(Instruct, TruncatesPromptFromTheLeft) {
   const Example e{"A long instruction that will not fit in a short window at all, so it is cut.",
                   "Input text.", "neutral"};
   const Encoded whole = encode_example(tok, e, 1024);
-  const std::vector<int32_t> answer = encode32(e.output);
+  const std::vector<int32_t> answer = encode32(" " + e.output);
   const int seq_len = 10;
   const Encoded cut = encode_example(tok, e, seq_len);
   ASSERT_EQ(cut.tokens.size(), static_cast<std::size_t>(seq_len));
@@ -180,7 +183,7 @@ TEST(Instruct, TruncatesPromptFromTheLeft) {
 
   const Example long_answer{"i", "", "one two three four five six seven eight nine ten eleven twelve"};
   test::expect_input_error([&] { encode_example(tok, long_answer, 8); }, "does not fit seq_len 8");
-  const std::size_t long_len = encode32(long_answer.output).size();
+  const std::size_t long_len = encode32(" " + long_answer.output).size();
   EXPECT_NO_THROW(encode_example(tok, long_answer, static_cast<int>(long_len) + 1));
   test::expect_input_error([&] { encode_example(tok, long_answer, static_cast<int>(long_len)); },
                            "does not fit");

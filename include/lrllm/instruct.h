@@ -25,6 +25,12 @@ std::vector<Example> read_jsonl(const std::string& path);
 // FinGPT's template: "Instruction: {instruction}\nInput: {input}\nAnswer: ".
 std::string prompt_of(const Example& e);
 
+// The tokens of the prompt and of an answer after it. GPT-2's BPE joins a space to the word that follows it,
+// so the template's final space is encoded as the start of the answer (" positive", one token), as the
+// pretrained model saw such text: prompt + answer tokens are the tokens of prompt_of(e) + answer.
+std::vector<int> prompt_tokens_of(const Tokenizer& tok, const Example& e);
+std::vector<int> answer_tokens_of(const Tokenizer& tok, const std::string& answer);
+
 // A training sequence: targets[i] is the token after tokens[i], or -1 where it carries no loss.
 struct Encoded {
   std::vector<int32_t> tokens, targets;
