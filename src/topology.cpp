@@ -6,6 +6,7 @@
 #include <chrono>
 #include <climits>
 #include <cstdio>
+#include <limits>
 
 #include "lrllm/common.h"
 
@@ -61,10 +62,37 @@ void validate_layout(const ParallelConfig& p, int world_size, const ModelConfig&
   require(p.bucket_mb > 0, "--parallel.bucket_mb must be > 0");
 }
 
-std::pair<int, int> Topology::stage_layers(int n_layer, int pp, int stage) {
-  const int base = n_layer / pp, extra = n_layer % pp;
-  const int first = stage * base + std::min(stage, extra);
-  return {first, first + base + (stage < extra ? 1 : 0)};
+std::pair<int, int> Topology::stage_layers(const ModelConfig& m, int pp, int stage) {
+  // FLOPs a token, forward and backward: 6 per linear weight, and causal attention's 6 T C.
+  const double C = m.d_model, F = m.ff(), T = m.seq_len;
+  const double widths[kNumSites][2] = {{C, 3 * C}, {C, C}, {C, F}, {F, C}};
+  double block = 6 * T * C;
+  for (int s = 0; s < kNumSites; ++s) {
+    const double r = m.lowrank_rank[s], in = widths[s][0], out = widths[s][1];
+    block += 6 * (r > 0 ? r * (in + out) : in * out);
+  }
+  const double head = 6.0 * m.vocab_size * C;
+  // Blocks are alike, so a stage's cost depends on its count alone. best[k][n]: the least possible largest
+  // stage cost when the first k stages hold the first n blocks; the last stage adds the lm_head.
+  const int L = m.n_layer;
+  const double inf = std::numeric_limits<double>::infinity();
+  std::vector<std::vector<double>> best(pp + 1, std::vector<double>(L + 1, inf));
+  std::vector<std::vector<int>> cut(pp + 1, std::vector<int>(L + 1, 0));
+  best[0][0] = 0;
+  for (int k = 1; k <= pp; ++k)
+    for (int n = k; n <= L; ++n)
+      // From the fewest blocks for stage k up, taking strict improvements only: among equal splits the
+      // earlier stages hold more.
+      for (int prev = n - 1; prev >= k - 1; --prev) {
+        const double cost = std::max(best[k - 1][prev], (n - prev) * block + (k == pp ? head : 0.0));
+        if (cost < best[k][n]) {
+          best[k][n] = cost;
+          cut[k][n] = prev;
+        }
+      }
+  std::vector<int> bounds(pp + 1, L);
+  for (int k = pp; k >= 1; --k) bounds[k - 1] = cut[k][bounds[k]];
+  return {bounds[stage], bounds[stage + 1]};
 }
 
 Topology::Topology(const Comm& world, const ParallelConfig& p) : world_(world), tp_(p.tp), pp_(p.pp) {
@@ -91,9 +119,9 @@ Topology::~Topology() {
     if (*c != MPI_COMM_NULL) MPI_Comm_free(c);
 }
 
-ModelShard Topology::shard(int n_layer) const {
+ModelShard Topology::shard(const ModelConfig& m) const {
   ModelShard s;
-  std::tie(s.first_layer, s.end_layer) = stage_layers(n_layer, pp_, pp_rank_);
+  std::tie(s.first_layer, s.end_layer) = stage_layers(m, pp_, pp_rank_);
   s.tp_part = tp_rank_;
   s.tp = tp_;
   s.tp_group = this;
@@ -103,7 +131,7 @@ ModelShard Topology::shard(int n_layer) const {
 void Topology::print_placement(const ModelConfig& m) const {
   char host[64] = {};
   gethostname(host, sizeof host - 1);
-  const auto [first, end] = stage_layers(m.n_layer, pp_, pp_rank_);
+  const auto [first, end] = stage_layers(m, pp_, pp_rank_);
   const int heads = m.n_head / tp_;
   char line[256];
   std::snprintf(line, sizeof line,

@@ -86,7 +86,7 @@ void TrainSetup::make_topology(const Config& cfg, const Comm& comm) {
 
 void TrainSetup::build(const Config& cfg) {
   backend = make_backend(cfg.device);
-  model = std::make_unique<Model>(mc, *backend, cfg.train.recompute == "block", topo->shard(mc.n_layer));
+  model = std::make_unique<Model>(mc, *backend, cfg.train.recompute == "block", topo->shard(mc));
   // ZeRO-1: this rank's shard of the optimizer state.
   const std::size_t n = model->table().total();
   const std::vector<std::size_t> bounds =

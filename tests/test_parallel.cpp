@@ -54,11 +54,40 @@ TEST(TensorSplit, PartsReassembleTheFullTensor) {
   EXPECT_EQ(rebuilt, full);
 }
 
-TEST(Topology, StagesSplitBlocksEvenlyEarlierStagesFirst) {
-  EXPECT_EQ(Topology::stage_layers(4, 3, 0), (std::pair{0, 2}));
-  EXPECT_EQ(Topology::stage_layers(4, 3, 1), (std::pair{2, 3}));
-  EXPECT_EQ(Topology::stage_layers(4, 3, 2), (std::pair{3, 4}));
-  EXPECT_EQ(Topology::stage_layers(12, 4, 3), (std::pair{9, 12}));
+ModelConfig gpt2_shape(int n_layer, int d_model, int vocab_size, int rank = 0) {
+  ModelConfig m;
+  m.n_layer = n_layer;
+  m.n_head = 4;
+  m.d_model = d_model;
+  m.seq_len = 1024;
+  m.vocab_size = vocab_size;
+  for (int& r : m.lowrank_rank) r = rank;
+  return m;
+}
+
+std::vector<std::pair<int, int>> stages(const ModelConfig& m, int pp) {
+  std::vector<std::pair<int, int>> out;
+  for (int s = 0; s < pp; ++s) out.push_back(Topology::stage_layers(m, pp, s));
+  return out;
+}
+
+TEST(Topology, StagesWithoutAHeadSplitBlocksEvenlyEarlierStagesFirst) {
+  using S = std::vector<std::pair<int, int>>;
+  EXPECT_EQ(stages(gpt2_shape(4, 64, 1), 3), (S{{0, 2}, {2, 3}, {3, 4}}));
+  EXPECT_EQ(stages(gpt2_shape(12, 64, 1), 4), (S{{0, 3}, {3, 6}, {6, 9}, {9, 12}}));
+  EXPECT_EQ(stages(gpt2_shape(5, 64, 1), 5), (S{{0, 1}, {1, 2}, {2, 3}, {3, 4}, {4, 5}}));
+}
+
+TEST(Topology, StagesBalanceTheLmHead) {
+  using S = std::vector<std::pair<int, int>>;
+  // GPT-2 124M: a block is 6 (12 C^2 + T C) = 47.2 MFLOP a token, the lm_head 6 V C = 231.6 (4.9 blocks):
+  // 8 blocks against 4 + the head (8 and 8.9 blocks' worth) beats 9 against 3 (9 and 7.9).
+  EXPECT_EQ(stages(gpt2_shape(12, 768, 50257), 2), (S{{0, 8}, {8, 12}}));
+  // Low-rank blocks are cheaper, so the head weighs more: 2.64x smaller linear layers (rank 218) give
+  // blocks of 20.8 MFLOP, the head 11.1 blocks; the last stage keeps its one block.
+  EXPECT_EQ(stages(gpt2_shape(12, 768, 50257, 218), 2), (S{{0, 11}, {11, 12}}));
+  // Every stage keeps a block, however heavy the head.
+  EXPECT_EQ(stages(gpt2_shape(4, 64, 50257), 4), (S{{0, 1}, {1, 2}, {2, 3}, {3, 4}}));
 }
 
 TEST(Topology, ShardBoundsCoverTheBufferAligned) {

@@ -44,10 +44,12 @@ class Topology : public TensorReducer {
   bool first_stage() const { return pp_rank_ == 0; }
   bool last_stage() const { return pp_rank_ == pp_ - 1; }
   // This rank's share of the model: its stage's blocks and its tensor-parallel slice.
-  ModelShard shard(int n_layer) const;
+  ModelShard shard(const ModelConfig& m) const;
 
-  // Blocks [first, end) of a stage: n_layer split as evenly as possible, the earlier stages taking one more.
-  static std::pair<int, int> stage_layers(int n_layer, int pp, int stage);
+  // Blocks [first, end) of a stage. Stages are balanced by compute, not block count: the last one also runs
+  // the lm_head (6 V C FLOPs a token, forward and backward: several blocks' worth at GPT-2's vocabulary), so
+  // the split minimizes the largest stage's FLOPs, every stage keeping at least one block.
+  static std::pair<int, int> stage_layers(const ModelConfig& m, int pp, int stage);
   // One line per rank (host, coordinates, blocks, heads), gathered to and printed by world rank 0.
   void print_placement(const ModelConfig& m) const;
 
