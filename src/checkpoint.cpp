@@ -20,13 +20,6 @@ namespace {
 
 const char* const kSiteDatasets[kNumSites] = {"attn/qkv", "attn/proj", "mlp/fc", "mlp/proj"};
 
-std::string now_iso8601() {
-  const std::time_t t = std::time(nullptr);
-  char buf[32];
-  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&t));
-  return buf;
-}
-
 int positive_attr(const H5File& f, const char* name) {
   const int64_t v = f.attr_int("/config", name);
   if (v <= 0 || v > (1 << 24))

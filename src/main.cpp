@@ -18,6 +18,7 @@
 #include "lrllm/export.h"
 #include "lrllm/finetune.h"
 #include "lrllm/generate.h"
+#include "lrllm/metrics.h"
 #include "lrllm/signals.h"
 #include "lrllm/tokenizer.h"
 #include "lrllm/train.h"
@@ -70,7 +71,10 @@ int run_mode(const lrllm::Config& cfg, const lrllm::Comm& comm) {
   if (cfg.mode == "info") {
     if (cfg.model.init.empty())
       throw lrllm::InputError("--mode info needs --model.init (an lrllm HDF5 file)");
-    lrllm::print_info(cfg.model.init);
+    if (lrllm::is_metrics_file(cfg.model.init))
+      lrllm::print_metrics_info(cfg.model.init);
+    else
+      lrllm::print_info(cfg.model.init);
     return 0;
   }
   throw lrllm::InputError("unknown mode " + cfg.mode);

@@ -2,17 +2,20 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <filesystem>
 #include <limits>
 #include <set>
 
 #include "lrllm/common.h"
 #include "lrllm/hdf5.h"
+#include "lrllm/version.h"
 
 namespace lrllm {
 namespace {
 
 constexpr hsize_t kChunkRows = 256;
+constexpr const char* kMetricsFormat = "lrllm-metrics";
 
 hsize_t rows_of(H5File& f, const std::string& dataset) {
   return static_cast<hsize_t>(f.shape(dataset).at(0));
@@ -69,6 +72,9 @@ void truncate_series(H5File& f, const std::string& dataset, hsize_t rows) {
 Metrics::Metrics(const std::string& path, int64_t resume_step) : path_(path) {
   if (!std::filesystem::exists(path)) {
     H5File f = H5File::create(path);
+    f.set_attr("/", "format", std::string(kMetricsFormat));
+    f.set_attr("/", "lrllm_version", std::string(kVersion));
+    f.set_attr("/", "created", now_iso8601());
     f.ensure_group("/metrics");
     f.close();
     return;
@@ -135,6 +141,47 @@ void Metrics::flush() {
   f.close();
   pending_.clear();
   pending_eval_.clear();
+}
+
+bool is_metrics_file(const std::string& path) {
+  const H5File f = H5File::open_read(path);
+  if (f.has_attr("/", "format")) return f.attr_string("/", "format") == kMetricsFormat;
+  return f.exists("/metrics");
+}
+
+void print_metrics_info(const std::string& path) {
+  const H5File f = H5File::open_read(path);
+  std::printf("%s: lrllm metrics", path.c_str());
+  if (f.has_attr("/", "lrllm_version"))
+    std::printf(", written by lrllm %s, created %s", f.attr_string("/", "lrllm_version").c_str(),
+                f.attr_string("/", "created").c_str());
+  std::printf("\n  %-24s %8s %14s %14s %14s\n", "series", "rows", "last", "min", "max");
+  for (const std::string& name : f.children("/metrics")) {
+    const std::vector<float> v = f.read_all("/metrics/" + name);
+    // NaN marks rows where a metric was not measured (val_loss between evaluations): skip them.
+    std::vector<float> measured;
+    for (float x : v)
+      if (!std::isnan(x)) measured.push_back(x);
+    if (measured.empty()) {
+      std::printf("  %-24s %8zu %14s\n", name.c_str(), v.size(), "-");
+      continue;
+    }
+    const auto [lo, hi] = std::minmax_element(measured.begin(), measured.end());
+    std::printf("  %-24s %8zu %14.6g %14.6g %14.6g\n", name.c_str(), v.size(), measured.back(), *lo, *hi);
+  }
+  if (f.exists("/eval")) {
+    std::printf("  %-24s %8s %14s %14s %14s\n", "evaluation (latest)", "n", "accuracy", "f1_macro",
+                "f1_weighted");
+    for (const std::string& task : f.children("/eval")) {
+      const std::string g = "/eval/" + task + "/";
+      const auto last = [&](const char* key) {
+        const std::vector<float> v = f.exists(g + key) ? f.read_all(g + key) : std::vector<float>{};
+        return v.empty() ? NAN : v.back();
+      };
+      std::printf("  %-24s %8.0f %14.4f %14.4f %14.4f\n", task.c_str(), last("n"), last("accuracy"),
+                  last("f1_macro"), last("f1_weighted"));
+    }
+  }
 }
 
 }  // namespace lrllm

@@ -30,6 +30,9 @@ struct DivergenceError : std::runtime_error {
 
 std::string strprintf(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
 
+// The current UTC time as 2026-01-31T12:00:00Z (files record when they were written).
+std::string now_iso8601();
+
 }  // namespace lrllm
 
 // Checks a library call whose failure is a negative return value (HDF5) or a non-success code.

@@ -28,4 +28,10 @@ class Metrics {
   std::vector<std::pair<std::string, std::map<std::string, double>>> pending_eval_;
 };
 
+// Whether path is a metrics file (root attribute format "lrllm-metrics", or, from before that attribute, a
+// /metrics group), and a summary of one for --mode info: each series with its rows, last, min and max, and
+// each task's latest evaluation. InputError on a file that is missing or not HDF5.
+bool is_metrics_file(const std::string& path);
+void print_metrics_info(const std::string& path);
+
 }  // namespace lrllm

@@ -184,6 +184,17 @@ def test_eval_and_info():
     assert abs(np.exp(loss) - ppl) / ppl < 1e-3
     p = run(["--mode", "info", "--model.init", ckpt])
     assert "lowrank r=8" in p.stdout and "/model/h.0/attn/qkv/A" in p.stdout and "compression" in p.stdout, p.stdout
+    # The metrics file too: each series with its rows and last value.
+    p = run(["--mode", "info", "--model.init", os.path.join(d, "metrics.h5")])
+    rows = {l.split()[0]: l.split() for l in p.stdout.splitlines()[2:]}
+    assert rows["step"][1:3] == ["6", "6"] and rows["loss"][1] == "6", p.stdout
+    assert abs(float(rows["loss"][2]) - metric(d, "loss")[-1]) < 1e-4 * abs(metric(d, "loss")[-1]), p.stdout
+    with h5py.File(os.path.join(d, "metrics.h5"), "r") as f:
+        assert f.attrs["format"] == "lrllm-metrics"
+    stray = os.path.join(TMP, "stray.h5")
+    with h5py.File(stray, "w") as f:
+        f["x"] = np.zeros(3)
+    bad_input(["--mode", "info", "--model.init", stray], "not an lrllm file")
 
 
 def test_nan_loss_keeps_last_checkpoint():
