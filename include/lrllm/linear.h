@@ -84,7 +84,6 @@ class Linear {
   int rank() const { return rank_; }
   int lora_rank() const { return lora_rank_; }
   bool lowrank() const { return rank_ > 0; }
-  bool quantized() const { return quantized_; }
   const std::string& prefix() const { return prefix_; }
   std::size_t weight_count()
       const;  // parameters in W or A and B of the full layer, without bias and adapters
