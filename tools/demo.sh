@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# make run: pretrains the tiny GPT-2 dense and low-rank on 2 MPI ranks, evaluates both checkpoints on the
-# held-out split, and prints parameters, tokens/s and validation loss side by side; then finetunes the dense
-# one with LoRA over its NF4-quantized, frozen base (with recomputation) on the demo tasks and evaluates base
-# and finetuned model on the tasks' test splits, side by side.
+# make run: pretrains the tiny GPT-2 dense and low-rank on 2 MPI ranks and evaluates both checkpoints on the
+# held-out split; then finetunes the dense one with LoRA over its NF4-quantized, frozen base (with
+# recomputation) on the demo tasks and evaluates base and finetuned model on the tasks' test splits. Ends with
+# tools/report.py on the three runs: parameters, compression, tokens/s, losses and task scores side by side,
+# and plots, in runs/demo/report/.
 # usage: tools/demo.sh [BUILD_DIR]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -25,8 +26,6 @@ for kind in tiny tiny-lowrank; do
     --data.val input/data/pretrain_val.bin | tee "$out/$kind/eval.txt"
 done
 
-/usr/bin/python3 tools/summarize.py "$out/tiny" "$out/tiny-lowrank"
-
 tasks=input/data/tasks
 cat "$tasks"/{finsent,brown-genre,spam}_train.jsonl | awk 'NR % 20 != 0' >"$out/tasks_train.jsonl"
 cat "$tasks"/{finsent,brown-genre,spam}_train.jsonl | awk 'NR % 20 == 0' >"$out/tasks_val.jsonl"
@@ -41,4 +40,6 @@ for model in "$base" "$tuned"; do
   mpirun --quiet -np "$ranks" --oversubscribe "$build/lrllm" --mode eval --model.init "$model" \
     --eval.tasks "$test_sets" --eval.method score --run.dir "$(dirname "$model")"
 done
-/usr/bin/python3 tools/summarize.py --eval "$out/tiny" "$out/tiny-finetune"
+echo "== report on the demo runs"
+/usr/bin/python3 tools/report.py --compare "$out/tiny" "$out/tiny-lowrank" "$out/tiny-finetune" --out "$out/report"
+echo "== report written to $out/report/report.md, plots beside it (loss, lr, tokens_per_s, memory .png)"
