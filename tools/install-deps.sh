@@ -13,6 +13,7 @@ packages=(
   libgtest-dev googletest
   python3 python3-torch python3-h5py python3-numpy python3-matplotlib
   nodejs npm
+  slurmctld slurmd slurm-client munge  # tests/slurm starts a one-node Slurm
 )
 
 missing=()
