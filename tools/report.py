@@ -344,6 +344,14 @@ def x_axis(runs):
     return "step", "step"
 
 
+def save_plot(fig, ax, path, grid_axis):
+    ax.grid(axis=grid_axis, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def line_plot(runs, path, series, ylabel, title):
     x_name, x_label = x_axis(runs)
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -351,11 +359,7 @@ def line_plot(runs, path, series, ylabel, title):
         if len(r.series.get(series, [])):
             ax.plot(r.series[x_name], r.series[series], label=r.name, linewidth=1)
     ax.set(xlabel=x_label, ylabel=ylabel, title=title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_plot(fig, ax, path, grid_axis="both")
 
 
 def loss_plot(runs, path):
@@ -370,11 +374,7 @@ def loss_plot(runs, path):
         if seen.any():
             ax.plot(x[seen], val[seen], "o--", color=color, label=f"{r.name} validation")
     ax.set(xlabel=x_label, ylabel="loss (nats/token)", title="training and validation loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_plot(fig, ax, path, grid_axis="both")
 
 
 def memory_plot(runs, path):
@@ -388,11 +388,7 @@ def memory_plot(runs, path):
         ax.bar_label(bars, fmt="%.1f", fontsize=7)
     ax.set_xticks(np.arange(len(categories)), [label for _, label in categories], rotation=20)
     ax.set(ylabel="MB per rank", title="memory by category")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_plot(fig, ax, path, grid_axis="y")
 
 
 def write_plots(runs, out):
