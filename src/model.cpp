@@ -82,7 +82,6 @@ Model::Model(const ModelConfig& cfg, Backend& backend, bool recompute, const Mod
     max_rank_ = std::max({max_rank_, cfg.lowrank_rank[s], cfg.lora_rank[s]});
   }
   params_ = be_.alloc(table_.total());
-  grads_ = be_.alloc(table_.total());
   frozen_ = be_.alloc(frozen_table_.total());
   sink_ = be_.alloc(2 * static_cast<std::size_t>(C));
   if (quantized) {
@@ -178,8 +177,13 @@ void Model::init_tables(uint64_t seed, bool frozen_too) {
   if (frozen_too) fill(frozen_table_, frozen_);
 }
 
+float* Model::grads() {
+  if (grads_ == nullptr) grads_ = be_.alloc(table_.total());
+  return grads_;
+}
+
 void Model::zero_grads() {
-  be_.fill(grads_, table_.total(), 0.0f);
+  be_.fill(grads(), table_.total(), 0.0f);
 }
 
 ParamCounts Model::param_counts() const {
@@ -476,6 +480,7 @@ double Model::forward(int slot, const int32_t* tokens, const int32_t* targets, i
                       int normalizer) {
   const int N = B * cfg_.seq_len;
   Slot& s = slots_.at(slot);
+  if (grad_scale != 0.0f) grads();  // backward accumulates into them
   if (first_stage()) {
     be_.to_device(s.tokens, tokens, N * sizeof(int32_t));
     embed(s.resid[0], s.tokens, tokens, B);
@@ -488,6 +493,7 @@ double Model::forward(int slot, const int32_t* tokens, const int32_t* targets, i
 }
 
 void Model::backward(int slot, int B) {
+  grads();
   Slot& s = slots_.at(slot);
   for (int l = end_layer_ - 1; l >= first_layer_; --l) {
     const float* x = s.resid[l - first_layer_];

@@ -69,7 +69,8 @@ class Model {
   const ParamTable& frozen_table() const { return frozen_table_; }
   Backend& backend() { return be_; }
   float* params() { return params_; }
-  float* grads() { return grads_; }
+  // Allocated (zeroed) on first use: evaluation, generation and export never need gradients.
+  float* grads();
   const float* params() const { return params_; }
   float* frozen() { return frozen_; }
   Linear& layer(int block, LinearSite site);
