@@ -158,8 +158,8 @@ done
 
 # Inference files (the paper's bar: under 0.59 GB): exports of GPT-2 124M and 1.5B shapes with random weights,
 # dense and low-rank (rank at 2.64x compression), float32 and NF4. Export holds the source model in float32
-# with its gradient buffer: the low-rank 1.5B exports need about 13 GB of memory; the dense 1.5B ones (19 GB
-# and more) are not written here.
+# (and, while it initialises, a host copy of it): the low-rank 1.5B exports need about 10.5 GB of memory; the
+# dense 1.5B ones (about 19 GB for float32) are not written here.
 {
   echo "| model | float32 MB | NF4 MB |"
   echo "|---|---|---|"
