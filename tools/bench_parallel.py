@@ -42,6 +42,14 @@ CORES = int(os.environ.get("BENCH_THREADS", 2))
 ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
 
 
+def stage_imbalance():
+    """(first stage's blocks, last stage's work over the first's) for PP = 2 under lrllm's split, which
+    balances FLOPs a token: 6 (12 D^2 + T D) a block, 6 V D for the lm_head on the last stage."""
+    block, head = 6 * (12 * D * D + T * D), 6 * V * D
+    first = min(range(1, L), key=lambda k: (max(k * block, (L - k) * block + head), -k))
+    return first, ((L - first) * block + head) / (first * block)
+
+
 def busy_s():
     """CPU seconds the whole machine has spent busy (user, nice, system, irq, softirq, steal), as tools/bench.sh."""
     with open("/proc/stat") as f:
@@ -270,9 +278,10 @@ def main():
              "",
              "Schedule bubble: (P-1)/(M+P-1) as lrllm prints it; measured wait: pp_wait_frac, the ranks' average "
              "share of a step blocked in pipeline receives, over steps 2..S-1 (the last also carries validation). "
-             f"The last stage also holds the tied lm_head: about {1 + V / (12 * D * (L // PP)):.0f}x the first "
-             "stage's matmul work per token at this shape, so the measured wait also counts the first stage waiting "
-             "for a slower second one, whatever the micro-batch count.",
+             f"lrllm balances stages by FLOPs, but the last also holds the tied lm_head: with {stage_imbalance()[0]} "
+             f"of the {L} blocks on the first stage it still does about {stage_imbalance()[1]:.1f}x the first "
+             "stage's work per token at this shape, so the measured wait also counts the first stage waiting for a "
+             "slower second one, whatever the micro-batch count.",
              "",
              *pp_table,
              "",
