@@ -52,30 +52,38 @@ void Linear::reduce(float* x, std::size_t n) const {
   if (tp_.parts > 1) tp_.group->allreduce_sum(x, n);
 }
 
+namespace {
+
+// Calls use(o0, rows, in, out) for each tile of rows [o0, o0 + rows) of W [out, in], dequantized into tile.
 // The CPU backend shares host memory, so the tile is dequantized in place; a device backend would run its own
 // dequantizing kernel here.
-void quantized_matmul(Backend& be, const QuantizedTensor& w, float* tile, std::size_t tile_floats,
-                      const float* x, float* y, int N) {
+template <typename Use>
+void for_each_tile(const QuantizedTensor& w, float* tile, std::size_t tile_floats, Use use) {
   const int out = static_cast<int>(w.shape.at(0)), in = static_cast<int>(w.shape.at(1));
   const int tile_rows = static_cast<int>(std::max<std::size_t>(1, tile_floats / in));
   for (int o0 = 0; o0 < out; o0 += tile_rows) {
     const int rows = std::min(tile_rows, out - o0);
     dequantize(w, static_cast<std::size_t>(o0) * in, static_cast<std::size_t>(rows) * in, tile);
+    use(o0, rows, in, out);
+  }
+}
+
+}  // namespace
+
+void quantized_matmul(Backend& be, const QuantizedTensor& w, float* tile, std::size_t tile_floats,
+                      const float* x, float* y, int N) {
+  for_each_tile(w, tile, tile_floats, [&](int o0, int rows, int in, int out) {
     // y[:, o0:o0+rows] = x tile^T
     be.matmul_strided(y + o0, x, tile, N, rows, in, false, true, 1.0f, 0.0f, in, in, out);
-  }
+  });
 }
 
 void quantized_matmul_input_grad(Backend& be, const QuantizedTensor& w, float* tile, std::size_t tile_floats,
                                  const float* dy, float* dx, int N) {
-  const int out = static_cast<int>(w.shape.at(0)), in = static_cast<int>(w.shape.at(1));
-  const int tile_rows = static_cast<int>(std::max<std::size_t>(1, tile_floats / in));
-  for (int o0 = 0; o0 < out; o0 += tile_rows) {
-    const int rows = std::min(tile_rows, out - o0);
-    dequantize(w, static_cast<std::size_t>(o0) * in, static_cast<std::size_t>(rows) * in, tile);
+  for_each_tile(w, tile, tile_floats, [&](int o0, int rows, int in, int out) {
     // dx += dy[:, o0:o0+rows] tile
     be.matmul_strided(dx, dy + o0, tile, N, in, rows, false, false, 1.0f, o0 == 0 ? 0.0f : 1.0f, out, in, in);
-  }
+  });
 }
 
 void Linear::forward(Backend& be, const WeightBuffers& wb, const LinearScratch& s, const float* x, float* y,
