@@ -12,7 +12,9 @@ NVCC ?= $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/de
 CUDA_HOME := $(patsubst %/bin/nvcc,%,$(realpath $(NVCC)))
 CUDA_LIB_DIR := $(firstword $(foreach d,$(CUDA_HOME)/lib64 $(CUDA_HOME)/lib $(CUDA_HOME)/targets/x86_64-linux/lib \
                   /usr/lib/x86_64-linux-gnu,$(if $(and $(wildcard $(d)/libcudart.so),$(wildcard $(d)/libcublas.so),$(wildcard $(d)/libcublasLt.so)),$(d))))
-CUDA ?= $(if $(and $(NVCC),$(CUDA_LIB_DIR)),1,0)
+# NCCL carries device tensors between ranks; it ships with the toolkit here, or as Debian's libnccl-dev.
+NCCL_LIB_DIR := $(firstword $(foreach d,$(CUDA_LIB_DIR) $(CUDA_HOME)/lib /usr/lib/x86_64-linux-gnu,$(if $(wildcard $(d)/libnccl.so),$(d))))
+CUDA ?= $(if $(and $(NVCC),$(CUDA_LIB_DIR),$(NCCL_LIB_DIR)),1,0)
 CUDA_ARCH ?= sm_90
 JOBS ?= $(shell nproc)
 
@@ -42,16 +44,23 @@ CUDA_SRCS := $(wildcard cuda/*.cu)
 ifeq ($(CUDA),1)
   CUDA_OBJS := $(CUDA_SRCS:cuda/%.cu=$(BUILD)/obj/cuda/%.o)
   CXXFLAGS += -DLRLLM_WITH_CUDA
-  LDLIBS += -L$(CUDA_LIB_DIR) -Wl,-rpath,$(CUDA_LIB_DIR) -lcudart -lcublasLt -lcublas
-  NVCCFLAGS := -std=c++20 -O3 -arch=$(CUDA_ARCH) -Iinclude -DLRLLM_WITH_CUDA --compiler-options -Wall,-Wextra,-Werror
+  CXXFLAGS += -isystem $(CUDA_HOME)/include
+  LDLIBS += -L$(CUDA_LIB_DIR) -Wl,-rpath,$(CUDA_LIB_DIR) -L$(NCCL_LIB_DIR) -Wl,-rpath,$(NCCL_LIB_DIR) \
+            -lcudart -lcublasLt -lcublas -lnccl
+  NVCCFLAGS := -std=c++20 -O3 -arch=$(CUDA_ARCH) -Iinclude -DLRLLM_WITH_CUDA $(MPI_CFLAGS) -MMD -MP \
+               --compiler-options -Wall,-Wextra,-Werror
 endif
+GPU_TEST_SRCS := $(wildcard tests/gpu/*.cpp)
+GPU_TEST_OBJS := $(GPU_TEST_SRCS:tests/gpu/%.cpp=$(BUILD)/obj/tests/gpu/%.o)
+# The GPU tests build wherever the CUDA backend does, so CI catches GPU code that does not compile.
+GPU_TEST_BIN := $(if $(filter 1,$(CUDA)),$(BUILD)/tests/gpu)
 TEST_SRCS := $(filter-out tests/tokenizer_dump.cpp tests/grad_dump.cpp,$(wildcard tests/*.cpp))
 TEST_OBJS := $(TEST_SRCS:tests/%.cpp=$(BUILD)/obj/tests/%.o)
 
-.PHONY: all build deps data run test bench clean format
+.PHONY: all build deps data run test test-gpu pack-device bench clean format
 .SECONDARY:
 all: $(BUILD)/lrllm $(BUILD)/tests/unit $(BUILD)/tests/tokenizer_dump $(BUILD)/tests/grad_dump \
-     $(BUILD)/tools/bench_sgemm
+     $(BUILD)/tools/bench_sgemm $(GPU_TEST_BIN)
 
 deps:
 	@bash tools/install-deps.sh
@@ -91,6 +100,10 @@ $(BUILD)/tests/unit: $(TEST_OBJS) $(BUILD)/liblrllm.a
 	@mkdir -p $(dir $@)
 	@echo "  LINK  $@"
 	$(Q)$(CXX) $(CXXFLAGS) $^ -o $@ -lgtest -lgtest_main $(LDLIBS)
+$(BUILD)/tests/gpu: $(GPU_TEST_OBJS) $(BUILD)/liblrllm.a
+	@mkdir -p $(dir $@)
+	@echo "  LINK  $@"
+	$(Q)$(CXX) $(CXXFLAGS) $^ -o $@ -lgtest -lgtest_main $(LDLIBS)
 $(BUILD)/tests/%: $(BUILD)/obj/tests/%.o $(BUILD)/liblrllm.a
 	@mkdir -p $(dir $@)
 	@echo "  LINK  $@"
@@ -110,11 +123,20 @@ test: data
 run: data
 	@bash tools/demo.sh $(BUILD)
 
+# The CUDA backend against the CPU backend (tests/gpu); every test skips with a message where no GPU is visible.
+test-gpu: build
+	@if [ -x $(BUILD)/tests/gpu ]; then $(BUILD)/tests/gpu; \
+	 else echo "test-gpu: this build has no CUDA backend (no nvcc, cuBLAS or NCCL found)" >&2; exit 1; fi
+
+# The CUDA build with the libraries and Open MPI runtime a bare GPU machine lacks, in .device/ (git-ignored).
+pack-device: build
+	@bash tools/pack-device.sh $(BUILD)
+
 bench: data
 	@bash tools/bench.sh $(BUILD)
 
 format:
-	clang-format -i include/lrllm/*.h src/*.cpp tests/*.cpp cuda/*.cu
+	clang-format -i include/lrllm/*.h src/*.cpp tests/*.cpp tests/gpu/*.cpp cuda/*.cu cuda/*.cuh
 
 clean:
 	rm -rf build build-sanitize

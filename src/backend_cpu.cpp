@@ -372,6 +372,14 @@ class CpuBackend final : public Backend {
     }
   }
 
+  void dequantize(float* out, const QuantizedTensor& q, std::size_t first, std::size_t count) override {
+    lrllm::dequantize(q, first, count, out);
+  }
+  void dequantize_rows(float* out, const QuantizedTensor& q, const int32_t* host_rows, int n_rows) override {
+    const std::size_t row_len = q.shape.empty() || q.shape[0] == 0 ? 0 : q.size() / q.shape[0];
+    for (int i = 0; i < n_rows; ++i)
+      lrllm::dequantize(q, static_cast<std::size_t>(host_rows[i]) * row_len, row_len, out + i * row_len);
+  }
   void adamw(float* param, const float* grad, float* m, float* v, std::size_t n, float lr, float beta1,
              float beta2, float eps, float weight_decay, int step) override {
     const float bc1 = 1.0f - std::pow(beta1, static_cast<float>(step));

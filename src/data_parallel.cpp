@@ -46,8 +46,6 @@ DataParallel::DataParallel(Model& model, const Topology& topo, bool zero, double
 }
 
 DataParallel::~DataParallel() {
-  for (Bucket& b : buckets_)
-    if (b.request != MPI_REQUEST_NULL) MPI_Request_free(&b.request);
   if (shard_grads_ != nullptr) model_.backend().release(shard_grads_);
 }
 
@@ -79,7 +77,7 @@ void DataParallel::finish_gradients() {
     if (!b.started) start(b);
   for (const auto& [begin, end] : rest_) topo_.allreduce_sum(Group::dp, grads + begin, end - begin);
   for (Bucket& b : buckets_) {
-    LRLLM_MPI(MPI_Wait(&b.request, MPI_STATUS_IGNORE));
+    b.request.wait();
     b.started = false;
   }
   be.scale(grads, model_.table().total(), inv_dp);

@@ -114,7 +114,7 @@ int run_instruction_eval(const Config& cfg, const Comm& comm) {
     tok = std::make_unique<Tokenizer>(
         Tokenizer::load(cfg.data.tokenizer_dir + "/encoder.json", cfg.data.tokenizer_dir + "/vocab.bpe"));
     const ModelConfig mc = read_model_config(cfg.model.init);
-    backend = make_backend(cfg.device);
+    backend = make_backend(cfg.device, comm.local_rank());
     model = std::make_unique<Model>(mc, *backend, false);
     load_weights(cfg.model.init, *model);
     prepare_run_dir(cfg, comm);
@@ -183,7 +183,7 @@ int run_eval(const Config& cfg, const Comm& comm) {
     const ModelConfig mc = read_model_config(cfg.model.init);
     file = std::make_unique<TokenFile>(data);
     batcher = std::make_unique<Batcher>(*file, mc.seq_len, false, cfg.seed);
-    backend = make_backend(cfg.device);
+    backend = make_backend(cfg.device, comm.local_rank());
     model = std::make_unique<Model>(mc, *backend, false);
     load_weights(cfg.model.init, *model);
   });

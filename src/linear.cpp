@@ -55,15 +55,13 @@ void Linear::reduce(float* x, std::size_t n) const {
 namespace {
 
 // Calls use(o0, rows, in, out) for each tile of rows [o0, o0 + rows) of W [out, in], dequantized into tile.
-// The CPU backend shares host memory, so the tile is dequantized in place; a device backend would run its own
-// dequantizing kernel here.
 template <typename Use>
-void for_each_tile(const QuantizedTensor& w, float* tile, std::size_t tile_floats, Use use) {
+void for_each_tile(Backend& be, const QuantizedTensor& w, float* tile, std::size_t tile_floats, Use use) {
   const int out = static_cast<int>(w.shape.at(0)), in = static_cast<int>(w.shape.at(1));
   const int tile_rows = static_cast<int>(std::max<std::size_t>(1, tile_floats / in));
   for (int o0 = 0; o0 < out; o0 += tile_rows) {
     const int rows = std::min(tile_rows, out - o0);
-    dequantize(w, static_cast<std::size_t>(o0) * in, static_cast<std::size_t>(rows) * in, tile);
+    be.dequantize(tile, w, static_cast<std::size_t>(o0) * in, static_cast<std::size_t>(rows) * in);
     use(o0, rows, in, out);
   }
 }
@@ -72,7 +70,7 @@ void for_each_tile(const QuantizedTensor& w, float* tile, std::size_t tile_float
 
 void quantized_matmul(Backend& be, const QuantizedTensor& w, float* tile, std::size_t tile_floats,
                       const float* x, float* y, int N) {
-  for_each_tile(w, tile, tile_floats, [&](int o0, int rows, int in, int out) {
+  for_each_tile(be, w, tile, tile_floats, [&](int o0, int rows, int in, int out) {
     // y[:, o0:o0+rows] = x tile^T
     be.matmul_strided(y + o0, x, tile, N, rows, in, false, true, 1.0f, 0.0f, in, in, out);
   });
@@ -80,7 +78,7 @@ void quantized_matmul(Backend& be, const QuantizedTensor& w, float* tile, std::s
 
 void quantized_matmul_input_grad(Backend& be, const QuantizedTensor& w, float* tile, std::size_t tile_floats,
                                  const float* dy, float* dx, int N) {
-  for_each_tile(w, tile, tile_floats, [&](int o0, int rows, int in, int out) {
+  for_each_tile(be, w, tile, tile_floats, [&](int o0, int rows, int in, int out) {
     // dx += dy[:, o0:o0+rows] tile
     be.matmul_strided(dx, dy + o0, tile, N, in, rows, false, false, 1.0f, o0 == 0 ? 0.0f : 1.0f, out, in, in);
   });

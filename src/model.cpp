@@ -417,8 +417,7 @@ void Model::embed(float* out, const int32_t* device_tokens, const int32_t* host_
     for (int t0 = 0; t0 < T; t0 += per_tile) {
       const int rows = std::min(per_tile, T - t0);
       const int32_t* ids = host_tokens + static_cast<std::size_t>(b) * T + t0;
-      for (int i = 0; i < rows; ++i)
-        dequantize(*wte_q_, static_cast<std::size_t>(ids[i]) * C, C, tile_ + static_cast<std::size_t>(i) * C);
+      be_.dequantize_rows(tile_, *wte_q_, ids, rows);
       be_.embedding_forward(out + (static_cast<std::size_t>(b) * T + t0) * C, tile_ids_, tile_,
                             at(wpe_) + static_cast<std::size_t>(t0) * C, 1, rows, C);
     }

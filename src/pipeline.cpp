@@ -17,13 +17,6 @@ Pipeline::Pipeline(Model& model, const Topology& topo, int micro_batches)
   sends_.resize(slots_);
 }
 
-Pipeline::~Pipeline() {
-  // Sends still in flight when a run stops on an error: the job is ending, their buffers must outlive them.
-  for (auto& requests : sends_)
-    for (MPI_Request& r : requests)
-      if (r != MPI_REQUEST_NULL) MPI_Request_free(&r);
-}
-
 void Pipeline::reserve(int B) {
   model_.reserve(B / micro_batches_, slots_);
 }
@@ -34,10 +27,7 @@ double Pipeline::bubble_fraction() const {
 }
 
 void Pipeline::wait_slot(int slot) {
-  auto& requests = sends_[slot];
-  if (requests.empty()) return;
-  LRLLM_MPI(MPI_Waitall(static_cast<int>(requests.size()), requests.data(), MPI_STATUSES_IGNORE));
-  requests.clear();
+  PendingTransfer::wait_all(sends_[slot]);
 }
 
 void Pipeline::wait_all() {

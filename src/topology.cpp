@@ -7,8 +7,10 @@
 #include <climits>
 #include <cstdio>
 #include <limits>
+#include <utility>
 
 #include "lrllm/common.h"
+#include "lrllm/nccl.h"
 
 namespace lrllm {
 namespace {
@@ -32,7 +34,66 @@ std::vector<int> int_counts(const std::vector<std::size_t>& bounds, std::vector<
   return counts;
 }
 
+NcclGroup& started(const std::unique_ptr<NcclGroup>& group) {
+  if (group == nullptr)
+    throw RuntimeError("a collective of device tensors before Topology::start_device_transport");
+  return *group;
+}
+
 }  // namespace
+
+#ifndef LRLLM_WITH_CUDA
+std::unique_ptr<NcclGroup> make_nccl_group(MPI_Comm) {
+  throw RuntimeError("NCCL is not part of this CPU-only build");
+}
+#endif
+
+PendingTransfer::PendingTransfer() = default;
+
+PendingTransfer::PendingTransfer(MPI_Request request) : request_(request) {}
+
+PendingTransfer::PendingTransfer(std::unique_ptr<DeviceEvent> done) : done_(std::move(done)) {}
+
+PendingTransfer::PendingTransfer(PendingTransfer&& other) noexcept
+    : request_(std::exchange(other.request_, MPI_REQUEST_NULL)), done_(std::move(other.done_)) {}
+
+PendingTransfer& PendingTransfer::operator=(PendingTransfer&& other) noexcept {
+  if (this != &other) {
+    release();
+    request_ = std::exchange(other.request_, MPI_REQUEST_NULL);
+    done_ = std::move(other.done_);
+  }
+  return *this;
+}
+
+PendingTransfer::~PendingTransfer() {
+  release();
+}
+
+void PendingTransfer::release() {
+  if (request_ != MPI_REQUEST_NULL) MPI_Request_free(&request_);
+  done_.reset();
+}
+
+void PendingTransfer::wait() {
+  if (request_ != MPI_REQUEST_NULL) LRLLM_MPI(MPI_Wait(&request_, MPI_STATUS_IGNORE));
+  if (done_ != nullptr) {
+    done_->wait();
+    done_.reset();
+  }
+}
+
+void PendingTransfer::wait_all(std::vector<PendingTransfer>& transfers) {
+  std::vector<MPI_Request> requests;
+  for (PendingTransfer& t : transfers)
+    if (t.request_ != MPI_REQUEST_NULL)
+      requests.push_back(std::exchange(t.request_, MPI_REQUEST_NULL));
+    else
+      t.wait();
+  if (!requests.empty())
+    LRLLM_MPI(MPI_Waitall(static_cast<int>(requests.size()), requests.data(), MPI_STATUSES_IGNORE));
+  transfers.clear();
+}
 
 void validate_layout(const ParallelConfig& p, int world_size, const ModelConfig& m, int batch_size) {
   auto require = [](bool ok, const std::string& message) {
@@ -95,7 +156,16 @@ std::pair<int, int> Topology::stage_layers(const ModelConfig& m, int pp, int sta
   return {bounds[stage], bounds[stage + 1]};
 }
 
-Topology::Topology(const Comm& world, const ParallelConfig& p) : world_(world), tp_(p.tp), pp_(p.pp) {
+Topology::Topology(const Comm& world, const ParallelConfig& p, bool device_tensors)
+    : world_(world), tp_(p.tp), pp_(p.pp), device_tensors_(device_tensors) {
+#ifndef LRLLM_WITH_CUDA
+  // Every rank alike (the option is the same everywhere) and before any split; the lowest rank reports it.
+  if (device_tensors_)
+    collective_check(world, [] {
+      throw InputError(
+          "--device cuda: this build of lrllm is CPU-only (rebuild on a machine with nvcc and NCCL)");
+    });
+#endif
   dp_ = world.size() / (tp_ * pp_);
   const int r = world.rank();
   tp_rank_ = r % tp_;
@@ -117,6 +187,24 @@ Topology::~Topology() {
   if (finalized) return;
   for (MPI_Comm* c : {&tp_comm_, &pp_comm_, &dp_comm_, &embed_comm_})
     if (*c != MPI_COMM_NULL) MPI_Comm_free(c);
+}
+
+void Topology::start_device_transport() {
+  if (!device_tensors_) return;
+  // Here, explicitly, not on first use: creating a communicator is collective, and a pipeline stage's first
+  // transfer is not one that all its peers reach together. Every rank creates them in the same order, joining
+  // those it belongs to, so that no rank waits in one communicator's creation for a peer that waits in
+  // another's.
+  if (tp_ > 1) tp_nccl_ = make_nccl_group(tp_comm_);
+  // One communicator per pipeline tag: activations go forward on the first, their gradients backward on the
+  // second. NCCL runs a communicator's ops in issue order, and a send completes only once its peer's receive
+  // runs; on one communicator, 1F1B deadlocks (pp 2, 2 micro-batches: stage 0 sends a0, a1, then receives
+  // g0; stage 1 receives a0, sends g0, then receives a1, so a1 waits behind g0 and g0 behind a1). Two
+  // communicators, each with its own stream, keep the directions independent, as MPI's tags do.
+  if (pp_ > 1)
+    for (std::unique_ptr<NcclGroup>& g : pp_nccl_) g = make_nccl_group(pp_comm_);
+  dp_nccl_ = make_nccl_group(dp_comm_);
+  if (embed_comm_ != MPI_COMM_NULL) embed_nccl_ = make_nccl_group(embed_comm_);
 }
 
 ModelShard Topology::shard(const ModelConfig& m) const {
@@ -150,6 +238,16 @@ MPI_Comm Topology::comm(Group g) const {
   return g == Group::dp ? dp_comm_ : g == Group::tp ? tp_comm_ : pp_comm_;
 }
 
+NcclGroup& Topology::nccl(Group g) const {
+  return started(g == Group::dp ? dp_nccl_ : g == Group::tp ? tp_nccl_ : pp_nccl_[0]);
+}
+
+NcclGroup& Topology::nccl_pp(int tag) const {
+  if (tag != 0 && tag != 1)
+    throw RuntimeError(strprintf("pipeline tag %d: device transfers have tags 0 and 1", tag));
+  return started(pp_nccl_[tag]);
+}
+
 void Topology::allreduce_sum(float* x, std::size_t n) const {
   allreduce_sum(Group::tp, x, n);
 }
@@ -159,6 +257,10 @@ void Topology::allreduce_sum(Group g, float* x, std::size_t n) const {
   LRLLM_MPI(MPI_Comm_size(comm(g), &size));
   if (size == 1) return;
   count(g, n);
+  if (device_tensors_) {
+    nccl(g).allreduce_sum(x, n);
+    return;
+  }
   in_pieces(n, [&](std::size_t off, int c) {
     LRLLM_MPI(MPI_Allreduce(MPI_IN_PLACE, x + off, c, MPI_FLOAT, MPI_SUM, comm(g)));
   });
@@ -173,12 +275,16 @@ void Topology::world_sum(double* x, int n) const {
   if (world_.size() > 1) LRLLM_MPI(MPI_Allreduce(MPI_IN_PLACE, x, n, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
 }
 
-MPI_Request Topology::iallreduce_dp(float* x, std::size_t n) const {
+PendingTransfer Topology::iallreduce_dp(float* x, std::size_t n) const {
+  if (device_tensors_) {
+    count(Group::dp, n);
+    return PendingTransfer(nccl(Group::dp).iallreduce_sum(x, n));
+  }
   if (n > kMaxCount) throw RuntimeError("a gradient bucket exceeds MPI's int counts");
   count(Group::dp, n);
   MPI_Request req = MPI_REQUEST_NULL;
   LRLLM_MPI(MPI_Iallreduce(MPI_IN_PLACE, x, static_cast<int>(n), MPI_FLOAT, MPI_SUM, dp_comm_, &req));
-  return req;
+  return PendingTransfer(req);
 }
 
 std::vector<std::size_t> Topology::shard_bounds(std::size_t n, int parts) {
@@ -190,12 +296,20 @@ std::vector<std::size_t> Topology::shard_bounds(std::size_t n, int parts) {
 
 void Topology::reduce_scatter_dp(const float* x, float* shard, const std::vector<std::size_t>& bounds) const {
   count(Group::dp, bounds.back());
+  if (device_tensors_) {
+    nccl(Group::dp).reduce_scatter(x, shard, bounds);
+    return;
+  }
   const std::vector<int> counts = int_counts(bounds, nullptr);
   LRLLM_MPI(MPI_Reduce_scatter(x, shard, counts.data(), MPI_FLOAT, MPI_SUM, dp_comm_));
 }
 
 void Topology::allgather_dp(float* x, const std::vector<std::size_t>& bounds) const {
   count(Group::dp, bounds[dp_rank_ + 1] - bounds[dp_rank_]);
+  if (device_tensors_) {
+    nccl(Group::dp).allgather(x, bounds);
+    return;
+  }
   std::vector<int> displs;
   const std::vector<int> counts = int_counts(bounds, &displs);
   LRLLM_MPI(MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, x, counts.data(), displs.data(), MPI_FLOAT,
@@ -212,22 +326,33 @@ void Topology::gather_dp(const float* shard, float* full, const std::vector<std:
 void Topology::sum_tied_embedding(float* grad, std::size_t n) const {
   if (embed_comm_ == MPI_COMM_NULL) return;
   count(Group::pp, n);
+  if (device_tensors_) {
+    started(embed_nccl_).allreduce_sum(grad, n);
+    return;
+  }
   in_pieces(n, [&](std::size_t off, int c) {
     LRLLM_MPI(MPI_Allreduce(MPI_IN_PLACE, grad + off, c, MPI_FLOAT, MPI_SUM, embed_comm_));
   });
 }
 
-MPI_Request Topology::isend_stage(const float* x, std::size_t n, int stage, int tag) const {
+PendingTransfer Topology::isend_stage(const float* x, std::size_t n, int stage, int tag) const {
+  if (device_tensors_) {
+    count(Group::pp, n);
+    return PendingTransfer(nccl_pp(tag).send(x, n, stage));
+  }
   if (n > kMaxCount) throw RuntimeError("a pipeline transfer exceeds MPI's int counts");
   count(Group::pp, n);
   MPI_Request req = MPI_REQUEST_NULL;
   LRLLM_MPI(MPI_Isend(x, static_cast<int>(n), MPI_FLOAT, stage, tag, pp_comm_, &req));
-  return req;
+  return PendingTransfer(req);
 }
 
 void Topology::recv_stage(float* x, std::size_t n, int stage, int tag) const {
   const auto t0 = std::chrono::steady_clock::now();
-  LRLLM_MPI(MPI_Recv(x, static_cast<int>(n), MPI_FLOAT, stage, tag, pp_comm_, MPI_STATUS_IGNORE));
+  if (device_tensors_)
+    nccl_pp(tag).recv(x, n, stage);
+  else
+    LRLLM_MPI(MPI_Recv(x, static_cast<int>(n), MPI_FLOAT, stage, tag, pp_comm_, MPI_STATUS_IGNORE));
   pp_wait_s_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 

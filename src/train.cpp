@@ -27,7 +27,10 @@ namespace fs = std::filesystem;
 namespace lrllm {
 namespace {
 
-std::size_t peak_rss_bytes() {
+// The peak of the memory that bounds the run: the GPU's (what the backend's allocations held at most) on a
+// device backend, else the process's resident set.
+std::size_t peak_memory_bytes(const Backend& backend) {
+  if (const std::size_t device = backend.peak_bytes(); device > 0) return device;
   rusage usage{};
   getrusage(RUSAGE_SELF, &usage);
   return static_cast<std::size_t>(usage.ru_maxrss) * 1024;
@@ -81,11 +84,14 @@ void TrainSetup::check_layout(const Config& cfg, const Comm& comm) const {
 }
 
 void TrainSetup::make_topology(const Config& cfg, const Comm& comm) {
-  topo = std::make_unique<Topology>(comm, cfg.parallel);
+  topo = std::make_unique<Topology>(comm, cfg.parallel, cfg.device == "cuda");
+  // Every rank has its device (the GPU its local rank picks) before the device transport connects them: that
+  // is collective, and a rank that failed to get its GPU would leave the others waiting in it.
+  collective_check(comm, [&] { backend = make_backend(cfg.device, comm.local_rank()); });
+  topo->start_device_transport();
 }
 
 void TrainSetup::build(const Config& cfg) {
-  backend = make_backend(cfg.device);
   model = std::make_unique<Model>(mc, *backend, cfg.train.recompute == "block", topo->shard(mc));
   // ZeRO-1: this rank's shard of the optimizer state.
   const std::size_t n = model->table().total();
@@ -290,7 +296,7 @@ int run_training(const Config& cfg, const Comm& comm, TrainSetup& setup, const s
                        {"mem_grads", static_cast<double>(mem.grads)},
                        {"mem_optimizer", static_cast<double>(mem.optimizer)},
                        {"mem_activations", static_cast<double>(mem.activations)},
-                       {"mem_peak", static_cast<double>(peak_rss_bytes())}});
+                       {"mem_peak", static_cast<double>(peak_memory_bytes(*backend))}});
       if (state.step % cfg.run.log_every == 0 || last || !std::isnan(val_loss)) {
         const double avg_s = timed_steps > 0 ? elapsed_train_s / timed_steps : step_s;
         std::printf(
@@ -298,7 +304,7 @@ int run_training(const Config& cfg, const Comm& comm, TrainSetup& setup, const s
             "%s\n",
             static_cast<long long>(state.step), tc.steps, loss,
             std::isnan(val_loss) ? "" : strprintf(" | val %.4f", val_loss).c_str(), lr, grad_norm,
-            tokens_per_s, step_s * 1e3, peak_rss_bytes() / 1e6,
+            tokens_per_s, step_s * 1e3, peak_memory_bytes(*backend) / 1e6,
             format_duration(avg_s * (tc.steps - state.step)).c_str());
         std::fflush(stdout);
         metrics->flush();

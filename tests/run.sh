@@ -51,6 +51,14 @@ suite "Slurm jobs (sbatch, requeue, resume)" bash tests/slurm/run.sh "$build"
 suite "report tool (tools/report.py)" "$python" tests/integration/test_report.py "$build"
 suite "PyTorch reference" bash tests/reference/run.sh "$build"
 suite "tokenizer against gpt-3-encoder" bash tests/tokenizer/compare.sh "$build"
+# The GPU tests are built wherever the CUDA backend is, and run where a GPU is visible (also: make test-gpu).
+if [[ -x "$build/tests/gpu" ]]; then
+  if nvidia-smi -L >/dev/null 2>&1; then
+    suite "CUDA backend against the CPU backend" "$build/tests/gpu"
+  else
+    echo "== CUDA backend: $build/tests/gpu is built; no GPU is visible here, so its tests do not run"
+  fi
+fi
 
 echo "$passed passed, $failed failed"
 [[ $failed -eq 0 ]]

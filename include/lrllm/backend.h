@@ -7,6 +7,8 @@
 #include <memory>
 #include <string>
 
+#include "lrllm/quant.h"
+
 namespace lrllm {
 
 class Backend {
@@ -81,9 +83,19 @@ class Backend {
   virtual void softmax_xent(float* losses, float* logits, const int32_t* targets, int N, int V,
                             float grad_scale) = 0;
 
+  // Values [first, first + count) of a quantized tensor (host storage, see quant.h) into out: bit for bit
+  // what quant.h's dequantize gives. A device backend keeps its own copy of the codes, made on first use.
+  virtual void dequantize(float* out, const QuantizedTensor& q, std::size_t first, std::size_t count) = 0;
+  // Rows host_rows[0..n_rows) of a quantized matrix [rows, row_len] into out [n_rows, row_len].
+  virtual void dequantize_rows(float* out, const QuantizedTensor& q, const int32_t* host_rows,
+                               int n_rows) = 0;
+
   // One AdamW step (PyTorch's order: decoupled decay first, then the bias-corrected Adam update).
   virtual void adamw(float* param, const float* grad, float* m, float* v, std::size_t n, float lr,
                      float beta1, float beta2, float eps, float weight_decay, int step) = 0;
+
+  // The most bytes this backend's allocations held at once (0 where memory is the host's: see mem_peak).
+  virtual std::size_t peak_bytes() const { return 0; }
 };
 
 // The CPU backend: OpenBLAS sgemm and OpenMP loops.
@@ -95,15 +107,18 @@ std::unique_ptr<Backend> make_cpu_backend();
 // re-executes the program (the choice is only read at load time). It returns when nothing needs changing.
 void ensure_blas_kernels(char** argv);
 
-// The CUDA backend, when this build has one and a GPU is visible; throws InputError otherwise.
-std::unique_ptr<Backend> make_cuda_backend();
+// The CUDA backend on GPU `device` (of those visible), when this build has one and a GPU is visible; throws
+// InputError otherwise.
+std::unique_ptr<Backend> make_cuda_backend(int device = 0);
 
 // Number of visible CUDA devices (0 in a CPU-only build).
 int cuda_device_count();
 // True when this binary was compiled with the CUDA backend.
 bool built_with_cuda();
 
-// Picks the backend for --device cpu|cuda|auto (auto: the CPU until the CUDA backend can train).
-std::unique_ptr<Backend> make_backend(const std::string& device);
+// Picks the backend for --device cpu|cuda|auto (auto: the CPU until the CUDA backend has passed make
+// test-gpu on a GPU). local_rank: this process's index among the ranks on its node, which picks the GPU
+// (local_rank modulo the visible devices), so that the ranks of a node share its GPUs evenly.
+std::unique_ptr<Backend> make_backend(const std::string& device, int local_rank = 0);
 
 }  // namespace lrllm

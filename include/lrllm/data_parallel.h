@@ -1,6 +1,6 @@
 // Data parallelism over the data-parallel group, after backward and before the optimizer:
-// - plain: gradients are averaged in buckets of whole blocks, each started (MPI_Iallreduce) as soon as
-//   backward has finished its blocks, so communication runs while backward goes on;
+// - plain: gradients are averaged in buckets of whole blocks, each started (Topology::iallreduce_dp) as soon
+//   as backward has finished its blocks, so communication runs while backward goes on;
 // - ZeRO-1 (parallel.zero 1): one reduce-scatter leaves each rank the averaged gradients of its shard of the
 //   flat buffer, AdamW keeps moments for that shard only, and an allgather hands every rank the updated
 //   parameters.
@@ -8,8 +8,6 @@
 // gradient norm with every parameter counted once (tensor-parallel replicas and the lm_head's copy of wte
 // are left out).
 #pragma once
-
-#include <mpi.h>
 
 #include <cstddef>
 #include <functional>
@@ -46,7 +44,7 @@ class DataParallel {
   struct Bucket {
     int lowest_layer = 0;  // backward finishes it last
     std::size_t begin = 0, end = 0;
-    MPI_Request request = MPI_REQUEST_NULL;
+    PendingTransfer request{};
     bool started = false;
   };
   float* grads_of_shard();

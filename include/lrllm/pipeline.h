@@ -6,8 +6,6 @@
 // each other. With one stage the schedule is plain gradient accumulation over the micro-batches.
 #pragma once
 
-#include <mpi.h>
-
 #include <cstdint>
 #include <functional>
 #include <vector>
@@ -21,7 +19,6 @@ class Pipeline {
  public:
   // micro_batches: per micro-step of B sequences (B divisible by it).
   Pipeline(Model& model, const Topology& topo, int micro_batches);
-  ~Pipeline();
   Pipeline(const Pipeline&) = delete;
   Pipeline& operator=(const Pipeline&) = delete;
 
@@ -52,7 +49,7 @@ class Pipeline {
   const Topology& topo_;
   int micro_batches_ = 1;
   int slots_ = 1;
-  std::vector<std::vector<MPI_Request>> sends_;  // outstanding sends from each slot's buffers
+  std::vector<std::vector<PendingTransfer>> sends_;  // outstanding sends from each slot's buffers
 };
 
 }  // namespace lrllm

@@ -2,14 +2,19 @@
 // data-parallel groups, tp * pp * dp = world. Tensor parallelism is innermost, so that the group that talks
 // most shares a node where it can: world rank = (dp_rank * pp + pp_rank) * tp + tp_rank.
 //
+// Host tensors move with MPI. Device tensors (--device cuda) move with NCCL (nccl.h), since this MPI is not
+// CUDA-aware; MPI still carries host data: world_sum, gather_dp (checkpoints) and print_placement.
+//
 // Every collective and transfer here counts the bytes this rank hands to it (the payload: n floats of an
-// allreduce count 4n, whatever algorithm MPI picks), per communicator; training writes them to metrics.h5.
+// allreduce count 4n, whatever algorithm MPI or NCCL picks), per communicator; training writes them to
+// metrics.h5.
 #pragma once
 
 #include <mpi.h>
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -22,6 +27,36 @@ namespace lrllm {
 
 enum class Group { dp, tp, pp };
 
+class DeviceEvent;
+class NcclGroup;
+
+// A transfer in flight (Topology::iallreduce_dp, isend_stage): an MPI request for host tensors, the
+// completion of a NCCL op for device tensors. Once wait() returns, its buffer may be read and reused by what
+// follows: MPI blocks the host until the transfer is done; NCCL makes the default stream wait for it (see
+// nccl.h), which orders every later kernel and device transfer after it without blocking the host. Destroying
+// an unfinished transfer lets it finish on its own (MPI_Request_free), as when a run stops on an error: its
+// buffer must outlive it.
+class PendingTransfer {
+ public:
+  PendingTransfer();
+  explicit PendingTransfer(MPI_Request request);
+  explicit PendingTransfer(std::unique_ptr<DeviceEvent> done);
+  PendingTransfer(PendingTransfer&& other) noexcept;
+  PendingTransfer& operator=(PendingTransfer&& other) noexcept;
+  ~PendingTransfer();
+
+  bool pending() const { return request_ != MPI_REQUEST_NULL || done_ != nullptr; }
+  void wait();
+  // Waits for every transfer (the MPI ones in one MPI_Waitall) and empties the list.
+  static void wait_all(std::vector<PendingTransfer>& transfers);
+
+ private:
+  void release();
+
+  MPI_Request request_ = MPI_REQUEST_NULL;
+  std::unique_ptr<DeviceEvent> done_;
+};
+
 // Checks a layout against the world size, the model and the batch before anything is built: world divisible
 // by tp * pp, pp at most the layer count, heads and d_ff divisible by tp, micro_batches dividing the batch.
 // Throws InputError.
@@ -29,10 +64,18 @@ void validate_layout(const ParallelConfig& p, int world_size, const ModelConfig&
 
 class Topology : public TensorReducer {
  public:
-  Topology(const Comm& world, const ParallelConfig& p);
+  // device_tensors: the tensors handed to the collectives and transfers below are device pointers (--device
+  // cuda), which NCCL carries once start_device_transport has run. Throws InputError for device tensors in a
+  // CPU-only build.
+  Topology(const Comm& world, const ParallelConfig& p, bool device_tensors = false);
   ~Topology() override;
   Topology(const Topology&) = delete;
   Topology& operator=(const Topology&) = delete;
+
+  // With device tensors, creates the NCCL communicators; otherwise does nothing. Collective over the world:
+  // every rank calls it once, after the backend has chosen this rank's GPU and before any collective or
+  // transfer of device tensors.
+  void start_device_transport();
 
   const Comm& world() const { return world_; }
   int tp() const { return tp_; }
@@ -59,8 +102,8 @@ class Topology : public TensorReducer {
   // Sums over the world, every rank getting the result.
   double world_sum(double x) const;
   void world_sum(double* x, int n) const;
-  // Starts an in-place sum over the data-parallel group; the caller waits for the request.
-  MPI_Request iallreduce_dp(float* x, std::size_t n) const;
+  // Starts an in-place sum over the data-parallel group; the caller waits for the transfer.
+  PendingTransfer iallreduce_dp(float* x, std::size_t n) const;
   // ZeRO-1's shards of a flat buffer of n floats over the data-parallel ranks (see shard_bounds).
   std::vector<std::size_t> dp_bounds(std::size_t n) const { return shard_bounds(n, dp_); }
   // n floats in `parts` shards: shard d is [bounds[d], bounds[d+1]), equal and 64-byte aligned but for the
@@ -70,24 +113,34 @@ class Topology : public TensorReducer {
   void reduce_scatter_dp(const float* x, float* shard, const std::vector<std::size_t>& bounds) const;
   void allgather_dp(float* x, const std::vector<std::size_t>& bounds) const;
   // Gathers the shards of every data-parallel rank into full on dp rank 0 (full: bounds.back() floats there).
+  // Host buffers (checkpoints), on every device.
   void gather_dp(const float* shard, float* full, const std::vector<std::size_t>& bounds) const;
   // Sum of the tied embedding's gradient between the first and last pipeline stage (pp > 1 only).
   void sum_tied_embedding(float* grad, std::size_t n) const;
   // Pipeline transfers between stages of this rank's pipeline (tag: 0 activations, 1 their gradients).
-  MPI_Request isend_stage(const float* x, std::size_t n, int stage, int tag) const;
+  PendingTransfer isend_stage(const float* x, std::size_t n, int stage, int tag) const;
   void recv_stage(float* x, std::size_t n, int stage, int tag) const;
 
   int64_t bytes(Group g) const { return bytes_[static_cast<int>(g)]; }
+  // Host time blocked in pipeline receives. A device receive only queues the transfer (the GPU waits, not
+  // the host), so with device tensors this stays near 0.
   double pp_wait_s() const { return pp_wait_s_; }
 
  private:
   MPI_Comm comm(Group g) const;
+  NcclGroup& nccl(Group g) const;
+  NcclGroup& nccl_pp(int tag) const;
   void count(Group g, std::size_t floats) const { bytes_[static_cast<int>(g)] += floats * sizeof(float); }
 
   const Comm& world_;
   int tp_ = 1, pp_ = 1, dp_ = 1, tp_rank_ = 0, pp_rank_ = 0, dp_rank_ = 0;
+  bool device_tensors_ = false;
   MPI_Comm tp_comm_ = MPI_COMM_NULL, pp_comm_ = MPI_COMM_NULL, dp_comm_ = MPI_COMM_NULL;
   MPI_Comm embed_comm_ = MPI_COMM_NULL;  // the first and the last stage of a pipeline (pp > 1)
+  // Device tensors: a NCCL communicator for each group of more than one rank (always for dp, whose ZeRO
+  // reduce-scatter runs even alone), and two over the pipeline group, one per tag (see
+  // start_device_transport).
+  std::unique_ptr<NcclGroup> tp_nccl_, dp_nccl_, embed_nccl_, pp_nccl_[2];
   mutable int64_t bytes_[3] = {0, 0, 0};
   mutable double pp_wait_s_ = 0;  // time blocked in pipeline receives
 };

@@ -33,10 +33,12 @@ struct TrainSetup {
 
   // Checks the parallel layout against mc and the batch (InputError), inside the mode's collective_check.
   void check_layout(const Config& cfg, const Comm& comm) const;
-  // Splits the world into the layout's groups: collective, so outside any check that one rank may fail.
+  // Splits the world into the layout's groups, creates the backend on this rank's device, and connects the
+  // device transport (NCCL) where tensors live on GPUs: collective, so outside any check that one rank may
+  // fail.
   void make_topology(const Config& cfg, const Comm& comm);
-  // Creates backend, this rank's share of the model (of mc) and its optimizer state; when resuming, loads
-  // weights, moments and state. A fresh start's weights are the mode's to set.
+  // Creates this rank's share of the model (of mc) and its optimizer state; when resuming, loads weights,
+  // moments and state. A fresh start's weights are the mode's to set.
   void build(const Config& cfg);
 };
 

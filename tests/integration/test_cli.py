@@ -221,6 +221,10 @@ def bad_input(args, expect, np_=None):
     assert expect in lines[0], f"'{expect}' not in: {lines[0]}"
 
 
+def gpu_visible():
+    return shutil.which("nvidia-smi") is not None and subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
+
+
 def test_bad_options():
     base = ["--mode", "pretrain", *SMALL, "--data.train", TRAIN]
     bad_input(["--mode", "pretrain", "--no.such", "1"], "no.such")
@@ -231,6 +235,11 @@ def test_bad_options():
     bad_input([*base, "--lowrank.rank", "40"], "min(in, out)")
     bad_input(["--mode", "pretrain", "--config", os.path.join(TMP, "missing.cfg")], "missing.cfg")
     bad_input(["--mode", "pretrain", "--device", "tpu", "--data.train", TRAIN], "device")
+    # Where no GPU is visible (CI), --device cuda is one clear line and exit 2, on every rank.
+    if not gpu_visible():
+        on_cuda = [*SMALL[:-2], "--device", "cuda", "--mode", "pretrain", "--data.train", TRAIN]
+        bad_input(on_cuda, "--device cuda")
+        bad_input(on_cuda, "--device cuda", np_=2)
 
 
 def test_bad_files():

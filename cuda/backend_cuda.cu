@@ -1,0 +1,772 @@
+// The CUDA backend (DESIGN §3 seam): every primitive of backend.h on one GPU. Tensors are float32 in device
+// memory, the master copy of every parameter; matrix products run on the tensor cores in bf16 with float32
+// accumulation (cuBLASLt's CUBLAS_COMPUTE_32F_FAST_16BF), with one cached plan per shape. Every kernel runs
+// on the legacy default stream, so the order of calls is the order of work and the host never waits except to
+// read a result; NCCL transfers (nccl.cu) order themselves against it with events.
+//
+// Reductions (bias and LayerNorm parameter gradients, the embedding gradient, the sum of squares) run in a
+// fixed order with no floating-point atomics, so two identical runs give identical bits.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <map>
+#include <numeric>
+#include <tuple>
+#include <unordered_map>
+#include <vector>
+
+#include "attention.cuh"
+#include "check.cuh"
+#include "lrllm/backend.h"
+#include "lrllm/common.h"
+#include "lrllm/quant.h"
+
+namespace lrllm {
+namespace {
+
+constexpr float kLayerNormEps = 1e-5f;
+constexpr float kGeluScale = 0.7978845608028654f;  // sqrt(2/pi)
+constexpr int kThreads = 256;
+// Row chunks of a column reduction: enough blocks to fill the GPU at GPT-2's widths, few partials to add.
+constexpr int kColumnChunks = 64;
+// Blocks of the sum of squares: each adds a grid-strided share in double, the host adds the partials in
+// order.
+constexpr int kSquareBlocks = 1024;
+// cuBLASLt's workspace: what Hopper's fastest GEMM kernels ask for at GPT-2 shapes.
+constexpr std::size_t kGemmWorkspaceBytes = std::size_t{32} << 20;
+
+int blocks_for(std::size_t n, int threads = kThreads) {
+  return static_cast<int>(std::min<std::size_t>((n + threads - 1) / threads, std::size_t{1} << 30));
+}
+
+__device__ float warp_sum(float x) {
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+__device__ float warp_max(float x) {
+  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+
+// A block-wide reduction in a fixed tree (deterministic); every thread gets the result. scratch: 32 floats.
+template <bool Max>
+__device__ float block_reduce(float x, float* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+  x = Max ? warp_max(x) : warp_sum(x);
+  __syncthreads();  // scratch may still be read by a previous reduction
+  if (lane == 0) scratch[warp] = x;
+  __syncthreads();
+  float y = lane < warps ? scratch[lane] : (Max ? -INFINITY : 0.0f);
+  y = Max ? warp_max(y) : warp_sum(y);
+  return y;
+}
+
+__global__ void fill_kernel(float* x, std::size_t n, float value) {
+  for (std::size_t i = blockIdx.x * std::size_t{blockDim.x} + threadIdx.x; i < n;
+       i += std::size_t{gridDim.x} * blockDim.x)
+    x[i] = value;
+}
+
+__global__ void add_kernel(float* out, const float* a, const float* b, std::size_t n) {
+  for (std::size_t i = blockIdx.x * std::size_t{blockDim.x} + threadIdx.x; i < n;
+       i += std::size_t{gridDim.x} * blockDim.x)
+    out[i] = a[i] + b[i];
+}
+
+__global__ void mul_kernel(float* out, const float* a, const float* b, std::size_t n) {
+  for (std::size_t i = blockIdx.x * std::size_t{blockDim.x} + threadIdx.x; i < n;
+       i += std::size_t{gridDim.x} * blockDim.x)
+    out[i] = a[i] * b[i];
+}
+
+__global__ void scale_kernel(float* x, std::size_t n, float s) {
+  for (std::size_t i = blockIdx.x * std::size_t{blockDim.x} + threadIdx.x; i < n;
+       i += std::size_t{gridDim.x} * blockDim.x)
+    x[i] *= s;
+}
+
+__global__ void add_bias_kernel(float* out, const float* bias, std::size_t n, int C) {
+  for (std::size_t i = blockIdx.x * std::size_t{blockDim.x} + threadIdx.x; i < n;
+       i += std::size_t{gridDim.x} * blockDim.x)
+    out[i] += bias[i % C];
+}
+
+__global__ void sum_squares_kernel(double* partial, const float* x, std::size_t n) {
+  __shared__ double shared[kThreads];
+  double s = 0;
+  for (std::size_t i = blockIdx.x * std::size_t{blockDim.x} + threadIdx.x; i < n;
+       i += std::size_t{gridDim.x} * blockDim.x)
+    s += static_cast<double>(x[i]) * x[i];
+  shared[threadIdx.x] = s;
+  __syncthreads();
+  for (int half = blockDim.x / 2; half > 0; half >>= 1) {
+    if (threadIdx.x < half) shared[threadIdx.x] += shared[threadIdx.x + half];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) partial[blockIdx.x] = shared[0];
+}
+
+// Column sums in two passes: block (x, y) adds rows of chunk y for 32 columns, 8 rows in parallel, then the
+// 8 partial sums in order; column_finish adds the chunks in order. Value(n, c) is the summand.
+template <typename Value>
+__global__ void column_partials(float* partial, int N, int C, int chunk_rows, Value value) {
+  __shared__ float shared[8][33];
+  const int c = blockIdx.x * 32 + threadIdx.x;
+  const int lo = blockIdx.y * chunk_rows, hi = min(N, lo + chunk_rows);
+  float s = 0;
+  if (c < C)
+    for (int n = lo + threadIdx.y; n < hi; n += 8) s += value(n, c);
+  shared[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < C) {
+    float total = 0;
+    for (int k = 0; k < 8; ++k) total += shared[k][threadIdx.x];
+    partial[static_cast<std::size_t>(blockIdx.y) * C + c] = total;
+  }
+}
+
+__global__ void column_finish(float* out, const float* partial, int chunks, int C) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  float s = 0;
+  for (int k = 0; k < chunks; ++k) s += partial[static_cast<std::size_t>(k) * C + c];
+  out[c] += s;
+}
+
+struct RowValue {
+  const float* x;
+  int C;
+  __device__ float operator()(int n, int c) const { return x[static_cast<std::size_t>(n) * C + c]; }
+};
+
+struct NormalizedProduct {  // dout * xhat: the LayerNorm weight's gradient
+  const float *dout, *inp, *mean, *rstd;
+  int C;
+  __device__ float operator()(int n, int c) const {
+    const std::size_t i = static_cast<std::size_t>(n) * C + c;
+    return dout[i] * ((inp[i] - mean[n]) * rstd[n]);
+  }
+};
+
+// One warp per row: mean, then the variance about it (two passes over the row, which stays in L1).
+__global__ void layernorm_forward_kernel(float* out, float* mean, float* rstd, const float* inp,
+                                         const float* w, const float* b, int N, int C) {
+  const int n = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x & 31;
+  if (n >= N) return;
+  const float* x = inp + static_cast<std::size_t>(n) * C;
+  float s = 0;
+  for (int c = lane; c < C; c += 32) s += x[c];
+  const float m = warp_sum(s) / C;
+  float v = 0;
+  for (int c = lane; c < C; c += 32) v += (x[c] - m) * (x[c] - m);
+  const float r = rsqrtf(warp_sum(v) / C + kLayerNormEps);
+  float* y = out + static_cast<std::size_t>(n) * C;
+  for (int c = lane; c < C; c += 32) y[c] = (x[c] - m) * r * w[c] + b[c];
+  if (lane == 0) {
+    mean[n] = m;
+    rstd[n] = r;
+  }
+}
+
+__global__ void layernorm_input_grad_kernel(float* dinp, const float* dout, const float* inp, const float* w,
+                                            const float* mean, const float* rstd, int N, int C) {
+  const int n = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x & 31;
+  if (n >= N) return;
+  const std::size_t off = static_cast<std::size_t>(n) * C;
+  const float* dy = dout + off;
+  const float* x = inp + off;
+  const float m = mean[n], r = rstd[n];
+  float sum_dxhat = 0, sum_dxhat_xhat = 0;
+  for (int c = lane; c < C; c += 32) {
+    const float dxhat = dy[c] * w[c];
+    sum_dxhat += dxhat;
+    sum_dxhat_xhat += dxhat * ((x[c] - m) * r);
+  }
+  const float mean_dxhat = warp_sum(sum_dxhat) / C, mean_dxhat_xhat = warp_sum(sum_dxhat_xhat) / C;
+  float* dx = dinp + off;
+  for (int c = lane; c < C; c += 32)
+    dx[c] += r * (dy[c] * w[c] - mean_dxhat - (x[c] - m) * r * mean_dxhat_xhat);
+}
+
+__global__ void gelu_forward_kernel(float* out, const float* inp, std::size_t n) {
+  for (std::size_t i = blockIdx.x * std::size_t{blockDim.x} + threadIdx.x; i < n;
+       i += std::size_t{gridDim.x} * blockDim.x) {
+    const float x = inp[i];
+    out[i] = 0.5f * x * (1.0f + tanhf(kGeluScale * (x + 0.044715f * x * x * x)));
+  }
+}
+
+__global__ void gelu_backward_kernel(float* dinp, const float* inp, const float* dout, std::size_t n) {
+  for (std::size_t i = blockIdx.x * std::size_t{blockDim.x} + threadIdx.x; i < n;
+       i += std::size_t{gridDim.x} * blockDim.x) {
+    const float x = inp[i];
+    const float t = tanhf(kGeluScale * (x + 0.044715f * x * x * x));
+    const float du = kGeluScale * (1.0f + 3.0f * 0.044715f * x * x);
+    dinp[i] = dout[i] * (0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * du);
+  }
+}
+
+__global__ void embedding_forward_kernel(float* out, const int32_t* tokens, const float* wte,
+                                         const float* wpe, int N, int T, int C) {
+  const std::size_t total = static_cast<std::size_t>(N) * C;
+  for (std::size_t i = blockIdx.x * std::size_t{blockDim.x} + threadIdx.x; i < total;
+       i += std::size_t{gridDim.x} * blockDim.x) {
+    const std::size_t n = i / C, c = i % C;
+    out[i] = wte[static_cast<std::size_t>(tokens[n]) * C + c] + wpe[(n % T) * C + c];
+  }
+}
+
+// dwte rows of the distinct tokens: block x takes token ids[x], whose positions are
+// positions[starts[x] .. starts[x + 1]) in increasing order, and adds their gradients in that order.
+__global__ void embedding_backward_kernel(float* dwte, const float* dout, const int32_t* ids,
+                                          const int32_t* starts, const int32_t* positions, int C) {
+  const int c = blockIdx.y * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  float s = 0;
+  for (int k = starts[blockIdx.x]; k < starts[blockIdx.x + 1]; ++k)
+    s += dout[static_cast<std::size_t>(positions[k]) * C + c];
+  dwte[static_cast<std::size_t>(ids[blockIdx.x]) * C + c] += s;
+}
+
+__global__ void position_grad_kernel(float* dwpe, const float* dout, int B, int T, int C) {
+  const std::size_t total = static_cast<std::size_t>(T) * C;
+  for (std::size_t i = blockIdx.x * std::size_t{blockDim.x} + threadIdx.x; i < total;
+       i += std::size_t{gridDim.x} * blockDim.x) {
+    float s = 0;
+    for (int b = 0; b < B; ++b) s += dout[static_cast<std::size_t>(b) * total + i];
+    dwpe[i] += s;
+  }
+}
+
+// One block per row: the maximum, the sum of exponentials, the loss, and in place the scaled gradient.
+__global__ void softmax_xent_kernel(float* losses, float* logits, const int32_t* targets, int V,
+                                    float grad_scale) {
+  __shared__ float scratch[32];
+  float* z = logits + static_cast<std::size_t>(blockIdx.x) * V;
+  const int target = targets[blockIdx.x];
+  if (target < 0) {
+    if (threadIdx.x == 0) losses[blockIdx.x] = 0.0f;
+    if (grad_scale != 0.0f)
+      for (int i = threadIdx.x; i < V; i += blockDim.x) z[i] = 0.0f;
+    return;
+  }
+  float mx = -INFINITY;
+  for (int i = threadIdx.x; i < V; i += blockDim.x) mx = fmaxf(mx, z[i]);
+  mx = block_reduce<true>(mx, scratch);
+  float sum = 0;
+  for (int i = threadIdx.x; i < V; i += blockDim.x) sum += expf(z[i] - mx);
+  sum = block_reduce<false>(sum, scratch);
+  const float target_logit = z[target];
+  __syncthreads();  // every thread has read the target's logit before it is overwritten
+  if (threadIdx.x == 0) losses[blockIdx.x] = logf(sum) - (target_logit - mx);
+  if (grad_scale == 0.0f) return;
+  const float norm = grad_scale / sum;
+  for (int i = threadIdx.x; i < V; i += blockDim.x)
+    z[i] = expf(z[i] - mx) * norm - (i == target ? grad_scale : 0.0f);
+}
+
+__global__ void adamw_kernel(float* param, const float* grad, float* m, float* v, std::size_t n, float beta1,
+                             float beta2, float eps, float step_size, float bc2_sqrt, float decay) {
+  for (std::size_t i = blockIdx.x * std::size_t{blockDim.x} + threadIdx.x; i < n;
+       i += std::size_t{gridDim.x} * blockDim.x) {
+    const float g = grad[i];
+    const float mi = beta1 * m[i] + (1.0f - beta1) * g;
+    const float vi = beta2 * v[i] + (1.0f - beta2) * g * g;
+    m[i] = mi;
+    v[i] = vi;
+    param[i] = param[i] * decay - step_size * mi / (sqrtf(vi) / bc2_sqrt + eps);
+  }
+}
+
+__constant__ float nf4_levels[16];
+
+// The device copy of a quantized tensor's storage (quant.h).
+struct DeviceQuantized {
+  const void* host_codes = nullptr;  // identifies the host tensor the copy was made from
+  std::size_t host_bytes = 0;
+  uint8_t* codes = nullptr;
+  float* absmax = nullptr;        // not double-quantized
+  int8_t* absmax_q = nullptr;     // double-quantized
+  float* absmax_scale = nullptr;  // double-quantized
+  float absmax_mean = 0;
+  bool nf4 = false, double_quant = false;
+  int block = 64;
+};
+
+// The absmax block b dequantizes with, the same expression as quant.cpp's (fma, one rounding).
+__device__ float block_absmax(const DeviceQuantized& q, std::size_t b) {
+  if (!q.double_quant) return q.absmax[b];
+  return __fmaf_rn(static_cast<float>(q.absmax_q[b]), q.absmax_scale[b / kAbsmaxBlock], q.absmax_mean);
+}
+
+// Value g of the flattened tensor, bit for bit quant.cpp's: int8 code * (absmax / 127); NF4 level * absmax.
+// The _rn intrinsics keep the compiler from contracting the products into anything else.
+__device__ float dequantized_value(const DeviceQuantized& q, std::size_t g) {
+  const float a = block_absmax(q, g / q.block);
+  if (!q.nf4) return __fmul_rn(static_cast<float>(static_cast<int8_t>(q.codes[g])), __fdiv_rn(a, 127.0f));
+  const uint8_t byte = q.codes[g >> 1];
+  return __fmul_rn(nf4_levels[(g & 1) ? (byte & 15) : (byte >> 4)], a);
+}
+
+__global__ void dequantize_kernel(float* out, DeviceQuantized q, std::size_t first, std::size_t count) {
+  for (std::size_t i = blockIdx.x * std::size_t{blockDim.x} + threadIdx.x; i < count;
+       i += std::size_t{gridDim.x} * blockDim.x)
+    out[i] = dequantized_value(q, first + i);
+}
+
+__global__ void dequantize_rows_kernel(float* out, DeviceQuantized q, const int32_t* rows, int n_rows,
+                                       std::size_t row_len) {
+  const std::size_t total = static_cast<std::size_t>(n_rows) * row_len;
+  for (std::size_t i = blockIdx.x * std::size_t{blockDim.x} + threadIdx.x; i < total;
+       i += std::size_t{gridDim.x} * blockDim.x)
+    out[i] = dequantized_value(q, static_cast<std::size_t>(rows[i / row_len]) * row_len + i % row_len);
+}
+
+// The largest power of two (up to 256) that divides a pointer's address: what cuBLASLt may assume of it.
+uint32_t alignment_of(const void* p) {
+  const auto a = reinterpret_cast<uintptr_t>(p);
+  uint32_t align = 256;
+  while (align > 1 && a % align != 0) align >>= 1;
+  return align;
+}
+
+class CudaBackend final : public Backend {
+ public:
+  explicit CudaBackend(int device) : device_(device) {
+    LRLLM_CUDA(cudaSetDevice(device));
+    cudaDeviceProp prop{};
+    LRLLM_CUDA(cudaGetDeviceProperties(&prop, device));
+    name_ = strprintf("cuda:%d (%s)", device, prop.name);
+    LRLLM_CUBLAS(cublasLtCreate(&lt_));
+    LRLLM_CUDA(cudaMalloc(&workspace_, kGemmWorkspaceBytes));
+    LRLLM_CUDA(cudaMemcpyToSymbol(nf4_levels, kNf4Levels, sizeof kNf4Levels));
+    LRLLM_CUDA(cudaMallocHost(&square_partials_, kSquareBlocks * sizeof(double)));
+    LRLLM_CUDA(cudaMalloc(&square_partials_device_, kSquareBlocks * sizeof(double)));
+  }
+
+  ~CudaBackend() override {
+    // Teardown runs also while an error unwinds: failures here are not reported over the first one.
+    for (auto& [key, plan] : plans_) destroy_plan(plan);
+    for (auto& [key, q] : quantized_) free_quantized(q);
+    cudaFree(scratch_);
+    cudaFree(scratch_int_);
+    cublasLtDestroy(lt_);
+    cudaFree(workspace_);
+    cudaFree(square_partials_device_);
+    cudaFreeHost(square_partials_);
+  }
+
+  std::string name() const override { return name_; }
+
+  float* alloc(std::size_t count) override { return static_cast<float*>(allocate(count * sizeof(float))); }
+  int32_t* alloc_int(std::size_t count) override {
+    return static_cast<int32_t*>(allocate(count * sizeof(int32_t)));
+  }
+  void release(void* ptr) override {
+    if (ptr == nullptr) return;
+    const auto it = sizes_.find(ptr);
+    if (it == sizes_.end()) throw RuntimeError("CudaBackend::release: pointer was not allocated here");
+    current_ -= it->second;
+    sizes_.erase(it);
+    LRLLM_CUDA(cudaFree(ptr));
+  }
+  std::size_t peak_bytes() const override { return peak_; }
+
+  void to_device(void* dst, const void* src, std::size_t bytes) override {
+    if (bytes > 0) LRLLM_CUDA(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
+  }
+  void to_host(void* dst, const void* src, std::size_t bytes) override {
+    if (bytes > 0) LRLLM_CUDA(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
+  }
+  void fill(float* x, std::size_t n, float value) override {
+    if (n == 0) return;
+    fill_kernel<<<blocks_for(n), kThreads>>>(x, n, value);
+    LRLLM_CUDA_LAUNCH("fill_kernel");
+  }
+  void copy(float* dst, const float* src, std::size_t n) override {
+    if (n > 0) LRLLM_CUDA(cudaMemcpyAsync(dst, src, n * sizeof(float), cudaMemcpyDeviceToDevice, 0));
+  }
+
+  void matmul_strided(float* C, const float* A, const float* B, int M, int N, int K, bool trans_a,
+                      bool trans_b, float alpha, float beta, int lda, int ldb, int ldc) override {
+    if (M == 0 || N == 0) return;
+    if (K == 0) {  // C = beta C: cuBLASLt rejects an empty inner dimension. Beta 0 ignores C, as in BLAS.
+      for (int m = 0; m < M; ++m) {
+        float* row = C + static_cast<std::size_t>(m) * ldc;
+        if (beta == 0.0f)
+          fill(row, N, 0.0f);
+        else
+          scale(row, N, beta);
+      }
+      return;
+    }
+    // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: cuBLASLt's A is our B and its B our A.
+    const PlanKey key{
+        M, N, K, trans_a, trans_b, lda, ldb, ldc, alignment_of(A), alignment_of(B), alignment_of(C)};
+    const Plan& plan = plan_for(key);
+    LRLLM_CUBLAS(cublasLtMatmul(lt_, plan.op, &alpha, B, plan.a, A, plan.b, &beta, C, plan.c, C, plan.c,
+                                &plan.algo, workspace_, kGemmWorkspaceBytes, 0));
+  }
+
+  void add_bias(float* out, const float* bias, int N, int C) override {
+    const std::size_t n = static_cast<std::size_t>(N) * C;
+    if (n == 0) return;
+    add_bias_kernel<<<blocks_for(n), kThreads>>>(out, bias, n, C);
+    LRLLM_CUDA_LAUNCH("add_bias_kernel");
+  }
+  void bias_backward(float* dbias, const float* dout, int N, int C) override {
+    column_sums(dbias, RowValue{dout, C}, N, C);
+  }
+
+  void add(float* out, const float* a, const float* b, std::size_t n) override {
+    if (n == 0) return;
+    add_kernel<<<blocks_for(n), kThreads>>>(out, a, b, n);
+    LRLLM_CUDA_LAUNCH("add_kernel");
+  }
+  void scale(float* x, std::size_t n, float s) override {
+    if (n == 0) return;
+    scale_kernel<<<blocks_for(n), kThreads>>>(x, n, s);
+    LRLLM_CUDA_LAUNCH("scale_kernel");
+  }
+  void mul(float* out, const float* a, const float* b, std::size_t n) override {
+    if (n == 0) return;
+    mul_kernel<<<blocks_for(n), kThreads>>>(out, a, b, n);
+    LRLLM_CUDA_LAUNCH("mul_kernel");
+  }
+  double sum_squares(const float* x, std::size_t n) override {
+    if (n == 0) return 0.0;
+    sum_squares_kernel<<<kSquareBlocks, kThreads>>>(square_partials_device_, x, n);
+    LRLLM_CUDA_LAUNCH("sum_squares_kernel");
+    LRLLM_CUDA(cudaMemcpy(square_partials_, square_partials_device_, kSquareBlocks * sizeof(double),
+                          cudaMemcpyDeviceToHost));
+    double total = 0;
+    for (int k = 0; k < kSquareBlocks; ++k) total += square_partials_[k];
+    return total;
+  }
+
+  void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* w,
+                         const float* b, int N, int C) override {
+    if (N == 0) return;
+    layernorm_forward_kernel<<<blocks_for(N, kThreads / 32), kThreads>>>(out, mean, rstd, inp, w, b, N, C);
+    LRLLM_CUDA_LAUNCH("layernorm_forward_kernel");
+  }
+  void layernorm_backward(float* dinp, float* dw, float* db, const float* dout, const float* inp,
+                          const float* w, const float* mean, const float* rstd, int N, int C) override {
+    if (N == 0) return;
+    layernorm_input_grad_kernel<<<blocks_for(N, kThreads / 32), kThreads>>>(dinp, dout, inp, w, mean, rstd, N,
+                                                                            C);
+    LRLLM_CUDA_LAUNCH("layernorm_input_grad_kernel");
+    column_sums(dw, NormalizedProduct{dout, inp, mean, rstd, C}, N, C);
+    column_sums(db, RowValue{dout, C}, N, C);
+  }
+
+  void gelu_forward(float* out, const float* inp, std::size_t n) override {
+    if (n == 0) return;
+    gelu_forward_kernel<<<blocks_for(n), kThreads>>>(out, inp, n);
+    LRLLM_CUDA_LAUNCH("gelu_forward_kernel");
+  }
+  void gelu_backward(float* dinp, const float* inp, const float* dout, std::size_t n) override {
+    if (n == 0) return;
+    gelu_backward_kernel<<<blocks_for(n), kThreads>>>(dinp, inp, dout, n);
+    LRLLM_CUDA_LAUNCH("gelu_backward_kernel");
+  }
+
+  void attention_forward(float* out, float* lse, const float* qkv, int B, int T, int C, int NH) override {
+    cuda::attention_forward(out, lse, qkv, B, T, C, NH, 0);
+  }
+  void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* out,
+                          const float* lse, int B, int T, int C, int NH) override {
+    float* dots = scratch(static_cast<std::size_t>(B) * NH * T);
+    cuda::attention_backward(dqkv, dout, qkv, out, lse, dots, B, T, C, NH, 0);
+  }
+
+  void embedding_forward(float* out, const int32_t* tokens, const float* wte, const float* wpe, int B, int T,
+                         int C) override {
+    const std::size_t n = static_cast<std::size_t>(B) * T * C;
+    if (n == 0) return;
+    embedding_forward_kernel<<<blocks_for(n), kThreads>>>(out, tokens, wte, wpe, B * T, T, C);
+    LRLLM_CUDA_LAUNCH("embedding_forward_kernel");
+  }
+  void embedding_backward(float* dwte, float* dwpe, const float* dout, const int32_t* tokens, int B, int T,
+                          int C) override {
+    const int N = B * T;
+    if (N == 0) return;
+    // The positions of each distinct token, grouped on the host (N ids, a few KB), so that each dwte row is
+    // summed by one thread per column in position order: deterministic, unlike atomics.
+    std::vector<int32_t> host_tokens(N);
+    to_host(host_tokens.data(), tokens, N * sizeof(int32_t));
+    std::vector<int32_t> order(N);
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int32_t a, int32_t b) { return host_tokens[a] < host_tokens[b]; });
+    std::vector<int32_t> ids, starts;
+    for (int k = 0; k < N; ++k)
+      if (k == 0 || host_tokens[order[k]] != host_tokens[order[k - 1]]) {
+        ids.push_back(host_tokens[order[k]]);
+        starts.push_back(k);
+      }
+    starts.push_back(N);
+    const int distinct = static_cast<int>(ids.size());
+    int32_t* device = scratch_int(static_cast<std::size_t>(N) + 2 * distinct + 1);
+    to_device(device, order.data(), N * sizeof(int32_t));
+    to_device(device + N, ids.data(), distinct * sizeof(int32_t));
+    to_device(device + N + distinct, starts.data(), (distinct + 1) * sizeof(int32_t));
+    const dim3 grid(distinct, (C + kThreads - 1) / kThreads);
+    embedding_backward_kernel<<<grid, kThreads>>>(dwte, dout, device + N, device + N + distinct, device, C);
+    LRLLM_CUDA_LAUNCH("embedding_backward_kernel");
+    position_grad_kernel<<<blocks_for(static_cast<std::size_t>(T) * C), kThreads>>>(dwpe, dout, B, T, C);
+    LRLLM_CUDA_LAUNCH("position_grad_kernel");
+  }
+
+  void softmax_xent(float* losses, float* logits, const int32_t* targets, int N, int V,
+                    float grad_scale) override {
+    if (N == 0) return;
+    softmax_xent_kernel<<<N, 1024>>>(losses, logits, targets, V, grad_scale);
+    LRLLM_CUDA_LAUNCH("softmax_xent_kernel");
+  }
+
+  void dequantize(float* out, const QuantizedTensor& q, std::size_t first, std::size_t count) override {
+    const std::size_t n = q.size();
+    if (first > n || count > n - first)
+      throw RuntimeError(
+          strprintf("dequantize: values [%zu, %zu) are outside a tensor of %zu", first, first + count, n));
+    if (count == 0) return;
+    dequantize_kernel<<<blocks_for(count), kThreads>>>(out, device_copy(q), first, count);
+    LRLLM_CUDA_LAUNCH("dequantize_kernel");
+  }
+  void dequantize_rows(float* out, const QuantizedTensor& q, const int32_t* host_rows, int n_rows) override {
+    const int64_t rows = q.shape.empty() ? 0 : q.shape[0];
+    for (int i = 0; i < n_rows; ++i)
+      if (host_rows[i] < 0 || host_rows[i] >= rows)
+        throw RuntimeError(strprintf("dequantize_rows: row %d outside a matrix of %lld rows", host_rows[i],
+                                     static_cast<long long>(rows)));
+    const std::size_t row_len = rows == 0 ? 0 : q.size() / rows;
+    if (n_rows == 0 || row_len == 0) return;  // an empty launch is a configuration error
+    int32_t* device_rows = scratch_int(n_rows);
+    to_device(device_rows, host_rows, n_rows * sizeof(int32_t));
+    dequantize_rows_kernel<<<blocks_for(n_rows * row_len), kThreads>>>(out, device_copy(q), device_rows,
+                                                                       n_rows, row_len);
+    LRLLM_CUDA_LAUNCH("dequantize_rows_kernel");
+  }
+
+  void adamw(float* param, const float* grad, float* m, float* v, std::size_t n, float lr, float beta1,
+             float beta2, float eps, float weight_decay, int step) override {
+    if (n == 0) return;
+    // The bias corrections in float on the host, as the CPU backend computes them.
+    const float bc1 = 1.0f - std::pow(beta1, static_cast<float>(step));
+    const float bc2 = 1.0f - std::pow(beta2, static_cast<float>(step));
+    adamw_kernel<<<blocks_for(n), kThreads>>>(param, grad, m, v, n, beta1, beta2, eps, lr / bc1,
+                                              std::sqrt(bc2), 1.0f - lr * weight_decay);
+    LRLLM_CUDA_LAUNCH("adamw_kernel");
+  }
+
+ private:
+  struct PlanKey {
+    int M, N, K;
+    bool trans_a, trans_b;
+    int lda, ldb, ldc;
+    uint32_t align_a, align_b, align_c;
+    auto tie() const { return std::tie(M, N, K, trans_a, trans_b, lda, ldb, ldc, align_a, align_b, align_c); }
+    bool operator<(const PlanKey& o) const { return tie() < o.tie(); }
+  };
+  struct Plan {
+    cublasLtMatmulDesc_t op = nullptr;
+    cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
+    cublasLtMatmulAlgo_t algo{};
+  };
+
+  // The descriptors and the heuristic's first algorithm for one shape, made once and kept.
+  const Plan& plan_for(const PlanKey& k) {
+    if (const auto it = plans_.find(k); it != plans_.end()) return it->second;
+    Plan p;
+    LRLLM_CUBLAS(cublasLtMatmulDescCreate(&p.op, CUBLAS_COMPUTE_32F_FAST_16BF, CUDA_R_32F));
+    const cublasOperation_t op_a = k.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;  // cuBLASLt's A: our B
+    const cublasOperation_t op_b = k.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;  // cuBLASLt's B: our A
+    LRLLM_CUBLAS(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSA, &op_a, sizeof op_a));
+    LRLLM_CUBLAS(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSB, &op_b, sizeof op_b));
+    // Column-major views: our B [K,N] (or [N,K] transposed) is N x K (K x N), our A likewise, C is N x M.
+    LRLLM_CUBLAS(
+        cublasLtMatrixLayoutCreate(&p.a, CUDA_R_32F, k.trans_b ? k.K : k.N, k.trans_b ? k.N : k.K, k.ldb));
+    LRLLM_CUBLAS(
+        cublasLtMatrixLayoutCreate(&p.b, CUDA_R_32F, k.trans_a ? k.M : k.K, k.trans_a ? k.K : k.M, k.lda));
+    LRLLM_CUBLAS(cublasLtMatrixLayoutCreate(&p.c, CUDA_R_32F, k.N, k.M, k.ldc));
+    cublasLtMatmulPreference_t pref = nullptr;
+    LRLLM_CUBLAS(cublasLtMatmulPreferenceCreate(&pref));
+    const std::size_t workspace = kGemmWorkspaceBytes;
+    LRLLM_CUBLAS(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                      &workspace, sizeof workspace));
+    // cuBLASLt assumes 256-byte aligned pointers unless told otherwise; column blocks of a larger matrix are
+    // not.
+    for (const auto& [attr, align] : {std::pair{CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, k.align_b},
+                                      std::pair{CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, k.align_a},
+                                      std::pair{CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, k.align_c},
+                                      std::pair{CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, k.align_c}})
+      LRLLM_CUBLAS(cublasLtMatmulPreferenceSetAttribute(pref, attr, &align, sizeof align));
+    cublasLtMatmulHeuristicResult_t result{};
+    int found = 0;
+    const cublasStatus_t status =
+        cublasLtMatmulAlgoGetHeuristic(lt_, p.op, p.a, p.b, p.c, p.c, pref, 1, &result, &found);
+    cublasLtMatmulPreferenceDestroy(pref);
+    if (status != CUBLAS_STATUS_SUCCESS || found == 0) {
+      destroy_plan(p);
+      fail_call("cublasLtMatmulAlgoGetHeuristic",
+                strprintf("no algorithm for M=%d N=%d K=%d trans_a=%d trans_b=%d", k.M, k.N, k.K, k.trans_a,
+                          k.trans_b),
+                __FILE__, __LINE__);
+    }
+    p.algo = result.algo;
+    return plans_.emplace(k, p).first->second;
+  }
+
+  static void destroy_plan(Plan& p) {
+    if (p.a) cublasLtMatrixLayoutDestroy(p.a);
+    if (p.b) cublasLtMatrixLayoutDestroy(p.b);
+    if (p.c) cublasLtMatrixLayoutDestroy(p.c);
+    if (p.op) cublasLtMatmulDescDestroy(p.op);
+  }
+
+  void* allocate(std::size_t bytes) {
+    // Zero-sized tensors still get a distinct pointer, as on the CPU.
+    const std::size_t size = std::max<std::size_t>(bytes, 256);
+    void* p = nullptr;
+    const cudaError_t code = cudaMalloc(&p, size);
+    if (code == cudaErrorMemoryAllocation) {
+      cudaGetLastError();
+      std::size_t free = 0, total = 0;
+      cudaMemGetInfo(&free, &total);
+      throw RuntimeError(
+          strprintf("out of GPU memory on %s allocating %.1f MB (%.1f MB free of %.1f MB, %.1f MB "
+                    "held by lrllm)",
+                    name_.c_str(), size / 1e6, free / 1e6, total / 1e6, current_ / 1e6));
+    }
+    LRLLM_CUDA(code);
+    LRLLM_CUDA(cudaMemset(p, 0, size));
+    sizes_[p] = size;
+    current_ += size;
+    peak_ = std::max(peak_, current_);
+    return p;
+  }
+
+  // A scratch buffer of at least n floats, grown when too small; valid until the next call that uses it.
+  float* scratch(std::size_t n) {
+    if (n > scratch_floats_) {
+      release(scratch_);
+      scratch_ = alloc(n);
+      scratch_floats_ = n;
+    }
+    return scratch_;
+  }
+  int32_t* scratch_int(std::size_t n) {
+    if (n > scratch_ints_) {
+      // The previous buffer may still be read by queued kernels: cudaFree waits for them.
+      release(scratch_int_);
+      scratch_int_ = alloc_int(n);
+      scratch_ints_ = n;
+    }
+    return scratch_int_;
+  }
+
+  template <typename Value>
+  void column_sums(float* out, Value value, int N, int C) {
+    if (N == 0 || C == 0) return;
+    const int chunk_rows = (N + kColumnChunks - 1) / kColumnChunks;
+    const int chunks = (N + chunk_rows - 1) / chunk_rows;
+    float* partial = scratch(static_cast<std::size_t>(chunks) * C);
+    column_partials<<<dim3((C + 31) / 32, chunks), dim3(32, 8)>>>(partial, N, C, chunk_rows, value);
+    LRLLM_CUDA_LAUNCH("column_partials");
+    column_finish<<<(C + kThreads - 1) / kThreads, kThreads>>>(out, partial, chunks, C);
+    LRLLM_CUDA_LAUNCH("column_finish");
+  }
+
+  // The device copy of q's storage, uploaded on first use and kept for the backend's life: a frozen base
+  // never changes. The host tensor's code buffer identifies it.
+  const DeviceQuantized& device_copy(const QuantizedTensor& q) {
+    auto it = quantized_.find(&q);
+    if (it != quantized_.end() && it->second.host_codes == q.codes.data() &&
+        it->second.host_bytes == q.codes.size())
+      return it->second;
+    if (it != quantized_.end()) {
+      free_quantized(it->second);
+      quantized_.erase(it);
+    }
+    // A tensor whose buffers disagree with its shape is rejected as quant.h's dequantize rejects it (a
+    // dequantization of no values runs just that check); the kernels would read past the buffers instead.
+    lrllm::dequantize(q, 0, 0, nullptr);
+    DeviceQuantized d;
+    d.host_codes = q.codes.data();
+    d.host_bytes = q.codes.size();
+    d.nf4 = q.kind == QuantKind::nf4;
+    d.double_quant = q.double_quant;
+    d.block = q.block;
+    d.absmax_mean = q.absmax_mean;
+    d.codes = upload<uint8_t>(q.codes.data(), q.codes.size());
+    if (q.double_quant) {
+      d.absmax_q = upload<int8_t>(reinterpret_cast<const int8_t*>(q.absmax_q.data()), q.absmax_q.size());
+      d.absmax_scale = upload<float>(q.absmax_scale.data(), q.absmax_scale.size());
+    } else {
+      d.absmax = upload<float>(q.absmax.data(), q.absmax.size());
+    }
+    return quantized_.emplace(&q, d).first->second;
+  }
+
+  template <typename T>
+  T* upload(const T* host, std::size_t n) {
+    T* d = static_cast<T*>(allocate(n * sizeof(T)));
+    to_device(d, host, n * sizeof(T));
+    return d;
+  }
+
+  void free_quantized(DeviceQuantized& q) {
+    for (void* p : {static_cast<void*>(q.codes), static_cast<void*>(q.absmax), static_cast<void*>(q.absmax_q),
+                    static_cast<void*>(q.absmax_scale)})
+      if (p != nullptr) {
+        current_ -= sizes_[p];
+        sizes_.erase(p);
+        cudaFree(p);
+      }
+  }
+
+  int device_;
+  std::string name_;
+  cublasLtHandle_t lt_ = nullptr;
+  void* workspace_ = nullptr;
+  double* square_partials_ = nullptr;  // pinned
+  double* square_partials_device_ = nullptr;
+  std::map<PlanKey, Plan> plans_;
+  std::unordered_map<const QuantizedTensor*, DeviceQuantized> quantized_;
+  std::unordered_map<void*, std::size_t> sizes_;
+  std::size_t current_ = 0, peak_ = 0;
+  float* scratch_ = nullptr;
+  std::size_t scratch_floats_ = 0;
+  int32_t* scratch_int_ = nullptr;
+  std::size_t scratch_ints_ = 0;
+};
+
+}  // namespace
+
+bool built_with_cuda() {
+  return true;
+}
+
+int cuda_device_count() {
+  int count = 0;
+  // No driver or no device is an answer here, not an error: the CPU backend takes over.
+  if (cudaGetDeviceCount(&count) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return count;
+}
+
+std::unique_ptr<Backend> make_cuda_backend(int device) {
+  const int count = cuda_device_count();
+  if (count == 0) throw InputError("--device cuda: no CUDA device is visible");
+  if (device < 0 || device >= count)
+    throw InputError(strprintf("--device cuda: GPU %d asked for, %d visible", device, count));
+  return std::make_unique<CudaBackend>(device);
+}
+
+}  // namespace lrllm
