@@ -650,23 +650,18 @@ class CudaBackend final : public Backend {
     return p;
   }
 
-  // A scratch buffer of at least n floats, grown when too small; valid until the next call that uses it.
-  float* scratch(std::size_t n) {
-    if (n > scratch_floats_) {
-      release(scratch_);
-      scratch_ = alloc(n);
-      scratch_floats_ = n;
+  // Scratch buffers of at least n elements, grown when too small; valid until the next call that uses them.
+  // Growing frees the old buffer, and cudaFree waits for the kernels still queued that read it.
+  float* scratch(std::size_t n) { return grown(scratch_, scratch_floats_, n); }
+  int32_t* scratch_int(std::size_t n) { return grown(scratch_int_, scratch_ints_, n); }
+  template <typename T>
+  T* grown(T*& buffer, std::size_t& capacity, std::size_t n) {
+    if (n > capacity) {
+      release(buffer);
+      buffer = static_cast<T*>(allocate(n * sizeof(T)));
+      capacity = n;
     }
-    return scratch_;
-  }
-  int32_t* scratch_int(std::size_t n) {
-    if (n > scratch_ints_) {
-      // The previous buffer may still be read by queued kernels: cudaFree waits for them.
-      release(scratch_int_);
-      scratch_int_ = alloc_int(n);
-      scratch_ints_ = n;
-    }
-    return scratch_int_;
+    return buffer;
   }
 
   template <typename Value>

@@ -185,12 +185,15 @@ void write_optimizer_and_state(H5File& f, const AdamW* optimizer, const TrainSta
   }
 }
 
-// The frozen base and its quantized layers (a whole model: finetuning runs without tensor or pipeline
-// parallelism).
+// The frozen base and its quantized layers that this rank holds (finetuning runs without tensor parallelism,
+// so they are whole tensors), but for those the file has already: a pipeline's stages write in turn, and the
+// first and the last both hold the tied embedding.
 void write_frozen(H5File& f, Model& model) {
-  write_tensors(f, "/model", model.frozen_table(),
-                to_host(model.backend(), model.frozen(), model.frozen_table().total()));
-  for (const QuantizedEntry& e : model.quantized_tensors()) write_quantized(f, "/model/" + e.name, e.tensor);
+  const std::vector<float> frozen = to_host(model.backend(), model.frozen(), model.frozen_table().total());
+  for (const TensorInfo& t : model.frozen_table().tensors())
+    if (!f.exists("/model/" + t.name)) f.write("/model/" + t.name, frozen.data() + t.offset, t.shape);
+  for (const QuantizedEntry& e : model.quantized_tensors())
+    if (!f.exists("/model/" + e.name + "_q")) write_quantized(f, "/model/" + e.name, e.tensor);
 }
 
 void rename_into_place(const std::string& tmp, const std::string& path) {
@@ -288,6 +291,11 @@ void save_checkpoint(const std::string& path, const std::string& mode, Model& mo
   const std::vector<float>* const kinds[3] = {&params, &m, &v};
   const char* const groups[3] = {"/model", "/optimizer/m", "/optimizer/v"};
 
+  const std::string tmp = path + ".tmp";
+  // A frozen base (finetuning; no tensor parallelism) is written by each pipeline stage itself, in stage
+  // order, once world rank 0 has written the rest: whole tensors and quantized codes need no gathering.
+  const bool stages_write_base =
+      topo.pp() > 1 && (!model.frozen_table().tensors().empty() || !model.quantized_tensors().empty());
   if (!topo.world().root()) {
     // Every part this rank holds goes to world rank 0, in table order; the stage's first tensor-parallel
     // rank describes the stage's tensors first.
@@ -301,15 +309,24 @@ void save_checkpoint(const std::string& path, const std::string& mode, Model& mo
         LRLLM_MPI(MPI_Send(kind->data() + t.offset, static_cast<int>(t.size), MPI_FLOAT, 0, kSaveTag,
                            MPI_COMM_WORLD));
     }
+    if (stages_write_base && topo.tp_rank() == 0) {
+      int turn = 0;
+      LRLLM_MPI(MPI_Recv(&turn, 1, MPI_INT, 0, kSaveTag, MPI_COMM_WORLD, MPI_STATUS_IGNORE));
+      {
+        H5File f = H5File::open_write(tmp);
+        write_frozen(f, model);
+        f.close();
+      }
+      LRLLM_MPI(MPI_Send(&turn, 1, MPI_INT, 0, kSaveTag, MPI_COMM_WORLD));
+    }
     return;
   }
 
-  const std::string tmp = path + ".tmp";
   {
     H5File f = H5File::create(tmp);
     write_header(f, mode, model.config());
     write_optimizer_and_state(f, &optimizer, &state);
-    if (model.first_stage() && model.last_stage() && topo.tp() == 1) write_frozen(f, model);
+    if (topo.tp() == 1) write_frozen(f, model);
     std::vector<float> full[3], part;
     for (int stage = 0; stage < topo.pp(); ++stage) {
       const int stage_root = stage * topo.tp();  // world rank of (dp 0, stage, tp 0)
@@ -349,6 +366,12 @@ void save_checkpoint(const std::string& path, const std::string& mode, Model& mo
     }
     f.close();
   }
+  if (stages_write_base)
+    for (int stage = 1; stage < topo.pp(); ++stage) {
+      int turn = stage;
+      LRLLM_MPI(MPI_Send(&turn, 1, MPI_INT, stage * topo.tp(), kSaveTag, MPI_COMM_WORLD));
+      LRLLM_MPI(MPI_Recv(&turn, 1, MPI_INT, stage * topo.tp(), kSaveTag, MPI_COMM_WORLD, MPI_STATUS_IGNORE));
+    }
   rename_into_place(tmp, path);
 }
 

@@ -56,10 +56,12 @@ Model::Model(const ModelConfig& cfg, Backend& backend, bool recompute, const Mod
     quantized_.push_back(QuantizedEntry{name, std::move(shape), {}});
     return &quantized_.back().tensor;
   };
-  if (quantized && cfg.quant_embedding)
-    wte_q_ = add_quantized("wte", {cfg.vocab_size, C});
-  else if (first_stage() || last_stage())
-    wte_ = add("wte", {cfg.vocab_size, C}, !first_stage());
+  if (first_stage() || last_stage()) {
+    if (quantized && cfg.quant_embedding)
+      wte_q_ = add_quantized("wte", {cfg.vocab_size, C});
+    else
+      wte_ = add("wte", {cfg.vocab_size, C}, !first_stage());
+  }
   if (first_stage()) wpe_ = add("wpe", {cfg.seq_len, C});
   for (int l = first_layer_; l < end_layer_; ++l) {
     const std::string h = "h." + std::to_string(l);

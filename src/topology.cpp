@@ -117,9 +117,9 @@ void validate_layout(const ParallelConfig& p, int world_size, const ModelConfig&
           strprintf("--parallel.micro_batches %d does not divide train.batch_size %d", p.micro_batches,
                     batch_size));
   require(
-      (p.tp == 1 && p.pp == 1) || (!m.any_lora() && m.quant == "none"),
-      "--parallel.tp and --parallel.pp above 1 with LoRA adapters or a quantized base are not supported yet: "
-      "finetune with data parallelism (and parallel.zero)");
+      p.tp == 1 || (!m.any_lora() && m.quant == "none"),
+      "--parallel.tp above 1 with LoRA adapters or a quantized base is not supported yet: finetune with data "
+      "and pipeline parallelism (parallel.pp, parallel.zero)");
   require(p.bucket_mb > 0, "--parallel.bucket_mb must be > 0");
 }
 

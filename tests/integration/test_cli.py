@@ -309,12 +309,12 @@ def base_checkpoint():
     return os.path.join(d, "ckpt_000002.h5")
 
 
-def finetune(run_dir, base, extra=(), check=True, np_=None):
+def finetune(run_dir, base, extra=(), check=True, np_=None, steps=3, batch_size=4):
     train = write_jsonl(os.path.join(TMP, "ft_train.jsonl"), sentiment_rows(24, 1))
     val = write_jsonl(os.path.join(TMP, "ft_val.jsonl"), sentiment_rows(8, 2))
     return run(["--mode", "finetune", "--model.init", base, "--data.train", train, "--data.val", val,
-                "--data.tokenizer_dir", TOKENIZER, "--run.dir", run_dir, "--train.steps", "3",
-                "--train.batch_size", "4", "--train.lr", "1e-2", "--train.warmup", "0", "--train.eval_batches", "1",
+                "--data.tokenizer_dir", TOKENIZER, "--run.dir", run_dir, "--train.steps", str(steps),
+                "--train.batch_size", str(batch_size), "--train.lr", "1e-2", "--train.warmup", "0", "--train.eval_batches", "1",
                 "--lora.rank", "4", *extra], check=check, np_=np_)
 
 
