@@ -46,7 +46,7 @@ ifeq ($(CUDA),1)
   CXXFLAGS += -DLRLLM_WITH_CUDA
   CXXFLAGS += -isystem $(CUDA_HOME)/include
   LDLIBS += -L$(CUDA_LIB_DIR) -Wl,-rpath,$(CUDA_LIB_DIR) -L$(NCCL_LIB_DIR) -Wl,-rpath,$(NCCL_LIB_DIR) \
-            -lcudart -lcublasLt -lcublas -lnccl
+            -lcudart -lnccl -ldl
   NVCCFLAGS := -std=c++20 -O3 -arch=$(CUDA_ARCH) -Iinclude -DLRLLM_WITH_CUDA $(MPI_CFLAGS) -MMD -MP \
                --compiler-options -Wall,-Wextra,-Werror
 endif

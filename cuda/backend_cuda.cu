@@ -6,7 +6,9 @@
 //
 // Reductions (bias and LayerNorm parameter gradients, the embedding gradient, the sum of squares) run in a
 // fixed order with no floating-point atomics, so two identical runs give identical bits.
+#include <cublasLt.h>
 #include <cuda_runtime.h>
+#include <dlfcn.h>
 
 #include <algorithm>
 #include <cmath>
@@ -14,6 +16,7 @@
 #include <map>
 #include <numeric>
 #include <tuple>
+#include <type_traits>
 #include <unordered_map>
 #include <vector>
 
@@ -36,6 +39,58 @@ constexpr int kColumnChunks = 64;
 constexpr int kSquareBlocks = 1024;
 // cuBLASLt's workspace: what Hopper's fastest GEMM kernels ask for at GPT-2 shapes.
 constexpr std::size_t kGemmWorkspaceBytes = std::size_t{32} << 20;
+
+// cuBLASLt is opened when the first CUDA backend is made, not linked: loading it maps and relocates about 200
+// MB, which every CPU run of a CUDA build would otherwise carry in its resident memory (and in mem_peak).
+struct CublasLt {
+  decltype(&cublasLtCreate) create = nullptr;
+  decltype(&cublasLtDestroy) destroy = nullptr;
+  decltype(&cublasLtMatmulAlgoGetHeuristic) algo_get_heuristic = nullptr;
+  decltype(&cublasLtMatmulDescCreate) desc_create = nullptr;
+  decltype(&cublasLtMatmulDescDestroy) desc_destroy = nullptr;
+  decltype(&cublasLtMatmulDescSetAttribute) desc_set_attribute = nullptr;
+  decltype(&cublasLtMatmulPreferenceCreate) preference_create = nullptr;
+  decltype(&cublasLtMatmulPreferenceDestroy) preference_destroy = nullptr;
+  decltype(&cublasLtMatmulPreferenceSetAttribute) preference_set_attribute = nullptr;
+  decltype(&cublasLtMatrixLayoutCreate) layout_create = nullptr;
+  decltype(&cublasLtMatrixLayoutDestroy) layout_destroy = nullptr;
+  decltype(&cublasLtMatmul) matmul = nullptr;
+  decltype(&cublasLtGetStatusString) status_string = nullptr;
+};
+
+const CublasLt& cublaslt() {
+  static const CublasLt api = [] {
+    const std::string name = "libcublasLt.so." + std::to_string(CUBLAS_VER_MAJOR);
+    void* lib = dlopen(name.c_str(), RTLD_NOW | RTLD_LOCAL);
+    if (lib == nullptr) fail_call("dlopen", name + ": " + dlerror(), __FILE__, __LINE__);
+    CublasLt a;
+    const auto load = [&](auto& fn, const char* symbol) {
+      fn = reinterpret_cast<std::remove_reference_t<decltype(fn)>>(dlsym(lib, symbol));
+      if (fn == nullptr) fail_call("dlsym", name + " has no " + symbol, __FILE__, __LINE__);
+    };
+    load(a.create, "cublasLtCreate");
+    load(a.destroy, "cublasLtDestroy");
+    load(a.algo_get_heuristic, "cublasLtMatmulAlgoGetHeuristic");
+    load(a.desc_create, "cublasLtMatmulDescCreate");
+    load(a.desc_destroy, "cublasLtMatmulDescDestroy");
+    load(a.desc_set_attribute, "cublasLtMatmulDescSetAttribute");
+    load(a.preference_create, "cublasLtMatmulPreferenceCreate");
+    load(a.preference_destroy, "cublasLtMatmulPreferenceDestroy");
+    load(a.preference_set_attribute, "cublasLtMatmulPreferenceSetAttribute");
+    load(a.layout_create, "cublasLtMatrixLayoutCreate");
+    load(a.layout_destroy, "cublasLtMatrixLayoutDestroy");
+    load(a.matmul, "cublasLtMatmul");
+    load(a.status_string, "cublasLtGetStatusString");
+    return a;
+  }();
+  return api;
+}
+
+void check_cublas(cublasStatus_t code, const char* call, const char* file, int line) {
+  if (code != CUBLAS_STATUS_SUCCESS) fail_call(call, cublaslt().status_string(code), file, line);
+}
+
+#define LRLLM_CUBLAS(call) check_cublas((call), #call, __FILE__, __LINE__)
 
 int blocks_for(std::size_t n, int threads = kThreads) {
   return static_cast<int>(std::min<std::size_t>((n + threads - 1) / threads, std::size_t{1} << 30));
@@ -340,7 +395,7 @@ class CudaBackend final : public Backend {
     cudaDeviceProp prop{};
     LRLLM_CUDA(cudaGetDeviceProperties(&prop, device));
     name_ = strprintf("cuda:%d (%s)", device, prop.name);
-    LRLLM_CUBLAS(cublasLtCreate(&lt_));
+    LRLLM_CUBLAS(cublaslt().create(&lt_));
     LRLLM_CUDA(cudaMalloc(&workspace_, kGemmWorkspaceBytes));
     LRLLM_CUDA(cudaMemcpyToSymbol(nf4_levels, kNf4Levels, sizeof kNf4Levels));
     LRLLM_CUDA(cudaMallocHost(&square_partials_, kSquareBlocks * sizeof(double)));
@@ -353,7 +408,7 @@ class CudaBackend final : public Backend {
     for (auto& [key, q] : quantized_) free_quantized(q);
     cudaFree(scratch_);
     cudaFree(scratch_int_);
-    cublasLtDestroy(lt_);
+    cublaslt().destroy(lt_);
     cudaFree(workspace_);
     cudaFree(square_partials_device_);
     cudaFreeHost(square_partials_);
@@ -407,8 +462,8 @@ class CudaBackend final : public Backend {
     const PlanKey key{
         M, N, K, trans_a, trans_b, lda, ldb, ldc, alignment_of(A), alignment_of(B), alignment_of(C)};
     const Plan& plan = plan_for(key);
-    LRLLM_CUBLAS(cublasLtMatmul(lt_, plan.op, &alpha, B, plan.a, A, plan.b, &beta, C, plan.c, C, plan.c,
-                                &plan.algo, workspace_, kGemmWorkspaceBytes, 0));
+    LRLLM_CUBLAS(cublaslt().matmul(lt_, plan.op, &alpha, B, plan.a, A, plan.b, &beta, C, plan.c, C, plan.c,
+                                   &plan.algo, workspace_, kGemmWorkspaceBytes, 0));
   }
 
   void add_bias(float* out, const float* bias, int N, int C) override {
@@ -582,34 +637,34 @@ class CudaBackend final : public Backend {
   const Plan& plan_for(const PlanKey& k) {
     if (const auto it = plans_.find(k); it != plans_.end()) return it->second;
     Plan p;
-    LRLLM_CUBLAS(cublasLtMatmulDescCreate(&p.op, CUBLAS_COMPUTE_32F_FAST_16BF, CUDA_R_32F));
+    LRLLM_CUBLAS(cublaslt().desc_create(&p.op, CUBLAS_COMPUTE_32F_FAST_16BF, CUDA_R_32F));
     const cublasOperation_t op_a = k.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;  // cuBLASLt's A: our B
     const cublasOperation_t op_b = k.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;  // cuBLASLt's B: our A
-    LRLLM_CUBLAS(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSA, &op_a, sizeof op_a));
-    LRLLM_CUBLAS(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSB, &op_b, sizeof op_b));
+    LRLLM_CUBLAS(cublaslt().desc_set_attribute(p.op, CUBLASLT_MATMUL_DESC_TRANSA, &op_a, sizeof op_a));
+    LRLLM_CUBLAS(cublaslt().desc_set_attribute(p.op, CUBLASLT_MATMUL_DESC_TRANSB, &op_b, sizeof op_b));
     // Column-major views: our B [K,N] (or [N,K] transposed) is N x K (K x N), our A likewise, C is N x M.
     LRLLM_CUBLAS(
-        cublasLtMatrixLayoutCreate(&p.a, CUDA_R_32F, k.trans_b ? k.K : k.N, k.trans_b ? k.N : k.K, k.ldb));
+        cublaslt().layout_create(&p.a, CUDA_R_32F, k.trans_b ? k.K : k.N, k.trans_b ? k.N : k.K, k.ldb));
     LRLLM_CUBLAS(
-        cublasLtMatrixLayoutCreate(&p.b, CUDA_R_32F, k.trans_a ? k.M : k.K, k.trans_a ? k.K : k.M, k.lda));
-    LRLLM_CUBLAS(cublasLtMatrixLayoutCreate(&p.c, CUDA_R_32F, k.N, k.M, k.ldc));
+        cublaslt().layout_create(&p.b, CUDA_R_32F, k.trans_a ? k.M : k.K, k.trans_a ? k.K : k.M, k.lda));
+    LRLLM_CUBLAS(cublaslt().layout_create(&p.c, CUDA_R_32F, k.N, k.M, k.ldc));
     cublasLtMatmulPreference_t pref = nullptr;
-    LRLLM_CUBLAS(cublasLtMatmulPreferenceCreate(&pref));
+    LRLLM_CUBLAS(cublaslt().preference_create(&pref));
     const std::size_t workspace = kGemmWorkspaceBytes;
-    LRLLM_CUBLAS(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                                                      &workspace, sizeof workspace));
+    LRLLM_CUBLAS(cublaslt().preference_set_attribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                     &workspace, sizeof workspace));
     // cuBLASLt assumes 256-byte aligned pointers unless told otherwise; column blocks of a larger matrix are
     // not.
     for (const auto& [attr, align] : {std::pair{CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, k.align_b},
                                       std::pair{CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, k.align_a},
                                       std::pair{CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, k.align_c},
                                       std::pair{CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, k.align_c}})
-      LRLLM_CUBLAS(cublasLtMatmulPreferenceSetAttribute(pref, attr, &align, sizeof align));
+      LRLLM_CUBLAS(cublaslt().preference_set_attribute(pref, attr, &align, sizeof align));
     cublasLtMatmulHeuristicResult_t result{};
     int found = 0;
     const cublasStatus_t status =
-        cublasLtMatmulAlgoGetHeuristic(lt_, p.op, p.a, p.b, p.c, p.c, pref, 1, &result, &found);
-    cublasLtMatmulPreferenceDestroy(pref);
+        cublaslt().algo_get_heuristic(lt_, p.op, p.a, p.b, p.c, p.c, pref, 1, &result, &found);
+    cublaslt().preference_destroy(pref);
     if (status != CUBLAS_STATUS_SUCCESS || found == 0) {
       destroy_plan(p);
       fail_call("cublasLtMatmulAlgoGetHeuristic",
@@ -622,10 +677,10 @@ class CudaBackend final : public Backend {
   }
 
   static void destroy_plan(Plan& p) {
-    if (p.a) cublasLtMatrixLayoutDestroy(p.a);
-    if (p.b) cublasLtMatrixLayoutDestroy(p.b);
-    if (p.c) cublasLtMatrixLayoutDestroy(p.c);
-    if (p.op) cublasLtMatmulDescDestroy(p.op);
+    if (p.a) cublaslt().layout_destroy(p.a);
+    if (p.b) cublaslt().layout_destroy(p.b);
+    if (p.c) cublaslt().layout_destroy(p.c);
+    if (p.op) cublaslt().desc_destroy(p.op);
   }
 
   void* allocate(std::size_t bytes) {

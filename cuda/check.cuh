@@ -1,8 +1,7 @@
-// Checks for CUDA runtime, cuBLAS(Lt) and kernel launches: a failure throws RuntimeError naming the call, the
+// Checks for CUDA runtime calls and kernel launches: a failure throws RuntimeError naming the call, the
 // file and the line (fail_call), like every other library call in lrllm.
 #pragma once
 
-#include <cublasLt.h>
 #include <cuda_runtime.h>
 
 #include "lrllm/common.h"
@@ -13,13 +12,8 @@ inline void check_cuda(cudaError_t code, const char* call, const char* file, int
   if (code != cudaSuccess) fail_call(call, cudaGetErrorString(code), file, line);
 }
 
-inline void check_cublas(cublasStatus_t code, const char* call, const char* file, int line) {
-  if (code != CUBLAS_STATUS_SUCCESS) fail_call(call, cublasGetStatusString(code), file, line);
-}
-
 }  // namespace lrllm::cuda
 
 #define LRLLM_CUDA(call) ::lrllm::cuda::check_cuda((call), #call, __FILE__, __LINE__)
-#define LRLLM_CUBLAS(call) ::lrllm::cuda::check_cublas((call), #call, __FILE__, __LINE__)
 // After a kernel launch: a bad configuration is reported at once, not at the next synchronising call.
 #define LRLLM_CUDA_LAUNCH(kernel) ::lrllm::cuda::check_cuda(cudaGetLastError(), kernel, __FILE__, __LINE__)

@@ -23,7 +23,8 @@ int cuda_device_count() {
   return 0;
 }
 std::unique_ptr<Backend> make_cuda_backend(int) {
-  throw InputError("--device cuda: this build of lrllm is CPU-only (rebuild on a machine with nvcc)");
+  throw InputError(
+      "--device cuda: this build of lrllm is CPU-only (rebuild on a machine with nvcc, cuBLAS and NCCL)");
 }
 #endif
 

@@ -356,9 +356,8 @@ bool parse_config(int argc, const char* const* argv, Config& c, bool print_help_
     if (vm.count("version")) {
       if (print_help_and_version)
         std::cout << "lrllm " << kVersion << " ("
-                  << (built_with_cuda()
-                          ? "built with CUDA: device detection; training runs on the CPU backend"
-                          : "CPU-only build")
+                  << (built_with_cuda() ? "built with CUDA: --device cuda available, not yet tested on a GPU"
+                                        : "CPU-only build")
                   << ")\n";
       return false;
     }

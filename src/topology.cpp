@@ -163,7 +163,7 @@ Topology::Topology(const Comm& world, const ParallelConfig& p, bool device_tenso
   if (device_tensors_)
     collective_check(world, [] {
       throw InputError(
-          "--device cuda: this build of lrllm is CPU-only (rebuild on a machine with nvcc and NCCL)");
+          "--device cuda: this build of lrllm is CPU-only (rebuild on a machine with nvcc, cuBLAS and NCCL)");
     });
 #endif
   dp_ = world.size() / (tp_ * pp_);

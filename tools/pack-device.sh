@@ -109,6 +109,10 @@ while read -r soname arrow path _; do
     packed[$soname]=1
   fi
 done < <(for f in "${elves[@]}"; do ldd "$f"; done)
+# lrllm opens cuBLASLt itself when a CUDA backend is made (so CPU runs never map it): ldd cannot list it.
+cublaslt=$(sed -nE 's/^#define CUBLAS_VER_MAJOR ([0-9]+).*/libcublasLt.so.\1/p' "$(dirname "$(readlink -f "$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)")")/../include/cublas_api.h")
+[[ -n "$cublaslt" ]] || die "cannot read CUBLAS_VER_MAJOR from CUDA's cublas_api.h"
+cuda_needs+=("$cublaslt")
 
 # Check: with only the pack and CUDA's folders on the library path, every library resolves into the pack or is
 # one the device provides.

@@ -45,7 +45,6 @@ class PendingTransfer {
   PendingTransfer& operator=(PendingTransfer&& other) noexcept;
   ~PendingTransfer();
 
-  bool pending() const { return request_ != MPI_REQUEST_NULL || done_ != nullptr; }
   void wait();
   // Waits for every transfer (the MPI ones in one MPI_Waitall) and empties the list.
   static void wait_all(std::vector<PendingTransfer>& transfers);
