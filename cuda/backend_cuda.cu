@@ -380,6 +380,14 @@ __global__ void dequantize_rows_kernel(float* out, DeviceQuantized q, const int3
     out[i] = dequantized_value(q, static_cast<std::size_t>(rows[i / row_len]) * row_len + i % row_len);
 }
 
+// Launches a grid-stride kernel over n values (nothing for n = 0) and checks the launch.
+template <typename... Params, typename... Args>
+void launch_over(std::size_t n, const char* name, void (*kernel)(Params...), Args... args) {
+  if (n == 0) return;
+  kernel<<<blocks_for(n), kThreads>>>(args...);
+  LRLLM_CUDA_LAUNCH(name);
+}
+
 // The largest power of two (up to 256) that divides a pointer's address: what cuBLASLt may assume of it.
 uint32_t alignment_of(const void* p) {
   const auto a = reinterpret_cast<uintptr_t>(p);
@@ -437,9 +445,7 @@ class CudaBackend final : public Backend {
     if (bytes > 0) LRLLM_CUDA(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
   }
   void fill(float* x, std::size_t n, float value) override {
-    if (n == 0) return;
-    fill_kernel<<<blocks_for(n), kThreads>>>(x, n, value);
-    LRLLM_CUDA_LAUNCH("fill_kernel");
+    launch_over(n, "fill_kernel", fill_kernel, x, n, value);
   }
   void copy(float* dst, const float* src, std::size_t n) override {
     if (n > 0) LRLLM_CUDA(cudaMemcpyAsync(dst, src, n * sizeof(float), cudaMemcpyDeviceToDevice, 0));
@@ -468,28 +474,20 @@ class CudaBackend final : public Backend {
 
   void add_bias(float* out, const float* bias, int N, int C) override {
     const std::size_t n = static_cast<std::size_t>(N) * C;
-    if (n == 0) return;
-    add_bias_kernel<<<blocks_for(n), kThreads>>>(out, bias, n, C);
-    LRLLM_CUDA_LAUNCH("add_bias_kernel");
+    launch_over(n, "add_bias_kernel", add_bias_kernel, out, bias, n, C);
   }
   void bias_backward(float* dbias, const float* dout, int N, int C) override {
     column_sums(dbias, RowValue{dout, C}, N, C);
   }
 
   void add(float* out, const float* a, const float* b, std::size_t n) override {
-    if (n == 0) return;
-    add_kernel<<<blocks_for(n), kThreads>>>(out, a, b, n);
-    LRLLM_CUDA_LAUNCH("add_kernel");
+    launch_over(n, "add_kernel", add_kernel, out, a, b, n);
   }
   void scale(float* x, std::size_t n, float s) override {
-    if (n == 0) return;
-    scale_kernel<<<blocks_for(n), kThreads>>>(x, n, s);
-    LRLLM_CUDA_LAUNCH("scale_kernel");
+    launch_over(n, "scale_kernel", scale_kernel, x, n, s);
   }
   void mul(float* out, const float* a, const float* b, std::size_t n) override {
-    if (n == 0) return;
-    mul_kernel<<<blocks_for(n), kThreads>>>(out, a, b, n);
-    LRLLM_CUDA_LAUNCH("mul_kernel");
+    launch_over(n, "mul_kernel", mul_kernel, out, a, b, n);
   }
   double sum_squares(const float* x, std::size_t n) override {
     if (n == 0) return 0.0;
@@ -519,14 +517,10 @@ class CudaBackend final : public Backend {
   }
 
   void gelu_forward(float* out, const float* inp, std::size_t n) override {
-    if (n == 0) return;
-    gelu_forward_kernel<<<blocks_for(n), kThreads>>>(out, inp, n);
-    LRLLM_CUDA_LAUNCH("gelu_forward_kernel");
+    launch_over(n, "gelu_forward_kernel", gelu_forward_kernel, out, inp, n);
   }
   void gelu_backward(float* dinp, const float* inp, const float* dout, std::size_t n) override {
-    if (n == 0) return;
-    gelu_backward_kernel<<<blocks_for(n), kThreads>>>(dinp, inp, dout, n);
-    LRLLM_CUDA_LAUNCH("gelu_backward_kernel");
+    launch_over(n, "gelu_backward_kernel", gelu_backward_kernel, dinp, inp, dout, n);
   }
 
   void attention_forward(float* out, float* lse, const float* qkv, int B, int T, int C, int NH) override {
@@ -541,9 +535,7 @@ class CudaBackend final : public Backend {
   void embedding_forward(float* out, const int32_t* tokens, const float* wte, const float* wpe, int B, int T,
                          int C) override {
     const std::size_t n = static_cast<std::size_t>(B) * T * C;
-    if (n == 0) return;
-    embedding_forward_kernel<<<blocks_for(n), kThreads>>>(out, tokens, wte, wpe, B * T, T, C);
-    LRLLM_CUDA_LAUNCH("embedding_forward_kernel");
+    launch_over(n, "embedding_forward_kernel", embedding_forward_kernel, out, tokens, wte, wpe, B * T, T, C);
   }
   void embedding_backward(float* dwte, float* dwpe, const float* dout, const int32_t* tokens, int B, int T,
                           int C) override {
@@ -588,9 +580,7 @@ class CudaBackend final : public Backend {
     if (first > n || count > n - first)
       throw RuntimeError(
           strprintf("dequantize: values [%zu, %zu) are outside a tensor of %zu", first, first + count, n));
-    if (count == 0) return;
-    dequantize_kernel<<<blocks_for(count), kThreads>>>(out, device_copy(q), first, count);
-    LRLLM_CUDA_LAUNCH("dequantize_kernel");
+    launch_over(count, "dequantize_kernel", dequantize_kernel, out, device_copy(q), first, count);
   }
   void dequantize_rows(float* out, const QuantizedTensor& q, const int32_t* host_rows, int n_rows) override {
     const int64_t rows = q.shape.empty() ? 0 : q.shape[0];
