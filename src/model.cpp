@@ -203,14 +203,14 @@ ParamCounts Model::param_counts() const {
   return c;
 }
 
-int classifier_row_limit(int vocab_size, int max_rows) {
+int classifier_row_limit(int vocab_size) {
   const int by_budget =
       static_cast<int>(std::max<std::size_t>(1, kClassifierBudgetBytes / (sizeof(float) * vocab_size)));
-  return std::min(max_rows, by_budget);
+  return std::min(kClassifierMaxRows, by_budget);
 }
 
-int classifier_chunk_rows(int N, int vocab_size, int max_rows) {
-  const int limit = classifier_row_limit(vocab_size, max_rows);
+int classifier_chunk_rows(int N, int vocab_size) {
+  const int limit = classifier_row_limit(vocab_size);
   const int chunks = (N + limit - 1) / limit;
   return (N + chunks - 1) / chunks;
 }
@@ -306,8 +306,7 @@ void Model::reserve(int B, int slots) {
     lnf_mean_ = f(N);
     lnf_rstd_ = f(N);
     // A smaller batch later (a short validation batch) splits into chunks no larger than this.
-    const int max_rows = recompute_ ? kClassifierMaxRowsLowMemory : kClassifierMaxRows;
-    logits_ = f(std::min<std::size_t>(N, classifier_row_limit(cfg_.vocab_size, max_rows)) * cfg_.vocab_size);
+    logits_ = f(std::min<std::size_t>(N, classifier_row_limit(cfg_.vocab_size)) * cfg_.vocab_size);
     losses_ = f(N);
   }
   scratch_c_ = f(N * C);
@@ -382,8 +381,7 @@ double Model::classifier(const float* x, const int32_t* targets, float* dx, int 
   const int C = cfg_.d_model, V = cfg_.vocab_size;
   be_.layernorm_forward(lnf_, lnf_mean_, lnf_rstd_, x, at(lnf_w_), at(lnf_b_), N, C);
   const float row_scale = normalizer > 0 ? grad_scale / static_cast<float>(normalizer) : 0.0f;
-  const int chunk =
-      classifier_chunk_rows(N, V, recompute_ ? kClassifierMaxRowsLowMemory : kClassifierMaxRows);
+  const int chunk = classifier_chunk_rows(N, V);
   for (int n0 = 0; n0 < N; n0 += chunk) {
     const int rows = std::min(chunk, N - n0);
     const float* xr = lnf_ + static_cast<std::size_t>(n0) * C;

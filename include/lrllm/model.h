@@ -43,10 +43,10 @@ struct MemoryBytes {
   std::size_t grads = 0, optimizer = 0, activations = 0;
 };
 
-// The part of the model one rank holds (DESIGN §3 "Parallelism"): the blocks [first_layer, end_layer) of its
-// pipeline stage and, under tensor parallelism, its slice of each of them (qkv and fc column-parallel, attn
-// proj and mlp proj row-parallel, heads split). The first stage embeds; the last holds ln_f and its own copy
-// of the tied wte for the lm_head. The default is the whole model.
+// The part of the model one rank holds (docs/design.md, Parallel layouts): the blocks [first_layer,
+// end_layer) of its pipeline stage and, under tensor parallelism, its slice of each of them (qkv and fc
+// column-parallel, attn proj and mlp proj row-parallel, heads split). The first stage embeds; the last holds
+// ln_f and its own copy of the tied wte for the lm_head. The default is the whole model.
 struct ModelShard {
   int first_layer = 0;
   int end_layer = -1;  // -1: n_layer
@@ -221,13 +221,14 @@ void print_param_counts(const ParamCounts& counts, const ModelConfig& cfg);
 
 // The classifier runs on chunks of rows so that only one [rows, vocab] logits buffer exists: at most
 // kClassifierMaxRows rows and kClassifierBudgetBytes of logits, N split into equal chunks. Larger chunks run
-// the lm_head GEMMs faster and update the wte gradient fewer times; these bounds keep the buffer modest.
-inline constexpr int kClassifierMaxRows = 512;
-// With recomputation memory comes first: a [64, vocab] buffer, 13 MB for GPT-2's vocabulary.
-inline constexpr int kClassifierMaxRowsLowMemory = 64;
+// the lm_head GEMMs faster and update the wte gradient fewer times; 256 rows run within a few percent of 512
+// at half the buffer (51 MB for GPT-2's vocabulary). The chunk depends only on N and the vocabulary, never on
+// recomputation: OpenBLAS's result for a row depends on the GEMM's row count on some CPUs (AMD's AVX2
+// kernels), so paths that must give identical bits must issue identical GEMMs (docs/design.md, Determinism).
+inline constexpr int kClassifierMaxRows = 256;
 inline constexpr std::size_t kClassifierBudgetBytes = std::size_t{128} << 20;
 // The most rows one chunk may have, and the rows per chunk for N rows (never more than the limit or N).
-int classifier_row_limit(int vocab_size, int max_rows = kClassifierMaxRows);
-int classifier_chunk_rows(int N, int vocab_size, int max_rows = kClassifierMaxRows);
+int classifier_row_limit(int vocab_size);
+int classifier_chunk_rows(int N, int vocab_size);
 
 }  // namespace lrllm
