@@ -418,7 +418,8 @@ int64_t checkpoint_step(const std::string& name) {
   return std::stoll(digits);
 }
 
-// Checkpoints of a run directory, oldest first.
+}  // namespace
+
 std::vector<std::pair<int64_t, std::string>> list_checkpoints(const std::string& run_dir) {
   std::vector<std::pair<int64_t, std::string>> found;
   std::error_code ec;
@@ -430,8 +431,6 @@ std::vector<std::pair<int64_t, std::string>> list_checkpoints(const std::string&
   std::sort(found.begin(), found.end());
   return found;
 }
-
-}  // namespace
 
 std::string resolve_resume(const std::string& resume, const std::string& run_dir) {
   if (resume != "latest") {

@@ -180,6 +180,8 @@ po::options_description make_options(Config& c) {
       "checkpoint.every", po::value(&c.checkpoint.every)->default_value(c.checkpoint.every),
       "checkpoint every N steps (0: only at the end)")(
       "checkpoint.keep", po::value(&c.checkpoint.keep)->default_value(c.checkpoint.keep),
+      "run.overwrite", po::value(&c.run.overwrite)->default_value(c.run.overwrite),
+      "a fresh run into a run.dir holding an earlier run moves that run's files aside (never deletes them)")(
       "checkpoints kept in run.dir (0: all)")("checkpoint.resume", po::value(&c.checkpoint.resume),
                                               "resume from a checkpoint path, or latest");
 

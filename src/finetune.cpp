@@ -58,6 +58,7 @@ int run_finetune(const Config& cfg, const Comm& comm) {
       setup.mc = read_model_config(setup.resume);
       if (!setup.mc.any_lora())
         throw InputError(setup.resume + ": has no LoRA adapters to resume finetuning");
+      check_options_agree(cfg, setup.mc, setup.resume);
       setup.mc.lora_dropout = cfg.finetune.lora_dropout;
     } else {
       if (cfg.model.init.empty())
@@ -65,6 +66,7 @@ int run_finetune(const Config& cfg, const Comm& comm) {
       setup.mc = read_model_config(cfg.model.init);
       if (setup.mc.any_lora())
         throw InputError(cfg.model.init + ": already has LoRA adapters; resume it with --checkpoint.resume");
+      check_options_agree(cfg, setup.mc, cfg.model.init);
       apply_finetune(cfg, setup.mc);
     }
     validate_model_config(setup.mc);
@@ -87,7 +89,7 @@ int run_finetune(const Config& cfg, const Comm& comm) {
       setup.model->init_adapters(cfg.seed);
       load_base_weights(cfg.model.init, *setup.model);
     }
-    prepare_run_dir(cfg, comm);
+    claim_run_dir(cfg, comm, !setup.resume.empty());
   });
   return run_training(cfg, comm, setup, "finetune");
 }

@@ -2,10 +2,13 @@
 
 #include <sys/resource.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <ctime>
 #include <filesystem>
+#include <initializer_list>
 #include <map>
 #include <vector>
 
@@ -51,7 +54,77 @@ void check_against_file(const Config& cfg, const char* option, int given, int in
   throw InputError(strprintf("--%s %d contradicts %s, which has %d", option, given, path.c_str(), in_file));
 }
 
+bool any_given(const Config& cfg, std::initializer_list<const char*> options) {
+  return std::any_of(options.begin(), options.end(), [&](const char* o) { return cfg.was_given(o); });
+}
+
+// Each site's rank, e.g. "qkv=r32,proj=dense,fc=r32,mlp_proj=r32": both sides of a contradiction alike.
+std::string site_ranks(const int (&ranks)[kNumSites]) {
+  std::string out;
+  for (int s = 0; s < kNumSites; ++s)
+    out += strprintf("%s%s=%s", s ? "," : "", site_name(static_cast<LinearSite>(s)),
+                     ranks[s] > 0 ? ("r" + std::to_string(ranks[s])).c_str() : "none");
+  return out;
+}
+
+int quant_bits_of(const std::string& quant) {
+  return quant == "int8" ? 8 : quant == "nf4" ? 4 : 0;
+}
+
+// The LoRA and quantization options given, with those not given taken from the file, applied to it.
+ModelConfig finetune_options_over(const Config& cfg, const ModelConfig& file) {
+  Config filled = cfg;
+  FinetuneConfig& ft = filled.finetune;
+  if (!cfg.was_given("lora.rank")) ft.lora_rank = *std::max_element(file.lora_rank, file.lora_rank + kNumSites);
+  if (!cfg.was_given("lora.targets")) ft.lora_targets = file.lora_targets();
+  if (!cfg.was_given("lora.alpha")) ft.lora_alpha = file.lora_alpha;
+  if (!cfg.was_given("quant.bits")) ft.quant_bits = quant_bits_of(file.quant);
+  if (!cfg.was_given("quant.block")) ft.quant_block = file.quant_block;
+  if (!cfg.was_given("quant.embedding")) ft.quant_embedding = file.quant_embedding;
+  ModelConfig want = file;
+  apply_finetune(filled, want);
+  return want;
+}
+
 }  // namespace
+
+void check_options_agree(const Config& cfg, const ModelConfig& file, const std::string& path) {
+  check_against_file(cfg, "model.n_layer", cfg.model.n_layer, file.n_layer, path);
+  check_against_file(cfg, "model.n_head", cfg.model.n_head, file.n_head, path);
+  check_against_file(cfg, "model.d_model", cfg.model.d_model, file.d_model, path);
+  check_against_file(cfg, "model.d_ff", cfg.model.ff(), file.ff(), path);
+  check_against_file(cfg, "model.seq_len", cfg.model.seq_len, file.seq_len, path);
+  check_against_file(cfg, "model.vocab_size", cfg.model.vocab_size, file.vocab_size, path);
+  if (any_given(cfg, {"lowrank.rank", "lowrank.targets", "lowrank.rank_qkv", "lowrank.rank_proj",
+                      "lowrank.rank_fc", "lowrank.rank_mlp_proj"})) {
+    ModelConfig want = file;
+    apply_lowrank(cfg, want);
+    if (!std::equal(want.lowrank_rank, want.lowrank_rank + kNumSites, file.lowrank_rank))
+      throw InputError("the lowrank options give " + site_ranks(want.lowrank_rank) + " but " + path + " has " +
+                       site_ranks(file.lowrank_rank) +
+                       (file.any_lowrank() ? "" : "; turn a dense checkpoint low-rank with --mode decompose"));
+  }
+  if (!file.any_lora() || !any_given(cfg, {"lora.rank", "lora.targets", "lora.alpha", "quant.bits",
+                                           "quant.block", "quant.embedding"}))
+    return;
+  const ModelConfig want = finetune_options_over(cfg, file);
+  if (!std::equal(want.lora_rank, want.lora_rank + kNumSites, file.lora_rank))
+    throw InputError("the lora options give adapters " + site_ranks(want.lora_rank) + " but " + path +
+                     " has " + site_ranks(file.lora_rank));
+  if (want.lora_alpha != file.lora_alpha)
+    throw InputError(strprintf("--lora.alpha %g contradicts %s, which has %g", want.lora_alpha, path.c_str(),
+                               file.lora_alpha));
+  if (want.quant != file.quant)
+    throw InputError(strprintf("--quant.bits %d contradicts %s, whose base is stored as %s",
+                               quant_bits_of(want.quant), path.c_str(), file.quant.c_str()));
+  if (file.quant != "none" && want.quant_block != file.quant_block)
+    throw InputError(strprintf("--quant.block %d contradicts %s, which has %d", want.quant_block, path.c_str(),
+                               file.quant_block));
+  if (file.quant != "none" && want.quant_embedding != file.quant_embedding)
+    throw InputError(strprintf("--quant.embedding %s contradicts %s, whose embedding is %s",
+                               want.quant_embedding ? "true" : "false", path.c_str(),
+                               file.quant_embedding ? "quantized" : "float32"));
+}
 
 ModelConfig resolve_model_config(const Config& cfg, const std::string& resume_path) {
   const std::string& from = !resume_path.empty() ? resume_path : cfg.model.init;
@@ -62,15 +135,7 @@ ModelConfig resolve_model_config(const Config& cfg, const std::string& resume_pa
     return m;
   }
   ModelConfig m = read_model_config(from);
-  check_against_file(cfg, "model.n_layer", cfg.model.n_layer, m.n_layer, from);
-  check_against_file(cfg, "model.n_head", cfg.model.n_head, m.n_head, from);
-  check_against_file(cfg, "model.d_model", cfg.model.d_model, m.d_model, from);
-  check_against_file(cfg, "model.d_ff", cfg.model.d_ff, m.d_ff, from);
-  check_against_file(cfg, "model.seq_len", cfg.model.seq_len, m.seq_len, from);
-  check_against_file(cfg, "model.vocab_size", cfg.model.vocab_size, m.vocab_size, from);
-  if (cfg.was_given("lowrank.rank") || cfg.was_given("lowrank.targets"))
-    throw InputError("lowrank options cannot reshape the model of " + from +
-                     "; turn a dense checkpoint low-rank with --mode decompose");
+  check_options_agree(cfg, m, from);
   if (m.any_lora() || m.quant != "none")
     throw InputError(from +
                      " has LoRA adapters or a quantized base: continue it with --mode finetune, or "
@@ -113,6 +178,36 @@ void prepare_run_dir(const Config& cfg, const Comm& comm) {
   if (ec) throw InputError("--run.dir " + cfg.run.dir + ": cannot create it: " + ec.message());
 }
 
+void claim_run_dir(const Config& cfg, const Comm& comm, bool resuming) {
+  prepare_run_dir(cfg, comm);
+  if (!comm.root() || resuming) return;
+  std::vector<fs::path> earlier;
+  for (const auto& checkpoint : list_checkpoints(cfg.run.dir)) earlier.emplace_back(checkpoint.second);
+  const std::size_t checkpoints = earlier.size();
+  const fs::path metrics = fs::path(cfg.run.dir) / "metrics.h5";
+  std::error_code ec;
+  if (fs::exists(metrics, ec)) earlier.push_back(metrics);
+  if (earlier.empty()) return;
+  if (!cfg.run.overwrite)
+    throw InputError(strprintf("--run.dir %s holds an earlier run (%zu checkpoints%s): continue it with "
+                               "--checkpoint.resume latest, or move its files aside with --run.overwrite true",
+                               cfg.run.dir.c_str(), checkpoints,
+                               earlier.size() > checkpoints ? " and metrics.h5" : ""));
+  const std::time_t now = std::time(nullptr);
+  char stamp[32];
+  std::strftime(stamp, sizeof stamp, "%Y%m%d-%H%M%S", std::localtime(&now));
+  fs::path aside = fs::path(cfg.run.dir) / ("earlier-" + std::string(stamp));
+  for (int n = 2; fs::exists(aside, ec); ++n)
+    aside = fs::path(cfg.run.dir) / strprintf("earlier-%s-%d", stamp, n);
+  fs::create_directory(aside, ec);
+  if (ec) throw InputError("--run.overwrite: cannot create " + aside.string() + ": " + ec.message());
+  for (const fs::path& p : earlier) {
+    fs::rename(p, aside / p.filename(), ec);
+    if (ec) throw InputError("--run.overwrite: cannot move " + p.string() + " aside: " + ec.message());
+  }
+  std::printf("moved the earlier run's %zu files to %s\n", earlier.size(), aside.c_str());
+}
+
 int run_pretrain(const Config& cfg, const Comm& comm) {
   TrainSetup setup;
   collective_check(comm, [&] {
@@ -136,7 +231,7 @@ int run_pretrain(const Config& cfg, const Comm& comm) {
       else
         setup.model->init_random(cfg.seed);
     }
-    prepare_run_dir(cfg, comm);
+    claim_run_dir(cfg, comm, !setup.resume.empty());
   });
   return run_training(cfg, comm, setup, "pretrain");
 }

@@ -4,6 +4,8 @@
 #include <cstdint>
 #include <string>
 
+#include <utility>
+#include <vector>
 #include "lrllm/config.h"
 #include "lrllm/model.h"
 #include "lrllm/optimizer.h"
@@ -49,6 +51,9 @@ void load_training_state(const std::string& path, AdamW& optimizer, TrainState& 
 std::string resolve_resume(const std::string& resume, const std::string& run_dir);
 
 // Name of the checkpoint of a step inside run_dir.
+// The checkpoints (step, path) of run_dir, oldest first; none when it is not a directory.
+std::vector<std::pair<int64_t, std::string>> list_checkpoints(const std::string& run_dir);
+
 std::string checkpoint_path(const std::string& run_dir, int64_t step);
 
 // Deletes all but the newest `keep` checkpoints of run_dir (keep <= 0 keeps all).

@@ -74,6 +74,7 @@ struct RunConfig {
   std::string dir = "runs/default";
   int log_every = 1;
 };
+  bool overwrite = false;  // a fresh run into a directory with an earlier run moves its files aside
 
 struct CheckpointConfig {
   int every = 0;  // 0: only at the end of training

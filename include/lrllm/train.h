@@ -48,6 +48,16 @@ int run_training(const Config& cfg, const Comm& comm, TrainSetup& setup, const s
 // Creates run.dir on rank 0. Throws InputError.
 void prepare_run_dir(const Config& cfg, const Comm& comm);
 
+// The same for a training run, which never writes over an earlier run's checkpoints or metrics.h5: unless it
+// resumes, a run.dir holding them is an InputError, or with run.overwrite their files move to a new
+// run.dir/earlier-<time>/ folder. Throws InputError.
+void claim_run_dir(const Config& cfg, const Comm& comm, bool resuming);
+
+// The model-shape, low-rank, LoRA and quantization options given must agree with the file the model comes
+// from (path, read as file): the same values again, as a requeued job's command line gives them, are accepted;
+// a value that differs is an InputError naming both.
+void check_options_agree(const Config& cfg, const ModelConfig& file, const std::string& path);
+
 // The model shape a run uses: from the resumed checkpoint, else model.init, else the options. Checks that the
 // options given do not contradict the file. Throws InputError.
 ModelConfig resolve_model_config(const Config& cfg, const std::string& resume_path);

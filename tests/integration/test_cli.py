@@ -129,9 +129,11 @@ def test_resume_is_exact():
     full, part = tmpdir("resume-full"), tmpdir("resume-part")
     pretrain(full, ["--checkpoint.every", "3", "--lowrank.rank", "8", "--lowrank.targets", "qkv,fc"])
     pretrain(part, ["--checkpoint.every", "3", "--lowrank.rank", "8", "--lowrank.targets", "qkv,fc"])
-    # Stop after 3 steps by removing the later checkpoint and resuming from step 3.
+    # Stop after 3 steps by removing the later checkpoint and resuming from step 3 with the command line that
+    # started the run, as a requeued job does: options that agree with the checkpoint are no contradiction.
     os.remove(os.path.join(part, "ckpt_000006.h5"))
-    p = pretrain(part, ["--checkpoint.every", "3", "--checkpoint.resume", "latest"])
+    p = pretrain(part, ["--checkpoint.every", "3", "--lowrank.rank", "8", "--lowrank.targets", "qkv,fc",
+                        "--checkpoint.resume", "latest"])
     assert "resuming" in p.stdout, p.stdout
     assert np.array_equal(metric(full, "loss"), metric(part, "loss")), (metric(full, "loss"), metric(part, "loss"))
     assert list(metric(part, "step")) == [1, 2, 3, 4, 5, 6]
@@ -139,6 +141,50 @@ def test_resume_is_exact():
     assert a.keys() == b.keys()
     for k in a:
         assert np.array_equal(a[k], b[k]), f"{k} differs after resume"
+
+
+def test_resume_refuses_options_that_contradict_the_checkpoint():
+    d = tmpdir("resume-contradict")
+    pretrain(d, ["--lowrank.rank", "8", "--lowrank.targets", "qkv,fc", "--train.steps", "2"])
+    resume = ["--checkpoint.resume", "latest", "--train.steps", "3"]
+    bad_input(["--mode", "pretrain", *SMALL, "--data.train", TRAIN, "--run.dir", d, *resume,
+               "--lowrank.rank", "4", "--lowrank.targets", "qkv,fc"],
+              "give qkv=r4,proj=none,fc=r4,mlp_proj=none but " + os.path.join(d, "ckpt_000002.h5") +
+              " has qkv=r8,proj=none,fc=r8,mlp_proj=none")
+    bad_input(["--mode", "pretrain", *SMALL, "--data.train", TRAIN, "--run.dir", d, *resume,
+               "--lowrank.rank", "8", "--lowrank.targets", "all"], "proj=r8")
+    base = base_checkpoint()
+    ft = tmpdir("ft-contradict")
+    finetune(ft, base, ["--quant.bits", "4"], steps=2)
+    for option, value, expect in [("--lora.rank", "8", "adapters qkv=r8"), ("--lora.targets", "qkv", "proj=none"),
+                                  ("--lora.alpha", "3", "--lora.alpha 3 contradicts"),
+                                  ("--quant.bits", "8", "--quant.bits 8 contradicts"),
+                                  ("--quant.block", "32", "--quant.block 32 contradicts"),
+                                  ("--quant.embedding", "false", "whose embedding is quantized")]:
+        options = {"--quant.bits": "4", "--checkpoint.resume": "latest", option: value}
+        p = finetune(ft, base, [x for kv in options.items() for x in kv], check=False, steps=3)
+        lines = [l for l in p.stderr.splitlines() if l.strip()]
+        assert p.returncode == 2 and len(lines) == 1 and expect in lines[0], (option, p.returncode, p.stderr)
+    # The same options again resume.
+    p = finetune(ft, base, ["--quant.bits", "4", "--quant.block", "64", "--lora.alpha", "16", "--checkpoint.resume",
+                            "latest"], steps=3)
+    assert "resuming" in p.stdout and len(metric(ft, "loss")) == 3
+
+
+def test_a_new_run_never_overwrites_an_earlier_one():
+    d = tmpdir("rundir")
+    pretrain(d, ["--train.steps", "2"])
+    before = {n: open(os.path.join(d, n), "rb").read() for n in os.listdir(d)}
+    assert "ckpt_000002.h5" in before and "metrics.h5" in before
+    bad_input(["--mode", "pretrain", *SMALL, "--data.train", TRAIN, "--run.dir", d, "--train.steps", "2"],
+              "holds an earlier run (1 checkpoints and metrics.h5)")
+    assert {n: open(os.path.join(d, n), "rb").read() for n in os.listdir(d)} == before, "the refused run changed files"
+    p = pretrain(d, ["--train.steps", "3", "--run.overwrite", "true"])
+    aside = [n for n in os.listdir(d) if n.startswith("earlier-")]
+    assert len(aside) == 1 and "moved the earlier run's 2 files" in p.stdout, (os.listdir(d), p.stdout)
+    kept = os.path.join(d, aside[0])
+    assert {n: open(os.path.join(kept, n), "rb").read() for n in os.listdir(kept)} == before
+    assert list(metric(d, "step")) == [1, 2, 3] and os.path.exists(os.path.join(d, "ckpt_000003.h5"))
 
 
 def test_checkpoint_keep():
@@ -315,7 +361,7 @@ def finetune(run_dir, base, extra=(), check=True, np_=None, steps=3, batch_size=
     return run(["--mode", "finetune", "--model.init", base, "--data.train", train, "--data.val", val,
                 "--data.tokenizer_dir", TOKENIZER, "--run.dir", run_dir, "--train.steps", str(steps),
                 "--train.batch_size", str(batch_size), "--train.lr", "1e-2", "--train.warmup", "0", "--train.eval_batches", "1",
-                "--lora.rank", "4", *extra], check=check, np_=np_)
+                *([] if "--lora.rank" in extra else ["--lora.rank", "4"]), *extra], check=check, np_=np_)
 
 
 def test_finetune_trains_only_adapters_over_a_frozen_quantized_base():

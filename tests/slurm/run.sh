@@ -403,8 +403,8 @@ elif ! first_stop=$(sed -n 's/^stopped by a signal after step \([0-9]*\).*/\1/p'
 elif ! timeout 20 scancel --signal=TERM --batch "$pjob"; then
   reason="scancel --signal=TERM --batch failed"
 else
-  state=$(wait_job "$pjob" 150)
-  rstate=$(wait_job "$rid" 150)
+  state=$(wait_job "$pjob" 300)
+  rstate=$(wait_job "$rid" 300)
   out=$(job_field "$pjob" StdOut)
   restarts=$(job_field "$pjob" Restarts)
   if [[ $state != COMPLETED || $(job_field "$pjob" ExitCode) != 0:0 ]]; then
@@ -428,6 +428,59 @@ fi
 if [[ -z $reason ]]; then pass "$name ($check)"; else
   fail "$name" "$reason"
   [[ -n $pjob ]] && show "$(job_field "$pjob" StdOut)" 30
+fi
+
+# Every shipped kind of training requeues with its own command line: the job script adds only
+# --checkpoint.resume latest, so the config's low-rank, LoRA and quantization options meet a checkpoint made
+# with them. One stop by USR1 each, against an uninterrupted job of the same command (run at the same time).
+# preempt_once NAME SCRIPT STEPS [ARGS...]
+preempt_once() {
+  local name=$1 script=$2 steps=$3
+  shift 3
+  local dir=$tmp/runs/preempt-$script-$RANDOM ref=$tmp/runs/reference-$script-$RANDOM job ref_job reason= check=
+  job=$(submit --job-name="preempt-$script" --export="ALL,$tag,LRLLM_RUN_DIR=$dir" "jobs/$script.sbatch" "$@")
+  ref_job=$(submit --job-name="reference-$script" --export="ALL,$tag,LRLLM_RUN_DIR=$ref,LRLLM_LAUNCHER=mpirun" \
+    "jobs/$script.sbatch" "$@")
+  if [[ -z $job || -z $ref_job ]]; then
+    reason="could not submit"
+  elif ! wait_until 120 test -f "$dir/ckpt_000004.h5"; then
+    reason="no first checkpoint after 120 s"
+  elif ! timeout 20 scancel --signal=USR1 --batch "$job"; then
+    reason="scancel --signal=USR1 --batch failed"
+  else
+    local state rstate out
+    state=$(wait_job "$job" 300)
+    rstate=$(wait_job "$ref_job" 300)
+    out=$(job_field "$job" StdOut)
+    if [[ $state != COMPLETED || $(job_field "$job" ExitCode) != 0:0 ]]; then
+      reason="job $job ended $state, exit code $(job_field "$job" ExitCode)"
+    elif [[ $(job_field "$job" Restarts) != 1 ]]; then
+      reason="job $job was started $(($(job_field "$job" Restarts) + 1)) times, expected 2"
+    elif [[ $(grep -c "^lrllm $script .*resuming .*ckpt_" "$out") -ne 1 ]]; then
+      reason="lrllm did not resume from a checkpoint: $(grep -m1 'error' "$out")"
+    elif [[ $rstate != COMPLETED ]]; then
+      reason="the uninterrupted job $ref_job ended $rstate"
+    elif ! check=$("$python" tests/slurm/metrics.py check "$dir" "$steps" 2>&1); then
+      reason=$check
+    elif ! check=$("$python" tests/slurm/metrics.py same "$dir" "$ref" 1e-6 2>&1); then
+      reason=$check
+    fi
+  fi
+  if [[ -z $reason ]]; then pass "$name ($check)"; else
+    fail "$name" "$reason"
+    [[ -n $job ]] && show "$(job_field "$job" StdOut)" 30
+  fi
+}
+preempt_once "slurm: a low-rank pretraining job (tiny-lowrank.cfg) stopped by a signal requeues and resumes" \
+  pretrain 16 input/configs/tiny-lowrank.cfg --train.steps 16 --train.eval_every 8 --checkpoint.every 4 "${short[@]}"
+if [[ -f $ckpt ]]; then
+  preempt_once "slurm: a finetuning job (tiny-finetune.cfg, NF4 + LoRA) stopped by a signal requeues and resumes" \
+    finetune 16 input/configs/tiny-finetune.cfg --model.init "$ckpt" --data.train input/data/tasks/finsent_train.jsonl \
+    --data.val input/data/tasks/finsent_test.jsonl --train.steps 16 --train.eval_every 8 --checkpoint.every 4 \
+    "${short[@]}"
+else
+  fail "slurm: a finetuning job (tiny-finetune.cfg, NF4 + LoRA) stopped by a signal requeues and resumes" \
+    "no pretrained checkpoint"
 fi
 
 # scancel sends TERM to every process of the job: lrllm still checkpoints (srun passes TERM on), but a cancel
