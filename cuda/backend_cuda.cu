@@ -1,8 +1,8 @@
-// The CUDA backend (DESIGN §3 seam): every primitive of backend.h on one GPU. Tensors are float32 in device
-// memory, the master copy of every parameter; matrix products run on the tensor cores in bf16 with float32
-// accumulation (cuBLASLt's CUBLAS_COMPUTE_32F_FAST_16BF), with one cached plan per shape. Every kernel runs
-// on the legacy default stream, so the order of calls is the order of work and the host never waits except to
-// read a result; NCCL transfers (nccl.cu) order themselves against it with events.
+// The CUDA backend (docs/design.md, Backend seam): every primitive of backend.h on one GPU. Tensors are
+// float32 in device memory, the master copy of every parameter; matrix products run on the tensor cores in
+// bf16 with float32 accumulation (cuBLASLt's CUBLAS_COMPUTE_32F_FAST_16BF), with one cached plan per shape.
+// Every kernel runs on the legacy default stream, so the order of calls is the order of work and the host
+// never waits except to read a result; NCCL transfers (nccl.cu) order themselves against it with events.
 //
 // Reductions (bias and LayerNorm parameter gradients, the embedding gradient, the sum of squares) run in a
 // fixed order with no floating-point atomics, so two identical runs give identical bits.
@@ -541,6 +541,11 @@ class CudaBackend final : public Backend {
                           int C) override {
     const int N = B * T;
     if (N == 0) return;
+    if (dwpe != nullptr) {
+      position_grad_kernel<<<blocks_for(static_cast<std::size_t>(T) * C), kThreads>>>(dwpe, dout, B, T, C);
+      LRLLM_CUDA_LAUNCH("position_grad_kernel");
+    }
+    if (dwte == nullptr) return;
     // The positions of each distinct token, grouped on the host (N ids, a few KB), so that each dwte row is
     // summed by one thread per column in position order: deterministic, unlike atomics.
     std::vector<int32_t> host_tokens(N);
@@ -564,8 +569,6 @@ class CudaBackend final : public Backend {
     const dim3 grid(distinct, (C + kThreads - 1) / kThreads);
     embedding_backward_kernel<<<grid, kThreads>>>(dwte, dout, device + N, device + N + distinct, device, C);
     LRLLM_CUDA_LAUNCH("embedding_backward_kernel");
-    position_grad_kernel<<<blocks_for(static_cast<std::size_t>(T) * C), kThreads>>>(dwpe, dout, B, T, C);
-    LRLLM_CUDA_LAUNCH("position_grad_kernel");
   }
 
   void softmax_xent(float* losses, float* logits, const int32_t* targets, int N, int V,

@@ -331,13 +331,14 @@ class CpuBackend final : public Backend {
 
   void embedding_backward(float* dwte, float* dwpe, const float* dout, const int32_t* tokens, int B, int T,
                           int C) override {
+    if (dwpe != nullptr) column_sums_strided(dout, B, T, C, dwpe);
+    if (dwte == nullptr) return;
     // Sequential over tokens: a token id can repeat, and a fixed order keeps the sums reproducible.
     for (int i = 0; i < B * T; ++i) {
       float* e = dwte + static_cast<std::size_t>(tokens[i]) * C;
       const float* d = dout + static_cast<std::size_t>(i) * C;
       for (int c = 0; c < C; ++c) e[c] += d[c];
     }
-    column_sums_strided(dout, B, T, C, dwpe);
   }
 
   void softmax_xent(float* losses, float* logits, const int32_t* targets, int N, int V,

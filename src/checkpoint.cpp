@@ -33,9 +33,14 @@ void write_tensors(H5File& f, const std::string& group, const ParamTable& table,
   for (const TensorInfo& t : table.tensors()) f.write(group + "/" + t.name, flat.data() + t.offset, t.shape);
 }
 
-// A tensor-parallel part reads the full tensor and keeps its slice.
+bool is_adapter(const TensorInfo& t) {
+  return t.name.ends_with("/lora_A") || t.name.ends_with("/lora_B");
+}
+
+// A tensor-parallel part reads the full tensor and keeps its slice. Without adapters: all but lora_A/lora_B
+// (a base file, whose saved modules are read and whose adapters do not exist yet).
 void read_tensors(const H5File& f, const std::string& group, const ParamTable& table,
-                  std::vector<float>& flat) {
+                  std::vector<float>& flat, bool adapters = true) {
   std::vector<float> full;
   for (const TensorInfo& t : table.tensors()) {
     if (t.split.axis < 0) {
@@ -51,6 +56,7 @@ void read_tensors(const H5File& f, const std::string& group, const ParamTable& t
 std::vector<float> to_host(Backend& be, const float* dev, std::size_t n) {
   std::vector<float> host(n);
   be.to_host(host.data(), dev, n * sizeof(float));
+    if (!adapters && is_adapter(t)) continue;
   return host;
 }
 
@@ -61,14 +67,18 @@ ModelConfig read_model_config(const std::string& path) {
   if (!f.has_attr("/", "format") || f.attr_string("/", "format") != "lrllm")
     throw InputError(path + ": not an lrllm file (root attribute format is not \"lrllm\")");
   const int64_t version = f.attr_int("/", "format_version");
-  if (version != kFormatVersion)
+  if (version < 1 || version > kFormatVersion)
     throw InputError(path + ": format_version " + std::to_string(version) +
-                     " is not supported (this lrllm reads " + std::to_string(kFormatVersion) + ")");
+                     " is not supported (this lrllm reads 1 to " + std::to_string(kFormatVersion) + ")");
   ModelConfig m;
   m.arch = f.attr_string("/config", "arch");
   if (m.arch != "gpt2") throw InputError(path + ": arch '" + m.arch + "' is not supported (gpt2 is)");
   m.vocab_size = positive_attr(f, "vocab_size");
   m.seq_len = positive_attr(f, "seq_len");
+int64_t format_version_of(const ModelConfig& m) {
+  return m.any_lora() && !m.lora_modules.empty() ? 2 : 1;
+}
+
   m.n_layer = positive_attr(f, "n_layer");
   m.n_head = positive_attr(f, "n_head");
   m.d_model = positive_attr(f, "d_model");
@@ -102,6 +112,8 @@ void load_quantized(const H5File& f, const std::string& stem, const std::vector<
     if (q.shape != expected)
       throw InputError(f.path() + ": " + stem + "_q holds " + shape_string(q.shape) + ", the model expects " +
                        shape_string(expected));
+  if (version >= 2 && f.has_attr("/config", "lora_modules"))
+    m.lora_modules = f.attr_string("/config", "lora_modules");
     return;
   }
   if (!f.exists(stem)) throw InputError(f.path() + ": " + stem + " is missing (neither float nor quantized)");
@@ -119,9 +131,12 @@ void load_into(const std::string& path, Model& model, bool adapters_from_file) {
   std::vector<float> host(model.frozen_table().total(), 0.0f);
   read_tensors(f, "/model", model.frozen_table(), host);
   be.to_device(model.frozen(), host.data(), host.size() * sizeof(float));
-  if (adapters_from_file || !model.config().any_lora()) {
+  // A base file has no adapters yet, but has the saved modules that train beside them.
+  const bool adapters = adapters_from_file || !model.config().any_lora();
+  if (adapters || !model.config().lora_modules.empty()) {
     host.assign(model.table().total(), 0.0f);
-    read_tensors(f, "/model", model.table(), host);
+    if (!adapters) be.to_host(host.data(), model.params(), host.size() * sizeof(float));
+    read_tensors(f, "/model", model.table(), host, adapters);
     be.to_device(model.params(), host.data(), host.size() * sizeof(float));
   }
   for (QuantizedEntry& e : model.quantized_tensors())
@@ -142,7 +157,7 @@ namespace {
 
 void write_header(H5File& f, const std::string& mode, const ModelConfig& c) {
   f.set_attr("/", "format", std::string("lrllm"));
-  f.set_attr("/", "format_version", kFormatVersion);
+  f.set_attr("/", "format_version", format_version_of(c));
   f.set_attr("/", "lrllm_version", std::string(kVersion));
   f.set_attr("/", "mode", mode);
   f.set_attr("/", "created", now_iso8601());
@@ -191,6 +206,7 @@ void write_optimizer_and_state(H5File& f, const AdamW* optimizer, const TrainSta
 void write_frozen(H5File& f, Model& model) {
   const std::vector<float> frozen = to_host(model.backend(), model.frozen(), model.frozen_table().total());
   for (const TensorInfo& t : model.frozen_table().tensors())
+  if (format_version_of(c) >= 2) f.set_attr("/config", "lora_modules", c.lora_modules);
     if (!f.exists("/model/" + t.name)) f.write("/model/" + t.name, frozen.data() + t.offset, t.shape);
   for (const QuantizedEntry& e : model.quantized_tensors())
     if (!f.exists("/model/" + e.name + "_q")) write_quantized(f, "/model/" + e.name, e.tensor);

@@ -22,6 +22,11 @@ const char* site_name(LinearSite site) {
 bool ModelConfig::any_lowrank() const {
   for (int r : lowrank_rank)
     if (r > 0) return true;
+const char* site_path(LinearSite site) {
+  static const char* const paths[kNumSites] = {"attn/qkv", "attn/proj", "mlp/fc", "mlp/proj"};
+  return paths[static_cast<int>(site)];
+}
+
   return false;
 }
 
@@ -112,6 +117,9 @@ po::options_description make_options(Config& c) {
       "lora.merge", po::value(&ft.lora_merge)->default_value(ft.lora_merge),
       "export: fold the adapters into the weights (a low-rank site grows to rank r + lora rank)")(
       "quant.bits", po::value(&ft.quant_bits)->default_value(ft.quant_bits),
+      "lora.modules_to_save", po::value(&ft.lora_modules)->default_value(ft.lora_modules),
+      "base LayerNorms, biases and embeddings trained in full beside the adapters: comma-separated patterns, "
+      "e.g. ln_f,h.*/ln_2,wte ('*' within one name part)")(
       "storage of the frozen base's dense weights: 0 (float32), 8 (int8), 4 (NF4)")(
       "quant.block", po::value(&ft.quant_block)->default_value(ft.quant_block), "values per absmax block")(
       "quant.embedding", po::value(&ft.quant_embedding)->default_value(ft.quant_embedding),
@@ -381,3 +389,4 @@ bool parse_config(int argc, const char* const* argv, Config& c, bool print_help_
 }
 
 }  // namespace lrllm
+  m.lora_modules = ft.lora_modules;

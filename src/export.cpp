@@ -85,6 +85,7 @@ int run_export(const Config& cfg) {
   out_cfg.quant_embedding = bits != 0 && cfg.finetune.quant_embedding;
   validate_model_config(out_cfg);
 
+  if (merge) out_cfg.lora_modules.clear();  // without adapters every tensor is the model's own
   auto backend = make_cpu_backend();
   Model src(in_cfg, *backend, false);
   if (random)

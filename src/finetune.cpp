@@ -70,6 +70,7 @@ int run_finetune(const Config& cfg, const Comm& comm) {
       apply_finetune(cfg, setup.mc);
     }
     validate_model_config(setup.mc);
+    validate_saved_modules(setup.mc);
     const Tokenizer tok =
         Tokenizer::load(cfg.data.tokenizer_dir + "/encoder.json", cfg.data.tokenizer_dir + "/vocab.bpe");
     if (tok.vocab_size() > setup.mc.vocab_size)

@@ -7,7 +7,8 @@
 namespace lrllm {
 
 Linear::Linear(ParamTable& trainable, ParamTable& base, bool base_frozen, const std::string& prefix, int in,
-               int out, int rank, int lora_rank, double lora_alpha, bool quantized, const LinearTp& tp)
+               int out, int rank, int lora_rank, double lora_alpha, bool quantized, bool bias_trains,
+               const LinearTp& tp)
     : prefix_(prefix),
       in_(tp.mode == TpMode::row ? in / tp.parts : in),
       out_(tp.mode == TpMode::column ? out / tp.parts : out),
@@ -35,7 +36,8 @@ Linear::Linear(ParamTable& trainable, ParamTable& base, bool base_frozen, const 
   } else if (!quantized) {
     w = add(base, base_frozen, "W", {out_, in_}, column ? outs : row ? ins : whole);
   }
-  bias = add(base, base_frozen, "b", {out_}, column ? outs : whole);
+  bias = bias_trains ? add(trainable, false, "b", {out_}, column ? outs : whole)
+                     : add(base, base_frozen, "b", {out_}, column ? outs : whole);
   if (lora_rank > 0) {
     lora_a = add(trainable, false, "lora_A", {lora_rank, in}, whole);
     lora_b = add(trainable, false, "lora_B", {out, lora_rank}, whole);

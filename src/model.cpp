@@ -1,8 +1,11 @@
 #include "lrllm/model.h"
 
 #include <algorithm>
+#include <fnmatch.h>
+
 #include <cmath>
 #include <cstdio>
+#include <sstream>
 
 #include "lrllm/common.h"
 #include "lrllm/rng.h"
@@ -39,17 +42,20 @@ Model::Model(const ModelConfig& cfg, Backend& backend, bool recompute, const Mod
   ParamTable& base = frozen ? frozen_table_ : table_;
   // Tensors every rank of a tensor-parallel group holds whole: the first rank's copy is the one that counts.
   const bool tp_replica = shard.tp > 1 && shard.tp_part > 0;
+  // Base tensors named by lora.modules_to_save train in full beside the adapters.
+  auto trains = [&](const std::string& name) { return frozen && trains_beside_adapters(cfg, name); };
   auto add = [&](const std::string& name, std::vector<int64_t> shape, bool replica = false) {
     TensorSplit whole;
     whole.replica = tp_replica || replica;
-    return TensorRef{base.add(name, std::move(shape), whole), frozen};
+    const bool full = trains(name);
+    return TensorRef{(full ? table_ : base).add(name, std::move(shape), whole), frozen && !full};
   };
   auto linear = [&](const std::string& prefix, int in, int out, int site, TpMode mode, int groups) {
     const int rank = cfg.lowrank_rank[site];
     LinearTp tp;
     if (shard.tp > 1) tp = {mode, shard.tp_part, shard.tp, groups, shard.tp_group};
     return Linear(table_, base, frozen, prefix, in, out, rank, cfg.lora_rank[site], cfg.lora_alpha, quantized,
-                  tp);
+                  trains(prefix + "/b"), tp);
   };
   // The last stage's wte is the lm_head's copy of the tied embedding; the first stage's is saved.
   auto add_quantized = [&](const std::string& name, std::vector<int64_t> shape) {
@@ -188,6 +194,59 @@ void Model::zero_grads() {
   be_.fill(grads(), table_.total(), 0.0f);
 }
 
+namespace {
+
+std::vector<std::string> saved_module_patterns(const ModelConfig& cfg) {
+  std::vector<std::string> patterns;
+  std::stringstream list(cfg.lora_modules);
+  for (std::string p; std::getline(list, p, ',');)
+    if (!p.empty()) patterns.push_back(p);
+  return patterns;
+}
+
+// A pattern names a tensor or a module above it: it matches the name or one of its prefixes ending before a
+// '/', with '*' matching within one path component.
+bool names(const std::string& pattern, const std::string& tensor) {
+  for (std::size_t end = tensor.find('/'); end != std::string::npos; end = tensor.find('/', end + 1))
+    if (fnmatch(pattern.c_str(), tensor.substr(0, end).c_str(), FNM_PATHNAME) == 0) return true;
+  return fnmatch(pattern.c_str(), tensor.c_str(), FNM_PATHNAME) == 0;
+}
+
+// The base tensors that may train in full beside adapters, with their sizes: LayerNorms, biases and
+// embeddings. Linear weights train through their adapters.
+std::vector<std::pair<std::string, std::size_t>> savable_tensors(const ModelConfig& cfg) {
+  const std::size_t C = cfg.d_model, F = cfg.ff();
+  std::vector<std::pair<std::string, std::size_t>> out = {
+      {"wte", cfg.vocab_size * C}, {"wpe", cfg.seq_len * C}, {"ln_f/w", C}, {"ln_f/b", C}};
+  const std::size_t bias[kNumSites] = {3 * C, C, F, C};
+  for (int l = 0; l < cfg.n_layer; ++l) {
+    const std::string h = "h." + std::to_string(l);
+    for (const char* t : {"/ln_1/w", "/ln_1/b", "/ln_2/w", "/ln_2/b"}) out.emplace_back(h + t, C);
+    for (int s = 0; s < kNumSites; ++s)
+      out.emplace_back(h + "/" + site_path(static_cast<LinearSite>(s)) + "/b", bias[s]);
+  }
+  return out;
+}
+
+}  // namespace
+
+bool trains_beside_adapters(const ModelConfig& cfg, const std::string& tensor) {
+  const std::vector<std::string> patterns = saved_module_patterns(cfg);
+  return std::any_of(patterns.begin(), patterns.end(), [&](const std::string& p) { return names(p, tensor); });
+}
+
+void validate_saved_modules(const ModelConfig& cfg) {
+  const auto savable = savable_tensors(cfg);
+  for (const std::string& p : saved_module_patterns(cfg)) {
+    if (std::none_of(savable.begin(), savable.end(), [&](const auto& t) { return names(p, t.first); }))
+      throw InputError("--lora.modules_to_save: '" + p +
+                       "' names no LayerNorm, bias or embedding of the model (e.g. ln_f, h.*/ln_1, h.0/mlp/fc/b, "
+                       "wpe, wte)");
+  }
+  if (cfg.quant != "none" && cfg.quant_embedding && trains_beside_adapters(cfg, "wte"))
+    throw InputError("--lora.modules_to_save: wte is stored quantized here; train it with --quant.embedding false");
+}
+
 ParamCounts Model::param_counts() const {
   ParamCounts c;
   const std::size_t C = cfg_.d_model, F = cfg_.ff(), L = cfg_.n_layer;
@@ -200,6 +259,9 @@ ParamCounts Model::param_counts() const {
   }
   // Two LayerNorms and four biases a block, and ln_f.
   c.other = L * (4 * C + 3 * C + C + F + C) + 2 * C;
+  if (cfg_.any_lora())
+    for (const auto& [name, size] : savable_tensors(cfg_))
+      if (trains_beside_adapters(cfg_, name)) c.saved += size;
   return c;
 }
 
@@ -225,7 +287,11 @@ void print_param_counts(const ParamCounts& c, const ModelConfig& cfg) {
       c.total(), c.embedding, linear, c.linear_dense, c.linear_lowrank, c.other);
   std::printf("linear layers: %zu parameters against %zu dense: compression %.2fx\n", linear, dense_equiv,
               linear > 0 ? static_cast<double>(dense_equiv) / linear : 0.0);
-  if (c.lora > 0) std::printf("LoRA adapters: %zu trainable parameters (the base is frozen)\n", c.lora);
+  if (c.lora > 0 && c.saved == 0)
+    std::printf("LoRA adapters: %zu trainable parameters (the base is frozen)\n", c.lora);
+  else if (c.lora > 0)
+    std::printf("LoRA adapters: %zu trainable parameters, and %zu of the base's (%s) trained beside them\n",
+                c.lora, c.saved, cfg.lora_modules.c_str());
 }
 
 MemoryBytes Model::memory(int B, int slots) {
@@ -502,9 +568,11 @@ void Model::backward(int slot, int B) {
     if (block_grads_hook_) block_grads_hook_(l);
   }
   // A frozen model stops here: nothing below the first block has a gradient.
-  if (first_stage() && !wte_q_ && !wte_.frozen)
-    be_.embedding_backward(grads_ + wte_.offset, grads_ + wpe_.offset, s.dresid, s.tokens, B, cfg_.seq_len,
-                           cfg_.d_model);
+  if (!first_stage()) return;
+  float* dwte = !wte_q_ && !wte_.frozen ? grads_ + wte_.offset : nullptr;
+  float* dwpe = !wpe_.frozen ? grads_ + wpe_.offset : nullptr;
+  if (dwte != nullptr || dwpe != nullptr)
+    be_.embedding_backward(dwte, dwpe, s.dresid, s.tokens, B, cfg_.seq_len, cfg_.d_model);
 }
 
 float* Model::stage_input(int slot) {

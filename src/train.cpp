@@ -78,6 +78,7 @@ ModelConfig finetune_options_over(const Config& cfg, const ModelConfig& file) {
   if (!cfg.was_given("lora.rank")) ft.lora_rank = *std::max_element(file.lora_rank, file.lora_rank + kNumSites);
   if (!cfg.was_given("lora.targets")) ft.lora_targets = file.lora_targets();
   if (!cfg.was_given("lora.alpha")) ft.lora_alpha = file.lora_alpha;
+  if (!cfg.was_given("lora.modules_to_save")) ft.lora_modules = file.lora_modules;
   if (!cfg.was_given("quant.bits")) ft.quant_bits = quant_bits_of(file.quant);
   if (!cfg.was_given("quant.block")) ft.quant_block = file.quant_block;
   if (!cfg.was_given("quant.embedding")) ft.quant_embedding = file.quant_embedding;
@@ -104,8 +105,8 @@ void check_options_agree(const Config& cfg, const ModelConfig& file, const std::
                        site_ranks(file.lowrank_rank) +
                        (file.any_lowrank() ? "" : "; turn a dense checkpoint low-rank with --mode decompose"));
   }
-  if (!file.any_lora() || !any_given(cfg, {"lora.rank", "lora.targets", "lora.alpha", "quant.bits",
-                                           "quant.block", "quant.embedding"}))
+  if (!file.any_lora() || !any_given(cfg, {"lora.rank", "lora.targets", "lora.alpha", "lora.modules_to_save",
+                                           "quant.bits", "quant.block", "quant.embedding"}))
     return;
   const ModelConfig want = finetune_options_over(cfg, file);
   if (!std::equal(want.lora_rank, want.lora_rank + kNumSites, file.lora_rank))
@@ -114,6 +115,9 @@ void check_options_agree(const Config& cfg, const ModelConfig& file, const std::
   if (want.lora_alpha != file.lora_alpha)
     throw InputError(strprintf("--lora.alpha %g contradicts %s, which has %g", want.lora_alpha, path.c_str(),
                                file.lora_alpha));
+  if (want.lora_modules != file.lora_modules)
+    throw InputError("--lora.modules_to_save '" + want.lora_modules + "' contradicts " + path + ", which has '" +
+                     file.lora_modules + "'");
   if (want.quant != file.quant)
     throw InputError(strprintf("--quant.bits %d contradicts %s, whose base is stored as %s",
                                quant_bits_of(want.quant), path.c_str(), file.quant.c_str()));
@@ -188,7 +192,9 @@ void claim_run_dir(const Config& cfg, const Comm& comm, bool resuming) {
   std::error_code ec;
   if (fs::exists(metrics, ec)) earlier.push_back(metrics);
   if (earlier.empty()) return;
-  if (!cfg.run.overwrite)
+  // Metrics without a checkpoint (a run that died before its first) cannot be resumed: they move aside
+  // unasked, so that a requeued job starts again instead of waiting for a person.
+  if (checkpoints > 0 && !cfg.run.overwrite)
     throw InputError(strprintf("--run.dir %s holds an earlier run (%zu checkpoints%s): continue it with "
                                "--checkpoint.resume latest, or move its files aside with --run.overwrite true",
                                cfg.run.dir.c_str(), checkpoints,

@@ -1,4 +1,4 @@
-// The backend seam (DESIGN §3): every primitive the model needs, written once per device.
+// The backend seam (docs/design.md, Backend seam): every primitive the model needs, written once per device.
 // Pointers are device pointers of the backend that allocated them; shapes are row-major.
 #pragma once
 
@@ -72,7 +72,7 @@ class Backend {
   // out[b,t,:] = wte[tokens[b,t],:] + wpe[t,:]
   virtual void embedding_forward(float* out, const int32_t* tokens, const float* wte, const float* wpe, int B,
                                  int T, int C) = 0;
-  // dwte, dwpe accumulate.
+  // dwte, dwpe accumulate; either may be null, for a table that does not train (a finetuning base's).
   virtual void embedding_backward(float* dwte, float* dwpe, const float* dout, const int32_t* tokens, int B,
                                   int T, int C) = 0;
 

@@ -1,11 +1,12 @@
-// Checkpoints and model files (DESIGN §4): full, unsharded float32 tensors, written atomically.
+// Checkpoints and model files (docs/design.md, Checkpoint format): full, unsharded float32 tensors, written
+// atomically.
 #pragma once
 
 #include <cstdint>
 #include <string>
-
 #include <utility>
 #include <vector>
+
 #include "lrllm/config.h"
 #include "lrllm/model.h"
 #include "lrllm/optimizer.h"
@@ -13,7 +14,11 @@
 
 namespace lrllm {
 
-inline constexpr int64_t kFormatVersion = 1;
+// The newest model-file format this lrllm reads and writes; it reads every older one. Version 2 adds /config
+// lora_modules (base tensors trained beside the adapters) and is written only by files that have them, so every
+// other file stays version 1, readable by older lrllm (docs/design.md, Checkpoint format).
+inline constexpr int64_t kFormatVersion = 2;
+int64_t format_version_of(const ModelConfig& m);
 
 // Everything beyond weights and moments that an exact resume needs.
 struct TrainState {
@@ -50,10 +55,10 @@ void load_training_state(const std::string& path, AdamW& optimizer, TrainState& 
 // "latest" resolves to the newest checkpoint in run_dir; anything else is a path that must exist.
 std::string resolve_resume(const std::string& resume, const std::string& run_dir);
 
-// Name of the checkpoint of a step inside run_dir.
 // The checkpoints (step, path) of run_dir, oldest first; none when it is not a directory.
 std::vector<std::pair<int64_t, std::string>> list_checkpoints(const std::string& run_dir);
 
+// Name of the checkpoint of a step inside run_dir.
 std::string checkpoint_path(const std::string& run_dir, int64_t step);
 
 // Deletes all but the newest `keep` checkpoints of run_dir (keep <= 0 keeps all).

@@ -13,6 +13,8 @@ enum class LinearSite { qkv = 0, proj = 1, fc = 2, mlp_proj = 3 };
 inline constexpr int kNumSites = 4;
 const char* site_name(LinearSite site);
 
+// The site's module inside a block, as in tensor names ("attn/qkv" of "h.0/attn/qkv/W").
+const char* site_path(LinearSite site);
 struct ModelConfig {
   std::string arch = "gpt2";
   int n_layer = 4;
@@ -28,6 +30,8 @@ struct ModelConfig {
   int lora_rank[kNumSites] = {0, 0, 0, 0};
   double lora_alpha = 16.0;
   // Dropout on the adapters' input while training (a training setting: not stored in checkpoints).
+  // Base tensors trained in full beside the adapters: lora.modules_to_save's patterns (see model.h).
+  std::string lora_modules;
   double lora_dropout = 0.0;
   // Storage of the frozen base's dense linear weights: "none" (float32), "int8" or "nf4".
   std::string quant = "none";
@@ -87,8 +91,9 @@ struct FinetuneConfig {
   double lora_alpha = 16.0;
   double lora_dropout = 0.0;
   std::string lora_targets = "all";
-  bool lora_merge = false;  // export: fold the adapters into the base weights
-  int quant_bits = 0;       // 0: float32 base, 8: int8, 4: NF4
+  std::string lora_modules;  // lora.modules_to_save
+  bool lora_merge = false;   // export: fold the adapters into the base weights
+  int quant_bits = 0;        // 0: float32 base, 8: int8, 4: NF4
   int quant_block = 64;
   bool quant_double = true;
   bool quant_embedding = true;

@@ -1,7 +1,8 @@
-// One linear layer (DESIGN §3): a base, dense W[out,in] + b or low-rank A[r,in], B[out,r] + b with
-// y = B(Ax) + b, and optional LoRA adapters lora_A[rl,in], lora_B[out,rl] adding (alpha/rl) * lora_B lora_A
-// x. A base can be frozen (finetuning), and a frozen base (W, or A and B) can be stored quantized (int8 or
-// NF4), in which case forward and the input gradient dequantize one tile of rows at a time.
+// One linear layer (docs/design.md, Linear layers): a base, dense W[out,in] + b or low-rank A[r,in],
+// B[out,r] + b with y = B(Ax) + b, and optional LoRA adapters lora_A[rl,in], lora_B[out,rl] adding
+// (alpha/rl) * lora_B lora_A x. A base can be frozen (finetuning), and a frozen base (W, or A and B) can be
+// stored quantized (int8 or NF4), in which case forward and the input gradient dequantize one tile of rows
+// at a time.
 //
 // Under tensor parallelism (Megatron) a layer is column-parallel (each rank computes a slice of the outputs
 // from the full input) or row-parallel (each rank holds a slice of the inputs and the outputs are summed).
@@ -75,8 +76,10 @@ class Linear {
   // lora_rank 0: no adapters; quantized: a base whose W, or A and B, are held in quantized storage
   // (set_quantized).
   // in and out are the full layer's; tp slices them (adapters and quantization need tp.parts == 1).
+  // bias_trains: a frozen base's bias trains in full beside the adapters (lora.modules_to_save).
   Linear(ParamTable& trainable, ParamTable& base, bool base_frozen, const std::string& prefix, int in,
-         int out, int rank, int lora_rank, double lora_alpha, bool quantized, const LinearTp& tp = {});
+         int out, int rank, int lora_rank, double lora_alpha, bool quantized, bool bias_trains = false,
+         const LinearTp& tp = {});
 
   // This rank's widths.
   int in() const { return in_; }

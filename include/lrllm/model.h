@@ -32,6 +32,7 @@ struct ParamCounts {
   std::size_t linear_lowrank = 0;  // A and B of low-rank linear layers
   std::size_t other = 0;           // biases and LayerNorms
   std::size_t lora = 0;            // LoRA adapters
+  std::size_t saved = 0;           // base tensors trained beside the adapters (counted in their kinds above)
   std::size_t total() const { return embedding + linear_dense + linear_lowrank + other + lora; }
 };
 
@@ -215,6 +216,13 @@ class Model {
   std::size_t act_bytes_ = 0;
   int max_rank_ = 0;  // the widest low-rank or LoRA intermediate
 };
+
+// lora.modules_to_save: comma-separated patterns over the base's LayerNorms, biases and embeddings ("ln_f",
+// "h.*/ln_1", "h.0/mlp/fc/b", "wte"), '*' matching within one path component; a pattern names a tensor or a
+// module above it. Those tensors of a frozen base train in full beside the adapters (PEFT's modules_to_save).
+bool trains_beside_adapters(const ModelConfig& cfg, const std::string& tensor_name);
+// A pattern that names none of them, or names a quantized wte, is an InputError.
+void validate_saved_modules(const ModelConfig& cfg);
 
 // Prints parameters by kind and the compression of the linear layers against their dense equivalent.
 void print_param_counts(const ParamCounts& counts, const ModelConfig& cfg);

@@ -49,8 +49,9 @@ int run_training(const Config& cfg, const Comm& comm, TrainSetup& setup, const s
 void prepare_run_dir(const Config& cfg, const Comm& comm);
 
 // The same for a training run, which never writes over an earlier run's checkpoints or metrics.h5: unless it
-// resumes, a run.dir holding them is an InputError, or with run.overwrite their files move to a new
-// run.dir/earlier-<time>/ folder. Throws InputError.
+// resumes, a run.dir holding checkpoints is an InputError, or with run.overwrite they and metrics.h5 move to
+// a new run.dir/earlier-<time>/ folder; a metrics.h5 without checkpoints always moves there. Throws
+// InputError.
 void claim_run_dir(const Config& cfg, const Comm& comm, bool resuming);
 
 // The model-shape, low-rank, LoRA and quantization options given must agree with the file the model comes

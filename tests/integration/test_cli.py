@@ -408,6 +408,39 @@ def test_finetune_recompute_gives_identical_losses():
     assert np.array_equal(metric(a, "loss"), metric(b, "loss"))
 
 
+def test_finetune_trains_saved_modules_beside_adapters_and_resumes_exactly():
+    base = base_checkpoint()
+    mods = ["--quant.bits", "4", "--lora.modules_to_save", "ln_f,h.*/ln_2,h.0/mlp/fc/b,wpe", "--checkpoint.every", "2"]
+    full, part = tmpdir("ft-saved-full"), tmpdir("ft-saved-part")
+    p = finetune(full, base, mods, steps=4)
+    assert "trained beside them" in p.stdout, p.stdout
+    finetune(part, base, mods, steps=4)
+    os.remove(os.path.join(part, "ckpt_000004.h5"))
+    finetune(part, base, [*mods, "--checkpoint.resume", "latest"], steps=4)
+    assert np.array_equal(metric(full, "loss"), metric(part, "loss"))
+    saved = ["ln_f/w", "ln_f/b", "h.0/ln_2/w", "h.1/ln_2/b", "h.0/mlp/fc/b", "wpe"]
+    with h5py.File(base, "r") as fb, h5py.File(os.path.join(full, "ckpt_000004.h5"), "r") as fa, \
+            h5py.File(os.path.join(part, "ckpt_000004.h5"), "r") as fp:
+        assert fa.attrs["format_version"] == 2 and fa["config"].attrs["lora_modules"] == "ln_f,h.*/ln_2,h.0/mlp/fc/b,wpe"
+        for name in saved:
+            assert not np.array_equal(fb["model/" + name][()], fa["model/" + name][()]), f"{name} did not train"
+            assert np.array_equal(fa["model/" + name][()], fp["model/" + name][()]), f"{name} differs after resume"
+            assert np.array_equal(fa["optimizer/m/" + name][()], fp["optimizer/m/" + name][()]), name
+        for name in ["h.0/ln_1/w", "h.1/ln_1/b", "h.1/mlp/fc/b", "h.0/attn/qkv/b"]:
+            assert np.array_equal(fb["model/" + name][()], fa["model/" + name][()]), f"frozen {name} changed"
+            assert "optimizer/m/" + name not in fa
+    # The memory the saved modules add is counted as trainable parameters, gradients and optimizer state.
+    assert metric(full, "mem_params_trainable")[0] > 0
+    p = run(["--mode", "eval", "--model.init", os.path.join(full, "ckpt_000004.h5"), "--data.val",
+             write_tokens(os.path.join(TMP, "saved_val.bin"), 2000, vocab=50257, seed=9), "--train.eval_batches", "1"])
+    assert "loss" in p.stdout
+    common = ["--mode", "finetune", "--model.init", base, "--data.train",
+              write_jsonl(os.path.join(TMP, "saved.jsonl"), sentiment_rows(4, 3)), "--data.tokenizer_dir", TOKENIZER,
+              "--lora.rank", "4", "--quant.bits", "4", "--run.dir", tmpdir("ft-saved-bad")]
+    bad_input([*common, "--lora.modules_to_save", "h.*/mlp/fc/W"], "names no LayerNorm, bias or embedding")
+    bad_input([*common, "--lora.modules_to_save", "wte"], "wte is stored quantized")
+
+
 def test_finetune_bad_input():
     base = base_checkpoint()
     bad = os.path.join(TMP, "bad.jsonl")

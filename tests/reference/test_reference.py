@@ -447,13 +447,32 @@ def run_train_case(build, work, variant, seed, n_seq):
 # 3. Finetuning: LoRA over a frozen (quantized) base, `lrllm --mode finetune` then grad_dump
 
 LORA_SMALL = dict(vocab_size=50257, seq_len=32, n_layer=2, n_head=2, d_model=32, d_ff=64)
-LORA_CASES = {  # name: (base config, quant.bits, quant.block, lora.targets)
-    "none": (ref.Config(**LORA_SMALL), 0, 64, "all"),
-    "int8": (ref.Config(**LORA_SMALL), 8, 100, "all"),
-    "nf4": (ref.Config(**LORA_SMALL), 4, 64, "all"),
+LORA_CASES = {  # name: (base config, quant.bits, quant.block, lora.targets, lora.modules_to_save)
+    "none": (ref.Config(**LORA_SMALL), 0, 64, "all", ""),
+    "int8": (ref.Config(**LORA_SMALL), 8, 100, "all", ""),
+    "nf4": (ref.Config(**LORA_SMALL), 4, 64, "all", ""),
     "lowrank": (ref.Config(**LORA_SMALL, lowrank_rank=4, lowrank_targets=("qkv", "fc")), 4, 64,
-                "qkv,mlp_proj"),
+                "qkv,mlp_proj", ""),
+    # LayerNorms, biases and a float32 embedding trained in full beside adapters over an NF4 base.
+    "nf4_saved": (ref.Config(**LORA_SMALL), 4, 64, "all", "ln_f,h.*/ln_2,h.1/attn/qkv/b,wpe"),
+    "none_saved_wte": (ref.Config(**LORA_SMALL), 0, 64, "qkv", "wte,h.0/ln_1/w"),
 }
+
+
+def saved_module(patterns: str):
+    """lora.modules_to_save as a predicate on tensor names, from its documented rule (include/lrllm/model.h):
+    a pattern names a tensor or a module above it, '*' matching within one path component."""
+    import fnmatch
+    pats = [p for p in patterns.split(",") if p]
+
+    def match(pattern, text):  # fnmatch's '*' crosses '/', the rule's does not
+        return len(pattern.split("/")) == len(text.split("/")) and all(
+            fnmatch.fnmatchcase(t, p) for p, t in zip(pattern.split("/"), text.split("/")))
+
+    def saved(name):
+        parts = name.split("/")
+        return any(match(p, "/".join(parts[:n])) for p in pats for n in range(1, len(parts) + 1))
+    return saved
 LORA_RANK, LORA_ALPHA = 4, 8.0
 INSTRUCTIONS = [
     {"instruction": "Classify the sentiment of this headline.",
@@ -473,7 +492,9 @@ def bits_equal(a, b) -> bool:
 
 
 def run_lora_case(build, work, name, seed):
-    base_cfg, bits, qblock, targets = LORA_CASES[name]
+    base_cfg, bits, qblock, targets, modules = LORA_CASES[name]
+    saved = saved_module(modules)
+    trainable = lambda k: ref.is_lora(k) or saved(k)  # noqa: E731
     @once
     def run():
         base_params = ref.init_params(base_cfg, seed=seed)
@@ -491,6 +512,8 @@ def run_lora_case(build, work, name, seed):
                  "--lora.rank", str(LORA_RANK), "--lora.alpha", repr(LORA_ALPHA),
                  "--lora.targets", targets, "--quant.bits", str(bits),
                  "--quant.block", str(qblock), "--train.steps", str(steps),
+                 *(["--quant.embedding", "false"] if "wte" in modules else []),
+                 *(["--lora.modules_to_save", modules] if modules else []),
                  "--train.batch_size", "2", "--train.lr", "1e-2", "--train.warmup", "0",
                  "--train.eval_batches", "1", "--run.dir", run_dir, "--device", "cpu"])
         ckpt = find_final_checkpoint(run_dir, steps)
@@ -517,7 +540,9 @@ def run_lora_case(build, work, name, seed):
         if have != expect:
             raise CheckFailed(f"checkpoint adapters {have} != expected {expect}")
         x, y = ref.batch(toks, cfg.seq_len, range(BATCH))
-        loss, grads = ref.loss_and_grads(params, cfg, x, y, trainable=ref.is_lora)
+        if modules and not any(saved(k) for k in params):
+            raise CheckFailed(f"no tensor of the checkpoint matches lora.modules_to_save {modules!r}")
+        loss, grads = ref.loss_and_grads(params, cfg, x, y, trainable=trainable)
         frozen = ref.to_torch(params, requires_grad=False)
         with torch.no_grad():
             _, l0 = ref.forward({k: v for k, v in frozen.items() if not ref.is_lora(k)},
@@ -545,6 +570,9 @@ def run_lora_case(build, work, name, seed):
             more = f" (+{len(extra) - 4} more)" if len(extra) > 4 else ""
             raise CheckFailed(f"{len(extra)} gradients of frozen tensors in grad_dump's output: "
                               f"{', '.join(extra[:4])}{more}")
+        missing = sorted(k for k in grads if k not in got)
+        if missing:
+            raise CheckFailed(f"grad_dump has no gradient of trainable {', '.join(missing[:4])}")
         for k, g in grads.items():
             if not np.linalg.norm(g) > 0:
                 raise CheckFailed(f"reference gradient of {k} is zero")
@@ -566,10 +594,14 @@ def run_lora_case(build, work, name, seed):
                     if k + "_q" not in stored:
                         raise CheckFailed(f"no {k}_q in the checkpoint")
                     q = ref.read_quantized(f["model"], k)
-                    check_quantized(k, v, q, kind, LORA_CASES[name][2])
+                    check_quantized(k, v, q, kind, qblock)
                     continue
                 if k not in stored:
                     raise CheckFailed(f"base tensor {k} missing from the checkpoint")
+                if saved(k):
+                    if bits_equal(stored[k], v):
+                        raise CheckFailed(f"{k} is saved beside the adapters but did not train")
+                    continue
                 if not bits_equal(stored[k], v):
                     d = np.abs(stored[k].astype(np.float64) - v).max() \
                         if stored[k].shape == v.shape else float("nan")
