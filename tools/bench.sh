@@ -52,7 +52,8 @@ if [[ -n "$busy" ]]; then
   ps -o pid=,args= -p $(echo "$busy" | tr '\n' ' ') 2>/dev/null | cut -c1-120 >&2 || true
 fi
 
-echo "bench: $(nproc) cores, $THREADS threads, $STEPS steps per run, data $data"
+cpu=$("$PY" -c 'import sys; sys.path.insert(0, "tools"); from bench_report import cpu_name; print(cpu_name())')
+echo "bench: $cpu, $THREADS threads, $STEPS steps per run, data $data"
 
 # OpenBLAS picks its kernels at load time from the CPU model, and on a model it does not know falls back to generic
 # SSE3 ones several times slower than the CPU allows. lrllm (and bench_sgemm, which measures what lrllm gets)
@@ -150,7 +151,8 @@ done
 
 "$PY" tools/bench_report.py report "$OUT" --threads "$THREADS" --steps "$STEPS"
 
-# Finetuning memory (DESIGN §1: the paper's 6.3x): full finetuning against LoRA over a quantized base.
+# Finetuning memory (docs/design.md, Purpose: the paper's 6.3x): full finetuning against LoRA over a
+# quantized base.
 "$PY" tools/bench_finetune.py "$BUILD"
 
 # Parallel training: data-parallel scaling against PyTorch DDP, the pipeline bubble, tensor-parallel traffic.
@@ -173,4 +175,4 @@ done
     done
     echo "$row"
   done
-} | tee "$OUT/export.md"
+} | { echo "Exports of random weights, written on $cpu (sizes do not depend on it)"; echo; cat; } | tee "$OUT/export.md"

@@ -15,6 +15,9 @@ import tempfile
 import h5py
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_report import cpu_name  # noqa: E402 - beside this file
+
 ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
 
 
@@ -86,7 +89,8 @@ def main():
     print(table)
     os.makedirs("bench-out", exist_ok=True)
     with open("bench-out/finetune.md", "w") as f:
-        f.write(f"# Finetuning memory, GPT-2 124M shapes, T={a.seq_len}, B={a.batch}\n\n{table}\n")
+        f.write(f"# Finetuning memory, GPT-2 124M shapes, T={a.seq_len}, B={a.batch}, measured on {cpu_name()}\n\n"
+                f"{table}\n")
     subprocess.run(["rm", "-rf", tmp])
 
 

@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from bench_report import NOISY_CORES, synth
+from bench_report import NOISY_CORES, cpu_name, synth
 from bench_torch import GPT, read_tokens
 
 L, H, D, T, V = 4, 4, 256, 128, 50257
@@ -264,7 +264,7 @@ def main():
         tp_table = table(["model", "tp bytes per step", "vs dense", "tok/s"],
                          [[name, f"{b:,.0f}", f"{b / dense:.4f}", f"{s:.0f}"] for name, (b, s) in tp.items()])
 
-    lines = [f"# Parallel training, CPU: GPT-2 L{L} d{D} T{T} vocab {V}, global batch {BATCH} sequences",
+    lines = [f"# Parallel training on {cpu_name()}: GPT-2 L{L} d{D} T{T} vocab {V}, global batch {BATCH} sequences",
              "",
              f"{STEPS} steps per run, {CORES} cores shared by every run (ranks x threads = {CORES}); tokens/s over "
              "the mean step time of steps 2..S.",

@@ -77,6 +77,23 @@ def lrllm_params(log_path):
     return int(m.group(1)) if m else None
 
 
+def cpu_name():
+    """The CPU's model name and its widest vector extension: every table says which CPU it comes from."""
+    name, flags = "an unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and name == "an unknown CPU":
+                    name = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{name} ({os.cpu_count()} cores, {vector})"
+
+
 def report(out, threads, steps):
     raw = os.path.join(out, "raw")
     core, sgemm, alt_core, alt_square = read_sgemm(os.path.join(raw, "sgemm.txt"))
@@ -119,7 +136,7 @@ def report(out, threads, steps):
     line = lambda cells: "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"
     table = [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows]
 
-    lines = [f"# lrllm vs PyTorch, CPU, {threads} threads",
+    lines = [f"# lrllm vs PyTorch, CPU, {threads} threads, measured on {cpu_name()}",
              "",
              f"{steps} steps per run; tokens/s is the median over steps after the first {WARMUP_STEPS}.",
              f"sgemm (OpenBLAS kernels `{core}`, {threads} threads): {square:.1f} GFLOP/s on "
