@@ -1,6 +1,6 @@
-// Block-wise int8 and NF4 storage (DESIGN §4): codes and scales against brute-force references written
-// independently of src/quant.cpp, the nibble layout, error bounds, double quantization, sub-range
-// dequantization, and the HDF5 layout with its errors.
+// Block-wise int8 and NF4 storage (docs/design.md, Quantized tensors): codes and scales against brute-force
+// references written independently of src/quant.cpp, the nibble layout, error bounds, double quantization,
+// sub-range dequantization, and the HDF5 layout with its errors.
 #include <gtest/gtest.h>
 
 #include <algorithm>

@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 // Builds the demo instruction tasks from the unpacked npm packages, as JSONL with instruction, input and
-// output (DESIGN §4), for `lrllm --mode finetune` and `--mode eval`.
+// output (docs/design.md, Instruction data), for `lrllm --mode finetune` and `--mode eval`.
 //
 // usage: node tools/extract-tasks.js NPM_DIR OUT_DIR
 //

@@ -1,4 +1,5 @@
-// --mode decompose: a dense checkpoint becomes a low-rank model file by truncated SVD (DESIGN §3):
+// --mode decompose: a dense checkpoint becomes a low-rank model file by truncated SVD (docs/design.md,
+// Linear layers):
 // W = U S V^T  ->  A = sqrt(S_r) V_r^T [r, in],  B = U_r sqrt(S_r) [out, r].
 #pragma once
 

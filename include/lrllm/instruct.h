@@ -1,5 +1,5 @@
-// Instruction data for finetuning and evaluation (DESIGN §4): JSONL examples, FinGPT's prompt template, and
-// their encoding into sequences whose loss falls on the answer only.
+// Instruction data for finetuning and evaluation (docs/design.md, Instruction data): JSONL examples, FinGPT's
+// prompt template, and their encoding into sequences whose loss falls on the answer only.
 #pragma once
 
 #include <cstddef>

@@ -1,4 +1,4 @@
-// NCCL, the transport of device tensors between GPU ranks (DESIGN §3 "Parallelism"): Open MPI here is not
+// NCCL, the transport of device tensors between GPU ranks (docs/design.md, Transport): Open MPI here is not
 // CUDA-aware, so a Topology whose tensors live on GPUs moves them with NCCL, while MPI bootstraps each
 // communicator (the unique id) and still carries host data. Plain C++ without CUDA types, so that host code
 // includes it without CUDA's headers; the implementation is cuda/nccl.cu.

@@ -1,4 +1,4 @@
-// Block-wise 8-bit and 4-bit storage of frozen weights (DESIGN §4 "NF4" and "int8"), laid out like
+// Block-wise 8-bit and 4-bit storage of frozen weights (docs/design.md, Quantized tensors), laid out like
 // bitsandbytes/QLoRA so that codes and scales can be compared with that ecosystem.
 //
 // Both kinds split the flattened (row-major) tensor into blocks of `block` consecutive values (the last block
@@ -29,7 +29,7 @@ class H5File;
 
 enum class QuantKind { int8, nf4 };
 
-// The 16 NF4 levels (codes 0..15), exactly as DESIGN §4 and bitsandbytes list them.
+// The 16 NF4 levels (codes 0..15), exactly as docs/design.md (Quantized tensors) and bitsandbytes list them.
 inline constexpr float kNf4Levels[16] = {
     -1.0f,
     -0.6961928009986877f,

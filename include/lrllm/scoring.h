@@ -1,5 +1,5 @@
-// FinGPT's evaluation protocol (DESIGN §4) after generation: mapping an answer to a label, and accuracy,
-// macro F1 and weighted F1 over a task.
+// FinGPT's evaluation protocol (docs/design.md, Evaluation protocol) after generation: mapping an answer to a
+// label, and accuracy, macro F1 and weighted F1 over a task.
 #pragma once
 
 #include <cstddef>

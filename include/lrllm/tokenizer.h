@@ -1,4 +1,4 @@
-// GPT-2's byte-level BPE tokenizer (DESIGN §4) and the writer of llm.c token files.
+// GPT-2's byte-level BPE tokenizer (docs/design.md, Tokenizer) and the writer of llm.c token files.
 #pragma once
 
 #include <cstddef>

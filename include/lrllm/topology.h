@@ -1,4 +1,4 @@
-// The parallel layout (DESIGN §3 "Parallelism"): MPI_COMM_WORLD split into tensor-, pipeline- and
+// The parallel layout (docs/design.md, Parallel layouts): MPI_COMM_WORLD split into tensor-, pipeline- and
 // data-parallel groups, tp * pp * dp = world. Tensor parallelism is innermost, so that the group that talks
 // most shares a node where it can: world rank = (dp_rank * pp + pp_rank) * tp + tp_rank.
 //

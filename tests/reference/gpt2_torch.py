@@ -1,6 +1,6 @@
 """Independent PyTorch GPT-2 used to check lrllm (tests/reference/).
 
-Everything here is written from the specification in DESIGN.md (sections 3 and 4), with plain
+Everything here is written from the specification in docs/design.md (The seams, File formats), with plain
 torch ops, so that it is an outside reference for lrllm's C++ model:
 
   * pre-LayerNorm GPT-2 blocks (eps 1e-5), learned positions, tanh-approximate GELU,
@@ -8,7 +8,7 @@ torch ops, so that it is an outside reference for lrllm's C++ model:
     loss = mean cross-entropy over all B*T positions;
   * linear layers in nn.Linear orientation: dense y = x W^T + b, low-rank y = (x A^T) B^T + b,
     chosen per layer from which tensors exist (W, or A and B);
-  * the lrllm HDF5 checkpoint layout (DESIGN.md section 4), read and written with h5py;
+  * the lrllm HDF5 checkpoint layout (docs/design.md, Checkpoint format), read and written with h5py;
   * llm.c token files (256 int32 header, then uint16 tokens);
   * LoRA adapters y = base(x) + (alpha/r) (x lora_A^T) lora_B^T over a frozen base, and the
     block-wise int8 / NF4 (optionally double-quantized) storage of frozen dense W, quantized and
