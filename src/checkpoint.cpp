@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <climits>
 #include <cstdio>
 #include <ctime>
 #include <filesystem>
@@ -11,6 +12,8 @@
 
 #include "lrllm/common.h"
 #include "lrllm/hdf5.h"
+#include "lrllm/metrics.h"
+#include "lrllm/signals.h"
 #include "lrllm/version.h"
 
 namespace fs = std::filesystem;
@@ -25,6 +28,16 @@ int positive_attr(const H5File& f, const char* name) {
   if (v <= 0 || v > (1 << 24))
     throw InputError(f.path() + ": /config " + name + " = " + std::to_string(v) + " is not a valid size");
   return static_cast<int>(v);
+}
+
+// The first dimension of a 2-D factor (a rank): shape[0] of a dataset, or of the shape attribute of
+// quantized codes.
+int leading_dim(const H5File& f, const std::string& object, bool quantized) {
+  const std::vector<int64_t> shape = quantized ? f.attr_ints(object, "shape") : f.shape(object);
+  if (shape.size() != 2 || shape[0] < 1 || shape[0] > (1 << 24))
+    throw InputError(f.path() + ": " + object + " has shape " + shape_string(shape) +
+                     ", expected a matrix of at least one row");
+  return static_cast<int>(shape[0]);
 }
 
 // Writes tensors of the model's layout from a host copy of a flat buffer under group.
@@ -43,6 +56,7 @@ void read_tensors(const H5File& f, const std::string& group, const ParamTable& t
                   std::vector<float>& flat, bool adapters = true) {
   std::vector<float> full;
   for (const TensorInfo& t : table.tensors()) {
+    if (!adapters && is_adapter(t)) continue;
     if (t.split.axis < 0) {
       f.read(group + "/" + t.name, flat.data() + t.offset, t.shape);
       continue;
@@ -56,11 +70,14 @@ void read_tensors(const H5File& f, const std::string& group, const ParamTable& t
 std::vector<float> to_host(Backend& be, const float* dev, std::size_t n) {
   std::vector<float> host(n);
   be.to_host(host.data(), dev, n * sizeof(float));
-    if (!adapters && is_adapter(t)) continue;
   return host;
 }
 
 }  // namespace
+
+int64_t format_version_of(const ModelConfig& m) {
+  return m.any_lora() && !m.lora_modules.empty() ? 2 : 1;
+}
 
 ModelConfig read_model_config(const std::string& path) {
   const H5File f = H5File::open_read(path);
@@ -75,30 +92,44 @@ ModelConfig read_model_config(const std::string& path) {
   if (m.arch != "gpt2") throw InputError(path + ": arch '" + m.arch + "' is not supported (gpt2 is)");
   m.vocab_size = positive_attr(f, "vocab_size");
   m.seq_len = positive_attr(f, "seq_len");
-int64_t format_version_of(const ModelConfig& m) {
-  return m.any_lora() && !m.lora_modules.empty() ? 2 : 1;
-}
-
   m.n_layer = positive_attr(f, "n_layer");
   m.n_head = positive_attr(f, "n_head");
   m.d_model = positive_attr(f, "d_model");
   m.d_ff = positive_attr(f, "d_ff");
   for (int s = 0; s < kNumSites; ++s) {
     const std::string site = std::string("/model/h.0/") + kSiteDatasets[s];
-    m.lowrank_rank[s] = f.exists(site + "/A") ? static_cast<int>(f.shape(site + "/A").at(0))
-                        : f.exists(site + "/A_q")
-                            ? static_cast<int>(f.attr_ints(site + "/A_q", "shape").at(0))
-                            : 0;
-    m.lora_rank[s] = f.exists(site + "/lora_A") ? static_cast<int>(f.shape(site + "/lora_A").at(0)) : 0;
+    m.lowrank_rank[s] = f.exists(site + "/A")     ? leading_dim(f, site + "/A", false)
+                        : f.exists(site + "/A_q") ? leading_dim(f, site + "/A_q", true)
+                                                  : 0;
+    m.lora_rank[s] = f.exists(site + "/lora_A") ? leading_dim(f, site + "/lora_A", false) : 0;
   }
   if (f.has_attr("/config", "lora_alpha")) m.lora_alpha = f.attr_double("/config", "lora_alpha");
   if (f.has_attr("/config", "quant")) m.quant = f.attr_string("/config", "quant");
   if (m.quant != "none" && m.quant != "int8" && m.quant != "nf4")
     throw InputError(path + ": /config quant '" + m.quant + "' is not none, int8 or nf4");
-  if (f.has_attr("/config", "quant_block"))
-    m.quant_block = static_cast<int>(f.attr_int("/config", "quant_block"));
+  if (f.has_attr("/config", "quant_block")) {
+    const int64_t block = f.attr_int("/config", "quant_block");
+    m.quant_block = block >= 1 && block <= 4096 ? static_cast<int>(block) : 0;  // 0: refused below
+  }
   m.quant_embedding = f.exists("/model/wte_q");
+  if (version >= 2 && f.has_attr("/config", "lora_modules"))
+    m.lora_modules = f.attr_string("/config", "lora_modules");
   m.init = path;
+  // The same checks as the shape given as options: a file altered by hand must not reach the model's
+  // arithmetic with sizes the command line would refuse.
+  try {
+    validate_model_config(m);
+    validate_saved_modules(m);
+  } catch (const InputError& e) {
+    throw InputError(path + ": /config describes no valid model: " + e.what());
+  }
+  // The file stores every weight uncompressed: a /config whose model would not fit in it is damaged, and is
+  // refused before its sizes are allocated.
+  const double weights = model_weight_bytes(m), bytes = static_cast<double>(fs::file_size(path));
+  if (weights > bytes)
+    throw InputError(
+        strprintf("%s: /config describes a model of %.3g MB of weights, but the file holds %.3g MB",
+                  path.c_str(), weights / 1e6, bytes / 1e6));
   return m;
 }
 
@@ -112,8 +143,6 @@ void load_quantized(const H5File& f, const std::string& stem, const std::vector<
     if (q.shape != expected)
       throw InputError(f.path() + ": " + stem + "_q holds " + shape_string(q.shape) + ", the model expects " +
                        shape_string(expected));
-  if (version >= 2 && f.has_attr("/config", "lora_modules"))
-    m.lora_modules = f.attr_string("/config", "lora_modules");
     return;
   }
   if (!f.exists(stem)) throw InputError(f.path() + ": " + stem + " is missing (neither float nor quantized)");
@@ -177,6 +206,7 @@ void write_header(H5File& f, const std::string& mode, const ModelConfig& c) {
   f.set_attr("/config", "lora_rank", int64_t{lora_rank});
   f.set_attr("/config", "lora_alpha", c.any_lora() ? c.lora_alpha : 0.0);
   f.set_attr("/config", "lora_targets", c.lora_targets());
+  if (format_version_of(c) >= 2) f.set_attr("/config", "lora_modules", c.lora_modules);
   f.set_attr("/config", "quant", c.quant);
   f.set_attr("/config", "quant_block", int64_t{c.quant_block});
 }
@@ -206,7 +236,6 @@ void write_optimizer_and_state(H5File& f, const AdamW* optimizer, const TrainSta
 void write_frozen(H5File& f, Model& model) {
   const std::vector<float> frozen = to_host(model.backend(), model.frozen(), model.frozen_table().total());
   for (const TensorInfo& t : model.frozen_table().tensors())
-  if (format_version_of(c) >= 2) f.set_attr("/config", "lora_modules", c.lora_modules);
     if (!f.exists("/model/" + t.name)) f.write("/model/" + t.name, frozen.data() + t.offset, t.shape);
   for (const QuantizedEntry& e : model.quantized_tensors())
     if (!f.exists("/model/" + e.name + "_q")) write_quantized(f, "/model/" + e.name, e.tensor);
@@ -224,6 +253,7 @@ void save_checkpoint(const std::string& path, const std::string& mode, Model& mo
                      const TrainState* state) {
   LRLLM_CHECK(optimizer == nullptr || optimizer->whole(), "save_checkpoint", "sharded optimizer state");
   const std::string tmp = path + ".tmp";
+  set_partial_output(tmp);
   {
     H5File f = H5File::create(tmp);
     write_header(f, mode, model.config());
@@ -239,6 +269,7 @@ void save_checkpoint(const std::string& path, const std::string& mode, Model& mo
     f.close();
   }
   rename_into_place(tmp, path);
+  clear_partial_output();
 }
 
 namespace {
@@ -405,12 +436,19 @@ void load_training_state(const std::string& path, AdamW& optimizer, TrainState& 
   optimizer.backend().to_device(optimizer.m(), host.data() + begin, bytes);
   read_tensors(f, "/optimizer/v", table, host);
   optimizer.backend().to_device(optimizer.v(), host.data() + begin, bytes);
-  optimizer.set_step(static_cast<int>(f.attr_int("/optimizer", "step")));
-  state.step = f.attr_int("/state", "step");
-  state.tokens_seen = f.attr_int("/state", "tokens_seen");
-  state.seed = static_cast<uint64_t>(f.attr_int("/state", "seed"));
-  state.data_cursor = static_cast<uint64_t>(f.attr_int("/state", "data_cursor"));
-  if (state.step < 0) throw InputError(path + ": /state step is negative");
+  // Counters a run only ever increases: a negative one is a damaged or altered file.
+  const auto counter = [&](const char* group, const char* name, int64_t limit) {
+    const int64_t v = f.attr_int(group, name);
+    if (v < 0 || v > limit)
+      throw InputError(strprintf("%s: %s %s = %lld is out of range (0 to %lld)", path.c_str(), group, name,
+                                 static_cast<long long>(v), static_cast<long long>(limit)));
+    return v;
+  };
+  optimizer.set_step(static_cast<int>(counter("/optimizer", "step", INT_MAX)));
+  state.step = counter("/state", "step", INT_MAX);
+  state.tokens_seen = counter("/state", "tokens_seen", INT64_MAX);
+  state.seed = static_cast<uint64_t>(f.attr_int("/state", "seed"));  // any 64 bits, stored as int64
+  state.data_cursor = static_cast<uint64_t>(counter("/state", "data_cursor", INT64_MAX));
 }
 
 std::string checkpoint_path(const std::string& run_dir, int64_t step) {
@@ -449,13 +487,18 @@ std::vector<std::pair<int64_t, std::string>> list_checkpoints(const std::string&
 }
 
 std::string resolve_resume(const std::string& resume, const std::string& run_dir) {
+  std::string path = resume;
   if (resume != "latest") {
     if (!fs::exists(resume)) throw InputError("--checkpoint.resume: " + resume + ": no such file");
-    return resume;
+  } else {
+    const auto found = list_checkpoints(run_dir);
+    if (found.empty()) throw InputError("--checkpoint.resume latest: no checkpoint in " + run_dir);
+    path = found.back().second;
   }
-  const auto found = list_checkpoints(run_dir);
-  if (found.empty()) throw InputError("--checkpoint.resume latest: no checkpoint in " + run_dir);
-  return found.back().second;
+  // The resumed run appends to the run's metrics file: a damaged one is reported here, on every rank alike,
+  // not once the run has started on one of them.
+  check_metrics_file((fs::path(run_dir) / "metrics.h5").string());
+  return path;
 }
 
 void prune_checkpoints(const std::string& run_dir, int keep) {

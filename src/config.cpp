@@ -1,6 +1,9 @@
 #include "lrllm/config.h"
 
+#include <unistd.h>
+
 #include <boost/program_options.hpp>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -19,14 +22,14 @@ const char* site_name(LinearSite site) {
   return names[static_cast<int>(site)];
 }
 
-bool ModelConfig::any_lowrank() const {
-  for (int r : lowrank_rank)
-    if (r > 0) return true;
 const char* site_path(LinearSite site) {
   static const char* const paths[kNumSites] = {"attn/qkv", "attn/proj", "mlp/fc", "mlp/proj"};
   return paths[static_cast<int>(site)];
 }
 
+bool ModelConfig::any_lowrank() const {
+  for (int r : lowrank_rank)
+    if (r > 0) return true;
   return false;
 }
 
@@ -114,12 +117,12 @@ po::options_description make_options(Config& c) {
       "dropout probability on the adapters' input while training")(
       "lora.targets", po::value(&ft.lora_targets)->default_value(ft.lora_targets),
       "sites with adapters: all, or a comma list of qkv, proj, fc, mlp_proj")(
-      "lora.merge", po::value(&ft.lora_merge)->default_value(ft.lora_merge),
-      "export: fold the adapters into the weights (a low-rank site grows to rank r + lora rank)")(
-      "quant.bits", po::value(&ft.quant_bits)->default_value(ft.quant_bits),
       "lora.modules_to_save", po::value(&ft.lora_modules)->default_value(ft.lora_modules),
       "base LayerNorms, biases and embeddings trained in full beside the adapters: comma-separated patterns, "
       "e.g. ln_f,h.*/ln_2,wte ('*' within one name part)")(
+      "lora.merge", po::value(&ft.lora_merge)->default_value(ft.lora_merge),
+      "export: fold the adapters into the weights (a low-rank site grows to rank r + lora rank)")(
+      "quant.bits", po::value(&ft.quant_bits)->default_value(ft.quant_bits),
       "storage of the frozen base's dense weights: 0 (float32), 8 (int8), 4 (NF4)")(
       "quant.block", po::value(&ft.quant_block)->default_value(ft.quant_block), "values per absmax block")(
       "quant.embedding", po::value(&ft.quant_embedding)->default_value(ft.quant_embedding),
@@ -185,11 +188,11 @@ po::options_description make_options(Config& c) {
                     "run directory: checkpoints and metrics.h5")(
       "run.log_every", po::value(&c.run.log_every)->default_value(c.run.log_every),
       "progress line and metrics flush every N steps")(
+      "run.overwrite", po::value(&c.run.overwrite)->default_value(c.run.overwrite),
+      "a fresh run into a run.dir holding an earlier run moves that run's files aside (never deletes them)")(
       "checkpoint.every", po::value(&c.checkpoint.every)->default_value(c.checkpoint.every),
       "checkpoint every N steps (0: only at the end)")(
       "checkpoint.keep", po::value(&c.checkpoint.keep)->default_value(c.checkpoint.keep),
-      "run.overwrite", po::value(&c.run.overwrite)->default_value(c.run.overwrite),
-      "a fresh run into a run.dir holding an earlier run moves that run's files aside (never deletes them)")(
       "checkpoints kept in run.dir (0: all)")("checkpoint.resume", po::value(&c.checkpoint.resume),
                                               "resume from a checkpoint path, or latest");
 
@@ -223,6 +226,12 @@ void require(bool ok, const std::string& message) {
   if (!ok) throw InputError(message);
 }
 
+constexpr int kMaxCount = 1 << 20;
+// The widest layer and the longest sequence: the model's int arithmetic (3 * d_model, seq_len * d_model, ...)
+// stays far from overflow below them, whatever the memory of a machine allows.
+constexpr int64_t kMaxWidth = 1 << 24;
+constexpr int64_t kMaxLayers = 1 << 16;
+
 void validate(const Config& c) {
   bool known_mode = false;
   for (const char* m : kModes) known_mode |= c.mode == m;
@@ -236,8 +245,12 @@ void validate(const Config& c) {
           "--device must be cpu, cuda or auto, not '" + c.device + "'");
   const TrainConfig& t = c.train;
   require(t.steps >= 0, "--train.steps must be >= 0");
-  require(t.batch_size >= 1, "--train.batch_size must be >= 1");
-  require(t.grad_accum >= 1, "--train.grad_accum must be >= 1");
+  // Counts that size buffers or loops: bounded far above any real run, so that products of them stay in
+  // range.
+  require(t.batch_size >= 1 && t.batch_size <= kMaxCount,
+          strprintf("--train.batch_size must be between 1 and %d", kMaxCount));
+  require(t.grad_accum >= 1 && t.grad_accum <= kMaxCount,
+          strprintf("--train.grad_accum must be between 1 and %d", kMaxCount));
   require(t.lr >= 0, "--train.lr must be >= 0, not " + std::to_string(t.lr));
   require(t.min_lr >= 0 && t.min_lr <= t.lr, "--train.min_lr must be between 0 and train.lr");
   require(t.warmup >= 0, "--train.warmup must be >= 0");
@@ -247,7 +260,8 @@ void validate(const Config& c) {
           "--train.beta1/beta2 must be in [0, 1)");
   require(t.eps > 0, "--train.eps must be > 0");
   require(t.eval_every >= 0, "--train.eval_every must be >= 0");
-  require(t.eval_batches >= 1, "--train.eval_batches must be >= 1");
+  require(t.eval_batches >= 1 && t.eval_batches <= kMaxCount,
+          strprintf("--train.eval_batches must be between 1 and %d", kMaxCount));
   require(t.recompute == "none" || t.recompute == "block", "--train.recompute must be none or block");
   require(c.run.log_every >= 1, "--run.log_every must be >= 1");
   const FinetuneConfig& ft = c.finetune;
@@ -258,8 +272,10 @@ void validate(const Config& c) {
   require(ft.lora_alpha > 0, "--lora.alpha must be > 0");
   require(ft.lora_dropout >= 0 && ft.lora_dropout < 1, "--lora.dropout must be in [0, 1)");
   require(c.eval.method == "generate" || c.eval.method == "score", "--eval.method must be generate or score");
-  require(c.eval.max_new_tokens >= 1, "--eval.max_new_tokens must be >= 1");
-  require(c.generate.max_new_tokens >= 1, "--generate.max_new_tokens must be >= 1");
+  require(c.eval.max_new_tokens >= 1 && c.eval.max_new_tokens <= kMaxCount,
+          strprintf("--eval.max_new_tokens must be between 1 and %d", kMaxCount));
+  require(c.generate.max_new_tokens >= 1 && c.generate.max_new_tokens <= kMaxCount,
+          strprintf("--generate.max_new_tokens must be between 1 and %d", kMaxCount));
   require(c.generate.temperature >= 0, "--generate.temperature must be >= 0");
   require(c.generate.top_k >= 0, "--generate.top_k must be >= 0");
   require(c.checkpoint.every >= 0, "--checkpoint.every must be >= 0");
@@ -268,33 +284,79 @@ void validate(const Config& c) {
 
 }  // namespace
 
+std::size_t physical_memory_bytes() {
+  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
+  if (pages <= 0 || page <= 0) return std::size_t{1} << 40;  // unknown: a bound of no practical effect
+  return static_cast<std::size_t>(pages) * static_cast<std::size_t>(page);
+}
+
+double model_weight_bytes(const ModelConfig& m) {
+  // In double: the sizes may be any int, and an estimate needs no exact product.
+  const double C = m.d_model, F = m.d_ff > 0 ? m.d_ff : 4.0 * m.d_model, T = m.seq_len, V = m.vocab_size,
+               L = m.n_layer;
+  const double widths[kNumSites][2] = {{C, 3 * C}, {C, C}, {C, F}, {F, C}};
+  // A quantized base stores a byte (int8) or half of one (nf4) per weight.
+  const double base = m.quant == "int8" ? 1.0 : m.quant == "nf4" ? 0.5 : 4.0;
+  double block = 4 * (9 * C + F);  // biases and LayerNorms
+  for (int s = 0; s < kNumSites; ++s) {
+    const double r = m.lowrank_rank[s], in = widths[s][0], out = widths[s][1];
+    block += base * (r > 0 ? r * (in + out) : in * out) + 4.0 * m.lora_rank[s] * (in + out);
+  }
+  const double embedding = (m.quant_embedding ? base : 4.0) * V * C + 4 * T * C;
+  return L * block + embedding;
+}
+
+double model_memory_estimate(const ModelConfig& m) {
+  const double C = m.d_model, F = m.d_ff > 0 ? m.d_ff : 4.0 * m.d_model, T = m.seq_len, V = m.vocab_size,
+               H = m.n_head, L = m.n_layer;
+  // One sequence's forward pass: each block's inputs, qkv, MLP hidden and attention scores, then the logits.
+  const double activations = 4 * T * (L * (8 * C + 2 * F + 2 * H * T) + V);
+  return model_weight_bytes(m) + activations;
+}
+
 void validate_model_config(const ModelConfig& m) {
   require(m.arch == "gpt2", "--model.arch must be gpt2");
   require(m.n_layer >= 1, "--model.n_layer must be >= 1");
   require(m.n_head >= 1, "--model.n_head must be >= 1");
   require(m.d_model >= 1 && m.d_model % m.n_head == 0,
-          "--model.d_model must be a positive multiple of n_head");
+          strprintf("--model.d_model must be a positive multiple of n_head (d_model %d, n_head %d)",
+                    m.d_model, m.n_head));
   require(m.d_ff >= 0, "--model.d_ff must be >= 0");
   require(m.seq_len >= 1, "--model.seq_len must be >= 1");
   // Token files store uint16 ids.
   require(m.vocab_size >= 1 && m.vocab_size <= 65536, "--model.vocab_size must be between 1 and 65536");
-  const int widths[kNumSites][2] = {
-      {m.d_model, 3 * m.d_model}, {m.d_model, m.d_model}, {m.d_model, m.ff()}, {m.ff(), m.d_model}};
+  require(m.quant == "none" || m.quant == "int8" || m.quant == "nf4",
+          "quantization must be none, int8 or nf4");
+  require(m.quant_block >= 1 && m.quant_block <= 4096, "--quant.block must be between 1 and 4096");
+  require(!m.any_lora() || (std::isfinite(m.lora_alpha) && m.lora_alpha > 0), "--lora.alpha must be > 0");
+  require(m.lora_dropout >= 0 && m.lora_dropout < 1, "--lora.dropout must be in [0, 1)");
+  const int64_t C = m.d_model, F = m.d_ff > 0 ? m.d_ff : 4 * C;
+  const int64_t widths[kNumSites][2] = {{C, 3 * C}, {C, C}, {C, F}, {F, C}};
   for (int s = 0; s < kNumSites; ++s) {
     const int r = m.lowrank_rank[s];
-    const int limit = std::min(widths[s][0], widths[s][1]);
+    const int64_t limit = std::min(widths[s][0], widths[s][1]);
     require(r >= 0,
             std::string("low-rank rank of ") + site_name(static_cast<LinearSite>(s)) + " must be >= 0");
     require(r < limit,
-            strprintf("low-rank rank %d of %s is not below min(in, out) = %d: it would not compress", r,
-                      site_name(static_cast<LinearSite>(s)), limit));
+            strprintf("low-rank rank %d of %s is not below min(in, out) = %lld: it would not compress", r,
+                      site_name(static_cast<LinearSite>(s)), static_cast<long long>(limit)));
     const int lr = m.lora_rank[s];
-    require(lr >= 0 && lr < limit, strprintf("LoRA rank %d of %s is not below min(in, out) = %d", lr,
-                                             site_name(static_cast<LinearSite>(s)), limit));
+    require(lr >= 0 && lr < limit,
+            strprintf("LoRA rank %d of %s is not below min(in, out) = %lld", lr,
+                      site_name(static_cast<LinearSite>(s)), static_cast<long long>(limit)));
   }
-  require(m.quant == "none" || m.quant == "int8" || m.quant == "nf4",
-          "quantization must be none, int8 or nf4");
-  require(m.quant_block >= 1, "--quant.block must be >= 1");
+  const double need = model_memory_estimate(m);
+  const double have = static_cast<double>(physical_memory_bytes());
+  require(
+      need <= have,
+      strprintf("the model (n_layer %d, n_head %d, d_model %d, d_ff %lld, seq_len %d, vocab_size %d) needs "
+                "at least %.3g GB (its weights and one sequence's activations), more than this machine's "
+                "%.3g GB of memory",
+                m.n_layer, m.n_head, m.d_model, static_cast<long long>(F), m.seq_len, m.vocab_size,
+                need / 1e9, have / 1e9));
+  require(C <= kMaxWidth && F <= kMaxWidth && m.seq_len <= kMaxWidth && m.n_layer <= kMaxLayers,
+          strprintf("the model's sizes must stay below d_model, d_ff, seq_len %lld and n_layer %lld",
+                    static_cast<long long>(kMaxWidth), static_cast<long long>(kMaxLayers)));
 }
 
 namespace {
@@ -329,6 +391,7 @@ void apply_finetune(const Config& c, ModelConfig& m) {
   require(m.any_lora(), "--lora.targets selects no site");
   m.lora_alpha = ft.lora_alpha;
   m.lora_dropout = ft.lora_dropout;
+  m.lora_modules = ft.lora_modules;
   m.quant = ft.quant_bits == 8 ? "int8" : ft.quant_bits == 4 ? "nf4" : "none";
   m.quant_block = ft.quant_block;
   m.quant_double = ft.quant_double;
@@ -373,6 +436,9 @@ bool parse_config(int argc, const char* const* argv, Config& c, bool print_help_
     }
     if (vm.count("config")) {
       const std::string path = vm["config"].as<std::string>();
+      // A folder opens as a stream that reads nothing, which would run on the defaults.
+      if (std::filesystem::is_directory(path))
+        throw InputError("--config " + path + " is a folder, not a file");
       std::ifstream in(path);
       if (!in) throw InputError("--config " + path + ": cannot open the file");
       // Command-line values were stored first, so they win over the file's.
@@ -389,4 +455,3 @@ bool parse_config(int argc, const char* const* argv, Config& c, bool print_help_
 }
 
 }  // namespace lrllm
-  m.lora_modules = ft.lora_modules;

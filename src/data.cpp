@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <numeric>
@@ -56,8 +57,19 @@ TokenFile::TokenFile(const std::string& path) : path_(path) {
   }
   tokens_ = reinterpret_cast<const uint16_t*>(header + kTokenHeaderInts);
   count_ = count;
-  // Batches jump around the file: tell the kernel not to read ahead sequentially.
+  // One sequential pass for the largest id, so that an id outside a model's vocabulary is found now, not
+  // when a batch happens to draw it; then batches jump around the file, without read-ahead.
+  madvise(map_, map_bytes_, MADV_SEQUENTIAL);
+  uint16_t largest = 0;
+  for (std::size_t i = 0; i < count_; ++i) largest = std::max(largest, tokens_[i]);
+  max_token_ = count_ > 0 ? largest : -1;
   madvise(map_, map_bytes_, MADV_RANDOM);
+}
+
+void TokenFile::check_vocab(int vocab_size) const {
+  if (max_token_ >= vocab_size)
+    throw InputError(strprintf("token file %s holds token id %d, outside the model's vocabulary of %d",
+                               path_.c_str(), max_token_, vocab_size));
 }
 
 TokenFile::~TokenFile() {

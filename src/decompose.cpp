@@ -9,6 +9,7 @@
 #include "lrllm/backend.h"
 #include "lrllm/checkpoint.h"
 #include "lrllm/common.h"
+#include "lrllm/hdf5.h"
 #include "lrllm/model.h"
 
 namespace lrllm {
@@ -47,7 +48,15 @@ int run_decompose(const Config& cfg) {
   if (cfg.data.output.empty())
     throw InputError("--mode decompose needs --data.output (the low-rank model file)");
   if (cfg.lowrank_rank <= 0) throw InputError("--mode decompose needs --lowrank.rank >= 1");
+  H5File::check_output(cfg.data.output, "data.output");
   const ModelConfig dense_cfg = read_model_config(cfg.model.init);
+  // The SVD factors float32 weights of a plain model; adapters and quantized codes have no place in its
+  // output.
+  if (dense_cfg.any_lora() || dense_cfg.quant != "none")
+    throw InputError(
+        "--mode decompose: " + cfg.model.init +
+        " has LoRA adapters or a quantized base; export it merged to float32 first (--mode export "
+        "--lora.merge true --quant.bits 0) and decompose that");
   ModelConfig low_cfg = dense_cfg;
   apply_lowrank(cfg, low_cfg);
   for (int s = 0; s < kNumSites; ++s) {

@@ -118,6 +118,7 @@ int run_instruction_eval(const Config& cfg, const Comm& comm) {
     model = std::make_unique<Model>(mc, *backend, false);
     load_weights(cfg.model.init, *model);
     prepare_run_dir(cfg, comm);
+    check_metrics_file((std::filesystem::path(cfg.run.dir) / "metrics.h5").string());
   });
   std::unique_ptr<Metrics> metrics;
   if (comm.root()) {
@@ -182,6 +183,7 @@ int run_eval(const Config& cfg, const Comm& comm) {
     if (data.empty()) throw InputError("--mode eval needs --data.val (or --data.train): a token file");
     const ModelConfig mc = read_model_config(cfg.model.init);
     file = std::make_unique<TokenFile>(data);
+    file->check_vocab(mc.vocab_size);
     batcher = std::make_unique<Batcher>(*file, mc.seq_len, false, cfg.seed);
     backend = make_backend(cfg.device, comm.local_rank());
     model = std::make_unique<Model>(mc, *backend, false);

@@ -8,6 +8,7 @@
 #include "lrllm/backend.h"
 #include "lrllm/checkpoint.h"
 #include "lrllm/common.h"
+#include "lrllm/hdf5.h"
 #include "lrllm/model.h"
 #include "lrllm/train.h"
 
@@ -67,6 +68,7 @@ std::vector<float> export_values(Model& src, Backend& be, bool merge, const std:
 
 int run_export(const Config& cfg) {
   if (cfg.data.output.empty()) throw InputError("--mode export needs --data.output (the file to write)");
+  H5File::check_output(cfg.data.output, "data.output");
   // Without a model to read, the model options describe one with random weights: enough to size an export.
   const bool random = cfg.model.init.empty();
   const ModelConfig in_cfg = random ? resolve_model_config(cfg, "") : read_model_config(cfg.model.init);
@@ -83,9 +85,10 @@ int run_export(const Config& cfg) {
   out_cfg.quant_block = cfg.finetune.quant_block;
   out_cfg.quant_double = cfg.finetune.quant_double;
   out_cfg.quant_embedding = bits != 0 && cfg.finetune.quant_embedding;
-  validate_model_config(out_cfg);
-
   if (merge) out_cfg.lora_modules.clear();  // without adapters every tensor is the model's own
+  validate_model_config(out_cfg);
+  validate_saved_modules(out_cfg);
+
   auto backend = make_cpu_backend();
   Model src(in_cfg, *backend, false);
   if (random)

@@ -45,6 +45,9 @@ std::vector<Example> read_jsonl(const std::string& path) {
     } catch (const nlohmann::json::parse_error& e) {
       // nlohmann's own message carries its internal error id; the byte offset is the part that helps a user.
       throw InputError(where + ": not valid JSON (byte " + std::to_string(e.byte) + ")");
+    } catch (const nlohmann::json::exception&) {
+      // The parser's other errors (out_of_range: a number too large for any of its types).
+      throw InputError(where + ": a JSON number is out of range");
     }
     if (!obj.is_object()) throw InputError(where + ": expected a JSON object, got a " + obj.type_name());
     examples.push_back({field(obj, "instruction", where, nullptr), field(obj, "input", where, ""),

@@ -1,11 +1,13 @@
 // lrllm: parse the options, start MPI, run the mode. Errors end as one line on stderr with an exit status:
 // 2 for bad input, 3 for a diverged run, 1 for any other failure; 75 is a training run stopped by SIGTERM or
-// SIGUSR1 after writing its checkpoint (signals.h).
+// SIGUSR1 after writing its checkpoint; the other modes end at once on a signal with 128 + its number
+// (signals.h).
 #include <omp.h>
 
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
+#include <new>
 #include <string>
 
 #include "lrllm/backend.h"
@@ -18,6 +20,7 @@
 #include "lrllm/export.h"
 #include "lrllm/finetune.h"
 #include "lrllm/generate.h"
+#include "lrllm/hdf5.h"
 #include "lrllm/metrics.h"
 #include "lrllm/signals.h"
 #include "lrllm/tokenizer.h"
@@ -48,12 +51,22 @@ int launcher_rank() {
   return 0;
 }
 
+// After a failure outside the input checks other ranks may be waiting in a collective for this one: the whole
+// job ends (Open MPI then prints its abort banner). A process alone has no one to wait for it.
+int abort_others(bool started_work) {
+  if (started_work && lrllm::Comm::world().size() > 1) lrllm::Comm::abort(1);
+  return 1;
+}
+
 int run_tokenize(const lrllm::Config& cfg) {
   if (cfg.data.input.empty() || cfg.data.output.empty())
     throw lrllm::InputError("--mode tokenize needs --data.input (a text file or folder) and --data.output");
+  lrllm::H5File::check_output(cfg.data.output, "data.output");
   const auto tok =
       lrllm::Tokenizer::load(cfg.data.tokenizer_dir + "/encoder.json", cfg.data.tokenizer_dir + "/vocab.bpe");
+  lrllm::set_partial_output(cfg.data.output + ".tmp");  // where tokenize_to_file writes until it commits
   const std::size_t n = lrllm::tokenize_to_file(tok, cfg.data.input, cfg.data.output);
+  lrllm::clear_partial_output();
   std::printf("tokenized %s: %zu tokens -> %s\n", cfg.data.input.c_str(), n, cfg.data.output.c_str());
   return 0;
 }
@@ -99,7 +112,11 @@ int main(int argc, char** argv) {
   try {
     lrllm::Comm& comm = lrllm::Comm::world(&argc, &argv);
     set_threads(comm);
-    lrllm::install_stop_handlers();
+    // Training stops at a step's end and saves a checkpoint; the other modes have nothing to save.
+    if (cfg.mode == "pretrain" || cfg.mode == "finetune")
+      lrllm::install_stop_handlers();
+    else
+      lrllm::install_exit_handlers();
     started_work = true;
     code = run_mode(cfg, comm);
     if (comm.size() > 1) comm.barrier();
@@ -111,11 +128,12 @@ int main(int argc, char** argv) {
   } catch (const lrllm::DivergenceError& e) {
     std::fprintf(stderr, "lrllm: error: %s\n", e.what());
     code = 3;
+  } catch (const std::bad_alloc&) {
+    std::fprintf(stderr, "lrllm: error: out of memory\n");
+    code = abort_others(started_work);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "lrllm: error: %s\n", e.what());
-    // Other ranks may be waiting in a collective for this one: end the whole job.
-    if (started_work) lrllm::Comm::abort(1);
-    code = 1;
+    code = abort_others(started_work);
   }
   lrllm::Comm::finalize();
   return code;

@@ -26,6 +26,8 @@ void create_series(H5File& f, const std::string& dataset, hsize_t rows) {
   const hid_t space = LRLLM_H5(f, H5Screate_simple(1, dims, max_dims), dataset);
   const hid_t plist = LRLLM_H5(f, H5Pcreate(H5P_DATASET_CREATE), dataset);
   LRLLM_H5(f, H5Pset_chunk(plist, 1, chunk), dataset);
+  // A checksum per chunk: a damaged series fails its read instead of returning garbage.
+  LRLLM_H5(f, H5Pset_fletcher32(plist), dataset);
   const hid_t d =
       LRLLM_H5(f, H5Dcreate2(f.id(), dataset.c_str(), H5T_IEEE_F64LE, space, H5P_DEFAULT, plist, H5P_DEFAULT),
                "cannot create " + dataset);
@@ -79,17 +81,18 @@ Metrics::Metrics(const std::string& path, int64_t resume_step) : path_(path) {
     f.close();
     return;
   }
+  // Only world rank 0 gets here, past the ranks' joint checks (resume and eval run this one among them): an
+  // InputError now would leave the other ranks waiting for this one, so it ends the job instead.
+  try {
+    check_metrics_file(path);
+  } catch (const InputError& e) {
+    throw RuntimeError(e.what());
+  }
   H5File f = H5File::open_write(path);
   f.ensure_group("/metrics");
   if (!f.exists("/metrics/step")) return;
-  const hsize_t rows = rows_of(f, "/metrics/step");
-  std::vector<double> steps(rows);
-  if (rows > 0) {
-    const hid_t d = LRLLM_H5(f, H5Dopen2(f.id(), "/metrics/step", H5P_DEFAULT), "cannot open /metrics/step");
-    LRLLM_H5(f, H5Dread(d, H5T_NATIVE_DOUBLE, H5S_ALL, H5S_ALL, H5P_DEFAULT, steps.data()),
-             "cannot read steps");
-    H5Dclose(d);
-  }
+  const std::vector<double> steps = f.read_series("/metrics/step");
+  const hsize_t rows = steps.size();
   hsize_t keep = 0;
   while (keep < rows && steps[keep] <= static_cast<double>(resume_step)) ++keep;
   for (const std::string& name : f.children("/metrics"))
@@ -143,6 +146,34 @@ void Metrics::flush() {
   pending_eval_.clear();
 }
 
+void check_metrics_file(const std::string& path) {
+  std::error_code ec;
+  if (!std::filesystem::exists(path, ec)) return;
+  try {
+    if (!std::filesystem::is_regular_file(path, ec)) throw InputError(path + " is not a regular file");
+    {
+      const H5File f = H5File::open_read(path);
+      std::vector<std::string> groups = {"/metrics"};
+      for (const std::string& task : f.children("/eval")) groups.push_back("/eval/" + task);
+      for (const std::string& group : groups)
+        for (const std::string& name : f.children(group)) f.read_series(group + "/" + name);
+    }
+    // What a run does first, tried on a copy in memory (once the file is closed: HDF5 opens a file once): a
+    // file that reads well may still fail to change.
+    H5File scratch = H5File::open_in_memory(path);
+    scratch.ensure_group("/metrics");
+    for (const std::string& name : scratch.children("/metrics")) {
+      const std::string series = "/metrics/" + name;
+      truncate_series(scratch, series, rows_of(scratch, series));
+      append_values(scratch, series, {0.0});
+    }
+    scratch.flush();
+  } catch (const InputError& e) {
+    throw InputError(std::string(e.what()) + "; the checkpoints are not affected: move " + path +
+                     " aside (or delete it) and run again to start a new one");
+  }
+}
+
 bool is_metrics_file(const std::string& path) {
   const H5File f = H5File::open_read(path);
   if (f.has_attr("/", "format")) return f.attr_string("/", "format") == kMetricsFormat;
@@ -157,10 +188,10 @@ void print_metrics_info(const std::string& path) {
                 f.attr_string("/", "created").c_str());
   std::printf("\n  %-24s %8s %14s %14s %14s\n", "series", "rows", "last", "min", "max");
   for (const std::string& name : f.children("/metrics")) {
-    const std::vector<float> v = f.read_all("/metrics/" + name);
+    const std::vector<double> v = f.read_series("/metrics/" + name);
     // NaN marks rows where a metric was not measured (val_loss between evaluations): skip them.
-    std::vector<float> measured;
-    for (float x : v)
+    std::vector<double> measured;
+    for (double x : v)
       if (!std::isnan(x)) measured.push_back(x);
     if (measured.empty()) {
       std::printf("  %-24s %8zu %14s\n", name.c_str(), v.size(), "-");
@@ -175,7 +206,7 @@ void print_metrics_info(const std::string& path) {
     for (const std::string& task : f.children("/eval")) {
       const std::string g = "/eval/" + task + "/";
       const auto last = [&](const char* key) {
-        const std::vector<float> v = f.exists(g + key) ? f.read_all(g + key) : std::vector<float>{};
+        const std::vector<double> v = f.exists(g + key) ? f.read_series(g + key) : std::vector<double>{};
         return v.empty() ? NAN : v.back();
       };
       std::printf("  %-24s %8.0f %14.4f %14.4f %14.4f\n", task.c_str(), last("n"), last("accuracy"),

@@ -102,11 +102,13 @@ void validate_layout(const ParallelConfig& p, int world_size, const ModelConfig&
   require(p.tp >= 1 && p.pp >= 1, "--parallel.tp and --parallel.pp must be >= 1");
   require(p.zero == 0 || p.zero == 1, strprintf("--parallel.zero must be 0 or 1, not %d", p.zero));
   require(p.micro_batches >= 1, "--parallel.micro_batches must be >= 1");
+  // In 64 bits: the product of two user-given ints overflows int, and the Topology divides by it.
+  const int64_t group = int64_t{p.tp} * p.pp;
   require(
-      world_size % (p.tp * p.pp) == 0,
+      world_size % group == 0,
       strprintf("%d ranks cannot be split into tensor-parallel groups of %d times pipeline stages of %d: the "
-                "rank count must be a multiple of parallel.tp * parallel.pp = %d",
-                world_size, p.tp, p.pp, p.tp * p.pp));
+                "rank count must be a multiple of parallel.tp * parallel.pp = %lld",
+                world_size, p.tp, p.pp, static_cast<long long>(group)));
   require(
       p.pp <= m.n_layer,
       strprintf("--parallel.pp %d is above the model's %d layers: a stage needs a block", p.pp, m.n_layer));
@@ -120,7 +122,8 @@ void validate_layout(const ParallelConfig& p, int world_size, const ModelConfig&
       p.tp == 1 || (!m.any_lora() && m.quant == "none"),
       "--parallel.tp above 1 with LoRA adapters or a quantized base is not supported yet: finetune with data "
       "and pipeline parallelism (parallel.pp, parallel.zero)");
-  require(p.bucket_mb > 0, "--parallel.bucket_mb must be > 0");
+  // Bucket sizes become byte counts: bounded so that the conversion stays in range.
+  require(p.bucket_mb > 0 && p.bucket_mb <= 1e6, "--parallel.bucket_mb must be > 0 and at most 1e6");
 }
 
 std::pair<int, int> Topology::stage_layers(const ModelConfig& m, int pp, int stage) {

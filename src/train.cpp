@@ -222,6 +222,8 @@ int run_pretrain(const Config& cfg, const Comm& comm) {
     setup.mc = resolve_model_config(cfg, setup.resume);
     auto train_file = std::make_shared<TokenFile>(cfg.data.train);
     auto val_file = std::make_shared<TokenFile>(cfg.data.val.empty() ? cfg.data.train : cfg.data.val);
+    train_file->check_vocab(setup.mc.vocab_size);
+    val_file->check_vocab(setup.mc.vocab_size);
     setup.data_summary = strprintf("train %zu tokens, val %zu tokens", train_file->size(), val_file->size());
     setup.train = std::make_unique<Batcher>(*train_file, setup.mc.seq_len, cfg.data.shuffle, cfg.seed);
     setup.val = std::make_unique<Batcher>(*val_file, setup.mc.seq_len, false, cfg.seed);

@@ -47,6 +47,7 @@ suite "unit tests (GoogleTest)" env LRLLM_TOKENIZER_DIR=input/data/tokenizer OMP
   "$build/tests/unit"
 suite "integration (lrllm under mpirun)" "$python" tests/integration/test_cli.py "$build"
 suite "parallel layouts (tp, pp, dp, ZeRO)" "$python" tests/integration/test_parallel.py "$build"
+suite "fuzzed bad input (seeded)" "$python" tests/integration/test_fuzz.py "$build"
 suite "Slurm jobs (sbatch, requeue, resume)" bash tests/slurm/run.sh "$build"
 suite "report tool (tools/report.py)" "$python" tests/integration/test_report.py "$build"
 suite "PyTorch reference" bash tests/reference/run.sh "$build"

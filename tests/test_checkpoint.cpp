@@ -1,5 +1,6 @@
-// Checkpoints (DESIGN §4): bitwise round trips, the attributes users and tools read, atomic writes, resume
-// and pruning, clear errors on bad files; and the truncated SVD behind --mode decompose.
+// Checkpoints (docs/design.md, Checkpoint format): bitwise round trips, the attributes users and tools read,
+// atomic writes, resume and pruning, clear errors on bad files; and the truncated SVD behind
+// --mode decompose.
 #include <gtest/gtest.h>
 #include <lapacke.h>
 
@@ -10,6 +11,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -274,6 +276,50 @@ TEST_F(CheckpointErrors, WrongShape) {
     f.write("/model/wpe", wpe.data(), {5, 8});
   }
   expect_load_fails(path);
+}
+
+// Values a hand-altered file may hold: each read checks class, shape and range as the option would.
+TEST_F(CheckpointErrors, AttributesOfTheWrongKindOrRange) {
+  const auto altered = [&](const std::string& name, const std::function<void(H5File&)>& change) {
+    const std::string path = dir.file(name + ".h5");
+    fs::copy_file(good, path);
+    H5File f = H5File::open_write(path);
+    change(f);
+    return path;
+  };
+  // An array where a scalar belongs, a float where an integer belongs, a head count that does not divide.
+  expect_load_fails(altered("array", [](H5File& f) {
+    f.set_attr("/config", "n_layer", std::vector<int64_t>{2, 2, 2});
+  }));
+  expect_load_fails(altered("version", [](H5File& f) {
+    f.set_attr("/", "format_version", std::vector<int64_t>{1, 1});
+  }));
+  expect_load_fails(altered("float", [](H5File& f) { f.set_attr("/config", "n_layer", 2.7); }));
+  expect_load_fails(altered("string", [](H5File& f) { f.set_attr("/config", "n_head", std::string("2")); }));
+  expect_load_fails(altered("heads", [](H5File& f) { f.set_attr("/config", "n_head", int64_t{3}); }));
+  // A size the file cannot hold the weights of.
+  const std::string wide =
+      altered("wide", [](H5File& f) { f.set_attr("/config", "d_ff", int64_t{1} << 24); });
+  expect_input_error([&] { read_model_config(wide); }, "MB of weights");
+  // Training state: negative counters, and an array step.
+  for (const auto& [group, name] :
+       {std::pair{"/state", "data_cursor"}, std::pair{"/optimizer", "step"}, std::pair{"/state", "step"}}) {
+    const std::string path = altered(std::string("neg_") + (group + 1) + name,
+                                     [&](H5File& f) { f.set_attr(group, name, int64_t{-3}); });
+    expect_input_error([&] { load_training_state(path, trained.opt, trained.state); }, name);
+  }
+  const std::string step = altered("step", [](H5File& f) {
+    f.set_attr("/optimizer", "step", std::vector<int64_t>{1, 2});
+  });
+  expect_input_error([&] { load_training_state(step, trained.opt, trained.state); }, "a scalar");
+}
+
+// New files carry HDF5 1.10's checksummed metadata (superblock version 2 or later).
+TEST_F(CheckpointErrors, NewFilesHaveChecksummedMetadata) {
+  const H5File f = H5File::open_read(good);
+  H5F_info2_t info;
+  ASSERT_GE(H5Fget_info2(f.id(), &info), 0);
+  EXPECT_GE(info.super.version, 2u);
 }
 
 // ||W - B A||_F / ||W||_F in double.

@@ -1,13 +1,16 @@
-// Option parsing (DESIGN §5): defaults, the config file against the command line, clear errors, and the
-// low-rank site selection.
+// Option parsing (docs/design.md, CLI): defaults, the config file against the command line, clear errors,
+// and the low-rank site selection.
 #include <gtest/gtest.h>
 
 #include <array>
+#include <climits>
+#include <cmath>
 #include <fstream>
 #include <string>
 #include <vector>
 
 #include "lrllm/config.h"
+#include "lrllm/topology.h"
 #include "test_util.h"
 
 namespace lrllm {
@@ -149,6 +152,35 @@ TEST(Config, ValidateModelConfig) {
   m = tiny_model();
   m.vocab_size = 70000;  // token files hold uint16 ids
   expect_input_error([&] { validate_model_config(m); }, "vocab_size");
+}
+
+// Shapes no machine holds are refused with the estimate, before the model's int arithmetic sees them.
+TEST(Config, ValidateModelConfigRefusesShapesThatCannotFit) {
+  for (auto set : {+[](ModelConfig& m) { m.n_layer = INT_MAX; }, +[](ModelConfig& m) { m.d_ff = INT_MAX; },
+                   +[](ModelConfig& m) { m.n_layer = 1000000000; },
+                   +[](ModelConfig& m) { m.d_model = INT_MAX - 1, m.n_head = 1; }}) {
+    ModelConfig m = tiny_model();
+    set(m);
+    expect_input_error([&] { validate_model_config(m); }, "GB");
+  }
+  EXPECT_LT(model_memory_estimate(tiny_model()), 1e6);
+}
+
+TEST(Config, LayoutProductsDoNotOverflow) {
+  ParallelConfig p;
+  p.tp = p.pp = 65536;
+  expect_input_error([&] { validate_layout(p, 1, tiny_model(), 4); }, "4294967296");
+  p.tp = p.pp = 1;
+  p.bucket_mb = INFINITY;
+  expect_input_error([&] { validate_layout(p, 1, tiny_model(), 4); }, "bucket_mb");
+}
+
+TEST(Config, ConfigFileMustBeAFile) {
+  TempDir dir;
+  Config cfg;
+  const std::string folder = dir.path().string();
+  const char* argv[] = {"lrllm", "--mode", "info", "--config", folder.c_str()};
+  expect_input_error([&] { parse_config(5, argv, cfg, false); }, "is a folder");
 }
 
 }  // namespace

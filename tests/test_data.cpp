@@ -209,5 +209,39 @@ TEST(Metrics, AppendFlushAndResumeTruncation) {
   expect_series(read_doubles(f, "/metrics/tokens_per_s"), {nan, nan, nan}, "tokens_per_s");
 }
 
+TEST(TokenFile, IdsOutsideTheVocabularyAreFoundWhenOpened) {
+  TempDir dir;
+  const std::string path = dir.file("ids.bin");
+  std::vector<uint16_t> tokens = counting(100);
+  tokens[57] = 600;
+  write_tokens(path, tokens);
+  const TokenFile f(path);
+  EXPECT_EQ(f.max_token(), 600);
+  EXPECT_NO_THROW(f.check_vocab(601));
+  expect_input_error([&] { f.check_vocab(512); }, "token id 600");
+}
+
+// A metrics file whose step series is 2-D, as h5py can make one: reading it as a series would overflow.
+TEST(Metrics, DamagedFileIsReportedWithAWayOn) {
+  TempDir dir;
+  const std::string path = dir.file("metrics.h5");
+  {
+    Metrics m(path, 0);
+    m.append({{"step", 1}, {"loss", 2.5}});
+    m.flush();
+  }
+  EXPECT_NO_THROW(check_metrics_file(path));
+  EXPECT_NO_THROW(check_metrics_file(dir.file("none.h5")));  // a run without one starts a new one
+  {
+    H5File f = H5File::open_write(path);
+    ASSERT_GE(H5Ldelete(f.id(), "/metrics/step", H5P_DEFAULT), 0);
+    const float grid[6] = {1, 2, 3, 4, 5, 6};
+    f.write("/metrics/step", grid, {2, 3});
+  }
+  expect_input_error([&] { check_metrics_file(path); }, "move " + path + " aside");
+  EXPECT_THROW(Metrics(path, 1), RuntimeError);
+  expect_input_error([&] { check_metrics_file(dir.path().string()); }, "not a regular file");
+}
+
 }  // namespace
 }  // namespace lrllm

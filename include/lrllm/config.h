@@ -1,6 +1,7 @@
-// Run configuration: every option of DESIGN §5, parsed from an INI file and the command line.
+// Run configuration (docs/design.md, CLI): every option, parsed from an INI file and the command line.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <set>
 #include <string>
@@ -12,9 +13,9 @@ namespace lrllm {
 enum class LinearSite { qkv = 0, proj = 1, fc = 2, mlp_proj = 3 };
 inline constexpr int kNumSites = 4;
 const char* site_name(LinearSite site);
-
 // The site's module inside a block, as in tensor names ("attn/qkv" of "h.0/attn/qkv/W").
 const char* site_path(LinearSite site);
+
 struct ModelConfig {
   std::string arch = "gpt2";
   int n_layer = 4;
@@ -29,9 +30,9 @@ struct ModelConfig {
   // LoRA adapters per site (0: none). A model with any adapter has a frozen base: only adapters train.
   int lora_rank[kNumSites] = {0, 0, 0, 0};
   double lora_alpha = 16.0;
-  // Dropout on the adapters' input while training (a training setting: not stored in checkpoints).
   // Base tensors trained in full beside the adapters: lora.modules_to_save's patterns (see model.h).
   std::string lora_modules;
+  // Dropout on the adapters' input while training (a training setting: not stored in checkpoints).
   double lora_dropout = 0.0;
   // Storage of the frozen base's dense linear weights: "none" (float32), "int8" or "nf4".
   std::string quant = "none";
@@ -77,8 +78,8 @@ struct DataConfig {
 struct RunConfig {
   std::string dir = "runs/default";
   int log_every = 1;
-};
   bool overwrite = false;  // a fresh run into a directory with an earlier run moves its files aside
+};
 
 struct CheckpointConfig {
   int every = 0;  // 0: only at the end of training
@@ -147,8 +148,19 @@ struct Config {
 // missing config file. Returns false when --help or --version was answered and the program should exit 0.
 bool parse_config(int argc, const char* const* argv, Config& cfg, bool print_help_and_version);
 
-// Checks a model shape (sizes, head split, ranks against layer widths). Throws InputError.
+// Checks a model shape (sizes, head split, ranks against layer widths) and that the memory it needs at the
+// least (its weights and one sequence's activations) fits in this machine's. Every size is checked in 64-bit
+// arithmetic before the model's own int arithmetic sees it. Throws InputError; a shape read from a file goes
+// through the same checks as one given as options.
 void validate_model_config(const ModelConfig& m);
+
+// The bytes of the model's weights as stored (float32, or int8 / NF4 codes for a quantized base), and those
+// it needs at the least to run: the weights and one sequence's activations.
+double model_weight_bytes(const ModelConfig& m);
+double model_memory_estimate(const ModelConfig& m);
+
+// This machine's physical memory, the bound of every size a run may allocate.
+std::size_t physical_memory_bytes();
 
 // Sets the LoRA ranks and the base's storage in m from the lora.* and quant.* options. Throws InputError.
 void apply_finetune(const Config& cfg, ModelConfig& m);

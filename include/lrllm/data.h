@@ -1,4 +1,4 @@
-// Token files (llm.c's shard format, DESIGN §4) and the batches drawn from them.
+// Token files (llm.c's shard format, docs/design.md, Token files) and the batches drawn from them.
 #pragma once
 
 #include <cstddef>
@@ -24,6 +24,10 @@ class TokenFile {
   const std::string& path() const { return path_; }
   std::size_t size() const { return count_; }
   const uint16_t* data() const { return tokens_; }
+  // The largest token id of the file, found in one pass when it is opened.
+  int max_token() const { return max_token_; }
+  // Throws InputError naming the file when one of its ids is not below vocab_size.
+  void check_vocab(int vocab_size) const;
 
  private:
   std::string path_;
@@ -31,6 +35,7 @@ class TokenFile {
   std::size_t map_bytes_ = 0;
   const uint16_t* tokens_ = nullptr;
   std::size_t count_ = 0;
+  int max_token_ = -1;
 };
 
 // Where training and validation batches come from: numbered sequences of seq_len inputs and targets

@@ -13,9 +13,14 @@ namespace lrllm {
 
 class H5File {
  public:
-  static H5File create(const std::string& path);      // truncates
+  // Truncates. New files use the 1.10 format, whose metadata is checksummed: a damaged file then fails at
+  // open or read instead of sending the library through garbage offsets.
+  static H5File create(const std::string& path);
   static H5File open_read(const std::string& path);   // read-only, user input
   static H5File open_write(const std::string& path);  // read-write, an existing file of ours
+  // Read-write in memory, user input: changes are never written back, so a run's first changes to a file
+  // can be tried before the run starts.
+  static H5File open_in_memory(const std::string& path);
   H5File(H5File&& other) noexcept;
   H5File& operator=(H5File&& other) noexcept;
   ~H5File();
@@ -35,6 +40,8 @@ class H5File {
   // Reads a float32 dataset whose shape must equal expected.
   void read(const std::string& dataset, float* out, const std::vector<int64_t>& expected) const;
   std::vector<float> read_all(const std::string& dataset) const;
+  // A 1-D numeric dataset (a metrics series), as float64.
+  std::vector<double> read_series(const std::string& dataset) const;
   // 8-bit integer datasets (quantized codes): stored as int8 when is_signed, else uint8; the bytes are copied
   // as they are either way.
   void write_bytes(const std::string& dataset, const uint8_t* data, const std::vector<int64_t>& shape,
@@ -50,12 +57,19 @@ class H5File {
   int64_t attr_int(const std::string& object, const std::string& name) const;
   double attr_double(const std::string& object, const std::string& name) const;
   std::string attr_string(const std::string& object, const std::string& name) const;
+  // Every attribute read checks the attribute's class (integer; float or integer for attr_double; string)
+  // and that it holds one value (a scalar) before reading, so that a hand-altered file is an InputError
+  // naming the object, never a read past the end of a scalar.
   // A 1-D int64 array attribute (e.g. a shape), which h5py reads back as a numpy array.
   void set_attr(const std::string& object, const std::string& name, const std::vector<int64_t>& values);
   std::vector<int64_t> attr_ints(const std::string& object, const std::string& name) const;
 
   void ensure_group(const std::string& group);
   void flush();
+
+  // Checks, before any work, that path can be created as an output file: not a folder, in a folder that
+  // exists and is writable. Throws InputError naming option.
+  static void check_output(const std::string& path, const std::string& option);
 
   // Reports a failed HDF5 call: InputError for a file read as user input, RuntimeError otherwise.
   [[noreturn]] void fail(const char* call, const std::string& what, const char* file, int line) const;

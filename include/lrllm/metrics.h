@@ -1,5 +1,5 @@
-// metrics.h5 (DESIGN §4): one extendible float64 dataset per metric under /metrics, appended row by row and
-// written at every flush, so a crash loses at most one log interval.
+// metrics.h5 (docs/design.md, Metrics file): one extendible float64 dataset per metric under /metrics,
+// appended row by row and written at every flush, so a crash loses at most one log interval.
 #pragma once
 
 #include <cstdint>
@@ -32,6 +32,10 @@ class Metrics {
 // /metrics group), and a summary of one for --mode info: each series with its rows, last, min and max, and
 // each task's latest evaluation. InputError on a file that is missing or not HDF5.
 bool is_metrics_file(const std::string& path);
+// Checks a run's metrics file before a run appends to it (a missing one is fine): every series must be a
+// readable 1-D numeric dataset. InputError says what is wrong and that moving the file aside lets the run go
+// on; checkpoints are never touched.
+void check_metrics_file(const std::string& path);
 void print_metrics_info(const std::string& path);
 
 }  // namespace lrllm
