@@ -364,6 +364,20 @@ fi
 # after its requeue, by TERM (what scancel and preemption send), each at the batch shell; it must checkpoint,
 # exit 75, requeue itself, resume from latest and end with every loss of an uninterrupted job of the same
 # config (run at the same time, through mpirun).
+# Run dir $1 has steps 1..$2 and the losses of the uninterrupted run dir $3; sets check to the summary, or to
+# the reason it does not.
+matches_reference() {
+  check=$("$python" tests/slurm/metrics.py check "$1" "$2" 2>&1) &&
+    check=$("$python" tests/slurm/metrics.py same "$1" "$3" 1e-6 2>&1)
+}
+# Check $1 passed when the reason $2 is empty (with check's summary); else it failed, and job $3's output shows.
+report_stop_check() {
+  if [[ -z $2 ]]; then pass "$1 ($check)"; else
+    fail "$1" "$2"
+    [[ -n $3 ]] && show "$(job_field "$3" StdOut)" 30
+  fi
+}
+
 name="slurm: stopped twice by a signal, the job requeues, resumes and matches an uninterrupted run"
 p_dir=$tmp/runs/preempt
 r_dir=$tmp/runs/reference
@@ -419,16 +433,11 @@ else
     reason="lrllm did not resume twice from a checkpoint"
   elif [[ $rstate != COMPLETED ]]; then
     reason="the uninterrupted job $rid ended $rstate"
-  elif ! check=$("$python" tests/slurm/metrics.py check "$p_dir" 40 2>&1); then
-    reason=$check
-  elif ! check=$("$python" tests/slurm/metrics.py same "$p_dir" "$r_dir" 1e-6 2>&1); then
+  elif ! matches_reference "$p_dir" 40 "$r_dir"; then
     reason=$check
   fi
 fi
-if [[ -z $reason ]]; then pass "$name ($check)"; else
-  fail "$name" "$reason"
-  [[ -n $pjob ]] && show "$(job_field "$pjob" StdOut)" 30
-fi
+report_stop_check "$name" "$reason" "$pjob"
 
 # Every shipped kind of training requeues with its own command line: the job script adds only
 # --checkpoint.resume latest, so the config's low-rank, LoRA and quantization options meet a checkpoint made
@@ -460,16 +469,11 @@ preempt_once() {
       reason="lrllm did not resume from a checkpoint: $(grep -m1 'error' "$out")"
     elif [[ $rstate != COMPLETED ]]; then
       reason="the uninterrupted job $ref_job ended $rstate"
-    elif ! check=$("$python" tests/slurm/metrics.py check "$dir" "$steps" 2>&1); then
-      reason=$check
-    elif ! check=$("$python" tests/slurm/metrics.py same "$dir" "$ref" 1e-6 2>&1); then
+    elif ! matches_reference "$dir" "$steps" "$ref"; then
       reason=$check
     fi
   fi
-  if [[ -z $reason ]]; then pass "$name ($check)"; else
-    fail "$name" "$reason"
-    [[ -n $job ]] && show "$(job_field "$job" StdOut)" 30
-  fi
+  report_stop_check "$name" "$reason" "$job"
 }
 preempt_once "slurm: a low-rank pretraining job (tiny-lowrank.cfg) stopped by a signal requeues and resumes" \
   pretrain 16 input/configs/tiny-lowrank.cfg --train.steps 16 --train.eval_every 8 --checkpoint.every 4 "${short[@]}"
