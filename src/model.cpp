@@ -1,7 +1,7 @@
 #include "lrllm/model.h"
 
-#include <algorithm>
 #include <fnmatch.h>
+#include <algorithm>
 
 #include <cmath>
 #include <cstdio>
@@ -232,19 +232,22 @@ std::vector<std::pair<std::string, std::size_t>> savable_tensors(const ModelConf
 
 bool trains_beside_adapters(const ModelConfig& cfg, const std::string& tensor) {
   const std::vector<std::string> patterns = saved_module_patterns(cfg);
-  return std::any_of(patterns.begin(), patterns.end(), [&](const std::string& p) { return names(p, tensor); });
+  return std::any_of(patterns.begin(), patterns.end(),
+                     [&](const std::string& p) { return names(p, tensor); });
 }
 
 void validate_saved_modules(const ModelConfig& cfg) {
   const auto savable = savable_tensors(cfg);
   for (const std::string& p : saved_module_patterns(cfg)) {
     if (std::none_of(savable.begin(), savable.end(), [&](const auto& t) { return names(p, t.first); }))
-      throw InputError("--lora.modules_to_save: '" + p +
-                       "' names no LayerNorm, bias or embedding of the model (e.g. ln_f, h.*/ln_1, h.0/mlp/fc/b, "
-                       "wpe, wte)");
+      throw InputError(
+          "--lora.modules_to_save: '" + p +
+          "' names no LayerNorm, bias or embedding of the model (e.g. ln_f, h.*/ln_1, h.0/mlp/fc/b, "
+          "wpe, wte)");
   }
   if (cfg.quant != "none" && cfg.quant_embedding && trains_beside_adapters(cfg, "wte"))
-    throw InputError("--lora.modules_to_save: wte is stored quantized here; train it with --quant.embedding false");
+    throw InputError(
+        "--lora.modules_to_save: wte is stored quantized here; train it with --quant.embedding false");
 }
 
 ParamCounts Model::param_counts() const {

@@ -75,7 +75,8 @@ int quant_bits_of(const std::string& quant) {
 ModelConfig finetune_options_over(const Config& cfg, const ModelConfig& file) {
   Config filled = cfg;
   FinetuneConfig& ft = filled.finetune;
-  if (!cfg.was_given("lora.rank")) ft.lora_rank = *std::max_element(file.lora_rank, file.lora_rank + kNumSites);
+  if (!cfg.was_given("lora.rank"))
+    ft.lora_rank = *std::max_element(file.lora_rank, file.lora_rank + kNumSites);
   if (!cfg.was_given("lora.targets")) ft.lora_targets = file.lora_targets();
   if (!cfg.was_given("lora.alpha")) ft.lora_alpha = file.lora_alpha;
   if (!cfg.was_given("lora.modules_to_save")) ft.lora_modules = file.lora_modules;
@@ -101,9 +102,10 @@ void check_options_agree(const Config& cfg, const ModelConfig& file, const std::
     ModelConfig want = file;
     apply_lowrank(cfg, want);
     if (!std::equal(want.lowrank_rank, want.lowrank_rank + kNumSites, file.lowrank_rank))
-      throw InputError("the lowrank options give " + site_ranks(want.lowrank_rank) + " but " + path + " has " +
-                       site_ranks(file.lowrank_rank) +
-                       (file.any_lowrank() ? "" : "; turn a dense checkpoint low-rank with --mode decompose"));
+      throw InputError(
+          "the lowrank options give " + site_ranks(want.lowrank_rank) + " but " + path + " has " +
+          site_ranks(file.lowrank_rank) +
+          (file.any_lowrank() ? "" : "; turn a dense checkpoint low-rank with --mode decompose"));
   }
   if (!file.any_lora() || !any_given(cfg, {"lora.rank", "lora.targets", "lora.alpha", "lora.modules_to_save",
                                            "quant.bits", "quant.block", "quant.embedding"}))
@@ -116,14 +118,14 @@ void check_options_agree(const Config& cfg, const ModelConfig& file, const std::
     throw InputError(strprintf("--lora.alpha %g contradicts %s, which has %g", want.lora_alpha, path.c_str(),
                                file.lora_alpha));
   if (want.lora_modules != file.lora_modules)
-    throw InputError("--lora.modules_to_save '" + want.lora_modules + "' contradicts " + path + ", which has '" +
-                     file.lora_modules + "'");
+    throw InputError("--lora.modules_to_save '" + want.lora_modules + "' contradicts " + path +
+                     ", which has '" + file.lora_modules + "'");
   if (want.quant != file.quant)
     throw InputError(strprintf("--quant.bits %d contradicts %s, whose base is stored as %s",
                                quant_bits_of(want.quant), path.c_str(), file.quant.c_str()));
   if (file.quant != "none" && want.quant_block != file.quant_block)
-    throw InputError(strprintf("--quant.block %d contradicts %s, which has %d", want.quant_block, path.c_str(),
-                               file.quant_block));
+    throw InputError(strprintf("--quant.block %d contradicts %s, which has %d", want.quant_block,
+                               path.c_str(), file.quant_block));
   if (file.quant != "none" && want.quant_embedding != file.quant_embedding)
     throw InputError(strprintf("--quant.embedding %s contradicts %s, whose embedding is %s",
                                want.quant_embedding ? "true" : "false", path.c_str(),
@@ -195,10 +197,10 @@ void claim_run_dir(const Config& cfg, const Comm& comm, bool resuming) {
   // Metrics without a checkpoint (a run that died before its first) cannot be resumed: they move aside
   // unasked, so that a requeued job starts again instead of waiting for a person.
   if (checkpoints > 0 && !cfg.run.overwrite)
-    throw InputError(strprintf("--run.dir %s holds an earlier run (%zu checkpoints%s): continue it with "
-                               "--checkpoint.resume latest, or move its files aside with --run.overwrite true",
-                               cfg.run.dir.c_str(), checkpoints,
-                               earlier.size() > checkpoints ? " and metrics.h5" : ""));
+    throw InputError(
+        strprintf("--run.dir %s holds an earlier run (%zu checkpoints%s): continue it with "
+                  "--checkpoint.resume latest, or move its files aside with --run.overwrite true",
+                  cfg.run.dir.c_str(), checkpoints, earlier.size() > checkpoints ? " and metrics.h5" : ""));
   const std::time_t now = std::time(nullptr);
   char stamp[32];
   std::strftime(stamp, sizeof stamp, "%Y%m%d-%H%M%S", std::localtime(&now));

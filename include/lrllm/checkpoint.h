@@ -15,8 +15,8 @@
 namespace lrllm {
 
 // The newest model-file format this lrllm reads and writes; it reads every older one. Version 2 adds /config
-// lora_modules (base tensors trained beside the adapters) and is written only by files that have them, so every
-// other file stays version 1, readable by older lrllm (docs/design.md, Checkpoint format).
+// lora_modules (base tensors trained beside the adapters) and is written only by files that have them, so
+// every other file stays version 1, readable by older lrllm (docs/design.md, Checkpoint format).
 inline constexpr int64_t kFormatVersion = 2;
 int64_t format_version_of(const ModelConfig& m);
 

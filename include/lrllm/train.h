@@ -55,8 +55,8 @@ void prepare_run_dir(const Config& cfg, const Comm& comm);
 void claim_run_dir(const Config& cfg, const Comm& comm, bool resuming);
 
 // The model-shape, low-rank, LoRA and quantization options given must agree with the file the model comes
-// from (path, read as file): the same values again, as a requeued job's command line gives them, are accepted;
-// a value that differs is an InputError naming both.
+// from (path, read as file): the same values again, as a requeued job's command line gives them, are
+// accepted; a value that differs is an InputError naming both.
 void check_options_agree(const Config& cfg, const ModelConfig& file, const std::string& path);
 
 // The model shape a run uses: from the resumed checkpoint, else model.init, else the options. Checks that the
