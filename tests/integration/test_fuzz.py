@@ -43,6 +43,16 @@ rng = random.Random(SEED)
 counter = [0]
 
 
+def flip_bits(path, rng):
+    """Flips 8 random bits in the first 4 KB of a file, where HDF5 keeps its superblock and root metadata."""
+    with open(path, "r+b") as f:
+        data = bytearray(f.read())
+        for _ in range(8):
+            data[rng.randrange(min(4096, len(data)))] ^= 1 << rng.randrange(8)
+        f.seek(0)
+        f.write(data)
+
+
 def path(name):
     counter[0] += 1
     return os.path.join(TMP, f"{counter[0]:04d}-{name}")
@@ -339,12 +349,7 @@ def mutate_h5(src):
         with h5py.File(p, "a") as f:
             f["model/h.0/loop"] = f["model"]  # a group that contains itself
     elif kind < 0.95:
-        with open(p, "r+b") as f:
-            data = bytearray(f.read())
-            for _ in range(8):
-                data[rng.randrange(min(4096, len(data)))] ^= 1 << rng.randrange(8)
-            f.seek(0)
-            f.write(data)
+        flip_bits(p, rng)
     else:
         with open(p, "r+b") as f:
             f.truncate(rng.randrange(os.path.getsize(p)))
@@ -405,12 +410,7 @@ def metrics_cases(n):
                 del f["metrics"]
                 f["metrics"] = np.zeros(3)
         elif kind == 6:
-            with open(metrics, "r+b") as f:
-                data = bytearray(f.read())
-                for _ in range(8):
-                    data[rng.randrange(min(4096, len(data)))] ^= 1 << rng.randrange(8)
-                f.seek(0)
-                f.write(data)
+            flip_bits(metrics, rng)
         elif kind == 7:
             with open(metrics, "wb") as f:
                 f.write(rng.randbytes(rng.randint(0, 2000)))
