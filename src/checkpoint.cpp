@@ -21,8 +21,6 @@ namespace fs = std::filesystem;
 namespace lrllm {
 namespace {
 
-const char* const kSiteDatasets[kNumSites] = {"attn/qkv", "attn/proj", "mlp/fc", "mlp/proj"};
-
 int positive_attr(const H5File& f, const char* name) {
   const int64_t v = f.attr_int("/config", name);
   if (v <= 0 || v > (1 << 24))
@@ -97,7 +95,7 @@ ModelConfig read_model_config(const std::string& path) {
   m.d_model = positive_attr(f, "d_model");
   m.d_ff = positive_attr(f, "d_ff");
   for (int s = 0; s < kNumSites; ++s) {
-    const std::string site = std::string("/model/h.0/") + kSiteDatasets[s];
+    const std::string site = std::string("/model/h.0/") + site_path(static_cast<LinearSite>(s));
     m.lowrank_rank[s] = f.exists(site + "/A")     ? leading_dim(f, site + "/A", false)
                         : f.exists(site + "/A_q") ? leading_dim(f, site + "/A_q", true)
                                                   : 0;
