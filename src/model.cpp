@@ -366,9 +366,7 @@ void Model::reserve(int B, int slots) {
     for (int l = 0; l <= local_layers; ++l) slot.resid.push_back(f(N * C));
     slot.dresid = f(N * C);
     slot.tokens = be_.alloc_int(N);
-    slot.targets = be_.alloc_int(N);
     act_allocs_.push_back(slot.tokens);
-    act_allocs_.push_back(slot.targets);
   }
   if (last_stage()) {
     lnf_ = f(N * C);
@@ -377,6 +375,9 @@ void Model::reserve(int B, int slots) {
     // A smaller batch later (a short validation batch) splits into chunks no larger than this.
     logits_ = f(std::min<std::size_t>(N, classifier_row_limit(cfg_.vocab_size)) * cfg_.vocab_size);
     losses_ = f(N);
+    head_rows_ = f(N * C);
+    head_targets_ = be_.alloc_int(N);
+    act_allocs_.push_back(head_targets_);
   }
   scratch_c_ = f(N * C);
   scratch_c2_ = f(N * C);
@@ -443,31 +444,73 @@ void Model::block_backward(int l, Acts& a, const float* x, float* dresid, int B)
                          at(blk.ln1_w), a.ln1_mean, a.ln1_rstd, N, C);
 }
 
+std::vector<std::pair<int, int>> target_runs(const int32_t* targets, int N) {
+  std::vector<std::pair<int, int>> runs;
+  for (int n = 0; n < N; ++n) {
+    if (targets[n] < 0) continue;
+    if (!runs.empty() && runs.back().second == n)
+      ++runs.back().second;
+    else
+      runs.emplace_back(n, n + 1);
+  }
+  return runs;
+}
+
 // Final LayerNorm, the tied lm_head and the loss, a chunk of rows at a time so that only one
-// [chunk, vocab] logits buffer ever exists. With a gradient, dx receives d(loss)/d(final residual).
-double Model::classifier(const float* x, const int32_t* targets, float* dx, int N, float grad_scale,
+// [chunk, vocab] logits buffer ever exists. The lm_head runs on the rows with a target only: finetuning's
+// loss falls on the answer, a few rows in a hundred, and the lm_head is most of a small model's compute.
+// Those rows are gathered into head_rows_ (runs of consecutive rows: one copy per answer); when every row has
+// a target (pretraining) they are used in place. With a gradient, dx receives d(loss)/d(final residual).
+double Model::classifier(const float* x, const int32_t* host_targets, float* dx, int N, float grad_scale,
                          int normalizer) {
   const int C = cfg_.d_model, V = cfg_.vocab_size;
+  const std::size_t row = C;
   be_.layernorm_forward(lnf_, lnf_mean_, lnf_rstd_, x, at(lnf_w_), at(lnf_b_), N, C);
+  const std::vector<std::pair<int, int>> runs = target_runs(host_targets, N);
+  int M = 0;
+  for (const auto& [begin, end] : runs) M += end - begin;
+  const bool gathered = M < N;
+  std::vector<int32_t> targets(host_targets, host_targets + N);
+  if (gathered) {
+    targets.clear();
+    int m = 0;
+    for (const auto& [begin, end] : runs) {
+      be_.copy(head_rows_ + m * row, lnf_ + begin * row, (end - begin) * row);
+      targets.insert(targets.end(), host_targets + begin, host_targets + end);
+      m += end - begin;
+    }
+  }
+  be_.to_device(head_targets_, targets.data(), M * sizeof(int32_t));
+  const float* head_in = gathered ? head_rows_ : lnf_;
+  // The input gradient of the gathered rows goes to dx's first M rows, then to their own rows of scratch_c_.
+  float* head_dx = gathered ? dx : scratch_c_;
   const float row_scale = normalizer > 0 ? grad_scale / static_cast<float>(normalizer) : 0.0f;
-  const int chunk = classifier_chunk_rows(N, V);
-  for (int n0 = 0; n0 < N; n0 += chunk) {
-    const int rows = std::min(chunk, N - n0);
-    const float* xr = lnf_ + static_cast<std::size_t>(n0) * C;
+  const int chunk = M > 0 ? classifier_chunk_rows(M, V) : 1;
+  for (int m0 = 0; m0 < M; m0 += chunk) {
+    const int rows = std::min(chunk, M - m0);
+    const float* xr = head_in + m0 * row;
     lm_head(logits_, xr, rows);
-    be_.softmax_xent(losses_ + n0, logits_, targets + n0, rows, V, row_scale);
+    be_.softmax_xent(losses_ + m0, logits_, head_targets_ + m0, rows, V, row_scale);
     if (grad_scale != 0.0f) {
       if (!wte_q_ && !wte_.frozen)
         be_.matmul(grads_ + wte_.offset, logits_, xr, V, C, rows, true, false, 1.0f, 1.0f);
-      lm_head_input_grad(scratch_c_ + static_cast<std::size_t>(n0) * C, logits_, rows);
+      lm_head_input_grad(head_dx + m0 * row, logits_, rows);
     }
   }
-  std::vector<float> losses(N);
-  be_.to_host(losses.data(), losses_, N * sizeof(float));
+  std::vector<float> losses(M);
+  be_.to_host(losses.data(), losses_, M * sizeof(float));
   double sum = 0;
   for (float v : losses) sum += v;
   if (grad_scale != 0.0f) {
-    be_.fill(dx, static_cast<std::size_t>(N) * C, 0.0f);
+    if (gathered) {
+      be_.fill(scratch_c_, N * row, 0.0f);
+      int m = 0;
+      for (const auto& [begin, end] : runs) {
+        be_.copy(scratch_c_ + begin * row, head_dx + m * row, (end - begin) * row);
+        m += end - begin;
+      }
+    }
+    be_.fill(dx, N * row, 0.0f);
     be_.layernorm_backward(dx, grad_or_sink(lnf_w_, 0), grad_or_sink(lnf_b_, 1), scratch_c_, x, at(lnf_w_),
                            lnf_mean_, lnf_rstd_, N, C);
   }
@@ -556,8 +599,7 @@ double Model::forward(int slot, const int32_t* tokens, const int32_t* targets, i
   for (int l = first_layer_; l < end_layer_; ++l)
     block_forward(l, acts_for(slot, l), s.resid[l - first_layer_], s.resid[l - first_layer_ + 1], B);
   if (!last_stage()) return 0.0;
-  be_.to_device(s.targets, targets, N * sizeof(int32_t));
-  return classifier(s.resid.back(), s.targets, s.dresid, N, grad_scale, normalizer);
+  return classifier(s.resid.back(), targets, s.dresid, N, grad_scale, normalizer);
 }
 
 void Model::backward(int slot, int B) {

@@ -148,7 +148,6 @@ class Model {
     std::vector<Acts*> acts;    // per local block (one shared set under recomputation, in slot 0)
     float* dresid = nullptr;    // the gradient flowing back through the stage
     int32_t* tokens = nullptr;
-    int32_t* targets = nullptr;
   };
   void init_tables(uint64_t seed, bool frozen_too);
   // out[B, T, C] = wte[tokens] + wpe: tokens on the device, and on the host for a quantized wte, whose rows
@@ -159,7 +158,8 @@ class Model {
   void lm_head_input_grad(float* dx, const float* dlogits, int N);
   void block_forward(int l, Acts& a, const float* x, float* x_out, int B);
   void block_backward(int l, Acts& a, const float* x, float* dresid, int B);
-  double classifier(const float* x, const int32_t* targets, float* dx, int N, float grad_scale,
+  // targets [N] on the host.
+  double classifier(const float* x, const int32_t* host_targets, float* dx, int N, float grad_scale,
                     int normalizer);
   Acts& acts_for(int slot, int l);
   // The LoRA dropout mask of block l's site for this micro-batch (written into the block's activations), or
@@ -203,11 +203,13 @@ class Model {
   float* lnf_rstd_ = nullptr;
   float* logits_ = nullptr;  // one chunk of rows
   float* losses_ = nullptr;
-  float* scratch_c_ = nullptr;    // [N, C]
-  float* scratch_c2_ = nullptr;   // [N, C]
-  float* scratch_3c_ = nullptr;   // [N, 3C]
-  float* scratch_ff_ = nullptr;   // [N, F]
-  float* scratch_ff2_ = nullptr;  // [N, F]
+  float* head_rows_ = nullptr;       // [N, C]: the final LayerNorm's rows that have a target, gathered
+  int32_t* head_targets_ = nullptr;  // [N]: their targets
+  float* scratch_c_ = nullptr;       // [N, C]
+  float* scratch_c2_ = nullptr;      // [N, C]
+  float* scratch_3c_ = nullptr;      // [N, 3C]
+  float* scratch_ff_ = nullptr;      // [N, F]
+  float* scratch_ff2_ = nullptr;     // [N, F]
   float* scratch_rank_ = nullptr;
   float* scratch_lora_x_ = nullptr;  // [N, max(C, F)], with LoRA dropout
   bool training_ = false;
@@ -223,6 +225,9 @@ class Model {
 bool trains_beside_adapters(const ModelConfig& cfg, const std::string& tensor_name);
 // A pattern that names none of them, or names a quantized wte, is an InputError.
 void validate_saved_modules(const ModelConfig& cfg);
+
+// The rows with a target (>= 0) among N, as runs [begin, end) of consecutive rows.
+std::vector<std::pair<int, int>> target_runs(const int32_t* targets, int N);
 
 // Prints parameters by kind and the compression of the linear layers against their dense equivalent.
 void print_param_counts(const ParamCounts& counts, const ModelConfig& cfg);
