@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <ctime>
 #include <filesystem>
+#include <limits>
 #include <sstream>
 #include <string_view>
 #include <vector>
@@ -44,8 +45,9 @@ void write_tensors(H5File& f, const std::string& group, const ParamTable& table,
   for (const TensorInfo& t : table.tensors()) f.write(group + "/" + t.name, flat.data() + t.offset, t.shape);
 }
 
+// What finetuning adds to a base: the adapters and the trainable tokens' delta.
 bool is_adapter(const TensorInfo& t) {
-  return t.name.ends_with("/lora_A") || t.name.ends_with("/lora_B");
+  return t.name.ends_with("/lora_A") || t.name.ends_with("/lora_B") || t.name == kTokenDeltaName;
 }
 
 // A tensor-parallel part reads the full tensor and keeps its slice. Without adapters: all but lora_A/lora_B
@@ -74,6 +76,7 @@ std::vector<float> to_host(Backend& be, const float* dev, std::size_t n) {
 }  // namespace
 
 int64_t format_version_of(const ModelConfig& m) {
+  if (m.any_lora() && !m.trainable_tokens.empty()) return 3;
   return m.any_lora() && !m.lora_modules.empty() ? 2 : 1;
 }
 
@@ -112,6 +115,14 @@ ModelConfig read_model_config(const std::string& path) {
   m.quant_embedding = f.exists("/model/wte_q");
   if (version >= 2 && f.has_attr("/config", "lora_modules"))
     m.lora_modules = f.attr_string("/config", "lora_modules");
+  if (version >= 3 && f.has_attr("/config", "trainable_tokens")) {
+    for (int64_t id : f.attr_ints("/config", "trainable_tokens")) {
+      if (id < 0 || id > std::numeric_limits<int32_t>::max())
+        throw InputError(path + ": /config trainable_tokens holds " + std::to_string(id) +
+                         ", not a token id");
+      m.trainable_tokens.push_back(static_cast<int32_t>(id));
+    }
+  }
   m.init = path;
   // The same checks as the shape given as options: a file altered by hand must not reach the model's
   // arithmetic with sizes the command line would refuse.
@@ -205,6 +216,9 @@ void write_header(H5File& f, const std::string& mode, const ModelConfig& c) {
   f.set_attr("/config", "lora_alpha", c.any_lora() ? c.lora_alpha : 0.0);
   f.set_attr("/config", "lora_targets", c.lora_targets());
   if (format_version_of(c) >= 2) f.set_attr("/config", "lora_modules", c.lora_modules);
+  if (format_version_of(c) >= 3)
+    f.set_attr("/config", "trainable_tokens",
+               std::vector<int64_t>(c.trainable_tokens.begin(), c.trainable_tokens.end()));
   f.set_attr("/config", "quant", c.quant);
   f.set_attr("/config", "quant_block", int64_t{c.quant_block});
 }
@@ -564,6 +578,8 @@ void print_info(const std::string& path) {
           counts.linear_dense += n;
         else if (d.ends_with("/lora_A") || d.ends_with("/lora_B"))
           counts.lora += n;
+        else if (d == std::string("/model/") + kTokenDeltaName)
+          counts.tokens += n;
         else if (d.ends_with("/A") || d.ends_with("/B"))
           counts.linear_lowrank += n;
         else

@@ -120,6 +120,9 @@ po::options_description make_options(Config& c) {
       "lora.modules_to_save", po::value(&ft.lora_modules)->default_value(ft.lora_modules),
       "base LayerNorms, biases and embeddings trained in full beside the adapters: comma-separated patterns, "
       "e.g. ln_f,h.*/ln_2,wte ('*' within one name part)")(
+      "lora.trainable_tokens", po::value(&ft.trainable_tokens)->default_value(ft.trainable_tokens),
+      "tokens whose wte rows (embedding and lm_head) train beside the adapters: comma-separated ids, or "
+      "answers (every token of the training answers and the end-of-text)")(
       "lora.merge", po::value(&ft.lora_merge)->default_value(ft.lora_merge),
       "export: fold the adapters into the weights (a low-rank site grows to rank r + lora rank)")(
       "quant.bits", po::value(&ft.quant_bits)->default_value(ft.quant_bits),
@@ -330,6 +333,14 @@ void validate_model_config(const ModelConfig& m) {
   require(m.quant_block >= 1 && m.quant_block <= 4096, "--quant.block must be between 1 and 4096");
   require(!m.any_lora() || (std::isfinite(m.lora_alpha) && m.lora_alpha > 0), "--lora.alpha must be > 0");
   require(m.lora_dropout >= 0 && m.lora_dropout < 1, "--lora.dropout must be in [0, 1)");
+  require(m.trainable_tokens.empty() || m.any_lora(),
+          "--lora.trainable_tokens needs LoRA adapters (without them every wte row trains)");
+  for (std::size_t i = 0; i < m.trainable_tokens.size(); ++i) {
+    const int32_t id = m.trainable_tokens[i];
+    require(id >= 0 && id < m.vocab_size,
+            strprintf("trainable token %d is outside the vocabulary of %d", id, m.vocab_size));
+    require(i == 0 || id > m.trainable_tokens[i - 1], "trainable tokens must be distinct");
+  }
   const int64_t C = m.d_model, F = m.d_ff > 0 ? m.d_ff : 4 * C;
   const int64_t widths[kNumSites][2] = {{C, 3 * C}, {C, C}, {C, F}, {F, C}};
   for (int s = 0; s < kNumSites; ++s) {

@@ -61,10 +61,12 @@ float* DataParallel::grads_of_shard() {
 void DataParallel::finish_gradients() {
   Backend& be = model_.backend();
   float* grads = model_.grads();
-  // The tied embedding: the first stage's gradient (input side) plus the last stage's (lm_head side).
+  // The tied embedding, and the trainable tokens' rows of it: the first stage's gradient (input side) plus
+  // the last stage's (lm_head side).
   if (topo_.pp() > 1)
-    if (const TensorInfo* wte = model_.table().find("wte"))
-      topo_.sum_tied_embedding(grads + wte->offset, wte->size);
+    for (const char* tied : {"wte", kTokenDeltaName})
+      if (const TensorInfo* t = model_.table().find(tied))
+        topo_.sum_tied_embedding(grads + t->offset, t->size);
   const float inv_dp = 1.0f / static_cast<float>(topo_.dp());
   if (zero_) {
     topo_.reduce_scatter_dp(grads, shard_grads_, bounds_);

@@ -33,6 +33,14 @@ std::vector<float> source_values(Model& src, const std::string& name) {
 // folded in: W + s lora_B lora_A for a dense site; a low-rank site B A grows to [B, s lora_B] [A; lora_A].
 std::vector<float> export_values(Model& src, Backend& be, bool merge, const std::string& name) {
   std::vector<float> v = source_values(src, name);
+  if (merge && name == "wte" && !src.config().trainable_tokens.empty()) {
+    // The trainable tokens' deltas fold into their rows.
+    const std::vector<float> delta = source_values(src, kTokenDeltaName);
+    const std::size_t C = src.config().d_model;
+    for (std::size_t j = 0; j < src.config().trainable_tokens.size(); ++j)
+      for (std::size_t c = 0; c < C; ++c) v[src.config().trainable_tokens[j] * C + c] += delta[j * C + c];
+    return v;
+  }
   const std::size_t slash = name.rfind('/');
   const std::string leaf = slash == std::string::npos ? name : name.substr(slash + 1);
   if (!merge || (leaf != "W" && leaf != "A" && leaf != "B")) return v;
@@ -85,7 +93,10 @@ int run_export(const Config& cfg) {
   out_cfg.quant_block = cfg.finetune.quant_block;
   out_cfg.quant_double = cfg.finetune.quant_double;
   out_cfg.quant_embedding = bits != 0 && cfg.finetune.quant_embedding;
-  if (merge) out_cfg.lora_modules.clear();  // without adapters every tensor is the model's own
+  if (merge) {  // without adapters every tensor is the model's own
+    out_cfg.lora_modules.clear();
+    out_cfg.trainable_tokens.clear();
+  }
   validate_model_config(out_cfg);
   validate_saved_modules(out_cfg);
 

@@ -1,6 +1,9 @@
 #include "lrllm/finetune.h"
 
+#include <limits>
 #include <memory>
+#include <set>
+#include <sstream>
 
 #include "lrllm/common.h"
 #include "lrllm/instruct.h"
@@ -47,18 +50,53 @@ std::unique_ptr<InstructionBatches> load_examples(const std::string& path, const
   return std::make_unique<InstructionBatches>(std::move(encoded), seq_len, tok.eot(), shuffle, seed);
 }
 
+// lora.trainable_tokens: comma-separated ids, or "answers": every token the training answers hold, and the
+// end-of-text that closes them (the rows a classification task's labels are read from). Ascending, distinct.
+std::vector<int32_t> resolve_trainable_tokens(const std::string& spec, const Tokenizer& tok,
+                                              const std::string& train_path) {
+  std::set<int32_t> ids;
+  if (spec == "answers") {
+    for (const Example& e : read_jsonl(train_path))
+      for (int id : answer_tokens_of(tok, e.output)) ids.insert(id);
+    ids.insert(tok.eot());
+  } else {
+    std::stringstream list(spec);
+    for (std::string item; std::getline(list, item, ',');) {
+      std::size_t used = 0;
+      long id = -1;
+      try {
+        id = std::stol(item, &used);
+      } catch (const std::exception&) {
+        used = 0;
+      }
+      if (used == 0 || used != item.size() || id < 0 || id > std::numeric_limits<int32_t>::max())
+        throw InputError("--lora.trainable_tokens: '" + item + "' is not a token id (give ids, or answers)");
+      ids.insert(static_cast<int32_t>(id));
+    }
+  }
+  return {ids.begin(), ids.end()};
+}
+
 }  // namespace
 
 int run_finetune(const Config& cfg, const Comm& comm) {
   TrainSetup setup;
   collective_check(comm, [&] {
     if (cfg.data.train.empty()) throw InputError("--mode finetune needs --data.train (instruction JSONL)");
+    const Tokenizer tok =
+        Tokenizer::load(cfg.data.tokenizer_dir + "/encoder.json", cfg.data.tokenizer_dir + "/vocab.bpe");
+    const std::string& tokens_spec = cfg.finetune.trainable_tokens;
     if (!cfg.checkpoint.resume.empty()) {
       setup.resume = resolve_resume(cfg.checkpoint.resume, cfg.run.dir);
       setup.mc = read_model_config(setup.resume);
       if (!setup.mc.any_lora())
         throw InputError(setup.resume + ": has no LoRA adapters to resume finetuning");
       check_options_agree(cfg, setup.mc, setup.resume);
+      if (cfg.was_given("lora.trainable_tokens") &&
+          resolve_trainable_tokens(tokens_spec, tok, cfg.data.train) != setup.mc.trainable_tokens)
+        throw InputError("--lora.trainable_tokens '" + tokens_spec + "' contradicts " + setup.resume +
+                         ", which trains other tokens (" + std::to_string(setup.mc.trainable_tokens.size()) +
+                         ")");
       setup.mc.lora_dropout = cfg.finetune.lora_dropout;
     } else {
       if (cfg.model.init.empty())
@@ -68,11 +106,11 @@ int run_finetune(const Config& cfg, const Comm& comm) {
         throw InputError(cfg.model.init + ": already has LoRA adapters; resume it with --checkpoint.resume");
       check_options_agree(cfg, setup.mc, cfg.model.init);
       apply_finetune(cfg, setup.mc);
+      if (!tokens_spec.empty())
+        setup.mc.trainable_tokens = resolve_trainable_tokens(tokens_spec, tok, cfg.data.train);
     }
     validate_model_config(setup.mc);
     validate_saved_modules(setup.mc);
-    const Tokenizer tok =
-        Tokenizer::load(cfg.data.tokenizer_dir + "/encoder.json", cfg.data.tokenizer_dir + "/vocab.bpe");
     if (tok.vocab_size() > setup.mc.vocab_size)
       throw InputError(strprintf("the GPT-2 tokenizer has %d tokens but the model's vocabulary is %d",
                                  tok.vocab_size(), setup.mc.vocab_size));

@@ -68,6 +68,15 @@ Model::Model(const ModelConfig& cfg, Backend& backend, bool recompute, const Mod
     else
       wte_ = add("wte", {cfg.vocab_size, C}, !first_stage());
   }
+  if (!cfg.trainable_tokens.empty() && (first_stage() || last_stage())) {
+    // Trains whatever the base's wte is stored as (float32 or quantized): a delta over the chosen rows.
+    TensorSplit whole;
+    whole.replica = tp_replica || !first_stage();
+    const int64_t k = static_cast<int64_t>(cfg.trainable_tokens.size());
+    wte_delta_ = TensorRef{table_.add(kTokenDeltaName, {k, C}, whole), false};
+    delta_row_.assign(cfg.vocab_size, -1);
+    for (int32_t j = 0; j < k; ++j) delta_row_[cfg.trainable_tokens[j]] = j;
+  }
   if (first_stage()) wpe_ = add("wpe", {cfg.seq_len, C});
   for (int l = first_layer_; l < end_layer_; ++l) {
     const std::string h = "h." + std::to_string(l);
@@ -157,7 +166,8 @@ void Model::init_tables(uint64_t seed, bool frozen_too) {
         std::fill(dst, dst + t.size, 1.0f);
         continue;
       }
-      if (t.shape.size() < 2 || n.ends_with("/lora_B")) continue;  // biases, LayerNorm shifts, lora_B: zero
+      // Biases, LayerNorm shifts, lora_B and the trainable tokens' delta start at zero.
+      if (t.shape.size() < 2 || n.ends_with("/lora_B") || n == kTokenDeltaName) continue;
       // The full tensor is drawn and this rank's part taken, so every parallel layout starts from the same
       // weights.
       full.resize(t.full_size());
@@ -245,6 +255,8 @@ void validate_saved_modules(const ModelConfig& cfg) {
           "' names no LayerNorm, bias or embedding of the model (e.g. ln_f, h.*/ln_1, h.0/mlp/fc/b, "
           "wpe, wte)");
   }
+  if (!cfg.trainable_tokens.empty() && trains_beside_adapters(cfg, "wte"))
+    throw InputError("--lora.trainable_tokens: wte trains in full already (--lora.modules_to_save)");
   if (cfg.quant != "none" && cfg.quant_embedding && trains_beside_adapters(cfg, "wte"))
     throw InputError(
         "--lora.modules_to_save: wte is stored quantized here; train it with --quant.embedding false");
@@ -265,6 +277,7 @@ ParamCounts Model::param_counts() const {
   if (cfg_.any_lora())
     for (const auto& [name, size] : savable_tensors(cfg_))
       if (trains_beside_adapters(cfg_, name)) c.saved += size;
+  c.tokens = cfg_.trainable_tokens.size() * C;
   return c;
 }
 
@@ -295,6 +308,9 @@ void print_param_counts(const ParamCounts& c, const ModelConfig& cfg) {
   else if (c.lora > 0)
     std::printf("LoRA adapters: %zu trainable parameters, and %zu of the base's (%s) trained beside them\n",
                 c.lora, c.saved, cfg.lora_modules.c_str());
+  if (c.tokens > 0)
+    std::printf("trainable tokens: %zu wte rows (embedding and lm_head), %zu parameters\n",
+                cfg.trainable_tokens.size(), c.tokens);
 }
 
 MemoryBytes Model::memory(int B, int slots) {
@@ -492,8 +508,7 @@ double Model::classifier(const float* x, const int32_t* host_targets, float* dx,
     lm_head(logits_, xr, rows);
     be_.softmax_xent(losses_ + m0, logits_, head_targets_ + m0, rows, V, row_scale);
     if (grad_scale != 0.0f) {
-      if (!wte_q_ && !wte_.frozen)
-        be_.matmul(grads_ + wte_.offset, logits_, xr, V, C, rows, true, false, 1.0f, 1.0f);
+      lm_head_weight_grad(logits_, xr, rows);
       lm_head_input_grad(head_dx + m0 * row, logits_, rows);
     }
   }
@@ -519,6 +534,15 @@ double Model::classifier(const float* x, const int32_t* host_targets, float* dx,
 
 void Model::embed(float* out, const int32_t* device_tokens, const int32_t* host_tokens, int B) {
   const int T = cfg_.seq_len, C = cfg_.d_model;
+  embed_base(out, device_tokens, host_tokens, B);
+  if (delta_row_.empty()) return;
+  for (std::size_t i = 0; i < static_cast<std::size_t>(B) * T; ++i)
+    if (const int j = delta_row_[host_tokens[i]]; j >= 0)
+      be_.add(out + i * C, out + i * C, at(wte_delta_) + static_cast<std::size_t>(j) * C, C);
+}
+
+void Model::embed_base(float* out, const int32_t* device_tokens, const int32_t* host_tokens, int B) {
+  const int T = cfg_.seq_len, C = cfg_.d_model;
   if (!wte_q_) {
     be_.embedding_forward(out, device_tokens, at(wte_), at(wpe_), B, T, C);
     return;
@@ -535,18 +559,36 @@ void Model::embed(float* out, const int32_t* device_tokens, const int32_t* host_
     }
 }
 
+// A trainable token's delta is one more row of the lm_head: logits[:, id] += x delta_j, in the logits'
+// column.
 void Model::lm_head(float* logits, const float* x, int N) {
+  const int C = cfg_.d_model, V = cfg_.vocab_size;
   if (wte_q_)
     quantized_matmul(be_, *wte_q_, tile_, tile_floats_, x, logits, N);
   else
-    be_.matmul(logits, x, at(wte_), N, cfg_.vocab_size, cfg_.d_model, false, true, 1.0f, 0.0f);
+    be_.matmul(logits, x, at(wte_), N, V, C, false, true, 1.0f, 0.0f);
+  for (std::size_t j = 0; j < cfg_.trainable_tokens.size(); ++j)
+    be_.matmul_strided(logits + cfg_.trainable_tokens[j], x, at(wte_delta_) + j * C, N, 1, C, false, true,
+                       1.0f, 1.0f, C, C, V);
 }
 
 void Model::lm_head_input_grad(float* dx, const float* dlogits, int N) {
+  const int C = cfg_.d_model, V = cfg_.vocab_size;
   if (wte_q_)
     quantized_matmul_input_grad(be_, *wte_q_, tile_, tile_floats_, dlogits, dx, N);
   else
-    be_.matmul(dx, dlogits, at(wte_), N, cfg_.d_model, cfg_.vocab_size, false, false, 1.0f, 0.0f);
+    be_.matmul(dx, dlogits, at(wte_), N, C, V, false, false, 1.0f, 0.0f);
+  for (std::size_t j = 0; j < cfg_.trainable_tokens.size(); ++j)
+    be_.matmul_strided(dx, dlogits + cfg_.trainable_tokens[j], at(wte_delta_) + j * C, N, C, 1, false, false,
+                       1.0f, 1.0f, V, C, C);
+}
+
+void Model::lm_head_weight_grad(const float* dlogits, const float* x, int N) {
+  const int C = cfg_.d_model, V = cfg_.vocab_size;
+  if (!wte_q_ && !wte_.frozen) be_.matmul(grads_ + wte_.offset, dlogits, x, V, C, N, true, false, 1.0f, 1.0f);
+  for (std::size_t j = 0; j < cfg_.trainable_tokens.size(); ++j)
+    be_.matmul_strided(grads_ + wte_delta_.offset + j * C, dlogits + cfg_.trainable_tokens[j], x, 1, C, N,
+                       true, false, 1.0f, 1.0f, V, C, C);
 }
 
 void Model::logits_at(const int32_t* tokens, int position, float* out) {
@@ -595,6 +637,7 @@ double Model::forward(int slot, const int32_t* tokens, const int32_t* targets, i
   if (first_stage()) {
     be_.to_device(s.tokens, tokens, N * sizeof(int32_t));
     embed(s.resid[0], s.tokens, tokens, B);
+    if (!delta_row_.empty()) s.host_tokens.assign(tokens, tokens + N);
   }
   for (int l = first_layer_; l < end_layer_; ++l)
     block_forward(l, acts_for(slot, l), s.resid[l - first_layer_], s.resid[l - first_layer_ + 1], B);
@@ -618,6 +661,12 @@ void Model::backward(int slot, int B) {
   float* dwpe = !wpe_.frozen ? grads_ + wpe_.offset : nullptr;
   if (dwte != nullptr || dwpe != nullptr)
     be_.embedding_backward(dwte, dwpe, s.dresid, s.tokens, B, cfg_.seq_len, cfg_.d_model);
+  const std::size_t C = cfg_.d_model;
+  for (std::size_t i = 0; i < s.host_tokens.size(); ++i)
+    if (const int j = delta_row_[s.host_tokens[i]]; j >= 0) {
+      float* g = grads_ + wte_delta_.offset + j * C;
+      be_.add(g, g, s.dresid + i * C, C);
+    }
 }
 
 float* Model::stage_input(int slot) {

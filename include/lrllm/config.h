@@ -32,6 +32,9 @@ struct ModelConfig {
   double lora_alpha = 16.0;
   // Base tensors trained in full beside the adapters: lora.modules_to_save's patterns (see model.h).
   std::string lora_modules;
+  // Token ids, ascending, whose rows of the tied wte train beside the adapters (lora.trainable_tokens, PEFT's
+  // trainable tokens): a [k, d_model] delta added to those rows in the embedding and the lm_head alike.
+  std::vector<int32_t> trainable_tokens;
   // Dropout on the adapters' input while training (a training setting: not stored in checkpoints).
   double lora_dropout = 0.0;
   // Storage of the frozen base's dense linear weights: "none" (float32), "int8" or "nf4".
@@ -93,8 +96,11 @@ struct FinetuneConfig {
   double lora_dropout = 0.0;
   std::string lora_targets = "all";
   std::string lora_modules;  // lora.modules_to_save
-  bool lora_merge = false;   // export: fold the adapters into the base weights
-  int quant_bits = 0;        // 0: float32 base, 8: int8, 4: NF4
+  // lora.trainable_tokens: comma-separated token ids, or "answers" (every token of the training answers and
+  // the end-of-text); resolved by finetuning, which has the tokenizer and the data.
+  std::string trainable_tokens;
+  bool lora_merge = false;  // export: fold the adapters into the base weights
+  int quant_bits = 0;       // 0: float32 base, 8: int8, 4: NF4
   int quant_block = 64;
   bool quant_double = true;
   bool quant_embedding = true;

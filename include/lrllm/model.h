@@ -33,7 +33,8 @@ struct ParamCounts {
   std::size_t other = 0;           // biases and LayerNorms
   std::size_t lora = 0;            // LoRA adapters
   std::size_t saved = 0;           // base tensors trained beside the adapters (counted in their kinds above)
-  std::size_t total() const { return embedding + linear_dense + linear_lowrank + other + lora; }
+  std::size_t tokens = 0;          // trainable tokens: deltas over chosen wte rows
+  std::size_t total() const { return embedding + linear_dense + linear_lowrank + other + lora + tokens; }
 };
 
 struct MemoryBytes {
@@ -148,14 +149,20 @@ class Model {
     std::vector<Acts*> acts;    // per local block (one shared set under recomputation, in slot 0)
     float* dresid = nullptr;    // the gradient flowing back through the stage
     int32_t* tokens = nullptr;
+    std::vector<int32_t> host_tokens;  // with trainable tokens: their rows' gradients are gathered by token
   };
   void init_tables(uint64_t seed, bool frozen_too);
   // out[B, T, C] = wte[tokens] + wpe: tokens on the device, and on the host for a quantized wte, whose rows
   // are dequantized as the tokens pick them.
+  // With trainable tokens, their deltas are added to their rows.
   void embed(float* out, const int32_t* device_tokens, const int32_t* host_tokens, int B);
+  void embed_base(float* out, const int32_t* device_tokens, const int32_t* host_tokens, int B);
   // The tied lm_head: logits[N, V] = x[N, C] wte^T, and dx[N, C] = dlogits[N, V] wte.
   void lm_head(float* logits, const float* x, int N);
   void lm_head_input_grad(float* dx, const float* dlogits, int N);
+  // Accumulates the trainable weights' gradients from dlogits[N, V] and x[N, C]: wte's when it trains in
+  // full, the trainable tokens' deltas.
+  void lm_head_weight_grad(const float* dlogits, const float* x, int N);
   void block_forward(int l, Acts& a, const float* x, float* x_out, int B);
   void block_backward(int l, Acts& a, const float* x, float* dresid, int B);
   // targets [N] on the host.
@@ -182,6 +189,8 @@ class Model {
   ParamTable table_;
   ParamTable frozen_table_;
   TensorRef wte_, wpe_, lnf_w_, lnf_b_;
+  TensorRef wte_delta_;             // [k, C]: the trainable tokens' deltas, in the trainable table
+  std::vector<int32_t> delta_row_;  // [vocab]: a token's row in wte_delta_, or -1
   std::vector<Block> blocks_;
   float* params_ = nullptr;
   float* grads_ = nullptr;
@@ -228,6 +237,9 @@ void validate_saved_modules(const ModelConfig& cfg);
 
 // The rows with a target (>= 0) among N, as runs [begin, end) of consecutive rows.
 std::vector<std::pair<int, int>> target_runs(const int32_t* targets, int N);
+
+// The trainable tokens' delta tensor: trained, checkpointed and resumed like the adapters.
+inline constexpr const char* kTokenDeltaName = "trainable_tokens/delta";
 
 // Prints parameters by kind and the compression of the linear layers against their dense equivalent.
 void print_param_counts(const ParamCounts& counts, const ModelConfig& cfg);

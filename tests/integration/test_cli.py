@@ -3,6 +3,7 @@
 Run as: /usr/bin/python3 tests/integration/test_cli.py BUILD_DIR
 Prints PASS/FAIL per test and exits non-zero if any failed.
 """
+import json
 import os
 import shutil
 import subprocess
@@ -439,6 +440,49 @@ def test_finetune_trains_saved_modules_beside_adapters_and_resumes_exactly():
               "--lora.rank", "4", "--quant.bits", "4", "--run.dir", tmpdir("ft-saved-bad")]
     bad_input([*common, "--lora.modules_to_save", "h.*/mlp/fc/W"], "names no LayerNorm, bias or embedding")
     bad_input([*common, "--lora.modules_to_save", "wte"], "wte is stored quantized")
+
+
+def test_finetune_trains_chosen_tokens_rows_resumes_exactly_and_merges():
+    base = base_checkpoint()
+    with open(os.path.join(TOKENIZER, "encoder.json")) as f:
+        encoder = json.load(f)
+    # "answers": the training answers' tokens (" positive" ... one token each in GPT-2's BPE) and <|endoftext|>.
+    want = sorted([encoder["\u0120" + w] for w in ("positive", "negative", "neutral")] + [50256])
+    mods = ["--quant.bits", "4", "--lora.trainable_tokens", "answers", "--checkpoint.every", "2"]
+    full, part = tmpdir("ft-tokens-full"), tmpdir("ft-tokens-part")
+    p = finetune(full, base, mods, steps=4)
+    assert "trainable tokens: 4 wte rows" in p.stdout, p.stdout
+    finetune(part, base, mods, steps=4)
+    os.remove(os.path.join(part, "ckpt_000004.h5"))
+    finetune(part, base, [*mods, "--checkpoint.resume", "latest"], steps=4)
+    assert np.array_equal(metric(full, "loss"), metric(part, "loss"))
+    ft = os.path.join(full, "ckpt_000004.h5")
+    with h5py.File(ft, "r") as fa, h5py.File(os.path.join(part, "ckpt_000004.h5"), "r") as fp:
+        assert fa.attrs["format_version"] == 3 and list(fa["config"].attrs["trainable_tokens"]) == want
+        delta = fa["model/trainable_tokens/delta"][()]
+        assert delta.shape == (4, 32) and np.all(np.abs(delta).sum(axis=1) > 0), "every chosen row trains"
+        for name in ["model/trainable_tokens/delta", "optimizer/m/trainable_tokens/delta",
+                     "optimizer/v/trainable_tokens/delta"]:
+            assert np.array_equal(fa[name][()], fp[name][()]), f"{name} differs after resume"
+    # Merged, the deltas fold into their wte rows: the same model without adapters or deltas.
+    tokens = write_tokens(os.path.join(TMP, "tokens_eval.bin"), 3000, vocab=50257, seed=9)
+    merged = os.path.join(TMP, "merged-tokens.h5")
+    run(["--mode", "export", "--model.init", ft, "--lora.merge", "true", "--data.output", merged])
+    with h5py.File(merged, "r") as f:
+        assert "trainable_tokens" not in f["model"] and "trainable_tokens" not in f["config"].attrs
+    a, b = eval_loss(ft, tokens), eval_loss(merged, tokens)
+    assert abs(a - b) < 1e-4 * abs(a), (a, b)
+    common = ["--mode", "finetune", "--model.init", base, "--data.train",
+              write_jsonl(os.path.join(TMP, "tokens.jsonl"), sentiment_rows(4, 3)), "--data.tokenizer_dir", TOKENIZER,
+              "--lora.rank", "4", "--run.dir", tmpdir("ft-tokens-bad")]
+    bad_input([*common, "--lora.trainable_tokens", "12,x"], "'x' is not a token id")
+    bad_input([*common, "--lora.trainable_tokens", "-3"], "'-3' is not a token id")
+    bad_input([*common, "--lora.trainable_tokens", "50257"], "outside the vocabulary of 50257")
+    bad_input([*common, "--quant.embedding", "false", "--lora.modules_to_save", "wte", "--lora.trainable_tokens",
+               "answers"], "wte trains in full already")
+    bad_input(["--mode", "finetune", "--checkpoint.resume", ft, "--data.train", os.path.join(TMP, "tokens.jsonl"),
+               "--data.tokenizer_dir", TOKENIZER, "--run.dir", full, "--lora.trainable_tokens", "5,6"],
+              "contradicts")
 
 
 def test_finetune_bad_input():

@@ -46,6 +46,7 @@ class Config:
     lora_targets: tuple = field(default_factory=tuple)  # sites with adapters
     quant: str = "none"  # how the checkpoint stores the frozen dense W: none | int8 | nf4
     quant_block: int = 64
+    trainable_tokens: tuple = field(default_factory=tuple)  # ids of trainable_tokens/delta's rows
 
     @property
     def lora_scale(self) -> float:
@@ -179,7 +180,8 @@ def read_config(f: h5py.File) -> Config:
                   lora_alpha=float(c.get("lora_alpha", 0.0)),
                   lora_targets=targets("lora_targets"),
                   quant=_attr_str(c.get("quant", "none")),
-                  quant_block=int(c.get("quant_block", 64)))
+                  quant_block=int(c.get("quant_block", 64)),
+                  trainable_tokens=tuple(int(i) for i in c.get("trainable_tokens", ())))
 
 
 def load_checkpoint(path: str):
@@ -287,7 +289,12 @@ def forward(P, cfg: Config, idx, targets=None):
     """Logits [B,T,V], and the mean cross-entropy if targets are given."""
     T = idx.shape[1]
     s = cfg.lora_scale
-    x = P["wte"][idx] + P["wpe"][:T]
+    # Trainable tokens (PEFT's): a delta over chosen rows of the tied wte, embedding and lm_head alike.
+    E = P["wte"]
+    if "trainable_tokens/delta" in P:
+        ids = torch.tensor(cfg.trainable_tokens, dtype=torch.long)
+        E = E.index_add(0, ids, P["trainable_tokens/delta"])
+    x = E[idx] + P["wpe"][:T]
     for i in range(cfg.n_layer):
         h = layer_norm(x, P[f"h.{i}/ln_1/w"], P[f"h.{i}/ln_1/b"])
         h = attention(linear(P, f"h.{i}/attn/qkv", h, s), cfg.n_head)
@@ -296,7 +303,7 @@ def forward(P, cfg: Config, idx, targets=None):
         h = gelu_tanh(linear(P, f"h.{i}/mlp/fc", h, s))
         x = x + linear(P, f"h.{i}/mlp/proj", h, s)
     x = layer_norm(x, P["ln_f/w"], P["ln_f/b"])
-    logits = x @ P["wte"].T
+    logits = x @ E.T
     if targets is None:
         return logits, None
     z = logits - logits.amax(dim=-1, keepdim=True)

@@ -447,7 +447,8 @@ def run_train_case(build, work, variant, seed, n_seq):
 # 3. Finetuning: LoRA over a frozen (quantized) base, `lrllm --mode finetune` then grad_dump
 
 LORA_SMALL = dict(vocab_size=50257, seq_len=32, n_layer=2, n_head=2, d_model=32, d_ff=64)
-LORA_CASES = {  # name: (base config, quant.bits, quant.block, lora.targets, lora.modules_to_save)
+# name: (base config, quant.bits, quant.block, lora.targets, lora.modules_to_save[, trainable tokens])
+LORA_CASES = {
     "none": (ref.Config(**LORA_SMALL), 0, 64, "all", ""),
     "int8": (ref.Config(**LORA_SMALL), 8, 100, "all", ""),
     "nf4": (ref.Config(**LORA_SMALL), 4, 64, "all", ""),
@@ -456,6 +457,10 @@ LORA_CASES = {  # name: (base config, quant.bits, quant.block, lora.targets, lor
     # LayerNorms, biases and a float32 embedding trained in full beside adapters over an NF4 base.
     "nf4_saved": (ref.Config(**LORA_SMALL), 4, 64, "all", "ln_f,h.*/ln_2,h.1/attn/qkv/b,wpe"),
     "none_saved_wte": (ref.Config(**LORA_SMALL), 0, 64, "qkv", "wte,h.0/ln_1/w"),
+    # Trainable tokens over an NF4 embedding and a float32 one: ids that the batch's inputs hold (both sides of
+    # the tied wte then have a gradient) and the end-of-text, which they do not (the lm_head side only).
+    "nf4_tokens": (ref.Config(**LORA_SMALL), 4, 64, "all", "ln_f", "batch"),
+    "none_tokens": (ref.Config(**LORA_SMALL), 0, 64, "fc", "", "batch"),
 }
 
 
@@ -492,9 +497,10 @@ def bits_equal(a, b) -> bool:
 
 
 def run_lora_case(build, work, name, seed):
-    base_cfg, bits, qblock, targets, modules = LORA_CASES[name]
+    base_cfg, bits, qblock, targets, modules = LORA_CASES[name][:5]
+    tokens_case = len(LORA_CASES[name]) > 5
     saved = saved_module(modules)
-    trainable = lambda k: ref.is_lora(k) or saved(k)  # noqa: E731
+    trainable = lambda k: ref.is_lora(k) or saved(k) or k == "trainable_tokens/delta"  # noqa: E731
     @once
     def run():
         base_params = ref.init_params(base_cfg, seed=seed)
@@ -506,6 +512,9 @@ def run_lora_case(build, work, name, seed):
                 f.write(json.dumps(ex) + "\n")
         run_dir = os.path.join(work, f"run_lora_{name}")
         steps = 2
+        rng = np.random.default_rng(seed + 1000)
+        toks = rng.integers(0, base_cfg.vocab_size, size=(BATCH + 1) * base_cfg.seq_len + 3)
+        token_ids = sorted({int(t) for t in toks[:3]} | {base_cfg.vocab_size - 1}) if tokens_case else []
         run_cmd([os.path.join(build, "lrllm"), "--mode", "finetune", "--model.init", base,
                  "--data.train", jsonl, "--data.val", jsonl,
                  "--data.tokenizer_dir", os.path.join(REPO, "input", "data", "tokenizer"),
@@ -514,11 +523,10 @@ def run_lora_case(build, work, name, seed):
                  "--quant.block", str(qblock), "--train.steps", str(steps),
                  *(["--quant.embedding", "false"] if "wte" in modules else []),
                  *(["--lora.modules_to_save", modules] if modules else []),
+                 *(["--lora.trainable_tokens", ",".join(map(str, token_ids))] if token_ids else []),
                  "--train.batch_size", "2", "--train.lr", "1e-2", "--train.warmup", "0",
                  "--train.eval_batches", "1", "--run.dir", run_dir, "--device", "cpu"])
         ckpt = find_final_checkpoint(run_dir, steps)
-        rng = np.random.default_rng(seed + 1000)
-        toks = rng.integers(0, base_cfg.vocab_size, size=(BATCH + 1) * base_cfg.seq_len + 3)
         data = os.path.join(work, f"lora_{name}.bin")
         ref.write_tokens(data, toks)
         out = os.path.join(work, f"lora_{name}_out.h5")
@@ -540,6 +548,10 @@ def run_lora_case(build, work, name, seed):
         if have != expect:
             raise CheckFailed(f"checkpoint adapters {have} != expected {expect}")
         x, y = ref.batch(toks, cfg.seq_len, range(BATCH))
+        if list(cfg.trainable_tokens) != token_ids:
+            raise CheckFailed(f"/config trainable_tokens {cfg.trainable_tokens}, expected {token_ids}")
+        if token_ids and params["trainable_tokens/delta"].shape != (len(token_ids), cfg.d_model):
+            raise CheckFailed(f"trainable_tokens/delta has shape {params['trainable_tokens/delta'].shape}")
         if modules and not any(saved(k) for k in params):
             raise CheckFailed(f"no tensor of the checkpoint matches lora.modules_to_save {modules!r}")
         loss, grads = ref.loss_and_grads(params, cfg, x, y, trainable=trainable)
