@@ -75,6 +75,23 @@ std::vector<float> to_host(Backend& be, const float* dev, std::size_t n) {
 
 }  // namespace
 
+namespace {
+
+// /config trainable_tokens, or none.
+std::vector<int32_t> trainable_tokens_of(const H5File& f) {
+  std::vector<int32_t> ids;
+  if (!f.has_attr("/config", "trainable_tokens")) return ids;
+  for (int64_t id : f.attr_ints("/config", "trainable_tokens")) {
+    if (id < 0 || id > std::numeric_limits<int32_t>::max())
+      throw InputError(f.path() + ": /config trainable_tokens holds " + std::to_string(id) +
+                       ", not a token id");
+    ids.push_back(static_cast<int32_t>(id));
+  }
+  return ids;
+}
+
+}  // namespace
+
 int64_t format_version_of(const ModelConfig& m) {
   if (m.any_lora() && !m.trainable_tokens.empty()) return 3;
   return m.any_lora() && !m.lora_modules.empty() ? 2 : 1;
@@ -113,16 +130,12 @@ ModelConfig read_model_config(const std::string& path) {
     m.quant_block = block >= 1 && block <= 4096 ? static_cast<int>(block) : 0;  // 0: refused below
   }
   m.quant_embedding = f.exists("/model/wte_q");
+  if (f.has_attr("/config", "quant_double")) m.quant_double = f.attr_int("/config", "quant_double") != 0;
+  if (f.has_attr("/config", "base")) m.base = f.attr_string("/config", "base");
+  if (f.has_attr("/config", "base_checksum")) m.base_checksum = f.attr_string("/config", "base_checksum");
   if (version >= 2 && f.has_attr("/config", "lora_modules"))
     m.lora_modules = f.attr_string("/config", "lora_modules");
-  if (version >= 3 && f.has_attr("/config", "trainable_tokens")) {
-    for (int64_t id : f.attr_ints("/config", "trainable_tokens")) {
-      if (id < 0 || id > std::numeric_limits<int32_t>::max())
-        throw InputError(path + ": /config trainable_tokens holds " + std::to_string(id) +
-                         ", not a token id");
-      m.trainable_tokens.push_back(static_cast<int32_t>(id));
-    }
-  }
+  if (version >= 3) m.trainable_tokens = trainable_tokens_of(f);
   m.init = path;
   // The same checks as the shape given as options: a file altered by hand must not reach the model's
   // arithmetic with sizes the command line would refuse.
@@ -193,9 +206,10 @@ void load_base_weights(const std::string& path, Model& model) {
 
 namespace {
 
-void write_header(H5File& f, const std::string& mode, const ModelConfig& c) {
-  f.set_attr("/", "format", std::string("lrllm"));
-  f.set_attr("/", "format_version", format_version_of(c));
+void write_header(H5File& f, const std::string& mode, const ModelConfig& c, const Config* run,
+                  const std::string& format = "lrllm", int64_t version = 0) {
+  f.set_attr("/", "format", format);
+  f.set_attr("/", "format_version", version > 0 ? version : format_version_of(c));
   f.set_attr("/", "lrllm_version", std::string(kVersion));
   f.set_attr("/", "mode", mode);
   f.set_attr("/", "created", now_iso8601());
@@ -221,6 +235,14 @@ void write_header(H5File& f, const std::string& mode, const ModelConfig& c) {
                std::vector<int64_t>(c.trainable_tokens.begin(), c.trainable_tokens.end()));
   f.set_attr("/config", "quant", c.quant);
   f.set_attr("/config", "quant_block", int64_t{c.quant_block});
+  // The base's storage as the options gave it: an adapter file has no base tensors to read it from.
+  f.set_attr("/config", "quant_double", int64_t{c.quant_double ? 1 : 0});
+  f.set_attr("/config", "quant_embedding", int64_t{c.quant_embedding ? 1 : 0});
+  if (c.any_lora() && !c.base.empty()) {
+    f.set_attr("/config", "base", c.base);
+    f.set_attr("/config", "base_checksum", c.base_checksum);
+  }
+  if (run != nullptr) write_run_record(f, run->resolved, run->command_line);
 }
 
 void write_optimizer_and_state(H5File& f, const AdamW* optimizer, const TrainState* state) {
@@ -262,13 +284,13 @@ void rename_into_place(const std::string& tmp, const std::string& path) {
 }  // namespace
 
 void save_checkpoint(const std::string& path, const std::string& mode, Model& model, AdamW* optimizer,
-                     const TrainState* state) {
+                     const TrainState* state, const Config* run) {
   LRLLM_CHECK(optimizer == nullptr || optimizer->whole(), "save_checkpoint", "sharded optimizer state");
   const std::string tmp = path + ".tmp";
   set_partial_output(tmp);
   {
     H5File f = H5File::create(tmp);
-    write_header(f, mode, model.config());
+    write_header(f, mode, model.config(), run);
     Backend& be = model.backend();
     const std::size_t n = model.table().total();
     write_tensors(f, "/model", model.table(), to_host(be, model.params(), n));
@@ -326,7 +348,8 @@ constexpr int kSaveTag = 7;
 }  // namespace
 
 void save_checkpoint(const std::string& path, const std::string& mode, Model& model, AdamW& optimizer,
-                     const TrainState& state, const Topology& topo) {
+                     const TrainState& state, const Topology& topo, const Config* run) {
+  const auto start = std::chrono::steady_clock::now();
   Backend& be = model.backend();
   const ParamTable& table = model.table();
   const std::size_t n = table.total();
@@ -383,7 +406,7 @@ void save_checkpoint(const std::string& path, const std::string& mode, Model& mo
 
   {
     H5File f = H5File::create(tmp);
-    write_header(f, mode, model.config());
+    write_header(f, mode, model.config(), run);
     write_optimizer_and_state(f, &optimizer, &state);
     if (topo.tp() == 1) write_frozen(f, model);
     std::vector<float> full[3], part;
@@ -432,6 +455,10 @@ void save_checkpoint(const std::string& path, const std::string& mode, Model& mo
       LRLLM_MPI(MPI_Recv(&turn, 1, MPI_INT, stage * topo.tp(), kSaveTag, MPI_COMM_WORLD, MPI_STATUS_IGNORE));
     }
   rename_into_place(tmp, path);
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  std::printf("checkpoint %s: %.2f MB in %.2f s\n", path.c_str(),
+              static_cast<double>(fs::file_size(path)) / 1e6, seconds);
+  std::fflush(stdout);
 }
 
 void load_training_state(const std::string& path, AdamW& optimizer, TrainState& state) {
@@ -522,6 +549,159 @@ void prune_checkpoints(const std::string& run_dir, int keep) {
   }
 }
 
+std::string base_checksum(const std::string& path) {
+  // FNV-1a 64 over each dataset's name, type, shape and bytes, in name order. It guards against loading
+  // adapters over the wrong or a changed base by mistake, not against forgery, so 64 bits and no
+  // cryptographic hash suffice; it needs no library and reads the same on every machine, since HDF5 hands
+  // back the stored values in one byte order.
+  const H5File f = H5File::open_read(path);
+  uint64_t h = 14695981039346656037ULL;
+  const auto mix = [&h](const void* data, std::size_t n) {
+    const auto* p = static_cast<const unsigned char*>(data);
+    for (std::size_t i = 0; i < n; ++i) h = (h ^ p[i]) * 1099511628211ULL;
+  };
+  std::vector<uint8_t> bytes;
+  for (const std::string& d : f.datasets("/model")) {
+    const std::vector<int64_t> shape = f.shape(d);
+    const std::string type = f.dtype_name(d);
+    mix(d.c_str(), d.size() + 1);
+    mix(type.c_str(), type.size() + 1);
+    mix(shape.data(), shape.size() * sizeof(int64_t));
+    if (type == "float32") {
+      const std::vector<float> v = f.read_all(d);
+      mix(v.data(), v.size() * sizeof(float));
+    } else if (type == "int8" || type == "uint8") {
+      std::size_t n = 1;
+      for (int64_t x : shape) n *= static_cast<std::size_t>(x);
+      bytes.resize(n);
+      f.read_bytes(d, bytes.data(), shape, type == "int8");
+      mix(bytes.data(), n);
+    } else {
+      throw InputError(path + ": " + d + " has type " + type + ", which no lrllm tensor has");
+    }
+  }
+  return strprintf("fnv1a64:%016llx", static_cast<unsigned long long>(h));
+}
+
+void save_adapters(const std::string& path, Model& model, const Config* run) {
+  const ModelConfig& c = model.config();
+  if (!c.any_lora()) throw InputError("--lora.only: " + c.init + " has no LoRA adapters to export");
+  if (c.base.empty() || c.base_checksum.empty())
+    throw InputError("--lora.only: " + c.init +
+                     " does not record the base it was finetuned over (written before lrllm recorded it); "
+                     "export it whole, or merged with --lora.merge true");
+  const std::string tmp = path + ".tmp";
+  set_partial_output(tmp);
+  {
+    H5File f = H5File::create(tmp);
+    write_header(f, "export", c, run, kAdapterFormat, 1);
+    write_tensors(f, "/model", model.table(),
+                  to_host(model.backend(), model.params(), model.table().total()));
+    f.close();
+  }
+  rename_into_place(tmp, path);
+  clear_partial_output();
+}
+
+namespace {
+
+// The model of an adapter file over a base: the base's shape and linear sites, the file's adapters, saved
+// modules and storage of the base, after checking that they fit each other and that the base is the one the
+// adapters were trained over.
+ModelConfig adapters_over(const std::string& path, const ModelConfig& base) {
+  const H5File f = H5File::open_read(path);
+  if (!f.has_attr("/", "format") || f.attr_string("/", "format") != kAdapterFormat)
+    throw InputError(path + ": not an lrllm adapter file (root attribute format is not \"" + kAdapterFormat +
+                     "\"; --mode export --lora.only true writes one)");
+  const int64_t version = f.attr_int("/", "format_version");
+  if (version != 1)
+    throw InputError(path + ": adapter format_version " + std::to_string(version) +
+                     " is not supported (this lrllm reads 1)");
+  const std::pair<const char*, int> sizes[] = {{"vocab_size", base.vocab_size}, {"seq_len", base.seq_len},
+                                               {"n_layer", base.n_layer},       {"n_head", base.n_head},
+                                               {"d_model", base.d_model},       {"d_ff", base.ff()}};
+  for (const auto& [name, value] : sizes) {
+    const int64_t stored = f.attr_int("/config", name);
+    if (stored != value)
+      throw InputError(strprintf("%s: the adapters are for a model with %s %lld, but the base %s has %d",
+                                 path.c_str(), name, static_cast<long long>(stored), base.init.c_str(),
+                                 value));
+  }
+  const std::string lowrank = f.attr_string("/config", "lowrank_targets");
+  const int64_t lowrank_rank = f.attr_int("/config", "lowrank_rank");
+  if (lowrank != base.lowrank_targets() || lowrank_rank != base.lowrank_rank_attr())
+    throw InputError(
+        strprintf("%s: the adapters are for low-rank sites '%s' of rank %lld, but the base %s has "
+                  "'%s' of rank %d",
+                  path.c_str(), lowrank.c_str(), static_cast<long long>(lowrank_rank), base.init.c_str(),
+                  base.lowrank_targets().c_str(), base.lowrank_rank_attr()));
+  ModelConfig m = base;
+  for (int s = 0; s < kNumSites; ++s) {
+    const std::string a = std::string("/model/h.0/") + site_path(static_cast<LinearSite>(s)) + "/lora_A";
+    m.lora_rank[s] = f.exists(a) ? leading_dim(f, a, false) : 0;
+  }
+  if (!m.any_lora()) throw InputError(path + ": holds no LoRA adapters (no /model/h.0/.../lora_A)");
+  m.lora_alpha = f.attr_double("/config", "lora_alpha");
+  if (f.has_attr("/config", "lora_modules")) m.lora_modules = f.attr_string("/config", "lora_modules");
+  m.trainable_tokens = trainable_tokens_of(f);
+  m.quant = f.attr_string("/config", "quant");
+  const int64_t block = f.attr_int("/config", "quant_block");
+  m.quant_block = block >= 1 && block <= 4096 ? static_cast<int>(block) : 0;  // 0: refused below
+  m.quant_double = f.attr_int("/config", "quant_double") != 0;
+  m.quant_embedding = f.attr_int("/config", "quant_embedding") != 0;
+  // A quantized base file holds its codes: the adapters must have been trained over that same storage.
+  if (base.quant != "none" && (m.quant != base.quant || m.quant_block != base.quant_block ||
+                               m.quant_embedding != base.quant_embedding))
+    throw InputError(
+        strprintf("%s: the adapters were trained over a base stored as %s (block %d%s), but the "
+                  "base %s is stored as %s (block %d%s)",
+                  path.c_str(), m.quant.c_str(), m.quant_block, m.quant_embedding ? ", embedding too" : "",
+                  base.init.c_str(), base.quant.c_str(), base.quant_block,
+                  base.quant_embedding ? ", embedding too" : ""));
+  try {
+    validate_model_config(m);
+    validate_saved_modules(m);
+  } catch (const InputError& e) {
+    throw InputError(path + ": the adapters do not fit the base " + base.init + ": " + e.what());
+  }
+  const std::string recorded = f.attr_string("/config", "base_checksum");
+  const std::string actual = base_checksum(base.init);
+  if (actual != recorded)
+    throw InputError(path + ": the adapters were trained over " + f.attr_string("/config", "base") +
+                     " (checksum " + recorded + "), but the base " + base.init + " has checksum " + actual);
+  m.base = base.init;
+  m.base_checksum = actual;
+  return m;
+}
+
+}  // namespace
+
+ModelConfig read_input_model_config(const Config& cfg) {
+  const std::string& adapters = cfg.finetune.lora_init;
+  if (adapters.empty()) return read_model_config(cfg.model.init);
+  if (cfg.model.init.empty())
+    throw InputError("--lora.init " + adapters + " needs --model.init: the base the adapters go over");
+  const ModelConfig base = read_model_config(cfg.model.init);
+  if (base.any_lora())
+    throw InputError("--lora.init " + adapters + ": --model.init " + cfg.model.init +
+                     " has LoRA adapters already; give the base they were trained over");
+  return adapters_over(adapters, base);
+}
+
+void load_adapters(const std::string& path, Model& model) {
+  const H5File f = H5File::open_read(path);
+  Backend& be = model.backend();
+  std::vector<float> host = to_host(be, model.params(), model.table().total());
+  read_tensors(f, "/model", model.table(), host);
+  be.to_device(model.params(), host.data(), host.size() * sizeof(float));
+}
+
+void load_input_weights(const Config& cfg, Model& model) {
+  if (cfg.finetune.lora_init.empty()) return load_weights(cfg.model.init, model);
+  load_base_weights(cfg.model.init, model);
+  load_adapters(cfg.finetune.lora_init, model);
+}
+
 void print_info(const std::string& path) {
   const ModelConfig m = read_model_config(path);
   const H5File f = H5File::open_read(path);
@@ -595,6 +775,9 @@ void print_info(const std::string& path) {
   if (f.exists("/state"))
     std::printf("state: step %lld, tokens_seen %lld\n", static_cast<long long>(f.attr_int("/state", "step")),
                 static_cast<long long>(f.attr_int("/state", "tokens_seen")));
+  if (m.any_lora() && !m.base.empty())
+    std::printf("base: %s (checksum %s)\n", m.base.c_str(), m.base_checksum.c_str());
+  print_run_record(f);
 }
 
 }  // namespace lrllm

@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <boost/program_options.hpp>
+#include <charconv>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -125,6 +126,11 @@ po::options_description make_options(Config& c) {
       "answers (every token of the training answers and the end-of-text)")(
       "lora.merge", po::value(&ft.lora_merge)->default_value(ft.lora_merge),
       "export: fold the adapters into the weights (a low-rank site grows to rank r + lora rank)")(
+      "lora.only", po::value(&ft.lora_only)->default_value(ft.lora_only),
+      "export: write only the adapters and the tensors trained beside them, with the base's path and "
+      "checksum")("lora.init", po::value(&ft.lora_init),
+                  "adapter file (export --lora.only) loaded over the base --model.init: eval, generate, "
+                  "export, finetune")(
       "quant.bits", po::value(&ft.quant_bits)->default_value(ft.quant_bits),
       "storage of the frozen base's dense weights: 0 (float32), 8 (int8), 4 (NF4)")(
       "quant.block", po::value(&ft.quant_block)->default_value(ft.quant_block), "values per absmax block")(
@@ -225,6 +231,72 @@ po::options_description make_options(Config& c) {
   return all;
 }
 
+// An option's value as a config file writes it; doubles in the shortest text that reads back exactly.
+std::string value_text(const boost::any& v) {
+  if (const auto* x = boost::any_cast<std::string>(&v)) return *x;
+  if (const auto* x = boost::any_cast<bool>(&v)) return *x ? "true" : "false";
+  if (const auto* x = boost::any_cast<int>(&v)) return std::to_string(*x);
+  if (const auto* x = boost::any_cast<uint64_t>(&v)) return std::to_string(*x);
+  if (const auto* x = boost::any_cast<double>(&v)) {
+    char buf[64];
+    const auto end = std::to_chars(buf, buf + sizeof buf, *x).ptr;
+    return std::string(buf, end);
+  }
+  throw RuntimeError("resolved configuration: an option of a type it cannot write");
+}
+
+// Every option of the table but those that only answer or point elsewhere (help, version, config), as INI:
+// the options given (on the command line or in a config file) as lines, and those left at their defaults
+// as comments with the value this lrllm used. --config then reads the text back to the same values and the
+// same Config::given, which matters: a given option is checked against the model file it loads (a shape, a
+// rank) where an option left at its default is taken from the file.
+std::string resolved_config(const po::options_description& options, const po::variables_map& vm) {
+  std::string out = std::string("# lrllm ") + kVersion +
+                    ": the resolved configuration of a run; lrllm --config FILE repeats it. Commented lines\n"
+                    "# are options left at their defaults (or unset), with the value this version used.\n";
+  std::string section;
+  for (const auto& option : options.options()) {
+    const std::string& name = option->long_name();
+    if (name == "help" || name == "version" || name == "config") continue;
+    const std::size_t dot = name.find('.');
+    const std::string sect = dot == std::string::npos ? "" : name.substr(0, dot);
+    if (sect != section) {
+      out += "\n[" + sect + "]\n";
+      section = sect;
+    }
+    const std::string key = dot == std::string::npos ? name : name.substr(dot + 1);
+    const auto it = vm.find(name);
+    if (it == vm.end() || it->second.empty()) {
+      out += "# " + key + " =\n";
+      continue;
+    }
+    const std::string value = value_text(it->second.value());
+    // A config file ends a value at '#' and trims it; such a value is in the stored command line only.
+    const bool representable = value.find_first_of("#\n\r") == std::string::npos &&
+                               (value.empty() || (value.front() != ' ' && value.back() != ' '));
+    if (!representable)
+      out += "# " + key + ": its value cannot be written in INI; see the command line\n";
+    else
+      out += std::string(it->second.defaulted() ? "# " : "") + key + " = " + value + "\n";
+  }
+  return out;
+}
+
+// argv as one line a POSIX shell reads back: arguments with anything but safe characters single-quoted.
+std::string command_line(int argc, const char* const* argv) {
+  std::string out;
+  for (int i = 0; i < argc; ++i) {
+    const std::string arg = argv[i];
+    const bool plain = !arg.empty() && arg.find_first_not_of(
+                                           "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                                           "0123456789-_./=:,+@%") == std::string::npos;
+    std::string quoted = "'";
+    for (char ch : arg) quoted += ch == '\'' ? std::string("'\\''") : std::string(1, ch);
+    out += (i ? " " : "") + (plain ? arg : quoted + "'");
+  }
+  return out;
+}
+
 void require(bool ok, const std::string& message) {
   if (!ok) throw InputError(message);
 }
@@ -274,6 +346,13 @@ void validate(const Config& c) {
   require(ft.lora_rank >= 0, "--lora.rank must be >= 0");
   require(ft.lora_alpha > 0, "--lora.alpha must be > 0");
   require(ft.lora_dropout >= 0 && ft.lora_dropout < 1, "--lora.dropout must be in [0, 1)");
+  require(
+      !(ft.lora_only && ft.lora_merge),
+      "--lora.only writes the adapters alone and --lora.merge folds them into the base: give one of them");
+  require(!ft.lora_only || c.mode == "export", "--lora.only is an option of --mode export");
+  require(ft.lora_init.empty() || c.mode == "eval" || c.mode == "generate" || c.mode == "export" ||
+              c.mode == "finetune",
+          "--lora.init loads adapters for --mode eval, generate, export or finetune, not " + c.mode);
   require(c.eval.method == "generate" || c.eval.method == "score", "--eval.method must be generate or score");
   require(c.eval.max_new_tokens >= 1 && c.eval.max_new_tokens <= kMaxCount,
           strprintf("--eval.max_new_tokens must be between 1 and %d", kMaxCount));
@@ -462,6 +541,8 @@ bool parse_config(int argc, const char* const* argv, Config& c, bool print_help_
   for (const auto& [name, value] : vm)
     if (!value.defaulted()) c.given.insert(name);
   validate(c);
+  c.resolved = resolved_config(options, vm);
+  c.command_line = command_line(argc, argv);
   return true;
 }
 

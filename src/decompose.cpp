@@ -93,7 +93,7 @@ int run_decompose(const Config& cfg) {
     std::printf("%-22s %6d %12zu %12zu %10.4f\n", prefix.c_str(), r, W.size,
                 static_cast<std::size_t>(r) * (in + out), f.relative_error);
   }
-  save_checkpoint(cfg.data.output, "decompose", low, nullptr, nullptr);
+  save_checkpoint(cfg.data.output, "decompose", low, nullptr, nullptr, &cfg);
   print_param_counts(low.param_counts(), low_cfg);
   std::printf("worst relative reconstruction error %.4f; wrote %s\n", worst, cfg.data.output.c_str());
   return 0;

@@ -113,10 +113,10 @@ int run_instruction_eval(const Config& cfg, const Comm& comm) {
     }
     tok = std::make_unique<Tokenizer>(
         Tokenizer::load(cfg.data.tokenizer_dir + "/encoder.json", cfg.data.tokenizer_dir + "/vocab.bpe"));
-    const ModelConfig mc = read_model_config(cfg.model.init);
+    const ModelConfig mc = read_input_model_config(cfg);
     backend = make_backend(cfg.device, comm.local_rank());
     model = std::make_unique<Model>(mc, *backend, false);
-    load_weights(cfg.model.init, *model);
+    load_input_weights(cfg, *model);
     prepare_run_dir(cfg, comm);
     check_metrics_file((std::filesystem::path(cfg.run.dir) / "metrics.h5").string());
   });
@@ -181,13 +181,13 @@ int run_eval(const Config& cfg, const Comm& comm) {
       throw InputError("--mode eval needs --model.init (a checkpoint or model file)");
     data = !cfg.data.val.empty() ? cfg.data.val : cfg.data.train;
     if (data.empty()) throw InputError("--mode eval needs --data.val (or --data.train): a token file");
-    const ModelConfig mc = read_model_config(cfg.model.init);
+    const ModelConfig mc = read_input_model_config(cfg);
     file = std::make_unique<TokenFile>(data);
     file->check_vocab(mc.vocab_size);
     batcher = std::make_unique<Batcher>(*file, mc.seq_len, false, cfg.seed);
     backend = make_backend(cfg.device, comm.local_rank());
     model = std::make_unique<Model>(mc, *backend, false);
-    load_weights(cfg.model.init, *model);
+    load_input_weights(cfg, *model);
   });
   // Data parallel only: every rank holds the whole model.
   const Topology topo(comm, ParallelConfig{});

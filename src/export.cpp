@@ -72,6 +72,25 @@ std::vector<float> export_values(Model& src, Backend& be, bool merge, const std:
   return grown;
 }
 
+// --lora.only: the adapters and the tensors trained beside them, with the base's identity.
+int export_adapters(const Config& cfg, const ModelConfig& in_cfg) {
+  if (!in_cfg.any_lora())
+    throw InputError("--lora.only: " +
+                     (cfg.model.init.empty() ? std::string("a model of random weights") : cfg.model.init) +
+                     " has no LoRA adapters to export");
+  auto backend = make_cpu_backend();
+  Model src(in_cfg, *backend, false);
+  load_input_weights(cfg, src);
+  save_adapters(cfg.data.output, src, &cfg);
+  std::printf(
+      "exported the adapters of %s -> %s: %zu tensors, %.3f MB of parameters; file %.3f MB; base %s "
+      "(checksum %s)\n",
+      cfg.model.init.c_str(), cfg.data.output.c_str(), src.table().tensors().size(),
+      src.table().total() * 4 / 1e6, static_cast<double>(std::filesystem::file_size(cfg.data.output)) / 1e6,
+      in_cfg.base.c_str(), in_cfg.base_checksum.c_str());
+  return 0;
+}
+
 }  // namespace
 
 int run_export(const Config& cfg) {
@@ -79,7 +98,8 @@ int run_export(const Config& cfg) {
   H5File::check_output(cfg.data.output, "data.output");
   // Without a model to read, the model options describe one with random weights: enough to size an export.
   const bool random = cfg.model.init.empty();
-  const ModelConfig in_cfg = random ? resolve_model_config(cfg, "") : read_model_config(cfg.model.init);
+  const ModelConfig in_cfg = random ? resolve_model_config(cfg, "") : read_input_model_config(cfg);
+  if (cfg.finetune.lora_only) return export_adapters(cfg, in_cfg);
   const bool merge = cfg.finetune.lora_merge && in_cfg.any_lora();
   ModelConfig out_cfg = in_cfg;
   if (merge) {
@@ -105,7 +125,7 @@ int run_export(const Config& cfg) {
   if (random)
     src.init_random(cfg.seed);
   else
-    load_weights(cfg.model.init, src);
+    load_input_weights(cfg, src);
   Model dst(out_cfg, *backend, false);
   for (const ParamTable* table : {&dst.table(), &dst.frozen_table()}) {
     float* base = table == &dst.table() ? dst.params() : dst.frozen();
@@ -120,7 +140,7 @@ int run_export(const Config& cfg) {
                    ? quantize_int8(v.data(), e.shape, out_cfg.quant_block)
                    : quantize_nf4(v.data(), e.shape, out_cfg.quant_double, out_cfg.quant_block);
   }
-  save_checkpoint(cfg.data.output, "export", dst, nullptr, nullptr);
+  save_checkpoint(cfg.data.output, "export", dst, nullptr, nullptr, &cfg);
   const MemoryBytes mem = dst.memory(1);
   std::printf(
       "exported %s -> %s: %s weights%s, %.2f MB of parameters (float32 %.2f MB, quantized %.2f MB); file "

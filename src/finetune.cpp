@@ -5,6 +5,7 @@
 #include <set>
 #include <sstream>
 
+#include "lrllm/checkpoint.h"
 #include "lrllm/common.h"
 #include "lrllm/instruct.h"
 #include "lrllm/tokenizer.h"
@@ -87,6 +88,9 @@ int run_finetune(const Config& cfg, const Comm& comm) {
         Tokenizer::load(cfg.data.tokenizer_dir + "/encoder.json", cfg.data.tokenizer_dir + "/vocab.bpe");
     const std::string& tokens_spec = cfg.finetune.trainable_tokens;
     if (!cfg.checkpoint.resume.empty()) {
+      if (!cfg.finetune.lora_init.empty())
+        throw InputError(
+            "--lora.init starts a run from adapters and --checkpoint.resume continues one: give one");
       setup.resume = resolve_resume(cfg.checkpoint.resume, cfg.run.dir);
       setup.mc = read_model_config(setup.resume);
       if (!setup.mc.any_lora())
@@ -98,9 +102,14 @@ int run_finetune(const Config& cfg, const Comm& comm) {
                          ", which trains other tokens (" + std::to_string(setup.mc.trainable_tokens.size()) +
                          ")");
       setup.mc.lora_dropout = cfg.finetune.lora_dropout;
+    } else if (cfg.model.init.empty()) {
+      throw InputError("--mode finetune needs --model.init (the base checkpoint)");
+    } else if (!cfg.finetune.lora_init.empty()) {
+      // Adapters trained before, over this base: they continue from their values with a fresh optimizer.
+      setup.mc = read_input_model_config(cfg);
+      check_options_agree(cfg, setup.mc, cfg.finetune.lora_init);
+      setup.mc.lora_dropout = cfg.finetune.lora_dropout;
     } else {
-      if (cfg.model.init.empty())
-        throw InputError("--mode finetune needs --model.init (the base checkpoint)");
       setup.mc = read_model_config(cfg.model.init);
       if (setup.mc.any_lora())
         throw InputError(cfg.model.init + ": already has LoRA adapters; resume it with --checkpoint.resume");
@@ -108,6 +117,9 @@ int run_finetune(const Config& cfg, const Comm& comm) {
       apply_finetune(cfg, setup.mc);
       if (!tokens_spec.empty())
         setup.mc.trainable_tokens = resolve_trainable_tokens(tokens_spec, tok, cfg.data.train);
+      // The base's identity, for adapters exported alone (--lora.only) and loaded over it again.
+      setup.mc.base = cfg.model.init;
+      setup.mc.base_checksum = base_checksum(cfg.model.init);
     }
     validate_model_config(setup.mc);
     validate_saved_modules(setup.mc);
@@ -127,6 +139,7 @@ int run_finetune(const Config& cfg, const Comm& comm) {
     if (setup.resume.empty()) {
       setup.model->init_adapters(cfg.seed);
       load_base_weights(cfg.model.init, *setup.model);
+      if (!cfg.finetune.lora_init.empty()) load_adapters(cfg.finetune.lora_init, *setup.model);
     }
     claim_run_dir(cfg, comm, !setup.resume.empty());
   });

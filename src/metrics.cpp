@@ -100,6 +100,25 @@ Metrics::Metrics(const std::string& path, int64_t resume_step) : path_(path) {
   f.flush();
 }
 
+void write_run_record(H5File& f, const std::string& resolved, const std::string& command_line) {
+  if (resolved.empty()) return;
+  f.set_attr("/", "run_config", resolved);
+  f.set_attr("/", "command_line", command_line);
+}
+
+void print_run_record(const H5File& f) {
+  if (!f.has_attr("/", "run_config")) return;
+  if (f.has_attr("/", "command_line"))
+    std::printf("command line: %s\n", f.attr_string("/", "command_line").c_str());
+  std::printf("run configuration (--config reads it back):\n%s", f.attr_string("/", "run_config").c_str());
+}
+
+void Metrics::record_run(const std::string& resolved, const std::string& command_line) {
+  H5File f = H5File::open_write(path_);
+  write_run_record(f, resolved, command_line);
+  f.close();
+}
+
 void Metrics::append(const std::map<std::string, double>& row) {
   pending_.push_back(row);
 }
@@ -213,6 +232,7 @@ void print_metrics_info(const std::string& path) {
                   last("f1_macro"), last("f1_weighted"));
     }
   }
+  print_run_record(f);
 }
 
 }  // namespace lrllm

@@ -307,8 +307,10 @@ int run_training(const Config& cfg, const Comm& comm, TrainSetup& setup, const s
   }
 
   std::unique_ptr<Metrics> metrics;
-  if (comm.root())
+  if (comm.root()) {
     metrics = std::make_unique<Metrics>((fs::path(cfg.run.dir) / "metrics.h5").string(), state.step);
+    metrics->record_run(cfg.resolved, cfg.command_line);
+  }
 
   std::vector<int32_t> tokens(static_cast<std::size_t>(B) * T), targets(tokens.size());
   // The loss lives on the last stage, where the tensor-parallel ranks all computed it.
@@ -418,7 +420,7 @@ int run_training(const Config& cfg, const Comm& comm, TrainSetup& setup, const s
 
     // Checkpoint: every rank hands its parts to world rank 0, which writes the full tensors.
     if ((cfg.checkpoint.every > 0 && state.step % cfg.checkpoint.every == 0) || last || stop) {
-      save_checkpoint(checkpoint_path(cfg.run.dir, state.step), mode, model, optimizer, state, topo);
+      save_checkpoint(checkpoint_path(cfg.run.dir, state.step), mode, model, optimizer, state, topo, &cfg);
       if (comm.root()) prune_checkpoints(cfg.run.dir, cfg.checkpoint.keep);
     }
     if (stop) {
@@ -438,7 +440,7 @@ int run_training(const Config& cfg, const Comm& comm, TrainSetup& setup, const s
   const bool missing =
       comm.root() && state.step == first_step && !fs::exists(checkpoint_path(cfg.run.dir, state.step));
   if (topo.world_sum(missing ? 1.0 : 0.0) > 0)
-    save_checkpoint(checkpoint_path(cfg.run.dir, state.step), mode, model, optimizer, state, topo);
+    save_checkpoint(checkpoint_path(cfg.run.dir, state.step), mode, model, optimizer, state, topo, &cfg);
   if (comm.root()) {
     metrics->flush();
     const double avg_tps = timed_steps > 0 ? sequences_per_step * T * timed_steps / elapsed_train_s : NAN;

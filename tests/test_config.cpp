@@ -6,6 +6,7 @@
 #include <climits>
 #include <cmath>
 #include <fstream>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -78,6 +79,40 @@ TEST(Config, CommandLineWinsOverConfigFile) {
 
   const Config file_only = parse({"--mode", "pretrain", "--config", ini});
   EXPECT_DOUBLE_EQ(file_only.train.lr, 0.1);
+}
+
+// The resolved configuration read back with --config gives the same values and the same given options, a
+// config file's options included; defaults stay defaults (commented), so checks against a model file agree.
+TEST(Config, ResolvedConfigReadsBackToTheSameConfig) {
+  TempDir dir;
+  const std::string ini = dir.file("part.cfg");
+  std::ofstream(ini) << "[train]\nsteps = 7\n";
+  const Config a = parse({"--mode", "finetune", "--config", ini, "--train.lr", "3e-3", "--lora.rank", "8",
+                          "--lora.modules_to_save", "ln_f,h.*/ln_2", "--seed", "18446744073709551615",
+                          "--lora.merge", "true"});
+  EXPECT_NE(a.resolved.find("lr = 0.003\n"), std::string::npos) << a.resolved;
+  EXPECT_NE(a.resolved.find("# n_layer = 4\n"), std::string::npos) << "a default is a comment";
+  const std::string stored = dir.file("stored.cfg");
+  std::ofstream(stored) << a.resolved;
+  const Config b = parse({"--config", stored});
+  EXPECT_EQ(b.resolved, a.resolved);
+  std::set<std::string> given = a.given, again = b.given;
+  given.erase("config");
+  again.erase("config");
+  EXPECT_EQ(again, given);
+  EXPECT_EQ(b.mode, "finetune");
+  EXPECT_EQ(b.train.steps, 7);
+  EXPECT_EQ(b.train.lr, a.train.lr);
+  EXPECT_EQ(b.seed, a.seed);
+  EXPECT_EQ(b.finetune.lora_rank, 8);
+  EXPECT_EQ(b.finetune.lora_modules, "ln_f,h.*/ln_2");
+  EXPECT_TRUE(b.finetune.lora_merge);
+  EXPECT_FALSE(b.was_given("model.n_layer"));
+  // A value that INI cannot hold ('#' starts a comment there) is kept in the command line, quoted for a
+  // shell.
+  const Config c = parse({"--mode", "generate", "--generate.prompt", "a # b"});
+  EXPECT_NE(c.resolved.find("# prompt: its value cannot be written in INI"), std::string::npos);
+  EXPECT_NE(c.command_line.find("--generate.prompt 'a # b'"), std::string::npos) << c.command_line;
 }
 
 void expect_parse_error(std::vector<std::string> args, const std::string& needle) {

@@ -41,15 +41,41 @@ void load_weights(const std::string& path, Model& model);
 // The same for the start of finetuning: everything but the LoRA adapters, which the file need not have.
 void load_base_weights(const std::string& path, Model& model);
 
-// Writes path atomically (path.tmp, then rename). Optimizer and state are optional (a model file has none).
+// Writes path atomically (path.tmp, then rename). Optimizer and state are optional (a model file has none);
+// with run, the run's resolved configuration and command line are stored too (root attributes run_config,
+// command_line).
 void save_checkpoint(const std::string& path, const std::string& mode, Model& model, AdamW* optimizer,
-                     const TrainState* state);
+                     const TrainState* state, const Config* run = nullptr);
 
 // The same from a training run under any parallel layout, called by every rank: the full tensors are
 // assembled on world rank 0 from each stage's and tensor slice's parts (and ZeRO's optimizer shards), which
-// writes the file, so it can be resumed under any other layout.
+// writes the file, so it can be resumed under any other layout, and prints one line (path, MB, seconds).
 void save_checkpoint(const std::string& path, const std::string& mode, Model& model, AdamW& optimizer,
-                     const TrainState& state, const Topology& topo);
+                     const TrainState& state, const Topology& topo, const Config* run = nullptr);
+
+// Adapter files (docs/design.md, Adapter files): root attribute format of the file --mode export
+// --lora.only writes.
+inline constexpr const char* kAdapterFormat = "lrllm-adapters";
+
+// The identity of a base model file: a checksum over every dataset under its /model ("fnv1a64:" and 16 hex
+// digits). InputError on a file that cannot be read.
+std::string base_checksum(const std::string& path);
+
+// Writes the model's trainable tensors alone (its adapters and the tensors trained beside them) with its
+// shape and its base's path and checksum, atomically. InputError when the model does not record its base.
+void save_adapters(const std::string& path, Model& model, const Config* run);
+
+// The model the options name: --model.init, with the adapters of --lora.init over it when given. The adapter
+// file must fit the base (shape, low-rank sites; a base without adapters), and the base's checksum must be
+// the one the file records: InputError otherwise.
+ModelConfig read_input_model_config(const Config& cfg);
+
+// Loads the weights of that model: the file's, or the base's with the adapter file's over them.
+void load_input_weights(const Config& cfg, Model& model);
+
+// The adapters (and the tensors trained beside them) of an adapter file, over a model already holding its
+// base (load_base_weights).
+void load_adapters(const std::string& path, Model& model);
 
 // Loads /optimizer and /state of a checkpoint for a resume (this rank's parts and optimizer range).
 void load_training_state(const std::string& path, AdamW& optimizer, TrainState& state);

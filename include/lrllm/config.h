@@ -25,6 +25,10 @@ struct ModelConfig {
   int seq_len = 128;
   int vocab_size = 50257;
   std::string init;  // checkpoint to start from
+  // The frozen base a model with adapters was finetuned over: its file and base_checksum of it (empty: not
+  // recorded, as in files from before lrllm recorded it).
+  std::string base;
+  std::string base_checksum;
   // Low-rank factorization per site; 0 means dense.
   int lowrank_rank[kNumSites] = {0, 0, 0, 0};
   // LoRA adapters per site (0: none). A model with any adapter has a frozen base: only adapters train.
@@ -100,6 +104,8 @@ struct FinetuneConfig {
   // the end-of-text); resolved by finetuning, which has the tokenizer and the data.
   std::string trainable_tokens;
   bool lora_merge = false;  // export: fold the adapters into the base weights
+  bool lora_only = false;   // export: write only the adapters and the tensors trained beside them
+  std::string lora_init;    // an adapter file (export --lora.only) loaded over the base model.init
   int quant_bits = 0;       // 0: float32 base, 8: int8, 4: NF4
   int quant_block = 64;
   bool quant_double = true;
@@ -140,6 +146,10 @@ struct Config {
   // Options the user gave (file or command line), as "section.option".
   std::set<std::string> given;
   bool was_given(const std::string& option) const { return given.count(option) > 0; }
+  // The run's options as INI text that --config reads back to the same Config (parse_config), and its
+  // command line: stored in checkpoints and metrics.h5 so that a run can be repeated from its files.
+  std::string resolved;
+  std::string command_line;
   FinetuneConfig finetune;
   EvalConfig eval;
   GenerateConfig generate;

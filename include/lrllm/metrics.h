@@ -9,6 +9,15 @@
 
 namespace lrllm {
 
+class H5File;
+
+// The run record (docs/design.md, Run record): the resolved configuration of the run that wrote a file
+// (Config::resolved, INI that --config reads back) and its command line, as the root attributes run_config
+// and command_line of checkpoints, adapter files and metrics.h5. Nothing is written for an empty record.
+void write_run_record(H5File& f, const std::string& resolved, const std::string& command_line);
+// Prints a file's record for --mode info, if it has one.
+void print_run_record(const H5File& f);
+
 class Metrics {
  public:
   // Opens (or creates) path. Rows whose step is above resume_step are dropped: after a resume, the file holds
@@ -21,6 +30,8 @@ class Metrics {
   void append_eval(const std::string& task, const std::map<std::string, double>& row);
   // Writes queued rows to the file and flushes it.
   void flush();
+  // Stores the record of the run now appending (write_run_record): the latest run's replaces an earlier's.
+  void record_run(const std::string& resolved, const std::string& command_line);
 
  private:
   std::string path_;

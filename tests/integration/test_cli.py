@@ -233,7 +233,10 @@ def test_eval_and_info():
     assert "lowrank r=8" in p.stdout and "/model/h.0/attn/qkv/A" in p.stdout and "compression" in p.stdout, p.stdout
     # The metrics file too: each series with its rows and last value.
     p = run(["--mode", "info", "--model.init", os.path.join(d, "metrics.h5")])
-    rows = {l.split()[0]: l.split() for l in p.stdout.splitlines()[2:]}
+    # After the series, the run's record: its command line and configuration.
+    table, record = p.stdout.split("command line: ")
+    assert "--lowrank.rank 8" in record and "run configuration" in record, p.stdout
+    rows = {l.split()[0]: l.split() for l in table.splitlines()[2:]}
     assert rows["step"][1:3] == ["6", "6"] and rows["loss"][1] == "6", p.stdout
     assert abs(float(rows["loss"][2]) - metric(d, "loss")[-1]) < 1e-4 * abs(metric(d, "loss")[-1]), p.stdout
     with h5py.File(os.path.join(d, "metrics.h5"), "r") as f:
@@ -617,6 +620,104 @@ def test_export_of_random_weights_quantizes_low_rank_factors():
     assert abs(eval_loss(nf4, tokens) - eval_loss(plain, tokens)) < 0.05
     assert "low-rank" in run(["--mode", "info", "--model.init", nf4]).stdout
     assert len(generate(nf4)) > len("Shares of\n")
+
+
+def stored_config(path, out):
+    with h5py.File(path, "r") as f:
+        text, argv = f.attrs["run_config"], f.attrs["command_line"]
+    with open(out, "w") as f:
+        f.write(text)
+    return out, argv
+
+
+def test_resolved_config_repeats_a_run():
+    d, again = tmpdir("cfg-first"), tmpdir("cfg-again")
+    p = pretrain(d, ["--train.lr", "2e-3", "--seed", "5"])
+    line = [l for l in p.stdout.splitlines() if l.startswith("checkpoint ") and "ckpt_000006.h5" in l]
+    assert line and line[0].endswith(" s") and " MB in " in line[0], p.stdout
+    ckpt = os.path.join(d, "ckpt_000006.h5")
+    ini, argv = stored_config(ckpt, os.path.join(TMP, "first.ini"))
+    assert "--train.lr 2e-3" in argv and "lr = 0.002" in open(ini).read() and "# beta1 = 0.9" in open(ini).read()
+    with h5py.File(os.path.join(d, "metrics.h5"), "r") as f:
+        assert f.attrs["run_config"] == open(ini).read()
+    assert "run configuration (--config reads it back)" in run(["--mode", "info", "--model.init", ckpt]).stdout
+    # The stored file alone repeats the run: the same losses and bit-identical weights.
+    run(["--config", ini, "--run.dir", again])
+    assert np.array_equal(metric(d, "loss"), metric(again, "loss"))
+    a, b = model_tensors(ckpt), model_tensors(os.path.join(again, "ckpt_000006.h5"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    # A finetuning run's shape comes from its base: options left at their defaults stay defaults on replay.
+    base = base_checkpoint()
+    ft, ft_again = tmpdir("cfg-ft"), tmpdir("cfg-ft-again")
+    finetune(ft, base, ["--quant.bits", "4"])
+    ini, _ = stored_config(os.path.join(ft, "ckpt_000003.h5"), os.path.join(TMP, "ft.ini"))
+    run(["--config", ini, "--run.dir", ft_again])
+    a, b = model_tensors(os.path.join(ft, "ckpt_000003.h5")), model_tensors(os.path.join(ft_again, "ckpt_000003.h5"))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_adapters_alone_over_their_base():
+    base = base_checkpoint()
+    d = tmpdir("lora-only")
+    finetune(d, base, ["--quant.bits", "4", "--lora.modules_to_save", "ln_f"])
+    ft = os.path.join(d, "ckpt_000003.h5")
+    adapters = os.path.join(TMP, "adapters.h5")
+    p = run(["--mode", "export", "--model.init", ft, "--lora.only", "true", "--data.output", adapters])
+    assert "exported the adapters" in p.stdout, p.stdout
+    assert os.path.getsize(adapters) < 0.1 * os.path.getsize(ft), (os.path.getsize(adapters), os.path.getsize(ft))
+    names = set(model_tensors(adapters))
+    assert names == {n for n in model_tensors(ft) if n.endswith(("lora_A", "lora_B")) or n.startswith("ln_f")}, names
+    with h5py.File(adapters, "r") as f, h5py.File(ft, "r") as g:
+        assert f.attrs["format"] == "lrllm-adapters" and f["config"].attrs["base"] == base
+        assert f["config"].attrs["base_checksum"] == g["config"].attrs["base_checksum"]
+        assert f["config"].attrs["base_checksum"].startswith("fnv1a64:")
+    over = ["--model.init", base, "--lora.init", adapters]
+    tokens = write_tokens(os.path.join(TMP, "lora_only_eval.bin"), 3000, vocab=50257, seed=12)
+    full = run(["--mode", "eval", "--model.init", ft, "--data.val", tokens]).stdout
+    alone = run(["--mode", "eval", *over, "--data.val", tokens]).stdout
+    assert full.split("loss ")[1] == alone.split("loss ")[1], (full, alone)
+    assert generate(ft) == generate(base, over[2:])
+    m1, m2 = os.path.join(TMP, "merged-full.h5"), os.path.join(TMP, "merged-alone.h5")
+    run(["--mode", "export", "--model.init", ft, "--lora.merge", "true", "--data.output", m1])
+    run(["--mode", "export", *over, "--lora.merge", "true", "--data.output", m2])
+    a, b = model_tensors(m1), model_tensors(m2)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    # Finetuning continues from the adapters' values: a run of zero steps starts exactly at them.
+    cont = tmpdir("lora-continue")
+    finetune(cont, base, [*over[2:], "--quant.bits", "4"], steps=0)
+    c, f_ = model_tensors(os.path.join(cont, "ckpt_000000.h5")), model_tensors(adapters)
+    assert all(np.array_equal(c[k], f_[k]) for k in f_)
+    finetune(tmpdir("lora-continue2"), base, over[2:], steps=2)
+    # Bad input: one line, exit 2.
+    ev = ["--mode", "eval", "--data.val", tokens]
+    changed = os.path.join(TMP, "changed_base.h5")
+    shutil.copy(base, changed)
+    with h5py.File(changed, "a") as f:
+        f["model/h.0/ln_1/w"][0] += 1.0
+    bad_input([*ev, "--model.init", changed, "--lora.init", adapters], "checksum")
+    bad_input([*ev, "--model.init", base, "--lora.init", os.path.join(TMP, "no_adapters.h5")], "no_adapters.h5")
+    truncated = os.path.join(TMP, "truncated_adapters.h5")
+    with open(adapters, "rb") as src, open(truncated, "wb") as dst:
+        dst.write(src.read()[: os.path.getsize(adapters) // 2])
+    bad_input([*ev, "--model.init", base, "--lora.init", truncated], "truncated_adapters.h5")
+    layers = os.path.join(TMP, "adapters_layers.h5")
+    shutil.copy(adapters, layers)
+    with h5py.File(layers, "a") as f:
+        f["config"].attrs["n_layer"] = np.int64(3)
+    bad_input([*ev, "--model.init", base, "--lora.init", layers], "n_layer 3")
+    shape = os.path.join(TMP, "adapters_shape.h5")
+    shutil.copy(adapters, shape)
+    with h5py.File(shape, "a") as f:
+        del f["model/h.1/mlp/fc/lora_B"]
+        f["model/h.1/mlp/fc/lora_B"] = np.zeros((128, 3), np.float32)
+    bad_input([*ev, "--model.init", base, "--lora.init", shape], "shape")
+    bad_input([*ev, "--model.init", ft, "--lora.init", adapters], "has LoRA adapters already")
+    bad_input([*ev, "--model.init", base, "--lora.init", base], "not an lrllm adapter file")
+    bad_input(["--mode", "export", "--model.init", base, "--lora.only", "true", "--data.output",
+               os.path.join(TMP, "none.h5")], "no LoRA adapters")
+    bad_input(["--mode", "export", "--model.init", ft, "--lora.only", "true", "--lora.merge", "true",
+               "--data.output", os.path.join(TMP, "none.h5")], "--lora.only")
+    bad_input(["--mode", "pretrain", *SMALL, "--data.train", TRAIN, "--lora.init", adapters], "--lora.init")
 
 
 def test_help_and_version():

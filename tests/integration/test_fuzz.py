@@ -116,6 +116,8 @@ checked(["--mode", "finetune", "--model.init", GPT2_CKPT, "--data.train", JSONL,
          TOKENIZER, "--run.dir", LORA_RUN, "--train.steps", "1", "--train.batch_size", "2",
          "--train.eval_batches", "1", "--lora.rank", "2", "--quant.bits", "4"])
 LORA_CKPT = os.path.join(LORA_RUN, "ckpt_000001.h5")
+ADAPTERS = path("adapters.h5")
+checked(["--mode", "export", "--model.init", LORA_CKPT, "--lora.only", "true", "--data.output", ADAPTERS])
 
 
 def old_format(src):
@@ -310,12 +312,12 @@ def token_file_cases(n):
 ATTRS = ["/format_version", "/config/n_layer", "/config/n_head", "/config/d_model", "/config/vocab_size",
          "/config/seq_len", "/config/d_ff", "/config/quant_block", "/config/lora_alpha", "/config/arch",
          "/format", "/state/step", "/optimizer/step", "/state/data_cursor", "/state/tokens_seen",
-         "/optimizer/name"]
+         "/optimizer/name", "/config/base_checksum", "/config/quant", "/config/lora_modules"]
 ATTR_VALUES = [lambda v: np.array([v, v, v]), lambda v: np.array([[1, 2], [3, 4]]), lambda v: 2.7,
                lambda v: "4", lambda v: -3, lambda v: 2**40, lambda v: 16777216, lambda v: 0, lambda v: 3,
                lambda v: -1, lambda v: np.array([b"ab", b"cd"]), lambda v: np.float32(float("nan")), None]
 DATASETS = ["/model/wte", "/model/wpe", "/model/h.0/attn/qkv/W", "/model/h.0/ln_1/w", "/optimizer/m/wte",
-            "/model/ln_f/b"]
+            "/model/ln_f/b", "/model/h.0/attn/qkv/lora_A", "/model/h.1/mlp/proj/lora_B"]
 DATASET_VALUES = [lambda s: np.zeros(7, np.float32), lambda s: np.zeros(s, np.int64),
                   lambda s: np.array(b"text"), lambda s: np.float32(1),
                   lambda s: np.zeros((s[0], max(1, s[-1] - 1)), np.float32),
@@ -381,6 +383,24 @@ def checkpoint_cases(n):
             cmd["--device"] = "cpu"
             args = flat(cmd)
         cases.append(Case("checkpoints", args))
+    return cases
+
+
+def adapter_cases(n):
+    """--lora.init with a damaged adapter file, or over a damaged base, in each mode that reads one."""
+    cases = []
+    for _ in range(n):
+        mode = rng.choice(["generate", "finetune", "export", "export-only"])
+        adapters, base = (mutate_h5(ADAPTERS), GPT2_CKPT) if rng.random() < 0.8 else (ADAPTERS, mutate_h5(GPT2_CKPT))
+        if mode.startswith("export"):
+            cmd = {"--mode": "export", "--model.init": base, "--data.output": path("out.h5"),
+                   "--lora.only" if mode == "export-only" else "--lora.merge": "true"}
+        else:
+            cmd = base_command(mode)
+            cmd.pop("--lora.rank", None)
+            cmd["--model.init"] = base
+        cmd["--lora.init"] = adapters
+        cases.append(Case("adapter files", flat(cmd)))
     return cases
 
 
@@ -521,7 +541,7 @@ def test_signals_outside_training():
 
 def test_fuzzed_inputs():
     cases = (option_cases(72) + config_cases(24) + token_file_cases(24) + checkpoint_cases(80) +
-             metrics_cases(20) + jsonl_cases(24) + output_cases())
+             adapter_cases(24) + metrics_cases(20) + jsonl_cases(24) + output_cases())
     start = time.monotonic()
     with ThreadPoolExecutor(WORKERS) as pool:
         results = list(pool.map(run_case, cases))
