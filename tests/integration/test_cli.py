@@ -659,14 +659,16 @@ def test_resolved_config_repeats_a_run():
 def test_adapters_alone_over_their_base():
     base = base_checkpoint()
     d = tmpdir("lora-only")
-    finetune(d, base, ["--quant.bits", "4", "--lora.modules_to_save", "ln_f"])
+    finetune(d, base, ["--quant.bits", "4", "--lora.modules_to_save", "ln_f", "--lora.trainable_tokens", "answers"])
     ft = os.path.join(d, "ckpt_000003.h5")
     adapters = os.path.join(TMP, "adapters.h5")
     p = run(["--mode", "export", "--model.init", ft, "--lora.only", "true", "--data.output", adapters])
     assert "exported the adapters" in p.stdout, p.stdout
     assert os.path.getsize(adapters) < 0.1 * os.path.getsize(ft), (os.path.getsize(adapters), os.path.getsize(ft))
     names = set(model_tensors(adapters))
-    assert names == {n for n in model_tensors(ft) if n.endswith(("lora_A", "lora_B")) or n.startswith("ln_f")}, names
+    assert names == {n for n in model_tensors(ft)
+                     if n.endswith(("lora_A", "lora_B")) or n.startswith(("ln_f", "trainable_tokens"))}, names
+    assert "trainable_tokens/delta" in names
     with h5py.File(adapters, "r") as f, h5py.File(ft, "r") as g:
         assert f.attrs["format"] == "lrllm-adapters" and f["config"].attrs["base"] == base
         assert f["config"].attrs["base_checksum"] == g["config"].attrs["base_checksum"]
