@@ -11,8 +11,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 build=${1:-build}
 ranks=${LRLLM_DEMO_RANKS:-2}
-# Pretraining steps of each tiny model (tiny.cfg has 300): 150 keep the whole demo under 15 minutes on two
-# cores of a 2-core AMD EPYC (about 1,200 tokens/s there).
+# Pretraining steps of each tiny model (tiny.cfg has 300): with 150 the whole demo took 20 minutes on a
+# 2-core AMD EPYC (about 1,000 tokens/s of pretraining there).
 pretrain_steps=${LRLLM_DEMO_PRETRAIN_STEPS:-150}
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 # One thread per rank: the ranks already fill the cores.
