@@ -265,12 +265,13 @@ __global__ void gelu_backward_kernel(float* dinp, const float* inp, const float*
 }
 
 __global__ void embedding_forward_kernel(float* out, const int32_t* tokens, const float* wte,
-                                         const float* wpe, int N, int T, int C) {
+                                         const float* wpe, const int32_t* positions, int N, int T, int C) {
   const std::size_t total = static_cast<std::size_t>(N) * C;
   for (std::size_t i = blockIdx.x * std::size_t{blockDim.x} + threadIdx.x; i < total;
        i += std::size_t{gridDim.x} * blockDim.x) {
     const std::size_t n = i / C, c = i % C;
-    out[i] = wte[static_cast<std::size_t>(tokens[n]) * C + c] + wpe[(n % T) * C + c];
+    const std::size_t p = positions ? static_cast<std::size_t>(positions[n]) : n % T;
+    out[i] = wte[static_cast<std::size_t>(tokens[n]) * C + c] + wpe[p * C + c];
   }
 }
 
@@ -523,24 +524,32 @@ class CudaBackend final : public Backend {
     launch_over(n, "gelu_backward_kernel", gelu_backward_kernel, dinp, inp, dout, n);
   }
 
-  void attention_forward(float* out, float* lse, const float* qkv, int B, int T, int C, int NH) override {
+  // Packed rows (positions) need an example mask in the tiled kernels, which they do not have yet; the
+  // finetuning setup refuses data.packing on this backend before a step runs.
+  void attention_forward(float* out, float* lse, const float* qkv, int B, int T, int C, int NH,
+                         const int32_t* positions) override {
+    LRLLM_CHECK(positions == nullptr, "attention_forward", "packed rows are not supported on the GPU");
     cuda::attention_forward(out, lse, qkv, B, T, C, NH, 0);
   }
   void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* out,
-                          const float* lse, int B, int T, int C, int NH) override {
+                          const float* lse, int B, int T, int C, int NH, const int32_t* positions) override {
+    LRLLM_CHECK(positions == nullptr, "attention_backward", "packed rows are not supported on the GPU");
     float* dots = scratch(static_cast<std::size_t>(B) * NH * T);
     cuda::attention_backward(dqkv, dout, qkv, out, lse, dots, B, T, C, NH, 0);
   }
 
   void embedding_forward(float* out, const int32_t* tokens, const float* wte, const float* wpe, int B, int T,
-                         int C) override {
+                         int C, const int32_t* positions) override {
     const std::size_t n = static_cast<std::size_t>(B) * T * C;
-    launch_over(n, "embedding_forward_kernel", embedding_forward_kernel, out, tokens, wte, wpe, B * T, T, C);
+    launch_over(n, "embedding_forward_kernel", embedding_forward_kernel, out, tokens, wte, wpe, positions,
+                B * T, T, C);
   }
   void embedding_backward(float* dwte, float* dwpe, const float* dout, const int32_t* tokens, int B, int T,
-                          int C) override {
+                          int C, const int32_t* positions) override {
     const int N = B * T;
     if (N == 0) return;
+    LRLLM_CHECK(positions == nullptr || dwpe == nullptr, "embedding_backward",
+                "packed rows are not supported on the GPU");
     if (dwpe != nullptr) {
       position_grad_kernel<<<blocks_for(static_cast<std::size_t>(T) * C), kThreads>>>(dwpe, dout, B, T, C);
       LRLLM_CUDA_LAUNCH("position_grad_kernel");

@@ -220,7 +220,8 @@ class CpuBackend final : public Backend {
     }
   }
 
-  void attention_forward(float* out, float* lse, const float* qkv, int B, int T, int C, int NH) override {
+  void attention_forward(float* out, float* lse, const float* qkv, int B, int T, int C, int NH,
+                         const int32_t* positions) override {
     const int hs = C / NH;
     const float scale = 1.0f / std::sqrt(static_cast<float>(hs));
     const std::size_t row = 3 * static_cast<std::size_t>(C);
@@ -234,22 +235,25 @@ class CpuBackend final : public Backend {
           const float* k = q + C;
           const float* v = q + 2 * C;
           float* l = lse + (static_cast<std::size_t>(b) * NH + h) * T;
-          // Scores for the whole T x T square; the masked upper triangle is overwritten with zeros below.
+          const int32_t* pos = positions ? positions + static_cast<std::size_t>(b) * T : nullptr;
+          // Scores for the whole T x T square; the masked entries are overwritten with zeros below.
           cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, hs, scale, q, row, k, row, 0.0f,
                       p.data(), T);
           for (int t = 0; t < T; ++t) {
             float* pr = p.data() + static_cast<std::size_t>(t) * T;
-            float mx = pr[0];
+            const int first = pos ? t - pos[t] : 0;
+            float mx = pr[first];
 #pragma omp simd reduction(max : mx)
-            for (int s = 1; s <= t; ++s) mx = pr[s] > mx ? pr[s] : mx;
+            for (int s = first + 1; s <= t; ++s) mx = pr[s] > mx ? pr[s] : mx;
             float sum = 0;
 #pragma omp simd reduction(+ : sum)
-            for (int s = 0; s <= t; ++s) {
+            for (int s = first; s <= t; ++s) {
               pr[s] = exp_approx(pr[s] - mx);
               sum += pr[s];
             }
             const float inv = 1.0f / sum;
-            for (int s = 0; s <= t; ++s) pr[s] *= inv;
+            for (int s = 0; s < first; ++s) pr[s] = 0.0f;
+            for (int s = first; s <= t; ++s) pr[s] *= inv;
             for (int s = t + 1; s < T; ++s) pr[s] = 0.0f;
             l[t] = mx + std::log(sum);
           }
@@ -261,7 +265,7 @@ class CpuBackend final : public Backend {
   }
 
   void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* out,
-                          const float* lse, int B, int T, int C, int NH) override {
+                          const float* lse, int B, int T, int C, int NH, const int32_t* positions) override {
     const int hs = C / NH;
     const float scale = 1.0f / std::sqrt(static_cast<float>(hs));
     const std::size_t row = 3 * static_cast<std::size_t>(C);
@@ -282,14 +286,17 @@ class CpuBackend final : public Backend {
           const std::size_t head = b * T * static_cast<std::size_t>(C) + h * hs;
           const float* dO = dout + head;
           const float* O = out + head;
-          // P = exp(S - lse), recomputed from the scores.
+          const int32_t* pos = positions ? positions + static_cast<std::size_t>(b) * T : nullptr;
+          // P = exp(S - lse), recomputed from the scores; masked entries are zero, so dS is zero there too.
           cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, hs, scale, q, row, k, row, 0.0f,
                       p.data(), T);
           for (int t = 0; t < T; ++t) {
             float* pr = p.data() + static_cast<std::size_t>(t) * T;
             const float lt = l[t];
+            const int first = pos ? t - pos[t] : 0;
+            for (int s = 0; s < first; ++s) pr[s] = 0.0f;
 #pragma omp simd
-            for (int s = 0; s <= t; ++s) pr[s] = exp_approx(pr[s] - lt);
+            for (int s = first; s <= t; ++s) pr[s] = exp_approx(pr[s] - lt);
             for (int s = t + 1; s < T; ++s) pr[s] = 0.0f;
           }
           // dP = dO V^T ; dV = P^T dO
@@ -319,19 +326,25 @@ class CpuBackend final : public Backend {
   }
 
   void embedding_forward(float* out, const int32_t* tokens, const float* wte, const float* wpe, int B, int T,
-                         int C) override {
+                         int C, const int32_t* positions) override {
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < B * T; ++i) {
       const float* e = wte + static_cast<std::size_t>(tokens[i]) * C;
-      const float* p = wpe + static_cast<std::size_t>(i % T) * C;
+      const float* p = wpe + static_cast<std::size_t>(positions ? positions[i] : i % T) * C;
       float* o = out + static_cast<std::size_t>(i) * C;
       for (int c = 0; c < C; ++c) o[c] = e[c] + p[c];
     }
   }
 
   void embedding_backward(float* dwte, float* dwpe, const float* dout, const int32_t* tokens, int B, int T,
-                          int C) override {
-    if (dwpe != nullptr) column_sums_strided(dout, B, T, C, dwpe);
+                          int C, const int32_t* positions) override {
+    if (dwpe != nullptr && positions == nullptr) column_sums_strided(dout, B, T, C, dwpe);
+    if (dwpe != nullptr && positions != nullptr)
+      for (int i = 0; i < B * T; ++i) {
+        float* d = dwpe + static_cast<std::size_t>(positions[i]) * C;
+        const float* r = dout + static_cast<std::size_t>(i) * C;
+        for (int c = 0; c < C; ++c) d[c] += r[c];
+      }
     if (dwte == nullptr) return;
     // Sequential over tokens: a token id can repeat, and a fixed order keeps the sums reproducible.
     for (int i = 0; i < B * T; ++i) {

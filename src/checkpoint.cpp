@@ -13,6 +13,7 @@
 
 #include "lrllm/common.h"
 #include "lrllm/hdf5.h"
+#include "lrllm/instruct.h"
 #include "lrllm/metrics.h"
 #include "lrllm/signals.h"
 #include "lrllm/version.h"
@@ -77,6 +78,15 @@ std::vector<float> to_host(Backend& be, const float* dev, std::size_t n) {
 
 namespace {
 
+// /config prompt_template, or "" when none is recorded.
+std::string prompt_template_of(const H5File& f) {
+  if (!f.has_attr("/config", "prompt_template")) return "";
+  std::string name = f.attr_string("/config", "prompt_template");
+  if (!is_prompt_template(name))
+    throw InputError(f.path() + ": /config prompt_template '" + name + "' is not fingpt or alpaca");
+  return name;
+}
+
 // /config trainable_tokens, or none.
 std::vector<int32_t> trainable_tokens_of(const H5File& f) {
   std::vector<int32_t> ids;
@@ -136,6 +146,7 @@ ModelConfig read_model_config(const std::string& path) {
   if (version >= 2 && f.has_attr("/config", "lora_modules"))
     m.lora_modules = f.attr_string("/config", "lora_modules");
   if (version >= 3) m.trainable_tokens = trainable_tokens_of(f);
+  m.prompt_template = prompt_template_of(f);
   m.init = path;
   // The same checks as the shape given as options: a file altered by hand must not reach the model's
   // arithmetic with sizes the command line would refuse.
@@ -242,6 +253,8 @@ void write_header(H5File& f, const std::string& mode, const ModelConfig& c, cons
     f.set_attr("/config", "base", c.base);
     f.set_attr("/config", "base_checksum", c.base_checksum);
   }
+  // An optional attribute: readers of every version take its absence as "none recorded".
+  if (!c.prompt_template.empty()) f.set_attr("/config", "prompt_template", c.prompt_template);
   if (run != nullptr) write_run_record(f, run->resolved, run->command_line);
 }
 
@@ -644,6 +657,7 @@ ModelConfig adapters_over(const std::string& path, const ModelConfig& base) {
   m.lora_alpha = f.attr_double("/config", "lora_alpha");
   if (f.has_attr("/config", "lora_modules")) m.lora_modules = f.attr_string("/config", "lora_modules");
   m.trainable_tokens = trainable_tokens_of(f);
+  m.prompt_template = prompt_template_of(f);
   m.quant = f.attr_string("/config", "quant");
   const int64_t block = f.attr_int("/config", "quant_block");
   m.quant_block = block >= 1 && block <= 4096 ? static_cast<int>(block) : 0;  // 0: refused below

@@ -12,6 +12,7 @@
 
 #include "lrllm/backend.h"
 #include "lrllm/common.h"
+#include "lrllm/instruct.h"
 #include "lrllm/version.h"
 
 namespace po = boost::program_options;
@@ -162,6 +163,8 @@ po::options_description make_options(Config& c) {
   po::options_description train("Training [train]", kHelpWidth);
   TrainConfig& t = c.train;
   train.add_options()("train.steps", po::value(&t.steps)->default_value(t.steps), "optimizer steps")(
+      "train.epochs", po::value(&t.epochs)->default_value(t.epochs, text(t.epochs)),
+      "passes over the training data, instead of train.steps (0: use train.steps)")(
       "train.batch_size", po::value(&t.batch_size)->default_value(t.batch_size),
       "sequences per rank per micro-step")(
       "train.grad_accum", po::value(&t.grad_accum)->default_value(t.grad_accum), "micro-steps per step")(
@@ -190,7 +193,15 @@ po::options_description make_options(Config& c) {
       "data.output", po::value(&d.output), "output of tokenize and decompose")(
       "data.shuffle", po::value(&d.shuffle)->default_value(d.shuffle), "shuffle sequences each epoch")(
       "data.tokenizer_dir", po::value(&d.tokenizer_dir)->default_value(d.tokenizer_dir),
-      "folder with encoder.json and vocab.bpe");
+      "folder with encoder.json and vocab.bpe")(
+      "data.padding", po::value(&d.padding)->default_value(d.padding),
+      "finetuning rows: longest (each batch to its longest) | max_length (to model.seq_len)")(
+      "data.packing", po::value(&d.packing)->default_value(d.packing),
+      "finetuning: pack several examples in a row, attention kept inside each (CPU)")(
+      "data.val_fraction", po::value(&d.val_fraction)->default_value(d.val_fraction, text(d.val_fraction)),
+      "finetuning without data.val: the share of data.train held out for validation")(
+      "data.template", po::value(&d.prompt_template),
+      "prompt template: fingpt | alpaca (default: the model file's, else fingpt)");
 
   po::options_description run("Run [run], [checkpoint]", kHelpWidth);
   run.add_options()("run.dir", po::value(&c.run.dir)->default_value(c.run.dir),
@@ -320,6 +331,17 @@ void validate(const Config& c) {
           "--device must be cpu, cuda or auto, not '" + c.device + "'");
   const TrainConfig& t = c.train;
   require(t.steps >= 0, "--train.steps must be >= 0");
+  require(t.epochs >= 0 && t.epochs <= kMaxCount,
+          "--train.epochs must be between 0 and " + std::to_string(kMaxCount));
+  require(t.epochs == 0 || !c.was_given("train.steps"),
+          "--train.steps and --train.epochs both give the run's length: give one");
+  require(c.data.padding == "longest" || c.data.padding == "max_length",
+          "--data.padding must be longest or max_length, not '" + c.data.padding + "'");
+  require(c.data.val_fraction >= 0 && c.data.val_fraction < 1, "--data.val_fraction must be in [0, 1)");
+  require(c.data.val_fraction == 0 || c.data.val.empty(),
+          "--data.val_fraction holds out part of data.train, and --data.val gives validation data: give one");
+  require(c.data.prompt_template.empty() || is_prompt_template(c.data.prompt_template),
+          "--data.template must be fingpt or alpaca, not '" + c.data.prompt_template + "'");
   // Counts that size buffers or loops: bounded far above any real run, so that products of them stay in
   // range.
   require(t.batch_size >= 1 && t.batch_size <= kMaxCount,

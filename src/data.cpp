@@ -100,7 +100,19 @@ Batcher::Batcher(const TokenFile& file, int seq_len, bool shuffle, uint64_t seed
                                file.path().c_str(), file.size(), seq_len));
 }
 
-void Batcher::fill(uint64_t first, int count, int32_t* tokens, int32_t* targets) {
+void Batch::resize(int rows_, int T_) {
+  rows = rows_;
+  T = T_;
+  tokens.resize(static_cast<std::size_t>(rows) * T);
+  targets.resize(tokens.size());
+  positions.clear();
+  real_tokens = static_cast<int64_t>(tokens.size());
+}
+
+void Batcher::fill(uint64_t first, int count, Batch& out) {
+  out.resize(count, seq_len_);
+  int32_t* tokens = out.tokens.data();
+  int32_t* targets = out.targets.data();
   for (int s = 0; s < count; ++s) {
     const uint16_t* src = file_.data() + order_.at(first + s) * seq_len_;
     for (int t = 0; t < seq_len_; ++t) {

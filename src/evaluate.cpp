@@ -23,15 +23,14 @@ namespace lrllm {
 
 double validation_loss(Pipeline& pipeline, const Topology& topo, BatchSource& batcher, uint64_t sequences,
                        int batch_size) {
-  const int T = pipeline.config().seq_len;
-  std::vector<int32_t> tokens(static_cast<std::size_t>(batch_size) * T), targets(tokens.size());
+  Batch batch;
   const uint64_t share = sequences / topo.dp();
   const uint64_t begin = share * topo.dp_rank();
   double sum = 0;
   for (uint64_t first = begin; first < begin + share; first += batch_size) {
     const int count = static_cast<int>(std::min<uint64_t>(batch_size, begin + share - first));
-    batcher.fill(first, count, tokens.data(), targets.data());
-    sum += pipeline.evaluate(tokens.data(), targets.data(), count) * count;
+    batcher.fill(first, count, batch);
+    sum += pipeline.evaluate(batch) * count;
   }
   // The last stage has the loss; its tensor-parallel replicas computed the same.
   const bool counts = topo.last_stage() && topo.tp_rank() == 0;
@@ -47,38 +46,46 @@ std::string task_name(const std::string& path) {
 }
 
 // The prompt's tokens, cut from the left so that `room` positions remain free in a sequence of seq_len.
-std::vector<int32_t> prompt_tokens(const Tokenizer& tok, const Example& e, int seq_len, int room) {
-  const std::vector<int> ids = prompt_tokens_of(tok, e);
+std::vector<int32_t> prompt_tokens(const Tokenizer& tok, const Example& e, PromptTemplate t, int seq_len,
+                                   int room) {
+  const std::vector<int> ids = prompt_tokens_of(tok, e, t);
   const std::size_t keep =
       std::min<std::size_t>(ids.size(), static_cast<std::size_t>(std::max(1, seq_len - room)));
   return std::vector<int32_t>(ids.end() - static_cast<std::ptrdiff_t>(keep), ids.end());
 }
 
 // FinGPT's protocol: the greedy answer, up to max_new tokens or <|endoftext|>.
-std::string generate_answer(Model& model, const Tokenizer& tok, const Example& e, int max_new) {
+std::string generate_answer(Model& model, const Tokenizer& tok, const Example& e, PromptTemplate t,
+                            int max_new) {
   Rng unused(0);  // greedy decoding draws nothing
-  const std::vector<int32_t> answer = continue_tokens(
-      model, prompt_tokens(tok, e, model.config().seq_len, max_new), max_new, tok.eot(), Sampling{}, unused);
+  const std::vector<int32_t> answer =
+      continue_tokens(model, prompt_tokens(tok, e, t, model.config().seq_len, max_new), max_new, tok.eot(),
+                      Sampling{}, unused);
   return tok.decode(std::vector<int>(answer.begin(), answer.end()));
 }
 
-// Label scoring: the label whose tokens the model finds most likely after the prompt (sum of log-probs).
-std::string best_label(Model& model, const Tokenizer& tok, const Example& e,
+// Label scoring: the label whose tokens the model finds most likely after the prompt (sum of log-probs). One
+// row of prompt and answer, no longer than they are.
+std::string best_label(Model& model, const Tokenizer& tok, const Example& e, PromptTemplate t,
                        const std::vector<std::string>& labels) {
-  const int T = model.config().seq_len;
+  const int max_len = model.config().seq_len;
   std::string best;
   double best_logp = -INFINITY;
+  Batch row;
   for (const std::string& label : labels) {
-    const std::vector<int> answer = answer_tokens_of(tok, label);
-    const std::vector<int32_t> prompt = prompt_tokens(tok, e, T, static_cast<int>(answer.size()) + 1);
-    std::vector<int32_t> tokens(T, tok.eot()), targets(T, -1);
-    std::copy(prompt.begin(), prompt.end(), tokens.begin());
+    const std::vector<int> answer = answer_tokens_of(tok, label, t);
+    const std::vector<int32_t> prompt =
+        prompt_tokens(tok, e, t, max_len, static_cast<int>(answer.size()) + 1);
     const int n = static_cast<int>(prompt.size());
-    for (std::size_t j = 0; j < answer.size() && n + static_cast<int>(j) < T; ++j) {
-      tokens[n + j] = answer[j];
-      targets[n + j - 1] = answer[j];
+    const int len = std::min(max_len, n + static_cast<int>(answer.size()));
+    row.resize(1, len);
+    std::copy(prompt.begin(), prompt.end(), row.tokens.begin());
+    std::fill(row.targets.begin(), row.targets.end(), -1);
+    for (std::size_t j = 0; j < answer.size() && n + static_cast<int>(j) < len; ++j) {
+      row.tokens[n + j] = answer[j];
+      row.targets[n + j - 1] = answer[j];
     }
-    const double mean_nll = model.step(tokens.data(), targets.data(), 1, 0.0f);
+    const double mean_nll = model.step(row, 0.0f);
     const double logp = -mean_nll * static_cast<double>(answer.size());
     if (logp > best_logp) {
       best_logp = logp;
@@ -95,6 +102,7 @@ int run_instruction_eval(const Config& cfg, const Comm& comm) {
   std::vector<std::string> paths;
   std::vector<std::vector<Example>> tasks;
   std::vector<std::vector<std::string>> label_sets;
+  PromptTemplate prompt_template = PromptTemplate::fingpt;
   collective_check(comm, [&] {
     if (cfg.model.init.empty())
       throw InputError("--mode eval needs --model.init (a checkpoint or model file)");
@@ -114,6 +122,7 @@ int run_instruction_eval(const Config& cfg, const Comm& comm) {
     tok = std::make_unique<Tokenizer>(
         Tokenizer::load(cfg.data.tokenizer_dir + "/encoder.json", cfg.data.tokenizer_dir + "/vocab.bpe"));
     const ModelConfig mc = read_input_model_config(cfg);
+    prompt_template = choose_template(cfg.data.prompt_template, mc.prompt_template);
     backend = make_backend(cfg.device, comm.local_rank());
     model = std::make_unique<Model>(mc, *backend, false);
     load_input_weights(cfg, *model);
@@ -125,8 +134,9 @@ int run_instruction_eval(const Config& cfg, const Comm& comm) {
     metrics =
         std::make_unique<Metrics>((std::filesystem::path(cfg.run.dir) / "metrics.h5").string(), INT64_MAX);
     std::printf(
-        "eval %s, method %s\n| task | n | accuracy | f1_macro | f1_weighted |\n|---|---|---|---|---|\n",
-        cfg.model.init.c_str(), cfg.eval.method.c_str());
+        "eval %s, method %s, %s template\n| task | n | accuracy | f1_macro | f1_weighted |\n"
+        "|---|---|---|---|---|\n",
+        cfg.model.init.c_str(), cfg.eval.method.c_str(), template_name(prompt_template));
   }
   for (std::size_t t = 0; t < tasks.size(); ++t) {
     const std::vector<Example>& examples = tasks[t];
@@ -138,8 +148,8 @@ int run_instruction_eval(const Config& cfg, const Comm& comm) {
       const Example& e = examples[i];
       const std::string predicted =
           cfg.eval.method == "score"
-              ? best_label(*model, *tok, e, labels)
-              : label_of(generate_answer(*model, *tok, e, cfg.eval.max_new_tokens), labels);
+              ? best_label(*model, *tok, e, prompt_template, labels)
+              : label_of(generate_answer(*model, *tok, e, prompt_template, cfg.eval.max_new_tokens), labels);
       const std::size_t gold = std::lower_bound(labels.begin(), labels.end(), e.output) - labels.begin();
       const auto hit = std::find(labels.begin(), labels.end(), predicted);
       confusion[gold * (L + 1) + static_cast<std::size_t>(hit - labels.begin())] += 1.0;

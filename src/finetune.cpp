@@ -1,64 +1,101 @@
 #include "lrllm/finetune.h"
 
+#include <cmath>
 #include <limits>
 #include <memory>
+#include <numeric>
 #include <set>
 #include <sstream>
+#include <tuple>
+#include <utility>
 
 #include "lrllm/checkpoint.h"
 #include "lrllm/common.h"
 #include "lrllm/instruct.h"
+#include "lrllm/rng.h"
 #include "lrllm/tokenizer.h"
 #include "lrllm/train.h"
 
 namespace lrllm {
 namespace {
 
-// Instruction examples as training sequences: one example a row, right-padded, loss on the answer only.
+// Instruction examples as training sequences, loss on the answer only: one example a row, or with packing
+// several a row (packed once at load, so a data cursor means the same rows on resume); each batch padded to
+// its longest row, or to pad_to.
 class InstructionBatches final : public BatchSource {
  public:
-  InstructionBatches(std::vector<Encoded> examples, int seq_len, int32_t pad, bool shuffle, uint64_t seed)
-      : examples_(std::move(examples)),
-        seq_len_(seq_len),
+  InstructionBatches(std::vector<Encoded> rows, int row_len, int pad_to, int32_t pad, bool shuffle,
+                     uint64_t seed)
+      : rows_(std::move(rows)),
+        row_len_(row_len),
+        pad_to_(pad_to),
         pad_(pad),
-        order_(examples_.size(), shuffle, seed) {}
-  std::size_t num_sequences() const override { return examples_.size(); }
-  void fill(uint64_t first, int count, int32_t* tokens, int32_t* targets) override {
-    std::vector<std::size_t> rows(count);
-    for (int i = 0; i < count; ++i) rows[i] = order_.at(first + i);
-    fill_padded(examples_, rows, seq_len_, pad_, tokens, targets);
+        order_(rows_.size(), shuffle, seed) {}
+  std::size_t num_sequences() const override { return rows_.size(); }
+  void fill(uint64_t first, int count, Batch& out) override {
+    std::vector<std::size_t> picked(count);
+    for (int i = 0; i < count; ++i) picked[i] = order_.at(first + i);
+    fill_padded(rows_, picked, row_len_, pad_to_, pad_, out);
   }
 
  private:
-  std::vector<Encoded> examples_;
-  int seq_len_;
+  std::vector<Encoded> rows_;
+  int row_len_, pad_to_;
   int32_t pad_;
   EpochOrder order_;
 };
 
-std::unique_ptr<InstructionBatches> load_examples(const std::string& path, const Tokenizer& tok, int seq_len,
-                                                  bool shuffle, uint64_t seed) {
+std::vector<Encoded> encode_file(const std::string& path, const std::vector<Example>& examples,
+                                 const Tokenizer& tok, int row_len, PromptTemplate t) {
   std::vector<Encoded> encoded;
-  const std::vector<Example> examples = read_jsonl(path);
   for (std::size_t i = 0; i < examples.size(); ++i) {
     try {
-      encoded.push_back(encode_example(tok, examples[i], seq_len));
+      encoded.push_back(encode_example(tok, examples[i], row_len, t));
     } catch (const InputError& e) {
       throw InputError(path + ": example " + std::to_string(i + 1) + ": " + e.what());
     }
   }
-  if (encoded.empty()) throw InputError(path + ": no examples");
-  return std::make_unique<InstructionBatches>(std::move(encoded), seq_len, tok.eot(), shuffle, seed);
+  return encoded;
+}
+
+// data.val_fraction: a seeded choice of examples held out of training, both parts in file order.
+std::pair<std::vector<Encoded>, std::vector<Encoded>> hold_out(std::vector<Encoded> all, double fraction,
+                                                               uint64_t seed, const std::string& path) {
+  const std::size_t n = all.size();
+  const std::size_t held = static_cast<std::size_t>(std::llround(fraction * static_cast<double>(n)));
+  if (held == 0 || held == n)
+    throw InputError(strprintf("--data.val_fraction %g of the %zu examples of %s leaves %s", fraction, n,
+                               path.c_str(), held == 0 ? "no validation example" : "no training example"));
+  std::vector<std::size_t> order(n);
+  std::iota(order.begin(), order.end(), 0);
+  Rng rng(derive_seed(seed, "validation share"));
+  for (std::size_t i = n - 1; i > 0; --i) std::swap(order[i], order[rng.below(i + 1)]);
+  std::vector<bool> is_val(n, false);
+  for (std::size_t i = 0; i < held; ++i) is_val[order[i]] = true;
+  std::vector<Encoded> train, val;
+  for (std::size_t i = 0; i < n; ++i) (is_val[i] ? val : train).push_back(std::move(all[i]));
+  return {std::move(train), std::move(val)};
+}
+
+// The template a run uses: data.template when given, else the one the model was finetuned with, else
+// FinGPT's. Continuing adapters with another template than theirs is refused.
+PromptTemplate run_template(const Config& cfg, const ModelConfig& mc, bool continues,
+                            const std::string& from) {
+  const std::string& given = cfg.data.prompt_template;
+  if (!given.empty() && continues && !mc.prompt_template.empty() && given != mc.prompt_template)
+    throw InputError("--data.template " + given + " contradicts " + from + ", finetuned with " +
+                     mc.prompt_template);
+  return choose_template(given, mc.prompt_template);
 }
 
 // lora.trainable_tokens: comma-separated ids, or "answers": every token the training answers hold, and the
 // end-of-text that closes them (the rows a classification task's labels are read from). Ascending, distinct.
 std::vector<int32_t> resolve_trainable_tokens(const std::string& spec, const Tokenizer& tok,
-                                              const std::string& train_path) {
+                                              const std::vector<Example>& train, PromptTemplate t) {
   std::set<int32_t> ids;
   if (spec == "answers") {
-    for (const Example& e : read_jsonl(train_path))
-      for (int id : answer_tokens_of(tok, e.output)) ids.insert(id);
+    for (const Example& e : train)
+      for (int id : answer_tokens_of(tok, e.output, t)) ids.insert(id);
     ids.insert(tok.eot());
   } else {
     std::stringstream list(spec);
@@ -84,9 +121,15 @@ int run_finetune(const Config& cfg, const Comm& comm) {
   TrainSetup setup;
   collective_check(comm, [&] {
     if (cfg.data.train.empty()) throw InputError("--mode finetune needs --data.train (instruction JSONL)");
+    if (cfg.data.packing && cfg.device == "cuda")
+      throw InputError(
+          "--data.packing runs on the CPU backend only: the GPU attention kernels have no "
+          "example mask yet (use --data.padding longest)");
     const Tokenizer tok =
         Tokenizer::load(cfg.data.tokenizer_dir + "/encoder.json", cfg.data.tokenizer_dir + "/vocab.bpe");
+    const std::vector<Example> train_examples = read_jsonl(cfg.data.train);
     const std::string& tokens_spec = cfg.finetune.trainable_tokens;
+    PromptTemplate prompt_template = PromptTemplate::fingpt;
     if (!cfg.checkpoint.resume.empty()) {
       if (!cfg.finetune.lora_init.empty())
         throw InputError(
@@ -96,8 +139,10 @@ int run_finetune(const Config& cfg, const Comm& comm) {
       if (!setup.mc.any_lora())
         throw InputError(setup.resume + ": has no LoRA adapters to resume finetuning");
       check_options_agree(cfg, setup.mc, setup.resume);
+      prompt_template = run_template(cfg, setup.mc, true, setup.resume);
       if (cfg.was_given("lora.trainable_tokens") &&
-          resolve_trainable_tokens(tokens_spec, tok, cfg.data.train) != setup.mc.trainable_tokens)
+          resolve_trainable_tokens(tokens_spec, tok, train_examples, prompt_template) !=
+              setup.mc.trainable_tokens)
         throw InputError("--lora.trainable_tokens '" + tokens_spec + "' contradicts " + setup.resume +
                          ", which trains other tokens (" + std::to_string(setup.mc.trainable_tokens.size()) +
                          ")");
@@ -108,6 +153,7 @@ int run_finetune(const Config& cfg, const Comm& comm) {
       // Adapters trained before, over this base: they continue from their values with a fresh optimizer.
       setup.mc = read_input_model_config(cfg);
       check_options_agree(cfg, setup.mc, cfg.finetune.lora_init);
+      prompt_template = run_template(cfg, setup.mc, true, cfg.finetune.lora_init);
       setup.mc.lora_dropout = cfg.finetune.lora_dropout;
     } else {
       setup.mc = read_model_config(cfg.model.init);
@@ -115,22 +161,51 @@ int run_finetune(const Config& cfg, const Comm& comm) {
         throw InputError(cfg.model.init + ": already has LoRA adapters; resume it with --checkpoint.resume");
       check_options_agree(cfg, setup.mc, cfg.model.init);
       apply_finetune(cfg, setup.mc);
+      prompt_template = run_template(cfg, setup.mc, false, cfg.model.init);
       if (!tokens_spec.empty())
-        setup.mc.trainable_tokens = resolve_trainable_tokens(tokens_spec, tok, cfg.data.train);
+        setup.mc.trainable_tokens =
+            resolve_trainable_tokens(tokens_spec, tok, train_examples, prompt_template);
       // The base's identity, for adapters exported alone (--lora.only) and loaded over it again.
       setup.mc.base = cfg.model.init;
       setup.mc.base_checksum = base_checksum(cfg.model.init);
     }
+    setup.mc.prompt_template = template_name(prompt_template);
     validate_model_config(setup.mc);
     validate_saved_modules(setup.mc);
     if (tok.vocab_size() > setup.mc.vocab_size)
       throw InputError(strprintf("the GPT-2 tokenizer has %d tokens but the model's vocabulary is %d",
                                  tok.vocab_size(), setup.mc.vocab_size));
-    const int T = setup.mc.seq_len;
-    setup.train = load_examples(cfg.data.train, tok, T, cfg.data.shuffle, cfg.seed);
-    setup.val = load_examples(cfg.data.val.empty() ? cfg.data.train : cfg.data.val, tok, T, false, cfg.seed);
-    setup.data_summary = strprintf("train %zu examples, val %zu examples", setup.train->num_sequences(),
-                                   setup.val->num_sequences());
+
+    // Rows: --model.seq_len when given (check_options_agree refused one above the position table).
+    setup.row_len = cfg.was_given("model.seq_len") ? cfg.model.seq_len : setup.mc.seq_len;
+    std::vector<Encoded> train =
+        encode_file(cfg.data.train, train_examples, tok, setup.row_len, prompt_template);
+    std::vector<Encoded> val;
+    std::string val_source;
+    if (!cfg.data.val.empty()) {
+      val = encode_file(cfg.data.val, read_jsonl(cfg.data.val), tok, setup.row_len, prompt_template);
+      val_source = cfg.data.val;
+    } else if (cfg.data.val_fraction > 0) {
+      std::tie(train, val) = hold_out(std::move(train), cfg.data.val_fraction, cfg.seed, cfg.data.train);
+      val_source = strprintf("%g of %s, held out", cfg.data.val_fraction, cfg.data.train.c_str());
+    } else {
+      val = train;
+      val_source = "the training examples themselves: no --data.val or --data.val_fraction";
+    }
+    const std::size_t train_examples_used = train.size();
+    // Validation stays one example a row: its loss means the same with and without packing.
+    if (cfg.data.packing) train = pack_examples(train, setup.row_len);
+    const int pad_to = cfg.data.padding == "max_length" ? setup.row_len : 0;
+    const std::size_t train_rows = train.size(), val_examples = val.size();
+    setup.train = std::make_unique<InstructionBatches>(std::move(train), setup.row_len, pad_to, tok.eot(),
+                                                       cfg.data.shuffle, cfg.seed);
+    setup.val = std::make_unique<InstructionBatches>(std::move(val), setup.row_len, pad_to, tok.eot(), false,
+                                                     cfg.seed);
+    setup.data_summary = strprintf(
+        "train %zu examples%s, val %zu examples (%s); rows of at most %d tokens, padded to %s, %s template",
+        train_examples_used, cfg.data.packing ? strprintf(" packed in %zu rows", train_rows).c_str() : "",
+        val_examples, val_source.c_str(), setup.row_len,
+        pad_to > 0 ? "model.seq_len" : "each batch's longest", template_name(prompt_template));
     setup.check_layout(cfg, comm);
   });
   setup.make_topology(cfg, comm);

@@ -58,22 +58,60 @@ std::vector<Example> read_jsonl(const std::string& path) {
   return examples;
 }
 
-std::string prompt_of(const Example& e) {
-  return "Instruction: " + e.instruction + "\nInput: " + e.input + "\nAnswer: ";
+namespace {
+
+constexpr const char* kTemplateNames[] = {"fingpt", "alpaca"};
+
+// FinGPT's template ends in a space, which belongs to the answer's first token; Alpaca's ends in a newline.
+bool answer_takes_space(PromptTemplate t) {
+  return t == PromptTemplate::fingpt;
 }
 
-std::vector<int> prompt_tokens_of(const Tokenizer& tok, const Example& e) {
-  const std::string prompt = prompt_of(e);
-  return tok.encode(std::string_view(prompt).substr(0, prompt.size() - 1));
+}  // namespace
+
+bool is_prompt_template(const std::string& name) {
+  return std::find(std::begin(kTemplateNames), std::end(kTemplateNames), name) != std::end(kTemplateNames);
 }
 
-std::vector<int> answer_tokens_of(const Tokenizer& tok, const std::string& answer) {
-  return tok.encode(" " + answer);
+PromptTemplate parse_prompt_template(const std::string& name) {
+  for (std::size_t i = 0; i < std::size(kTemplateNames); ++i)
+    if (name == kTemplateNames[i]) return static_cast<PromptTemplate>(i);
+  throw InputError("prompt template '" + name + "' is not fingpt or alpaca");
 }
 
-Encoded encode_example(const Tokenizer& tok, const Example& e, int seq_len) {
-  const std::vector<int> prompt = prompt_tokens_of(tok, e);
-  std::vector<int> answer = answer_tokens_of(tok, e.output);
+const char* template_name(PromptTemplate t) {
+  return kTemplateNames[static_cast<int>(t)];
+}
+
+PromptTemplate choose_template(const std::string& given, const std::string& recorded) {
+  if (!given.empty()) return parse_prompt_template(given);
+  return recorded.empty() ? PromptTemplate::fingpt : parse_prompt_template(recorded);
+}
+
+std::string prompt_of(const Example& e, PromptTemplate t) {
+  if (t == PromptTemplate::fingpt)
+    return "Instruction: " + e.instruction + "\nInput: " + e.input + "\nAnswer: ";
+  if (e.input.empty())
+    return "Below is an instruction that describes a task. Write a response that appropriately completes the "
+           "request.\n\n### Instruction:\n" +
+           e.instruction + "\n\n### Response:\n";
+  return "Below is an instruction that describes a task, paired with an input that provides further context. "
+         "Write a response that appropriately completes the request.\n\n### Instruction:\n" +
+         e.instruction + "\n\n### Input:\n" + e.input + "\n\n### Response:\n";
+}
+
+std::vector<int> prompt_tokens_of(const Tokenizer& tok, const Example& e, PromptTemplate t) {
+  const std::string prompt = prompt_of(e, t);
+  return tok.encode(std::string_view(prompt).substr(0, prompt.size() - (answer_takes_space(t) ? 1 : 0)));
+}
+
+std::vector<int> answer_tokens_of(const Tokenizer& tok, const std::string& answer, PromptTemplate t) {
+  return tok.encode(answer_takes_space(t) ? " " + answer : answer);
+}
+
+Encoded encode_example(const Tokenizer& tok, const Example& e, int seq_len, PromptTemplate t) {
+  const std::vector<int> prompt = prompt_tokens_of(tok, e, t);
+  std::vector<int> answer = answer_tokens_of(tok, e.output, t);
   answer.push_back(tok.eot());
   const std::size_t len = static_cast<std::size_t>(seq_len);
   // The inputs are every token but the final end-of-text, and at least one prompt token must stay to predict
@@ -94,20 +132,48 @@ Encoded encode_example(const Tokenizer& tok, const Example& e, int seq_len) {
   return out;
 }
 
-void fill_padded(const std::vector<Encoded>& data, const std::vector<std::size_t>& indices, int seq_len,
-                 int32_t pad, int32_t* tokens, int32_t* targets) {
+std::vector<Encoded> pack_examples(const std::vector<Encoded>& examples, int seq_len) {
   const std::size_t len = static_cast<std::size_t>(seq_len);
-  for (std::size_t r = 0; r < indices.size(); ++r) {
-    const Encoded& ex = data.at(indices[r]);
-    if (ex.tokens.size() > len || ex.targets.size() != ex.tokens.size()) {
+  std::vector<Encoded> rows;
+  for (const Encoded& ex : examples) {
+    if (ex.tokens.size() > len || ex.targets.size() != ex.tokens.size())
+      throw std::invalid_argument("pack_examples: an example is longer than seq_len or malformed");
+    if (rows.empty() || rows.back().tokens.size() + ex.tokens.size() > len) rows.emplace_back();
+    Encoded& row = rows.back();
+    row.tokens.insert(row.tokens.end(), ex.tokens.begin(), ex.tokens.end());
+    row.targets.insert(row.targets.end(), ex.targets.begin(), ex.targets.end());
+    for (std::size_t i = 0; i < ex.tokens.size(); ++i) row.positions.push_back(static_cast<int32_t>(i));
+  }
+  return rows;
+}
+
+void fill_padded(const std::vector<Encoded>& data, const std::vector<std::size_t>& indices, int seq_len,
+                 int pad_to, int32_t pad, Batch& out) {
+  std::size_t longest = 1;
+  bool packed = false;
+  for (std::size_t index : indices) {
+    const Encoded& ex = data.at(index);
+    if (ex.tokens.size() > static_cast<std::size_t>(seq_len) || ex.targets.size() != ex.tokens.size() ||
+        (!ex.positions.empty() && ex.positions.size() != ex.tokens.size()))
       throw std::invalid_argument("fill_padded: a sequence is longer than seq_len or malformed");
-    }
-    int32_t* row_tokens = tokens + r * len;
-    int32_t* row_targets = targets + r * len;
+    longest = std::max(longest, ex.tokens.size());
+    packed |= !ex.positions.empty();
+  }
+  const std::size_t len =
+      pad_to > 0 ? static_cast<std::size_t>(std::max(pad_to, static_cast<int>(longest))) : longest;
+  out.resize(static_cast<int>(indices.size()), static_cast<int>(len));
+  out.real_tokens = 0;
+  if (packed) out.positions.assign(out.tokens.size(), 0);
+  for (std::size_t r = 0; r < indices.size(); ++r) {
+    const Encoded& ex = data[indices[r]];
+    int32_t* row_tokens = out.tokens.data() + r * len;
+    int32_t* row_targets = out.targets.data() + r * len;
     std::copy(ex.tokens.begin(), ex.tokens.end(), row_tokens);
     std::copy(ex.targets.begin(), ex.targets.end(), row_targets);
     std::fill(row_tokens + ex.tokens.size(), row_tokens + len, pad);
     std::fill(row_targets + ex.targets.size(), row_targets + len, -1);
+    if (packed) std::copy(ex.positions.begin(), ex.positions.end(), out.positions.begin() + r * len);
+    out.real_tokens += static_cast<int64_t>(ex.tokens.size());
   }
 }
 

@@ -383,6 +383,8 @@ void Model::reserve(int B, int slots) {
     slot.dresid = f(N * C);
     slot.tokens = be_.alloc_int(N);
     act_allocs_.push_back(slot.tokens);
+    slot.positions_buffer = be_.alloc_int(N);
+    act_allocs_.push_back(slot.positions_buffer);
   }
   if (last_stage()) {
     lnf_ = f(N * C);
@@ -421,15 +423,14 @@ const float* Model::lora_mask(int l, int site, Acts& a, int in, int N) {
   return a.lora_mask[site];
 }
 
-void Model::block_forward(int l, Acts& a, const float* x, float* x_out, int B) {
+void Model::block_forward(int l, Acts& a, const float* x, float* x_out, const Slot& s) {
   const Block& blk = blocks_[l - first_layer_];
-  const int N = B * cfg_.seq_len, C = cfg_.d_model, F = cfg_.ff() / tp_, Cl = C / tp_,
-            NHl = cfg_.n_head / tp_;
+  const int N = s.B * s.T, C = cfg_.d_model, F = cfg_.ff() / tp_, Cl = C / tp_, NHl = cfg_.n_head / tp_;
   const WeightBuffers w = buffers();
   const LinearScratch ls = linear_scratch();
   be_.layernorm_forward(a.ln1, a.ln1_mean, a.ln1_rstd, x, at(blk.ln1_w), at(blk.ln1_b), N, C);
   blk.qkv.forward(be_, w, ls, a.ln1, a.qkv, a.qkv_mid, a.lora_mid[0], lora_mask(l, 0, a, C, N), N);
-  be_.attention_forward(a.attn, a.attn_lse, a.qkv, B, cfg_.seq_len, Cl, NHl);
+  be_.attention_forward(a.attn, a.attn_lse, a.qkv, s.B, s.T, Cl, NHl, s.positions);
   blk.proj.forward(be_, w, ls, a.attn, scratch_c_, a.proj_mid, a.lora_mid[1], lora_mask(l, 1, a, Cl, N), N);
   be_.add(a.x_mid, x, scratch_c_, static_cast<std::size_t>(N) * C);
   be_.layernorm_forward(a.ln2, a.ln2_mean, a.ln2_rstd, a.x_mid, at(blk.ln2_w), at(blk.ln2_b), N, C);
@@ -440,21 +441,20 @@ void Model::block_forward(int l, Acts& a, const float* x, float* x_out, int B) {
 }
 
 // dresid holds d(loss)/d(block output) on entry and d(loss)/d(block input) on return.
-void Model::block_backward(int l, Acts& a, const float* x, float* dresid, int B) {
+void Model::block_backward(int l, Acts& a, const float* x, float* dresid, const Slot& s) {
   const Block& blk = blocks_[l - first_layer_];
-  const int N = B * cfg_.seq_len, C = cfg_.d_model, F = cfg_.ff() / tp_, Cl = C / tp_,
-            NHl = cfg_.n_head / tp_;
+  const int N = s.B * s.T, C = cfg_.d_model, F = cfg_.ff() / tp_, Cl = C / tp_, NHl = cfg_.n_head / tp_;
   const WeightBuffers w = buffers();
   const LinearScratch ls = linear_scratch();
   const float* mask[kNumSites];
-  for (int s = 0; s < kNumSites; ++s) mask[s] = training_ ? a.lora_mask[s] : nullptr;
+  for (int site = 0; site < kNumSites; ++site) mask[site] = training_ ? a.lora_mask[site] : nullptr;
   blk.mlp_proj.backward(be_, w, ls, a.gelu, a.mlp_mid, a.lora_mid[3], mask[3], dresid, scratch_ff_, N);
   be_.gelu_backward(scratch_ff2_, a.fc, scratch_ff_, static_cast<std::size_t>(N) * F);
   blk.fc.backward(be_, w, ls, a.ln2, a.fc_mid, a.lora_mid[2], mask[2], scratch_ff2_, scratch_c_, N);
   be_.layernorm_backward(dresid, grad_or_sink(blk.ln2_w, 0), grad_or_sink(blk.ln2_b, 1), scratch_c_, a.x_mid,
                          at(blk.ln2_w), a.ln2_mean, a.ln2_rstd, N, C);
   blk.proj.backward(be_, w, ls, a.attn, a.proj_mid, a.lora_mid[1], mask[1], dresid, scratch_c_, N);
-  be_.attention_backward(scratch_3c_, scratch_c_, a.qkv, a.attn, a.attn_lse, B, cfg_.seq_len, Cl, NHl);
+  be_.attention_backward(scratch_3c_, scratch_c_, a.qkv, a.attn, a.attn_lse, s.B, s.T, Cl, NHl, s.positions);
   blk.qkv.backward(be_, w, ls, a.ln1, a.qkv_mid, a.lora_mid[0], mask[0], scratch_3c_, scratch_c2_, N);
   be_.layernorm_backward(dresid, grad_or_sink(blk.ln1_w, 0), grad_or_sink(blk.ln1_b, 1), scratch_c2_, x,
                          at(blk.ln1_w), a.ln1_mean, a.ln1_rstd, N, C);
@@ -532,30 +532,32 @@ double Model::classifier(const float* x, const int32_t* host_targets, float* dx,
   return normalizer > 0 ? sum / normalizer : 0.0;
 }
 
-void Model::embed(float* out, const int32_t* device_tokens, const int32_t* host_tokens, int B) {
-  const int T = cfg_.seq_len, C = cfg_.d_model;
-  embed_base(out, device_tokens, host_tokens, B);
+void Model::embed(float* out, const Slot& s, const int32_t* host_tokens) {
+  const int C = cfg_.d_model;
+  embed_base(out, s, host_tokens);
   if (delta_row_.empty()) return;
-  for (std::size_t i = 0; i < static_cast<std::size_t>(B) * T; ++i)
+  for (std::size_t i = 0; i < static_cast<std::size_t>(s.B) * s.T; ++i)
     if (const int j = delta_row_[host_tokens[i]]; j >= 0)
       be_.add(out + i * C, out + i * C, at(wte_delta_) + static_cast<std::size_t>(j) * C, C);
 }
 
-void Model::embed_base(float* out, const int32_t* device_tokens, const int32_t* host_tokens, int B) {
-  const int T = cfg_.seq_len, C = cfg_.d_model;
+void Model::embed_base(float* out, const Slot& s, const int32_t* host_tokens) {
+  const int T = s.T, C = cfg_.d_model;
   if (!wte_q_) {
-    be_.embedding_forward(out, device_tokens, at(wte_), at(wpe_), B, T, C);
+    be_.embedding_forward(out, s.tokens, at(wte_), at(wpe_), s.B, T, C, s.positions);
     return;
   }
   // The rows the tokens pick, dequantized into the tile, are embedded with the ids 0, 1, 2, ... of the tile.
   const int per_tile = static_cast<int>(tile_floats_ / C);
-  for (int b = 0; b < B; ++b)
+  for (int b = 0; b < s.B; ++b)
     for (int t0 = 0; t0 < T; t0 += per_tile) {
       const int rows = std::min(per_tile, T - t0);
-      const int32_t* ids = host_tokens + static_cast<std::size_t>(b) * T + t0;
-      be_.dequantize_rows(tile_, *wte_q_, ids, rows);
-      be_.embedding_forward(out + (static_cast<std::size_t>(b) * T + t0) * C, tile_ids_, tile_,
-                            at(wpe_) + static_cast<std::size_t>(t0) * C, 1, rows, C);
+      const std::size_t first = static_cast<std::size_t>(b) * T + t0;
+      be_.dequantize_rows(tile_, *wte_q_, host_tokens + first, rows);
+      // Without positions the tile's rows sit at positions t0 .. t0 + rows - 1.
+      be_.embedding_forward(out + first * C, tile_ids_, tile_,
+                            s.positions ? at(wpe_) : at(wpe_) + static_cast<std::size_t>(t0) * C, 1, rows, C,
+                            s.positions ? s.positions + first : nullptr);
     }
 }
 
@@ -594,12 +596,17 @@ void Model::lm_head_weight_grad(const float* dlogits, const float* x, int N) {
 void Model::logits_at(const int32_t* tokens, int position, float* out) {
   LRLLM_CHECK(first_stage() && last_stage() && tp_ == 1, "Model::logits_at", "needs the whole model");
   reserve(1);
-  const int T = cfg_.seq_len, C = cfg_.d_model;
+  // Attention is causal: the positions after `position` cannot change its logits, so they are not run.
+  const int T = position + 1, C = cfg_.d_model;
+  LRLLM_CHECK(position >= 0 && position < cfg_.seq_len, "Model::logits_at", "position outside the window");
   count_valid(tokens, tokens, T);
   Slot& s = slots_[0];
+  s.B = 1;
+  s.T = T;
+  s.positions = nullptr;
   be_.to_device(s.tokens, tokens, T * sizeof(int32_t));
-  embed(s.resid[0], s.tokens, tokens, 1);
-  for (int l = 0; l < cfg_.n_layer; ++l) block_forward(l, acts_for(0, l), s.resid[l], s.resid[l + 1], 1);
+  embed(s.resid[0], s, tokens);
+  for (int l = 0; l < cfg_.n_layer; ++l) block_forward(l, acts_for(0, l), s.resid[l], s.resid[l + 1], s);
   const float* x = s.resid[cfg_.n_layer] + static_cast<std::size_t>(position) * C;
   be_.layernorm_forward(lnf_, lnf_mean_, lnf_rstd_, x, at(lnf_w_), at(lnf_b_), 1, C);
   lm_head(logits_, lnf_, 1);
@@ -617,42 +624,62 @@ int Model::count_valid(const int32_t* tokens, const int32_t* targets, int N) con
   return valid;
 }
 
-double Model::step(const int32_t* tokens, const int32_t* targets, int B, float grad_scale) {
+double Model::step(const Batch& batch, float grad_scale) {
   LRLLM_CHECK(first_stage() && last_stage(), "Model::step", "needs every block (use a pipeline)");
-  reserve(B);
-  const int valid = count_valid(tokens, targets, B * cfg_.seq_len);
+  reserve(batch.rows);
+  const int valid = count_valid(batch.tokens.data(), batch.targets.data(), batch.rows * batch.T);
   // No valid target: the mean loss is 0 and has no gradient. Running backward anyway would push what
   // softmax_xent leaves in the logits buffer at scale 0 (not a gradient) into the gradients.
   if (valid == 0) grad_scale = 0.0f;
-  const double loss = forward(0, tokens, targets, B, grad_scale, valid);
-  if (grad_scale != 0.0f) backward(0, B);
+  const double loss = forward(0, batch.tokens.data(), batch.targets.data(), batch.positions_or_null(),
+                              batch.rows, batch.T, grad_scale, valid);
+  if (grad_scale != 0.0f) backward(0);
   return loss;
 }
 
-double Model::forward(int slot, const int32_t* tokens, const int32_t* targets, int B, float grad_scale,
-                      int normalizer) {
-  const int N = B * cfg_.seq_len;
+double Model::step(const int32_t* tokens, const int32_t* targets, int B, float grad_scale) {
+  Batch batch;
+  batch.resize(B, cfg_.seq_len);
+  std::copy(tokens, tokens + batch.tokens.size(), batch.tokens.begin());
+  std::copy(targets, targets + batch.targets.size(), batch.targets.begin());
+  return step(batch, grad_scale);
+}
+
+double Model::forward(int slot, const int32_t* tokens, const int32_t* targets, const int32_t* positions,
+                      int B, int T, float grad_scale, int normalizer) {
+  LRLLM_CHECK(T > 0 && T <= cfg_.seq_len && B <= acts_batch_, "Model::forward",
+              "rows longer than seq_len or more than reserved");
+  const int N = B * T;
   Slot& s = slots_.at(slot);
+  s.B = B;
+  s.T = T;
+  s.positions = nullptr;
+  if (positions != nullptr) {
+    for (int i = 0; i < N; ++i)
+      LRLLM_CHECK(positions[i] >= 0 && positions[i] <= i % T, "Model::forward", "a position outside its row");
+    be_.to_device(s.positions_buffer, positions, N * sizeof(int32_t));
+    s.positions = s.positions_buffer;
+  }
   if (grad_scale != 0.0f) grads();  // backward accumulates into them
   if (first_stage()) {
     be_.to_device(s.tokens, tokens, N * sizeof(int32_t));
-    embed(s.resid[0], s.tokens, tokens, B);
+    embed(s.resid[0], s, tokens);
     if (!delta_row_.empty()) s.host_tokens.assign(tokens, tokens + N);
   }
   for (int l = first_layer_; l < end_layer_; ++l)
-    block_forward(l, acts_for(slot, l), s.resid[l - first_layer_], s.resid[l - first_layer_ + 1], B);
+    block_forward(l, acts_for(slot, l), s.resid[l - first_layer_], s.resid[l - first_layer_ + 1], s);
   if (!last_stage()) return 0.0;
   return classifier(s.resid.back(), targets, s.dresid, N, grad_scale, normalizer);
 }
 
-void Model::backward(int slot, int B) {
+void Model::backward(int slot) {
   grads();
   Slot& s = slots_.at(slot);
   for (int l = end_layer_ - 1; l >= first_layer_; --l) {
     const float* x = s.resid[l - first_layer_];
     // With recomputation only block inputs were kept: run the block forward again to rebuild its activations.
-    if (recompute_) block_forward(l, acts_for(slot, l), x, scratch_c2_, B);
-    block_backward(l, acts_for(slot, l), x, s.dresid, B);
+    if (recompute_) block_forward(l, acts_for(slot, l), x, scratch_c2_, s);
+    block_backward(l, acts_for(slot, l), x, s.dresid, s);
     if (block_grads_hook_) block_grads_hook_(l);
   }
   // A frozen model stops here: nothing below the first block has a gradient.
@@ -660,7 +687,7 @@ void Model::backward(int slot, int B) {
   float* dwte = !wte_q_ && !wte_.frozen ? grads_ + wte_.offset : nullptr;
   float* dwpe = !wpe_.frozen ? grads_ + wpe_.offset : nullptr;
   if (dwte != nullptr || dwpe != nullptr)
-    be_.embedding_backward(dwte, dwpe, s.dresid, s.tokens, B, cfg_.seq_len, cfg_.d_model);
+    be_.embedding_backward(dwte, dwpe, s.dresid, s.tokens, s.B, s.T, cfg_.d_model, s.positions);
   const std::size_t C = cfg_.d_model;
   for (std::size_t i = 0; i < s.host_tokens.size(); ++i)
     if (const int j = delta_row_[s.host_tokens[i]]; j >= 0) {

@@ -34,47 +34,49 @@ void Pipeline::wait_all() {
   for (int s = 0; s < slots_; ++s) wait_slot(s);
 }
 
-void Pipeline::forward(int micro, int first, int mb, const int32_t* tokens, const int32_t* targets,
-                       float grad_scale, int normalizer, double& loss) {
+void Pipeline::forward(int micro, int first, int mb, const Batch& batch, float grad_scale, int normalizer,
+                       double& loss) {
   const int slot = micro % slots_;
-  const std::size_t n = static_cast<std::size_t>(mb) * model_.config().seq_len * model_.config().d_model;
-  const std::size_t offset = static_cast<std::size_t>(first) * model_.config().seq_len;
+  const std::size_t n = static_cast<std::size_t>(mb) * batch.T * model_.config().d_model;
+  const std::size_t offset = static_cast<std::size_t>(first) * batch.T;
+  const int32_t* positions = batch.positions_or_null();
   wait_slot(slot);
   if (!model_.first_stage())
     topo_.recv_stage(model_.stage_input(slot), n, topo_.pp_rank() - 1, kActivationTag);
-  loss += model_.forward(slot, tokens + offset, targets + offset, mb, grad_scale, normalizer);
+  loss += model_.forward(slot, batch.tokens.data() + offset, batch.targets.data() + offset,
+                         positions ? positions + offset : nullptr, mb, batch.T, grad_scale, normalizer);
   if (!model_.last_stage())
     sends_[slot].push_back(
         topo_.isend_stage(model_.stage_output(slot), n, topo_.pp_rank() + 1, kActivationTag));
 }
 
-void Pipeline::backward(int micro, int mb) {
+void Pipeline::backward(int micro, int mb, int T) {
   const int slot = micro % slots_;
-  const std::size_t n = static_cast<std::size_t>(mb) * model_.config().seq_len * model_.config().d_model;
+  const std::size_t n = static_cast<std::size_t>(mb) * T * model_.config().d_model;
   if (!model_.last_stage()) topo_.recv_stage(model_.stage_grad(slot), n, topo_.pp_rank() + 1, kGradientTag);
-  model_.backward(slot, mb);
+  model_.backward(slot);
   if (!model_.first_stage())
     sends_[slot].push_back(topo_.isend_stage(model_.stage_grad(slot), n, topo_.pp_rank() - 1, kGradientTag));
 }
 
-double Pipeline::train(const int32_t* tokens, const int32_t* targets, int B, float grad_scale,
-                       const std::function<void(int)>* final_hook) {
+double Pipeline::train(const Batch& batch, float grad_scale, const std::function<void(int)>* final_hook) {
+  const int B = batch.rows;
   reserve(B);
   const int M = micro_batches_, mb = B / M;
   // The loss is the mean over the whole micro-step's valid targets, whatever the micro-batches hold; every
   // stage sees the same batch, so all agree on it (and on skipping backward when there is none).
-  const int normalizer = model_.count_valid(tokens, targets, B * model_.config().seq_len);
-  if (normalizer == 0 || grad_scale == 0.0f) return evaluate(tokens, targets, B);
+  const int normalizer = model_.count_valid(batch.tokens.data(), batch.targets.data(), B * batch.T);
+  if (normalizer == 0 || grad_scale == 0.0f) return evaluate(batch);
   const int warmup = std::min(topo_.pp() - topo_.pp_rank() - 1, M);
   double loss = 0;
   int forwards = 0, backwards = 0;
   auto next_backward = [&] {
     if (backwards == M - 1 && final_hook != nullptr) model_.set_block_grads_hook(*final_hook);
-    backward(backwards++, mb);
+    backward(backwards++, mb, batch.T);
     model_.set_block_grads_hook({});
   };
   auto next_forward = [&] {
-    forward(forwards, forwards * mb, mb, tokens, targets, grad_scale, normalizer, loss);
+    forward(forwards, forwards * mb, mb, batch, grad_scale, normalizer, loss);
     ++forwards;
   };
   for (int i = 0; i < warmup; ++i) next_forward();
@@ -87,14 +89,15 @@ double Pipeline::train(const int32_t* tokens, const int32_t* targets, int B, flo
   return loss;
 }
 
-double Pipeline::evaluate(const int32_t* tokens, const int32_t* targets, int B) {
+double Pipeline::evaluate(const Batch& batch) {
+  const int B = batch.rows;
   const int mb_max = std::max(1, B / micro_batches_);
   model_.reserve(mb_max, slots_);
-  const int normalizer = model_.count_valid(tokens, targets, B * model_.config().seq_len);
+  const int normalizer = model_.count_valid(batch.tokens.data(), batch.targets.data(), B * batch.T);
   double loss = 0;
   // Micro-batches of mb_max sequences (the last one shorter), forward only, streaming through the stages.
   for (int first = 0, micro = 0; first < B; first += mb_max, ++micro)
-    forward(micro, first, std::min(mb_max, B - first), tokens, targets, 0.0f, normalizer, loss);
+    forward(micro, first, std::min(mb_max, B - first), batch, 0.0f, normalizer, loss);
   wait_all();
   return loss;
 }

@@ -9,6 +9,7 @@
 #include <ctime>
 #include <filesystem>
 #include <initializer_list>
+#include <limits>
 #include <map>
 #include <vector>
 
@@ -48,7 +49,10 @@ std::string format_duration(double seconds) {
 void check_against_file(const Config& cfg, const char* option, int given, int in_file,
                         const std::string& path) {
   if (!cfg.was_given(option) || given == in_file) return;
-  if (std::string(option) == "model.seq_len" && given > in_file)
+  const bool seq_len = std::string(option) == "model.seq_len";
+  // Finetuning cuts its rows to a shorter length; the position table stays the base's.
+  if (seq_len && given < in_file && cfg.mode == "finetune") return;
+  if (seq_len && given > in_file)
     throw InputError(strprintf("--model.seq_len %d is above the position table of %s (%d positions)", given,
                                path.c_str(), in_file));
   throw InputError(strprintf("--%s %d contradicts %s, which has %d", option, given, path.c_str(), in_file));
@@ -150,8 +154,18 @@ ModelConfig resolve_model_config(const Config& cfg, const std::string& resume_pa
   return m;
 }
 
-void TrainSetup::check_layout(const Config& cfg, const Comm& comm) const {
+void TrainSetup::check_layout(const Config& cfg, const Comm& comm) {
   validate_layout(cfg.parallel, comm.size(), mc, cfg.train.batch_size);
+  if (row_len == 0) row_len = mc.seq_len;
+  steps = cfg.train.steps;
+  if (cfg.train.epochs == 0) return;
+  const int dp = comm.size() / (cfg.parallel.tp * cfg.parallel.pp);
+  const double per_step = static_cast<double>(cfg.train.batch_size) * cfg.train.grad_accum * dp;
+  const double wanted = std::ceil(cfg.train.epochs * static_cast<double>(train->num_sequences()) / per_step);
+  if (wanted > std::numeric_limits<int>::max())
+    throw InputError(strprintf("--train.epochs %g is %.0f steps of %.0f sequences: too many",
+                               cfg.train.epochs, wanted, per_step));
+  steps = std::max(1, static_cast<int>(wanted));
 }
 
 void TrainSetup::make_topology(const Config& cfg, const Comm& comm) {
@@ -247,7 +261,9 @@ int run_pretrain(const Config& cfg, const Comm& comm) {
 }
 
 int run_training(const Config& cfg, const Comm& comm, TrainSetup& setup, const std::string& mode) {
-  const TrainConfig& tc = cfg.train;
+  // The loop's settings, its length resolved (train.epochs becomes steps; the schedule follows them).
+  TrainConfig tc = cfg.train;
+  tc.steps = setup.steps;
   const std::string& resume = setup.resume;
   const ModelConfig& mc = setup.mc;
   BatchSource& train_batches = *setup.train;
@@ -260,7 +276,7 @@ int run_training(const Config& cfg, const Comm& comm, TrainSetup& setup, const s
   Pipeline pipeline(model, topo, cfg.parallel.micro_batches);
   DataParallel data_parallel(model, topo, cfg.parallel.zero == 1, cfg.parallel.bucket_mb);
 
-  const int B = tc.batch_size, T = mc.seq_len, dp = topo.dp();
+  const int B = tc.batch_size, T = setup.row_len, dp = topo.dp();
   const uint64_t sequences_per_step = static_cast<uint64_t>(B) * tc.grad_accum * dp;
   const MemoryBytes mem = [&] {
     MemoryBytes m = model.memory(B / cfg.parallel.micro_batches, pipeline.slots());
@@ -285,9 +301,11 @@ int run_training(const Config& cfg, const Comm& comm, TrainSetup& setup, const s
     std::printf("\n");
     print_param_counts(model.param_counts(), mc);
     std::printf(
-        "batch: %d seq/rank x %d accum x %d data-parallel ranks = %llu sequences, %llu tokens per step; %s\n",
-        B, tc.grad_accum, dp, static_cast<unsigned long long>(sequences_per_step),
-        static_cast<unsigned long long>(sequences_per_step * T), setup.data_summary.c_str());
+        "batch: %d seq/rank x %d accum x %d data-parallel ranks = %llu sequences of at most %d tokens per "
+        "step; "
+        "%s\n",
+        B, tc.grad_accum, dp, static_cast<unsigned long long>(sequences_per_step), T,
+        setup.data_summary.c_str());
   }
   topo.print_placement(mc);
   if (comm.root()) {
@@ -312,10 +330,10 @@ int run_training(const Config& cfg, const Comm& comm, TrainSetup& setup, const s
     metrics->record_run(cfg.resolved, cfg.command_line);
   }
 
-  std::vector<int32_t> tokens(static_cast<std::size_t>(B) * T), targets(tokens.size());
+  Batch batch;
   // The loss lives on the last stage, where the tensor-parallel ranks all computed it.
   const bool holds_loss = topo.last_stage() && topo.tp_rank() == 0;
-  double elapsed_train_s = 0;
+  double elapsed_train_s = 0, timed_tokens = 0;
   int timed_steps = 0;
   double last_val = NAN;
   const int64_t first_step = state.step;
@@ -332,23 +350,28 @@ int run_training(const Config& cfg, const Comm& comm, TrainSetup& setup, const s
     model.zero_grads();
     model.set_training(true);
     double loss = 0;
+    int64_t real_tokens = 0;  // this rank's tokens that are not padding
     for (int micro = 0; micro < tc.grad_accum; ++micro) {
       const uint64_t first = state.data_cursor + (static_cast<uint64_t>(micro) * dp + topo.dp_rank()) * B;
-      train_batches.fill(first, B, tokens.data(), targets.data());
+      train_batches.fill(first, B, batch);
+      real_tokens += batch.real_tokens;
       // Dropout masks follow from the seed, the step and the slice: a resumed run draws the same ones.
       model.set_dropout_seed(
           derive_seed(state.seed, strprintf("dropout %lld %llu", static_cast<long long>(step),
                                             static_cast<unsigned long long>(first))));
       const bool last_micro = micro == tc.grad_accum - 1;
-      loss += pipeline.train(tokens.data(), targets.data(), B, 1.0f / tc.grad_accum,
-                             last_micro ? &data_parallel.hook() : nullptr) /
+      loss += pipeline.train(batch, 1.0f / tc.grad_accum, last_micro ? &data_parallel.hook() : nullptr) /
               tc.grad_accum;
     }
     model.set_training(false);
 
     // Gradient communication: the tied embedding between stages, then the mean over data-parallel ranks.
     data_parallel.finish_gradients();
-    loss = topo.world_sum(holds_loss ? loss : 0.0) / dp;
+    // The step's loss and its real tokens, each counted once per data-parallel rank.
+    double step_sums[2] = {holds_loss ? loss : 0.0, holds_loss ? static_cast<double>(real_tokens) : 0.0};
+    topo.world_sum(step_sums, 2);
+    loss = step_sums[0] / dp;
+    const double step_tokens = step_sums[1];
     if (!std::isfinite(loss))
       throw DivergenceError(strprintf("loss is %f at step %lld; stopping (the last checkpoint in %s is kept)",
                                       loss, static_cast<long long>(step + 1), cfg.run.dir.c_str()));
@@ -359,14 +382,15 @@ int run_training(const Config& cfg, const Comm& comm, TrainSetup& setup, const s
     data_parallel.update(optimizer, static_cast<float>(lr));
     state.step = step + 1;
     state.data_cursor += sequences_per_step;
-    state.tokens_seen += static_cast<int64_t>(sequences_per_step * T);
+    state.tokens_seen += static_cast<int64_t>(step_tokens);
     const double step_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     // The first step of a process pays for page faults and warm-up; leave it out of the rate.
     if (step > first_step) {
       elapsed_train_s += step_s;
+      timed_tokens += step_tokens;
       ++timed_steps;
     }
-    const double tokens_per_s = sequences_per_step * T / step_s;
+    const double tokens_per_s = step_tokens / step_s;
 
     // Metrics: bytes each communicator carried this step, summed over ranks, and the share of the step the
     // ranks spent waiting for pipeline transfers.
@@ -443,7 +467,7 @@ int run_training(const Config& cfg, const Comm& comm, TrainSetup& setup, const s
     save_checkpoint(checkpoint_path(cfg.run.dir, state.step), mode, model, optimizer, state, topo, &cfg);
   if (comm.root()) {
     metrics->flush();
-    const double avg_tps = timed_steps > 0 ? sequences_per_step * T * timed_steps / elapsed_train_s : NAN;
+    const double avg_tps = timed_steps > 0 ? timed_tokens / elapsed_train_s : NAN;
     std::printf("done: %lld steps, %lld tokens, %.0f tok/s, final val loss %.4f, checkpoint %s\n",
                 static_cast<long long>(state.step), static_cast<long long>(state.tokens_seen), avg_tps,
                 last_val, checkpoint_path(cfg.run.dir, state.step).c_str());

@@ -1,9 +1,13 @@
 // Test tool for the PyTorch reference check: loss and every gradient of one batch, written to HDF5.
-// Usage: grad_dump --init CKPT.h5 --data TOKENS.bin --batch B --out OUT.h5
-// The batch is the first B sequences of the token file (sequence i starts at token i * seq_len).
+// Usage: grad_dump --init CKPT.h5 --data TOKENS.bin --batch B --out OUT.h5 [--segments L1,L2,...]
+// The batch is the first B sequences of the token file (sequence i starts at token i * seq_len). With
+// --segments each row packs examples of those lengths, then one of the rest of the row: positions restart
+// at each, and attention stays inside it.
 #include <cstdio>
 #include <cstdlib>
 #include <map>
+#include <sstream>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -31,10 +35,20 @@ int main(int argc, char** argv) {
     lrllm::load_weights(args["--init"], model);
     lrllm::TokenFile file(args["--data"]);
     lrllm::Batcher batcher(file, mc.seq_len, false, 0);
-    std::vector<int32_t> tokens(static_cast<std::size_t>(B) * mc.seq_len), targets(tokens.size());
-    batcher.fill(0, B, tokens.data(), targets.data());
+    lrllm::Batch batch;
+    batcher.fill(0, B, batch);
+    if (args.count("--segments")) {
+      std::vector<int32_t> row;
+      std::stringstream list(args["--segments"]);
+      for (std::string len; std::getline(list, len, ',');)
+        for (int p = 0; p < std::stoi(len); ++p) row.push_back(p);
+      for (int p = 0; row.size() < static_cast<std::size_t>(mc.seq_len); ++p) row.push_back(p);
+      if (row.size() != static_cast<std::size_t>(mc.seq_len))
+        throw std::runtime_error("segments exceed seq_len");
+      for (int b = 0; b < B; ++b) batch.positions.insert(batch.positions.end(), row.begin(), row.end());
+    }
     model.zero_grads();
-    const double loss = model.step(tokens.data(), targets.data(), B, 1.0f);
+    const double loss = model.step(batch, 1.0f);
     lrllm::H5File out = lrllm::H5File::create(args["--out"]);
     out.set_attr("/", "loss", loss);
     for (const lrllm::TensorInfo& t : model.table().tensors())

@@ -224,16 +224,19 @@ struct AttentionRef {
   std::vector<double> out, lse;
 };
 
-AttentionRef attention_ref(const std::vector<double>& qkv, int B, int T, int C, int NH) {
+// positions (empty: none): query t sees keys t - positions[t] .. t of its row.
+AttentionRef attention_ref(const std::vector<double>& qkv, int B, int T, int C, int NH,
+                           const std::vector<int32_t>& positions = {}) {
   const int hs = C / NH;
   AttentionRef r{std::vector<double>(B * T * C, 0.0), std::vector<double>(B * NH * T, 0.0)};
   for (int b = 0; b < B; ++b) {
     for (int h = 0; h < NH; ++h) {
       for (int t = 0; t < T; ++t) {
         const double* q = &qkv[(b * T + t) * 3 * C + h * hs];
+        const int first = positions.empty() ? 0 : t - positions[b * T + t];
         std::vector<double> score(t + 1);
         double mx = -1e300;
-        for (int s = 0; s <= t; ++s) {
+        for (int s = first; s <= t; ++s) {
           const double* k = &qkv[(b * T + s) * 3 * C + C + h * hs];
           double d = 0;
           for (int i = 0; i < hs; ++i) d += q[i] * k[i];
@@ -241,9 +244,9 @@ AttentionRef attention_ref(const std::vector<double>& qkv, int B, int T, int C, 
           mx = std::max(mx, score[s]);
         }
         double sum = 0;
-        for (int s = 0; s <= t; ++s) sum += std::exp(score[s] - mx);
+        for (int s = first; s <= t; ++s) sum += std::exp(score[s] - mx);
         r.lse[(b * NH + h) * T + t] = mx + std::log(sum);
-        for (int s = 0; s <= t; ++s) {
+        for (int s = first; s <= t; ++s) {
           const double p = std::exp(score[s] - mx) / sum;
           const double* v = &qkv[(b * T + s) * 3 * C + 2 * C + h * hs];
           for (int i = 0; i < hs; ++i) r.out[(b * T + t) * C + h * hs + i] += p * v[i];
@@ -258,7 +261,7 @@ TEST_F(BackendTest, CausalAttentionForwardAndBackward) {
   constexpr int B = 2, T = 5, C = 8, NH = 2;
   const std::vector<float> qkv = random_floats(B * T * 3 * C, 80), R = random_floats(B * T * C, 81);
   std::vector<float> out(B * T * C), lse(B * NH * T, 7.0f);
-  be->attention_forward(out.data(), lse.data(), qkv.data(), B, T, C, NH);
+  be->attention_forward(out.data(), lse.data(), qkv.data(), B, T, C, NH, nullptr);
   const AttentionRef ref = attention_ref(to_double(qkv), B, T, C, NH);
   EXPECT_LT(rel_error(out, ref.out), kForwardTol);
   // Each row's log-sum-exp over the causal prefix only: a future key leaking into it would change the value.
@@ -268,17 +271,68 @@ TEST_F(BackendTest, CausalAttentionForwardAndBackward) {
   for (int b = 0; b < B; ++b)
     for (int i = C; i < 3 * C; ++i) changed[(b * T + T - 1) * 3 * C + i] += 1.0f;
   std::vector<float> out2(out.size()), lse2(lse.size());
-  be->attention_forward(out2.data(), lse2.data(), changed.data(), B, T, C, NH);
+  be->attention_forward(out2.data(), lse2.data(), changed.data(), B, T, C, NH, nullptr);
   for (int b = 0; b < B; ++b)
     for (int t = 0; t < T - 1; ++t)
       for (int c = 0; c < C; ++c) EXPECT_EQ(out[(b * T + t) * C + c], out2[(b * T + t) * C + c]);
 
   std::vector<float> dqkv(qkv.size(), 1e3f);  // overwritten, so garbage must not survive
-  be->attention_backward(dqkv.data(), R.data(), qkv.data(), out.data(), lse.data(), B, T, C, NH);
+  be->attention_backward(dqkv.data(), R.data(), qkv.data(), out.data(), lse.data(), B, T, C, NH, nullptr);
   const auto fd = numeric_grad(to_double(qkv), [&](const std::vector<double>& v) {
     return dot(attention_ref(v, B, T, C, NH).out, to_double(R));
   });
   EXPECT_LT(rel_error(dqkv, fd), kGradTol);
+}
+
+// Packed rows: row 0 holds examples of 3 and 4 tokens, row 1 one of 2 and one of 5.
+TEST_F(BackendTest, PackedAttentionStaysInsideEachExample) {
+  constexpr int B = 2, T = 7, C = 8, NH = 2;
+  const std::vector<int32_t> positions = {0, 1, 2, 0, 1, 2, 3, 0, 1, 0, 1, 2, 3, 4};
+  const std::vector<float> qkv = random_floats(B * T * 3 * C, 85), R = random_floats(B * T * C, 86);
+  std::vector<float> out(B * T * C), lse(B * NH * T);
+  be->attention_forward(out.data(), lse.data(), qkv.data(), B, T, C, NH, positions.data());
+  const AttentionRef ref = attention_ref(to_double(qkv), B, T, C, NH, positions);
+  EXPECT_LT(rel_error(out, ref.out), kForwardTol);
+  EXPECT_LT(rel_error(lse, ref.lse), kForwardTol);
+  // No example sees another: changing the first example of each row leaves the second's outputs unchanged.
+  std::vector<float> changed = qkv;
+  for (int b = 0; b < B; ++b)
+    for (int t = 0; t < (b == 0 ? 3 : 2); ++t)
+      for (int i = 0; i < 3 * C; ++i) changed[(b * T + t) * 3 * C + i] += 1.0f;
+  std::vector<float> out2(out.size()), lse2(lse.size());
+  be->attention_forward(out2.data(), lse2.data(), changed.data(), B, T, C, NH, positions.data());
+  for (int b = 0; b < B; ++b)
+    for (int t = b == 0 ? 3 : 2; t < T; ++t)
+      for (int c = 0; c < C; ++c) EXPECT_EQ(out[(b * T + t) * C + c], out2[(b * T + t) * C + c]);
+
+  std::vector<float> dqkv(qkv.size(), 1e3f);
+  be->attention_backward(dqkv.data(), R.data(), qkv.data(), out.data(), lse.data(), B, T, C, NH,
+                         positions.data());
+  const auto fd = numeric_grad(to_double(qkv), [&](const std::vector<double>& v) {
+    return dot(attention_ref(v, B, T, C, NH, positions).out, to_double(R));
+  });
+  EXPECT_LT(rel_error(dqkv, fd), kGradTol);
+}
+
+TEST_F(BackendTest, EmbeddingAtPackedPositions) {
+  constexpr int B = 1, T = 5, C = 3, V = 4;
+  const std::vector<int32_t> tokens = {3, 1, 2, 0, 1}, positions = {0, 1, 0, 1, 2};
+  const std::vector<float> wte = random_floats(V * C, 95), wpe = random_floats(T * C, 96),
+                           R = random_floats(B * T * C, 97);
+  const auto ref = [&](const std::vector<double>& e, const std::vector<double>& p) {
+    std::vector<double> out(B * T * C);
+    for (int i = 0; i < B * T; ++i)
+      for (int c = 0; c < C; ++c) out[i * C + c] = e[tokens[i] * C + c] + p[positions[i] * C + c];
+    return out;
+  };
+  std::vector<float> out(B * T * C);
+  be->embedding_forward(out.data(), tokens.data(), wte.data(), wpe.data(), B, T, C, positions.data());
+  EXPECT_LT(rel_error(out, ref(to_double(wte), to_double(wpe))), kForwardTol);
+  std::vector<float> dwte(V * C, 0.0f), dwpe(T * C, 0.0f);
+  be->embedding_backward(dwte.data(), dwpe.data(), R.data(), tokens.data(), B, T, C, positions.data());
+  const auto fd_p =
+      numeric_grad(to_double(wpe), [&](const auto& p) { return dot(ref(to_double(wte), p), to_double(R)); });
+  EXPECT_LT(rel_error(dwpe, fd_p), kGradTol);
 }
 
 TEST_F(BackendTest, EmbeddingForwardAndAccumulatingBackwardWithRepeatedTokens) {
@@ -293,12 +347,12 @@ TEST_F(BackendTest, EmbeddingForwardAndAccumulatingBackwardWithRepeatedTokens) {
     return out;
   };
   std::vector<float> out(B * T * C);
-  be->embedding_forward(out.data(), tokens.data(), wte.data(), wpe.data(), B, T, C);
+  be->embedding_forward(out.data(), tokens.data(), wte.data(), wpe.data(), B, T, C, nullptr);
   EXPECT_LT(rel_error(out, ref(to_double(wte), to_double(wpe))), kForwardTol);
 
   const std::vector<float> dwte0 = random_floats(V * C, 93), dwpe0 = random_floats(T * C, 94);
   std::vector<float> dwte = dwte0, dwpe = dwpe0;
-  be->embedding_backward(dwte.data(), dwpe.data(), R.data(), tokens.data(), B, T, C);
+  be->embedding_backward(dwte.data(), dwpe.data(), R.data(), tokens.data(), B, T, C, nullptr);
   const auto fd_e =
       numeric_grad(to_double(wte), [&](const auto& e) { return dot(ref(e, to_double(wpe)), to_double(R)); });
   const auto fd_p =

@@ -82,8 +82,14 @@ TEST(Batcher, SequencesAndShiftedTargetsWrapAround) {
   Batcher batcher(f, T, false, 1);
   ASSERT_EQ(batcher.num_sequences(), 10u);
 
-  std::vector<int32_t> tokens(3 * T), targets(3 * T);
-  batcher.fill(2, 3, tokens.data(), targets.data());
+  Batch batch;
+  batcher.fill(2, 3, batch);
+  EXPECT_EQ(batch.rows, 3);
+  EXPECT_EQ(batch.T, T);
+  EXPECT_EQ(batch.real_tokens, 3 * T);
+  EXPECT_TRUE(batch.positions.empty());
+  const std::vector<int32_t>& tokens = batch.tokens;
+  const std::vector<int32_t>& targets = batch.targets;
   for (int s = 0; s < 3; ++s) {
     for (int t = 0; t < T; ++t) {
       EXPECT_EQ(tokens[s * T + t], (2 + s) * T + t);
@@ -91,7 +97,7 @@ TEST(Batcher, SequencesAndShiftedTargetsWrapAround) {
     }
   }
   // Positions run on across epochs: 9, 10, 11 are sequences 9, 0, 1.
-  batcher.fill(9, 3, tokens.data(), targets.data());
+  batcher.fill(9, 3, batch);
   EXPECT_EQ(tokens[0], 9 * T);
   EXPECT_EQ(targets[T - 1], 10 * T);
   EXPECT_EQ(tokens[T], 0);
@@ -106,8 +112,11 @@ TEST(Batcher, SequencesAndShiftedTargetsWrapAround) {
 // Sequence start positions of one epoch, in the order the batcher visits them.
 std::vector<int32_t> epoch_order(Batcher& b, uint64_t epoch, int T) {
   const int n = static_cast<int>(b.num_sequences());
-  std::vector<int32_t> tokens(n * T), targets(n * T), starts(n);
-  b.fill(epoch * n, n, tokens.data(), targets.data());
+  std::vector<int32_t> starts(n);
+  Batch batch;
+  b.fill(epoch * n, n, batch);
+  const std::vector<int32_t>& tokens = batch.tokens;
+  const std::vector<int32_t>& targets = batch.targets;
   for (int s = 0; s < n; ++s) {
     starts[s] = tokens[s * T] / T;
     for (int t = 0; t < T; ++t) {

@@ -20,6 +20,8 @@
 namespace lrllm {
 namespace {
 
+constexpr PromptTemplate kFinGpt = PromptTemplate::fingpt;
+
 std::string tokenizer_dir() {
   const char* dir = std::getenv("LRLLM_TOKENIZER_DIR");
   return dir && *dir ? dir : "input/data/tokenizer";
@@ -103,24 +105,25 @@ TEST(Instruct, BadLinesNameFileAndLine) {
 }
 
 TEST(Instruct, PromptIsFinGptTemplate) {
-  EXPECT_EQ(prompt_of({"What is the sentiment?", "Sales fell.", "negative"}),
+  EXPECT_EQ(prompt_of({"What is the sentiment?", "Sales fell.", "negative"}, PromptTemplate::fingpt),
             "Instruction: What is the sentiment?\nInput: Sales fell.\nAnswer: ");
-  EXPECT_EQ(prompt_of({"Say hi.", "", "hi"}), "Instruction: Say hi.\nInput: \nAnswer: ");
+  EXPECT_EQ(prompt_of({"Say hi.", "", "hi"}, PromptTemplate::fingpt),
+            "Instruction: Say hi.\nInput: \nAnswer: ");
 }
 
 TEST(Instruct, LossOnlyOnAnswerAndEndOfText) {
   const Tokenizer& tok = gpt2();
   const Example e{"What is the sentiment of this news?", "Profits rose sharply.", "positive"};
-  const std::vector<int> p = prompt_tokens_of(tok, e), a = answer_tokens_of(tok, e.output);
+  const std::vector<int> p = prompt_tokens_of(tok, e, kFinGpt), a = answer_tokens_of(tok, e.output, kFinGpt);
   const std::vector<int32_t> prompt(p.begin(), p.end()), answer(a.begin(), a.end());
   std::vector<int32_t> full = prompt;
   full.insert(full.end(), answer.begin(), answer.end());
   // The text is the template's, tokenized as GPT-2 would the whole: "Answer:" then " positive".
-  EXPECT_EQ(full, encode32(prompt_of(e) + e.output));
+  EXPECT_EQ(full, encode32(prompt_of(e, kFinGpt) + e.output));
   EXPECT_EQ(answer.size(), 1u);
   full.push_back(tok.eot());
 
-  const Encoded enc = encode_example(tok, e, 64);
+  const Encoded enc = encode_example(tok, e, 64, kFinGpt);
   ASSERT_EQ(enc.tokens.size(), full.size() - 1);
   ASSERT_EQ(enc.targets.size(), enc.tokens.size());
   EXPECT_EQ(enc.tokens, std::vector<int32_t>(full.begin(), full.end() - 1));
@@ -142,9 +145,10 @@ TEST(Instruct, LossOnlyOnAnswerAndEndOfText) {
 // loss sums; only the answer's targets are live, and they are the same for any prompt.
 TEST(Instruct, PromptContentDoesNotChangeTargets) {
   const Tokenizer& tok = gpt2();
-  const Encoded a = encode_example(tok, {"Classify the message.", "Cheap pills now!!!", "spam"}, 128);
-  const Encoded b =
-      encode_example(tok, {"Tell me the class of this email please.", "Meeting at 3pm.", "spam"}, 128);
+  const Encoded a =
+      encode_example(tok, {"Classify the message.", "Cheap pills now!!!", "spam"}, 128, kFinGpt);
+  const Encoded b = encode_example(
+      tok, {"Tell me the class of this email please.", "Meeting at 3pm.", "spam"}, 128, kFinGpt);
   const auto live = [](const Encoded& enc) {
     std::vector<int32_t> t;
     for (int32_t x : enc.targets) {
@@ -163,10 +167,10 @@ TEST(Instruct, TruncatesPromptFromTheLeft) {
   const Tokenizer& tok = gpt2();
   const Example e{"A long instruction that will not fit in a short window at all, so it is cut.",
                   "Input text.", "neutral"};
-  const Encoded whole = encode_example(tok, e, 1024);
+  const Encoded whole = encode_example(tok, e, 1024, kFinGpt);
   const std::vector<int32_t> answer = encode32(" " + e.output);
   const int seq_len = 10;
-  const Encoded cut = encode_example(tok, e, seq_len);
+  const Encoded cut = encode_example(tok, e, seq_len, kFinGpt);
   ASSERT_EQ(cut.tokens.size(), static_cast<std::size_t>(seq_len));
   // The tail of the whole sequence: the prompt's last tokens, then the answer.
   EXPECT_EQ(cut.tokens, std::vector<int32_t>(whole.tokens.end() - seq_len, whole.tokens.end()));
@@ -175,32 +179,101 @@ TEST(Instruct, TruncatesPromptFromTheLeft) {
 
   // Exactly enough room: one prompt token, then the answer; the end-of-text is only a target.
   const int tight = static_cast<int>(answer.size()) + 1;
-  const Encoded min = encode_example(tok, e, tight);
+  const Encoded min = encode_example(tok, e, tight, kFinGpt);
   ASSERT_EQ(min.tokens.size(), answer.size() + 1);
   EXPECT_EQ(min.tokens[0], whole.tokens[whole.tokens.size() - answer.size() - 1]);
   EXPECT_EQ(min.targets[0], answer[0]);
   EXPECT_EQ(min.targets.back(), tok.eot());
 
   const Example long_answer{"i", "", "one two three four five six seven eight nine ten eleven twelve"};
-  test::expect_input_error([&] { encode_example(tok, long_answer, 8); }, "does not fit seq_len 8");
+  test::expect_input_error([&] { encode_example(tok, long_answer, 8, kFinGpt); }, "does not fit seq_len 8");
   const std::size_t long_len = encode32(" " + long_answer.output).size();
-  EXPECT_NO_THROW(encode_example(tok, long_answer, static_cast<int>(long_len) + 1));
-  test::expect_input_error([&] { encode_example(tok, long_answer, static_cast<int>(long_len)); },
+  EXPECT_NO_THROW(encode_example(tok, long_answer, static_cast<int>(long_len) + 1, kFinGpt));
+  test::expect_input_error([&] { encode_example(tok, long_answer, static_cast<int>(long_len), kFinGpt); },
                            "does not fit");
 }
 
-TEST(Instruct, FillPaddedLayout) {
+TEST(Instruct, FillPaddedToTheLongestRowOrToAFixedLength) {
   const std::vector<Encoded> data = {
-      {{1, 2, 3}, {-1, 3, 4}},
-      {{5, 6, 7, 8, 9}, {-1, -1, -1, 9, 10}},
-      {{11}, {12}},
+      {{1, 2, 3}, {-1, 3, 4}, {}},
+      {{5, 6, 7, 8, 9}, {-1, -1, -1, 9, 10}, {}},
+      {{11}, {12}, {}},
   };
-  const int seq_len = 5, pad = 50256;
-  std::vector<int32_t> tokens(3 * seq_len, -7), targets(3 * seq_len, -7);
-  fill_padded(data, {2, 0, 1}, seq_len, pad, tokens.data(), targets.data());
-  EXPECT_EQ(tokens, (std::vector<int32_t>{11, pad, pad, pad, pad, 1, 2, 3, pad, pad, 5, 6, 7, 8, 9}));
-  EXPECT_EQ(targets, (std::vector<int32_t>{12, -1, -1, -1, -1, -1, 3, 4, -1, -1, -1, -1, -1, 9, 10}));
-  EXPECT_THROW(fill_padded(data, {1}, 4, pad, tokens.data(), targets.data()), std::invalid_argument);
+  const int seq_len = 6, pad = 50256;
+  Batch batch;
+  fill_padded(data, {2, 0}, seq_len, 0, pad, batch);
+  EXPECT_EQ(batch.rows, 2);
+  EXPECT_EQ(batch.T, 3) << "the longest of the rows picked, not seq_len";
+  EXPECT_EQ(batch.tokens, (std::vector<int32_t>{11, pad, pad, 1, 2, 3}));
+  EXPECT_EQ(batch.targets, (std::vector<int32_t>{12, -1, -1, -1, 3, 4}));
+  EXPECT_TRUE(batch.positions.empty());
+  EXPECT_EQ(batch.real_tokens, 4);
+
+  fill_padded(data, {2, 0, 1}, seq_len, seq_len, pad, batch);
+  EXPECT_EQ(batch.T, seq_len);
+  EXPECT_EQ(batch.tokens,
+            (std::vector<int32_t>{11, pad, pad, pad, pad, pad, 1, 2, 3, pad, pad, pad, 5, 6, 7, 8, 9, pad}));
+  EXPECT_EQ(batch.targets,
+            (std::vector<int32_t>{12, -1, -1, -1, -1, -1, -1, 3, 4, -1, -1, -1, -1, -1, -1, 9, 10, -1}));
+  EXPECT_EQ(batch.real_tokens, 9);
+  EXPECT_THROW(fill_padded(data, {1}, 4, 0, pad, batch), std::invalid_argument);
+}
+
+TEST(Instruct, PackingKeepsExamplesWholeInOrderWithTheirOwnPositions) {
+  const std::vector<Encoded> data = {
+      {{1, 2, 3}, {-1, 3, 4}, {}},
+      {{5, 6}, {6, 7}, {}},
+      {{8, 9, 10, 11}, {-1, -1, 11, 12}, {}},
+      {{13}, {14}, {}},
+  };
+  const std::vector<Encoded> rows = pack_examples(data, 6);
+  ASSERT_EQ(rows.size(), 2u) << "3 + 2 fit in 6; 4 does not fit beside them; 4 + 1 do";
+  EXPECT_EQ(rows[0].tokens, (std::vector<int32_t>{1, 2, 3, 5, 6}));
+  EXPECT_EQ(rows[0].targets, (std::vector<int32_t>{-1, 3, 4, 6, 7}));
+  EXPECT_EQ(rows[0].positions, (std::vector<int32_t>{0, 1, 2, 0, 1}));
+  EXPECT_EQ(rows[1].tokens, (std::vector<int32_t>{8, 9, 10, 11, 13}));
+  EXPECT_EQ(rows[1].positions, (std::vector<int32_t>{0, 1, 2, 3, 0}));
+
+  const int pad = 50256;
+  Batch batch;
+  fill_padded(rows, {0, 1}, 6, 0, pad, batch);
+  EXPECT_EQ(batch.T, 5);
+  EXPECT_EQ(batch.positions, (std::vector<int32_t>{0, 1, 2, 0, 1, 0, 1, 2, 3, 0}));
+  EXPECT_EQ(batch.real_tokens, 10);
+  fill_padded(rows, {0}, 6, 6, pad, batch);
+  EXPECT_EQ(batch.positions, (std::vector<int32_t>{0, 1, 2, 0, 1, 0})) << "padding sits at position 0";
+  EXPECT_EQ(batch.targets.back(), -1);
+  EXPECT_THROW(pack_examples(data, 3), std::invalid_argument);
+}
+
+TEST(Instruct, AlpacaTemplateAndItsAnswerTokens) {
+  const Example with_input{"Classify the sentiment.", "Sales fell.", "negative"};
+  EXPECT_EQ(prompt_of(with_input, PromptTemplate::alpaca),
+            "Below is an instruction that describes a task, paired with an input that provides further "
+            "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
+            "Classify the sentiment.\n\n### Input:\nSales fell.\n\n### Response:\n");
+  EXPECT_EQ(
+      prompt_of({"Say hi.", "", "hi"}, PromptTemplate::alpaca),
+      "Below is an instruction that describes a task. Write a response that appropriately completes the "
+      "request.\n\n### Instruction:\nSay hi.\n\n### Response:\n");
+  // The prompt ends in a newline, so the answer is its own word without a leading space, and the tokens of
+  // prompt + answer are the tokens of the whole text.
+  const Tokenizer& tok = gpt2();
+  std::vector<int> full = prompt_tokens_of(tok, with_input, PromptTemplate::alpaca);
+  const std::vector<int> answer = answer_tokens_of(tok, with_input.output, PromptTemplate::alpaca);
+  EXPECT_EQ(answer, tok.encode("negative"));
+  full.insert(full.end(), answer.begin(), answer.end());
+  EXPECT_EQ(full, tok.encode(prompt_of(with_input, PromptTemplate::alpaca) + with_input.output));
+}
+
+TEST(Instruct, TemplateNamesAndChoice) {
+  for (PromptTemplate t : {PromptTemplate::fingpt, PromptTemplate::alpaca})
+    EXPECT_EQ(parse_prompt_template(template_name(t)), t);
+  EXPECT_FALSE(is_prompt_template("vicuna"));
+  test::expect_input_error([] { parse_prompt_template("vicuna"); }, "'vicuna' is not fingpt or alpaca");
+  EXPECT_EQ(choose_template("", ""), PromptTemplate::fingpt);
+  EXPECT_EQ(choose_template("", "alpaca"), PromptTemplate::alpaca) << "the model file's";
+  EXPECT_EQ(choose_template("fingpt", "alpaca"), PromptTemplate::fingpt) << "the option over the file";
 }
 
 }  // namespace

@@ -55,11 +55,11 @@ void set_test_params(Model& model, uint64_t seed) {
   model.backend().to_device(model.params(), host.data(), host.size() * sizeof(float));
 }
 
-struct Batch {
+struct RandomBatch {
   std::vector<int32_t> tokens, targets;
 };
 
-Batch random_batch(const ModelConfig& cfg, uint64_t seed) {
+RandomBatch random_batch(const ModelConfig& cfg, uint64_t seed) {
   const int n = kBatch * cfg.seq_len;
   return {random_ids(n, cfg.vocab_size, seed), random_ids(n, cfg.vocab_size, seed + 1)};
 }
@@ -81,7 +81,7 @@ TEST_P(ModelGradTest, GradientsMatchFiniteDifferences) {
   auto be = make_cpu_backend();
   Model model(cfg, *be, false);
   set_test_params(model, 7);
-  const Batch batch = random_batch(cfg, 11);
+  const RandomBatch batch = random_batch(cfg, 11);
   model.zero_grads();
   model.step(batch.tokens.data(), batch.targets.data(), kBatch, 1.0f);
   const std::vector<float> grads = host_copy(model, model.grads());
@@ -131,7 +131,7 @@ TEST(Model, IgnoredTargetsDropOutOfLossAndGradient) {
   auto be = make_cpu_backend();
   Model model(cfg, *be, false);
   set_test_params(model, 21);
-  const Batch batch = random_batch(cfg, 22);
+  const RandomBatch batch = random_batch(cfg, 22);
   const int n = kBatch * cfg.seq_len;
   const std::set<int> ignored = {0, 3, 7, 11};
 
@@ -169,7 +169,7 @@ TEST(Model, AllTargetsIgnoredGivesZeroLossAndNoGradient) {
   auto be = make_cpu_backend();
   Model model(cfg, *be, false);
   set_test_params(model, 31);
-  const Batch batch = random_batch(cfg, 32);
+  const RandomBatch batch = random_batch(cfg, 32);
   const std::vector<int32_t> none(batch.targets.size(), -1);
   model.zero_grads();
   EXPECT_EQ(model.step(batch.tokens.data(), none.data(), kBatch, 1.0f), 0.0);
@@ -207,7 +207,7 @@ TEST(Model, GradientsScaleWithGradScaleAndAccumulate) {
   auto be = make_cpu_backend();
   Model model(cfg, *be, false);
   set_test_params(model, 51);
-  const Batch batch = random_batch(cfg, 52);
+  const RandomBatch batch = random_batch(cfg, 52);
   model.zero_grads();
   const double loss1 = model.step(batch.tokens.data(), batch.targets.data(), kBatch, 1.0f);
   const std::vector<float> g1 = host_copy(model, model.grads());
@@ -262,7 +262,7 @@ TEST(Model, TokensOutsideVocabularyAreInputErrors) {
   const ModelConfig cfg = tiny_config({0, 0, 0, 0});
   auto be = make_cpu_backend();
   Model model(cfg, *be, false);
-  Batch batch = random_batch(cfg, 61);
+  RandomBatch batch = random_batch(cfg, 61);
   batch.tokens[4] = cfg.vocab_size;
   EXPECT_THROW(model.step(batch.tokens.data(), batch.targets.data(), kBatch, 0.0f), InputError);
   batch.tokens[4] = 0;
@@ -409,6 +409,75 @@ TEST(Linear, LowRankForwardEqualsDenseWithProductWeight) {
   low.forward(*be, w, {}, x.data(), y_low.data(), mid.data(), nullptr, nullptr, N);
   dense.forward(*be, w, {}, x.data(), y_dense.data(), unused.data(), nullptr, nullptr, N);
   EXPECT_LT(rel_error(y_low, test::to_double(y_dense)), 1e-5);
+}
+
+// Finetuning pads each batch to its longest row: rows of T < seq_len must give the loss and gradients of the
+// same rows padded to seq_len with targets that carry no loss.
+TEST(Model, ShortRowsEqualTheSameRowsPaddedToSeqLen) {
+  ModelConfig cfg = tiny_config({3, 0, 4, 0});
+  cfg.seq_len = 10;
+  constexpr int B = 3, T = 6;
+  auto be = make_cpu_backend();
+  Model model(cfg, *be, false);
+  set_test_params(model, 61);
+  Batch short_rows, padded;
+  short_rows.resize(B, T);
+  short_rows.tokens = random_ids(B * T, cfg.vocab_size, 62);
+  short_rows.targets = random_ids(B * T, cfg.vocab_size, 63);
+  short_rows.targets[2] = -1;
+  padded.resize(B, cfg.seq_len);
+  std::fill(padded.targets.begin(), padded.targets.end(), -1);
+  for (int b = 0; b < B; ++b)
+    for (int t = 0; t < T; ++t) {
+      padded.tokens[b * cfg.seq_len + t] = short_rows.tokens[b * T + t];
+      padded.targets[b * cfg.seq_len + t] = short_rows.targets[b * T + t];
+    }
+  model.zero_grads();
+  const double loss_short = model.step(short_rows, 1.0f);
+  const std::vector<float> g_short = host_copy(model, model.grads());
+  model.zero_grads();
+  const double loss_padded = model.step(padded, 1.0f);
+  EXPECT_NEAR(loss_short, loss_padded, 1e-6 * loss_padded);
+  EXPECT_LT(rel_error(g_short, test::to_double(host_copy(model, model.grads()))), 1e-5);
+}
+
+// Packing: two examples in one row, with their own positions, must give the loss and every gradient
+// (position table included) of the two examples in rows of their own: neither sees the other.
+TEST(Model, PackedRowEqualsItsExamplesInRowsOfTheirOwn) {
+  ModelConfig cfg = tiny_config({3, 0, 4, 0});
+  cfg.seq_len = 10;
+  constexpr int first_len = 4, second_len = 5;
+  auto be = make_cpu_backend();
+  for (bool recompute : {false, true}) {
+    Model model(cfg, *be, recompute);
+    set_test_params(model, 71);
+    const std::vector<int32_t> tokens = random_ids(first_len + second_len, cfg.vocab_size, 72),
+                               targets = random_ids(first_len + second_len, cfg.vocab_size, 73);
+    Batch packed, separate;
+    packed.resize(1, first_len + second_len);
+    packed.tokens = tokens;
+    packed.targets = targets;
+    for (int p = 0; p < first_len; ++p) packed.positions.push_back(p);
+    for (int p = 0; p < second_len; ++p) packed.positions.push_back(p);
+    separate.resize(2, second_len);
+    std::fill(separate.targets.begin(), separate.targets.end(), -1);
+    std::copy(tokens.begin(), tokens.begin() + first_len, separate.tokens.begin());
+    std::copy(targets.begin(), targets.begin() + first_len, separate.targets.begin());
+    std::copy(tokens.begin() + first_len, tokens.end(), separate.tokens.begin() + second_len);
+    std::copy(targets.begin() + first_len, targets.end(), separate.targets.begin() + second_len);
+    model.zero_grads();
+    const double loss_packed = model.step(packed, 1.0f);
+    const std::vector<float> g_packed = host_copy(model, model.grads());
+    model.zero_grads();
+    const double loss_separate = model.step(separate, 1.0f);
+    EXPECT_NEAR(loss_packed, loss_separate, 1e-6 * loss_separate) << "recompute " << recompute;
+    EXPECT_LT(rel_error(g_packed, test::to_double(host_copy(model, model.grads()))), 1e-5)
+        << "recompute " << recompute;
+    // Without the positions the second example would see the first: a different loss.
+    Batch unmasked = packed;
+    unmasked.positions.clear();
+    EXPECT_GT(std::abs(model.step(unmasked, 0.0f) - loss_separate), 1e-4);
+  }
 }
 
 }  // namespace

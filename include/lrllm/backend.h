@@ -63,18 +63,21 @@ class Backend {
 
   // Causal multi-head attention. qkv [B,T,3C] (q, then k, then v, each split into NH heads of C/NH);
   // out [B,T,C]. No [T,T] matrix is kept: lse [B,NH,T] holds each score row's log-sum-exp, from which
-  // backward recomputes the probabilities.
-  virtual void attention_forward(float* out, float* lse, const float* qkv, int B, int T, int C, int NH) = 0;
+  // backward recomputes the probabilities. positions [B,T] (null: 0 .. T-1 in every row) are each token's
+  // position inside its example when rows pack several: query t then sees keys t - positions[t] .. t only.
+  virtual void attention_forward(float* out, float* lse, const float* qkv, int B, int T, int C, int NH,
+                                 const int32_t* positions) = 0;
   // dqkv is overwritten; out and lse are forward's.
   virtual void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* out,
-                                  const float* lse, int B, int T, int C, int NH) = 0;
+                                  const float* lse, int B, int T, int C, int NH,
+                                  const int32_t* positions) = 0;
 
-  // out[b,t,:] = wte[tokens[b,t],:] + wpe[t,:]
+  // out[b,t,:] = wte[tokens[b,t],:] + wpe[p,:], p = positions[b,t] (null: p = t)
   virtual void embedding_forward(float* out, const int32_t* tokens, const float* wte, const float* wpe, int B,
-                                 int T, int C) = 0;
+                                 int T, int C, const int32_t* positions) = 0;
   // dwte, dwpe accumulate; either may be null, for a table that does not train (a finetuning base's).
   virtual void embedding_backward(float* dwte, float* dwpe, const float* dout, const int32_t* tokens, int B,
-                                  int T, int C) = 0;
+                                  int T, int C, const int32_t* positions) = 0;
 
   // Softmax cross-entropy over V logits per row. losses[n] = -log p[target]; rows whose target is negative
   // are ignored (loss 0). The logits are scratch: when grad_scale != 0 they are overwritten in place by

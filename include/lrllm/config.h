@@ -39,6 +39,9 @@ struct ModelConfig {
   // Token ids, ascending, whose rows of the tied wte train beside the adapters (lora.trainable_tokens, PEFT's
   // trainable tokens): a [k, d_model] delta added to those rows in the embedding and the lm_head alike.
   std::vector<int32_t> trainable_tokens;
+  // The prompt template (instruct.h) the adapters were finetuned with: /config prompt_template, empty when
+  // none is recorded (a base, or a file from before lrllm recorded it). Eval uses it unless told otherwise.
+  std::string prompt_template;
   // Dropout on the adapters' input while training (a training setting: not stored in checkpoints).
   double lora_dropout = 0.0;
   // Storage of the frozen base's dense linear weights: "none" (float32), "int8" or "nf4".
@@ -58,6 +61,7 @@ struct ModelConfig {
 
 struct TrainConfig {
   int steps = 100;
+  double epochs = 0;   // > 0: the steps that pass over the training data this many times (instead of steps)
   int batch_size = 4;  // sequences per rank per micro-step
   int grad_accum = 1;
   double lr = 6e-4;
@@ -80,6 +84,11 @@ struct DataConfig {
   std::string output;
   bool shuffle = true;
   std::string tokenizer_dir = "input/data/tokenizer";
+  // Finetuning data (docs/design.md, Instruction data).
+  std::string padding = "longest";  // longest: each batch to its longest row; max_length: to model.seq_len
+  bool packing = false;             // several examples a row, attention kept inside each
+  double val_fraction = 0;          // without data.val: this share of data.train held out for validation
+  std::string prompt_template;      // fingpt | alpaca; empty: the model file's, else fingpt
 };
 
 struct RunConfig {

@@ -38,14 +38,27 @@ class TokenFile {
   int max_token_ = -1;
 };
 
-// Where training and validation batches come from: numbered sequences of seq_len inputs and targets
-// (targets < 0 carry no loss). Positions run on past the end (epochs).
+// One micro-step's rows on the host (docs/design.md, Batches): `rows` rows of T <= seq_len tokens.
+struct Batch {
+  int rows = 0, T = 0;
+  std::vector<int32_t> tokens, targets;  // [rows, T]; a target < 0 carries no loss (prompt, padding)
+  // [rows, T] when several examples are packed in a row: each token's position inside its example, and
+  // attention at t reaches back to t - positions[t] only. Empty: one sequence a row at positions 0 .. T - 1.
+  std::vector<int32_t> positions;
+  int64_t real_tokens = 0;  // tokens that are not padding: what tokens/s counts
+  // Shapes the batch for rows x T (contents unset, no positions).
+  void resize(int rows_, int T_);
+  const int32_t* positions_or_null() const { return positions.empty() ? nullptr : positions.data(); }
+};
+
+// Where training and validation batches come from: numbered sequences (targets < 0 carry no loss).
+// Positions run on past the end (epochs).
 class BatchSource {
  public:
   virtual ~BatchSource() = default;
   virtual std::size_t num_sequences() const = 0;
-  // Fills tokens and targets [count, seq_len] with the sequences at positions first .. first + count - 1.
-  virtual void fill(uint64_t first, int count, int32_t* tokens, int32_t* targets) = 0;
+  // Fills `out` with the sequences at positions first .. first + count - 1, one a row.
+  virtual void fill(uint64_t first, int count, Batch& out) = 0;
 };
 
 // The order in which an epoch visits n items: the identity, or with shuffling a fixed random permutation per
@@ -71,10 +84,10 @@ class Batcher final : public BatchSource {
  public:
   Batcher(const TokenFile& file, int seq_len, bool shuffle, uint64_t seed);
   std::size_t num_sequences() const override { return num_sequences_; }
-  void fill(uint64_t first, int count, int32_t* tokens, int32_t* targets) override;
+  // Rows of seq_len tokens: no padding.
+  void fill(uint64_t first, int count, Batch& out) override;
 
  private:
-  std::size_t sequence_at(uint64_t position);
   const TokenFile& file_;
   int seq_len_;
   std::size_t num_sequences_;

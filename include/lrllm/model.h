@@ -13,6 +13,7 @@
 
 #include "lrllm/backend.h"
 #include "lrllm/config.h"
+#include "lrllm/data.h"
 #include "lrllm/linear.h"
 #include "lrllm/params.h"
 #include "lrllm/quant.h"
@@ -89,19 +90,22 @@ class Model {
   void init_adapters(uint64_t seed);
   void zero_grads();
 
-  // One micro-batch of B sequences through the whole model: tokens and targets [B, seq_len] on the host;
-  // targets < 0 are ignored. Returns the mean loss over valid targets. With grad_scale != 0 also runs
-  // backward and accumulates grad_scale * d(mean loss)/d(param) into grads().
+  // One micro-batch through the whole model: its rows of T <= seq_len tokens (targets < 0 are ignored).
+  // Returns the mean loss over valid targets. With grad_scale != 0 also runs backward and accumulates
+  // grad_scale * d(mean loss)/d(param) into grads().
+  double step(const Batch& batch, float grad_scale);
+  // The same for B full rows: tokens and targets [B, seq_len] on the host.
   double step(const int32_t* tokens, const int32_t* targets, int B, float grad_scale);
 
   // The pieces of step() for a pipeline stage, on activation slot `slot` (a micro-batch in flight; reserve
-  // first). forward: the first stage embeds tokens, later ones read stage_input(slot); the last stage returns
-  // the loss summed over valid targets / normalizer and, with grad_scale != 0, leaves grad_scale times its
-  // gradient in stage_grad(slot) (other stages return 0). backward: from stage_grad(slot), which it turns
-  // into the gradient of the stage's input; the first stage finishes with the embeddings' gradients.
-  double forward(int slot, const int32_t* tokens, const int32_t* targets, int B, float grad_scale,
-                 int normalizer);
-  void backward(int slot, int B);
+  // first): B rows of T <= seq_len tokens, host tokens, targets and positions (Batch's layout; positions may
+  // be null). forward: the first stage embeds tokens, later ones read stage_input(slot); the last stage
+  // returns the loss summed over valid targets / normalizer and, with grad_scale != 0, leaves grad_scale
+  // times its gradient in stage_grad(slot) (other stages return 0). backward: from stage_grad(slot), which it
+  // turns into the gradient of the stage's input; the first stage finishes with the embeddings' gradients.
+  double forward(int slot, const int32_t* tokens, const int32_t* targets, const int32_t* positions, int B,
+                 int T, float grad_scale, int normalizer);
+  void backward(int slot);
   float* stage_input(int slot);
   const float* stage_output(int slot);
   float* stage_grad(int slot);
@@ -150,21 +154,24 @@ class Model {
     float* dresid = nullptr;    // the gradient flowing back through the stage
     int32_t* tokens = nullptr;
     std::vector<int32_t> host_tokens;  // with trainable tokens: their rows' gradients are gathered by token
+    int B = 0, T = 0;                  // the micro-batch in this slot: B rows of T tokens
+    int32_t* positions_buffer = nullptr;
+    const int32_t* positions = nullptr;  // positions_buffer when the rows are packed, else null
   };
   void init_tables(uint64_t seed, bool frozen_too);
   // out[B, T, C] = wte[tokens] + wpe: tokens on the device, and on the host for a quantized wte, whose rows
   // are dequantized as the tokens pick them.
   // With trainable tokens, their deltas are added to their rows.
-  void embed(float* out, const int32_t* device_tokens, const int32_t* host_tokens, int B);
-  void embed_base(float* out, const int32_t* device_tokens, const int32_t* host_tokens, int B);
+  void embed(float* out, const Slot& s, const int32_t* host_tokens);
+  void embed_base(float* out, const Slot& s, const int32_t* host_tokens);
   // The tied lm_head: logits[N, V] = x[N, C] wte^T, and dx[N, C] = dlogits[N, V] wte.
   void lm_head(float* logits, const float* x, int N);
   void lm_head_input_grad(float* dx, const float* dlogits, int N);
   // Accumulates the trainable weights' gradients from dlogits[N, V] and x[N, C]: wte's when it trains in
   // full, the trainable tokens' deltas.
   void lm_head_weight_grad(const float* dlogits, const float* x, int N);
-  void block_forward(int l, Acts& a, const float* x, float* x_out, int B);
-  void block_backward(int l, Acts& a, const float* x, float* dresid, int B);
+  void block_forward(int l, Acts& a, const float* x, float* x_out, const Slot& s);
+  void block_backward(int l, Acts& a, const float* x, float* dresid, const Slot& s);
   // targets [N] on the host.
   double classifier(const float* x, const int32_t* host_targets, float* dx, int N, float grad_scale,
                     int normalizer);

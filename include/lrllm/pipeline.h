@@ -26,22 +26,21 @@ class Pipeline {
   void reserve(int B);
   int slots() const { return slots_; }
   const ModelConfig& config() const { return model_.config(); }
-  // Forward and backward of one micro-step of B sequences (every rank of the pipeline holds the batch: host
-  // tokens and targets [B, seq_len]), accumulating grad_scale * d(mean loss)/d(param). Returns the mean loss
-  // over the batch's valid targets on the last stage, 0 on the others. final_hook, when given, is set on the
-  // model for the last micro-batch's backward (see Model::set_block_grads_hook).
-  double train(const int32_t* tokens, const int32_t* targets, int B, float grad_scale,
-               const std::function<void(int)>* final_hook);
-  // Forward only: the mean loss of B sequences on the last stage, 0 on the others.
-  double evaluate(const int32_t* tokens, const int32_t* targets, int B);
+  // Forward and backward of one micro-step (every rank of the pipeline holds the same batch), accumulating
+  // grad_scale * d(mean loss)/d(param). Returns the mean loss over the batch's valid targets on the last
+  // stage, 0 on the others. final_hook, when given, is set on the model for the last micro-batch's backward
+  // (see Model::set_block_grads_hook).
+  double train(const Batch& batch, float grad_scale, const std::function<void(int)>* final_hook);
+  // Forward only: the mean loss of the batch on the last stage, 0 on the others.
+  double evaluate(const Batch& batch);
   // The idle fraction of the schedule: (P - 1) / (M + P - 1).
   double bubble_fraction() const;
 
  private:
   // Micro-batch `micro`: mb sequences from sequence `first` of the batch.
-  void forward(int micro, int first, int mb, const int32_t* tokens, const int32_t* targets, float grad_scale,
-               int normalizer, double& loss);
-  void backward(int micro, int mb);
+  void forward(int micro, int first, int mb, const Batch& batch, float grad_scale, int normalizer,
+               double& loss);
+  void backward(int micro, int mb, int T);
   void wait_slot(int slot);
   void wait_all();
 

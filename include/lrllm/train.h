@@ -25,14 +25,17 @@ struct TrainSetup {
   std::unique_ptr<BatchSource> train, val;
   std::vector<std::shared_ptr<void>> keep_alive;  // what the batch sources read from
   std::string data_summary;                       // one line for the start banner
+  int row_len = 0;  // the longest row a batch holds: mc.seq_len, or less in finetuning (model.seq_len)
+  int steps = 0;    // the run's optimizer steps: train.steps, or train.epochs over the training sequences
   std::unique_ptr<Topology> topo;
   std::unique_ptr<Backend> backend;
   std::unique_ptr<Model> model;
   std::unique_ptr<AdamW> optimizer;
   TrainState state;
 
-  // Checks the parallel layout against mc and the batch (InputError), inside the mode's collective_check.
-  void check_layout(const Config& cfg, const Comm& comm) const;
+  // Checks the parallel layout against mc and the batch (InputError), and resolves row_len (mc.seq_len when
+  // unset) and steps; inside the mode's collective_check, once the batch sources exist.
+  void check_layout(const Config& cfg, const Comm& comm);
   // Splits the world into the layout's groups, creates the backend on this rank's device, and connects the
   // device transport (NCCL) where tensors live on GPUs: collective, so outside any check that one rank may
   // fail.
@@ -42,7 +45,7 @@ struct TrainSetup {
   void build(const Config& cfg);
 };
 
-// Runs train.steps steps from setup.state, writing metrics.h5 and checkpoints (mode names them).
+// Runs setup.steps steps from setup.state, writing metrics.h5 and checkpoints (mode names them).
 int run_training(const Config& cfg, const Comm& comm, TrainSetup& setup, const std::string& mode);
 
 // Creates run.dir on rank 0. Throws InputError.

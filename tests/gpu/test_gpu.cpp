@@ -201,13 +201,13 @@ TEST_F(Gpu, AttentionForwardAndBackward) {
     const int B = 2, NH = 4, C = NH * 64;
     const std::size_t n = static_cast<std::size_t>(B) * T * C;
     Pair qkv = pair(3 * n, 1), out = pair(n, 2), lse = pair(static_cast<std::size_t>(B) * NH * T, 3);
-    cpu_->attention_forward(out.c, lse.c, qkv.c, B, T, C, NH);
-    gpu_->attention_forward(out.g, lse.g, qkv.g, B, T, C, NH);
+    cpu_->attention_forward(out.c, lse.c, qkv.c, B, T, C, NH, nullptr);
+    gpu_->attention_forward(out.g, lse.g, qkv.g, B, T, C, NH, nullptr);
     EXPECT_LT(out.error(), kFloatTol) << "T " << T;
     EXPECT_LT(lse.error(), kFloatTol) << "T " << T;
     Pair dout = pair(n, 4), dqkv = pair(3 * n, 5);
-    cpu_->attention_backward(dqkv.c, dout.c, qkv.c, out.c, lse.c, B, T, C, NH);
-    gpu_->attention_backward(dqkv.g, dout.g, qkv.g, out.g, lse.g, B, T, C, NH);
+    cpu_->attention_backward(dqkv.c, dout.c, qkv.c, out.c, lse.c, B, T, C, NH, nullptr);
+    gpu_->attention_backward(dqkv.g, dout.g, qkv.g, out.g, lse.g, B, T, C, NH, nullptr);
     EXPECT_LT(dqkv.error(), kFloatTol) << "T " << T;
   }
 }
@@ -218,12 +218,12 @@ TEST_F(Gpu, EmbeddingForwardAndBackward) {
   IntPair tokens(*cpu_, *gpu_, ids);
   Pair wte = pair(static_cast<std::size_t>(V) * C, 2), wpe = pair(static_cast<std::size_t>(T) * C, 3);
   Pair out = pair(static_cast<std::size_t>(B) * T * C, 4);
-  cpu_->embedding_forward(out.c, tokens.c, wte.c, wpe.c, B, T, C);
-  gpu_->embedding_forward(out.g, tokens.g, wte.g, wpe.g, B, T, C);
+  cpu_->embedding_forward(out.c, tokens.c, wte.c, wpe.c, B, T, C, nullptr);
+  gpu_->embedding_forward(out.g, tokens.g, wte.g, wpe.g, B, T, C, nullptr);
   EXPECT_EQ(out.host_gpu(), out.host_cpu());
   Pair dwte = pair(static_cast<std::size_t>(V) * C, 5), dwpe = pair(static_cast<std::size_t>(T) * C, 6);
-  cpu_->embedding_backward(dwte.c, dwpe.c, out.c, tokens.c, B, T, C);
-  gpu_->embedding_backward(dwte.g, dwpe.g, out.g, tokens.g, B, T, C);
+  cpu_->embedding_backward(dwte.c, dwpe.c, out.c, tokens.c, B, T, C, nullptr);
+  gpu_->embedding_backward(dwte.g, dwpe.g, out.g, tokens.g, B, T, C, nullptr);
   EXPECT_LT(dwte.error(), kFloatTol);
   EXPECT_LT(dwpe.error(), kFloatTol);
 }

@@ -5,6 +5,7 @@ Prints PASS/FAIL per test and exits non-zero if any failed.
 """
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -486,6 +487,90 @@ def test_finetune_trains_chosen_tokens_rows_resumes_exactly_and_merges():
     bad_input(["--mode", "finetune", "--checkpoint.resume", ft, "--data.train", os.path.join(TMP, "tokens.jsonl"),
                "--data.tokenizer_dir", TOKENIZER, "--run.dir", full, "--lora.trainable_tokens", "5,6"],
               "contradicts")
+
+
+def ft_command(run_dir, base, train, extra=()):
+    return ["--mode", "finetune", "--model.init", base, "--data.train", train, "--data.tokenizer_dir", TOKENIZER,
+            "--run.dir", run_dir, "--train.lr", "1e-2", "--train.warmup", "0", "--train.eval_batches", "1",
+            "--lora.rank", "4", *extra]
+
+
+def test_finetune_batches_pad_to_the_longest_row_pack_and_count_real_tokens():
+    base = base_checkpoint()
+    # Padding to the longest row or to seq_len is the same arithmetic: the same losses and real tokens.
+    longest, max_length = tmpdir("ft-pad-longest"), tmpdir("ft-pad-max")
+    p = finetune(longest, base, steps=3)
+    assert "padded to each batch's longest" in p.stdout, p.stdout
+    finetune(max_length, base, ["--data.padding", "max_length"], steps=3)
+    assert np.allclose(metric(longest, "loss"), metric(max_length, "loss"), rtol=1e-5, atol=0)
+    seen = metric(longest, "tokens_seen")
+    assert np.array_equal(seen, metric(max_length, "tokens_seen")), "padding is not counted"
+    # The examples are 30 to 40 tokens: 12 of them padded to 64 would count 768.
+    assert 12 * 25 < seen[-1] < 12 * 45, f"{seen[-1]} tokens: the padding to seq_len 64 was counted"
+    rate = metric(max_length, "tokens_per_s")
+    assert np.all(rate > 0) and np.all(np.isfinite(rate))
+
+    # One epoch, one example a row (24 examples, 4 a step: 6 steps) and packed (several a row, one row a step):
+    # the same real tokens.
+    short = [{**r, "instruction": "Sentiment?"} for r in sentiment_rows(24, 1)]  # about 15 tokens each
+    train = write_jsonl(os.path.join(TMP, "ft_epoch.jsonl"), short)
+    rows_dir, packed_dir = tmpdir("ft-epoch-rows"), tmpdir("ft-epoch-packed")
+    p = run(ft_command(rows_dir, base, train, ["--train.epochs", "1", "--train.batch_size", "4"]))
+    assert "validation runs on" not in p.stdout and "the training examples themselves" in p.stdout, p.stdout
+    assert list(metric(rows_dir, "step")) == list(range(1, 7))
+    p = run(ft_command(packed_dir, base, train, ["--train.epochs", "1", "--train.batch_size", "1",
+                                                 "--data.packing", "true"]))
+    m = re.search(r"train 24 examples packed in (\d+) rows", p.stdout)
+    assert m and 1 < int(m.group(1)) < 24, p.stdout
+    steps = metric(packed_dir, "step")
+    assert len(steps) == int(m.group(1)), "one packed row a step for one epoch"
+    assert metric(packed_dir, "tokens_seen")[-1] == metric(rows_dir, "tokens_seen")[-1]
+    assert np.all(np.isfinite(metric(packed_dir, "loss")))
+
+    # A held-out share, and rows cut to --model.seq_len below the base's 64.
+    held = tmpdir("ft-held")
+    p = run(ft_command(held, base, train, ["--train.steps", "2", "--data.val_fraction", "0.25",
+                                           "--model.seq_len", "32"]))
+    assert "train 18 examples, val 6 examples (0.25 of" in p.stdout, p.stdout
+    assert "rows of at most 32 tokens" in p.stdout, p.stdout
+    assert np.isfinite(metric(held, "val_loss")[-1])
+
+    common = ft_command(tmpdir("ft-data-bad"), base, train)
+    bad_input([*common, "--data.padding", "left"], "--data.padding must be longest or max_length")
+    bad_input([*common, "--train.epochs", "-1"], "--train.epochs must be between")
+    bad_input([*common, "--train.epochs", "nan"], "--train.epochs must be between")
+    bad_input([*common, "--train.epochs", "1", "--train.steps", "5"], "give one")
+    bad_input([*common, "--data.val_fraction", "1.5"], "--data.val_fraction must be in [0, 1)")
+    bad_input([*common, "--data.val_fraction", "0.2", "--data.val", train], "give one")
+    bad_input([*common, "--data.val_fraction", "0.01"], "leaves no validation example")
+    bad_input([*common, "--model.seq_len", "65"], "above the position table")
+    bad_input([*common, "--data.packing", "true", "--device", "cuda"], "CPU backend only")
+
+
+def test_finetune_records_its_template_for_eval_and_resume():
+    base = base_checkpoint()
+    d = tmpdir("ft-alpaca")
+    p = finetune(d, base, ["--data.template", "alpaca", "--checkpoint.every", "1"], steps=2)
+    assert "alpaca template" in p.stdout, p.stdout
+    ckpt = os.path.join(d, "ckpt_000002.h5")
+    with h5py.File(ckpt, "r") as f:
+        assert f["config"].attrs["prompt_template"] == "alpaca"
+    tasks = write_jsonl(os.path.join(TMP, "alpaca_tasks.jsonl"), sentiment_rows(6, 4))
+    common = ["--mode", "eval", "--model.init", ckpt, "--eval.tasks", tasks, "--eval.method", "score",
+              "--data.tokenizer_dir", TOKENIZER]
+    p = run([*common, "--run.dir", tmpdir("ft-alpaca-eval")])
+    assert "alpaca template" in p.stdout, p.stdout
+    p = run([*common, "--data.template", "fingpt", "--run.dir", tmpdir("ft-alpaca-eval2")])
+    assert "fingpt template" in p.stdout, p.stdout
+    with h5py.File(base, "r") as f:
+        assert "prompt_template" not in f["config"].attrs, "a base records no template"
+    os.remove(ckpt)
+    bad_input(["--mode", "finetune", "--checkpoint.resume", "latest", "--data.train",
+               os.path.join(TMP, "ft_train.jsonl"), "--data.tokenizer_dir", TOKENIZER, "--run.dir", d,
+               "--train.steps", "2", "--data.template", "fingpt"], "finetuned with alpaca")
+    bad_input([*common, "--data.template", "vicuna", "--run.dir", tmpdir("ft-alpaca-bad")],
+              "--data.template must be fingpt or alpaca")
+    finetune(d, base, ["--data.template", "alpaca", "--checkpoint.resume", "latest"], steps=2)
 
 
 def test_finetune_bad_input():

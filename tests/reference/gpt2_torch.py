@@ -265,7 +265,13 @@ def linear(P, base, x, lora_scale=0.0):
     return y
 
 
-def attention(qkv, n_head):
+def segment_ids(positions):
+    """Packed rows: a new example starts wherever the position restarts at 0."""
+    return torch.cumsum((positions == 0).to(torch.long), dim=1)
+
+
+def attention(qkv, n_head, positions=None):
+    """Causal; with positions [B, T] (packed rows) a query sees only keys of its own example."""
     Bsz, T, C3 = qkv.shape
     C = C3 // 3
     hd = C // n_head
@@ -277,6 +283,10 @@ def attention(qkv, n_head):
     q, k, v = heads(q), heads(k), heads(v)
     att = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(hd))
     mask = torch.ones(T, T, dtype=torch.bool).tril()
+    if positions is not None:
+        seg = segment_ids(positions)
+        mask = mask & (seg[:, :, None] == seg[:, None, :])  # [B, T, T]
+        mask = mask[:, None]  # over the heads
     att = att.masked_fill(~mask, float("-inf"))
     att = att - att.amax(dim=-1, keepdim=True)
     att = torch.exp(att)
@@ -285,8 +295,9 @@ def attention(qkv, n_head):
     return y.transpose(1, 2).reshape(Bsz, T, C)
 
 
-def forward(P, cfg: Config, idx, targets=None):
-    """Logits [B,T,V], and the mean cross-entropy if targets are given."""
+def forward(P, cfg: Config, idx, targets=None, positions=None):
+    """Logits [B,T,V], and the mean cross-entropy if targets are given. positions [B, T]: each
+    token's position inside its example when rows pack several (None: 0 .. T-1)."""
     T = idx.shape[1]
     s = cfg.lora_scale
     # Trainable tokens (PEFT's): a delta over chosen rows of the tied wte, embedding and lm_head alike.
@@ -294,10 +305,10 @@ def forward(P, cfg: Config, idx, targets=None):
     if "trainable_tokens/delta" in P:
         ids = torch.tensor(cfg.trainable_tokens, dtype=torch.long)
         E = E.index_add(0, ids, P["trainable_tokens/delta"])
-    x = E[idx] + P["wpe"][:T]
+    x = E[idx] + (P["wpe"][:T] if positions is None else P["wpe"][positions])
     for i in range(cfg.n_layer):
         h = layer_norm(x, P[f"h.{i}/ln_1/w"], P[f"h.{i}/ln_1/b"])
-        h = attention(linear(P, f"h.{i}/attn/qkv", h, s), cfg.n_head)
+        h = attention(linear(P, f"h.{i}/attn/qkv", h, s), cfg.n_head, positions)
         x = x + linear(P, f"h.{i}/attn/proj", h, s)
         h = layer_norm(x, P[f"h.{i}/ln_2/w"], P[f"h.{i}/ln_2/b"])
         h = gelu_tanh(linear(P, f"h.{i}/mlp/fc", h, s))
@@ -323,11 +334,11 @@ def is_lora(name: str) -> bool:
     return name.split("/")[-1] in ("lora_A", "lora_B")
 
 
-def loss_and_grads(params, cfg: Config, x, y, dtype=torch.float64, trainable=None):
+def loss_and_grads(params, cfg: Config, x, y, dtype=torch.float64, trainable=None, positions=None):
     """Mean loss (float) and gradients (numpy, float64) of every parameter, or only of those
     for which the predicate `trainable` holds (the rest are frozen constants)."""
     P = to_torch(params, dtype, True if trainable is None else trainable)
-    _, loss = forward(P, cfg, x, y)
+    _, loss = forward(P, cfg, x, y, positions)
     loss.backward()
     return loss.item(), {k: t.grad.detach().numpy().astype(np.float64) for k, t in P.items()
                          if t.requires_grad}

@@ -9,6 +9,8 @@ Checks
                            dense layer W = B@A.
   grad_{dense,lowrank,mixed}_loss   build/tests/grad_dump's loss vs float64 torch (rel <= 1e-5)
   grad_{dense,lowrank,mixed}_grads  every gradient tensor: |g - g_ref| / |g_ref| <= 1e-4
+  grad_packed_{loss,grads} the same for rows that pack three examples each (grad_dump
+                           --segments): positions restart, attention masked to each example
   train_{dense,lowrank}_{loss,lr,grad_norm}   10 AdamW steps of `lrllm --mode pretrain`
                            (metrics.h5) vs the float64 torch loop, per step
   train_{dense,lowrank}_weights   final weights of the step-10 checkpoint (rel <= 1e-4 per tensor;
@@ -267,17 +269,26 @@ def nf4_error_and_bound(x, q):
 # 1. Loss and gradients of one batch
 
 
-def prepare_grad_case(work, variant, seed):
+def packed_positions(segments: list[int], T: int, rows: int) -> torch.Tensor:
+    """grad_dump --segments: examples of these lengths in every row, then one of the rest."""
+    row = [p for n in segments for p in range(n)]
+    row += list(range(T - len(row)))
+    return torch.tensor([row] * rows, dtype=torch.long)
+
+
+def prepare_grad_case(work, variant, seed, segments=None):
     cfg = VARIANTS[variant]
     params = ref.init_params(cfg, seed=seed)
-    ckpt = os.path.join(work, f"grad_{variant}.h5")
+    name = f"grad_{variant}{'_packed' if segments else ''}"
+    ckpt = os.path.join(work, f"{name}.h5")
     ref.save_checkpoint(ckpt, cfg, params)
     rng = np.random.default_rng(seed + 1000)
     toks = rng.integers(0, cfg.vocab_size, size=(BATCH + 2) * cfg.seq_len + 3)
-    data = os.path.join(work, f"grad_{variant}.bin")
+    data = os.path.join(work, f"{name}.bin")
     ref.write_tokens(data, toks)
     x, y = ref.batch(toks, cfg.seq_len, range(BATCH))
-    loss, grads = ref.loss_and_grads(params, cfg, x, y)
+    positions = packed_positions(segments, cfg.seq_len, BATCH) if segments else None
+    loss, grads = ref.loss_and_grads(params, cfg, x, y, positions=positions)
     return ckpt, data, loss, grads
 
 
@@ -299,14 +310,16 @@ def once(fn):
     return wrapper
 
 
-def run_grad_case(build, work, variant, seed):
-    """Returns a pair of check functions (loss, grads) sharing one grad_dump run."""
+def run_grad_case(build, work, variant, seed, segments=None):
+    """Returns a pair of check functions (loss, grads) sharing one grad_dump run; with segments,
+    every row packs examples of those lengths (and one of the rest)."""
     @once
     def run():
-        ckpt, data, loss, grads = prepare_grad_case(work, variant, seed)
-        out = os.path.join(work, f"grad_{variant}_out.h5")
+        ckpt, data, loss, grads = prepare_grad_case(work, variant, seed, segments)
+        out = os.path.join(work, f"grad_{variant}{'_packed' if segments else ''}_out.h5")
         exe = os.path.join(build, "tests", "grad_dump")
-        run_cmd([exe, "--init", ckpt, "--data", data, "--batch", str(BATCH), "--out", out])
+        packing = ["--segments", ",".join(map(str, segments))] if segments else []
+        run_cmd([exe, "--init", ckpt, "--data", data, "--batch", str(BATCH), "--out", out] + packing)
         if not os.path.exists(out):
             raise CheckFailed(f"grad_dump exited 0 but wrote no {os.path.basename(out)}")
         with h5py.File(out, "r") as f:
@@ -757,6 +770,9 @@ def main():
     for i, v in enumerate(("dense", "lowrank", "mixed")):
         cl, cg = run_grad_case(build, work, v, seed=10 + i)
         checks += [(f"grad_{v}_loss", cl), (f"grad_{v}_grads", cg)]
+    # Packed rows (data.packing): positions restart per example and attention stays inside each.
+    cl, cg = run_grad_case(build, work, "mixed", seed=13, segments=[5, 3])
+    checks += [("grad_packed_loss", cl), ("grad_packed_grads", cg)]
     # dense: 40 sequences, no wrap-around; lowrank: 26 sequences, so step 7 wraps to 0.
     for v, seed, n_seq in (("dense", 20, 40), ("lowrank", 21, 26)):
         for suffix, fn in run_train_case(build, work, v, seed, n_seq):
