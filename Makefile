@@ -18,20 +18,40 @@ CUDA ?= $(if $(and $(NVCC),$(CUDA_LIB_DIR),$(NCCL_LIB_DIR)),1,0)
 CUDA_ARCH ?= sm_90
 JOBS ?= $(shell nproc)
 
-# The C API only (the deprecated MPI C++ bindings do not compile cleanly under -Werror); vendor headers as
-# system headers so their warnings are not ours.
-MPI_CFLAGS := $(patsubst -I%,-isystem %,$(shell mpicc --showme:compile 2>/dev/null)) -DOMPI_SKIP_MPICXX
-MPI_LIBS := $(shell mpicc --showme:link 2>/dev/null)
-HDF5_CFLAGS := -isystem /usr/include/hdf5/openmpi
-HDF5_LIBS := -L/usr/lib/x86_64-linux-gnu/hdf5/openmpi -lhdf5_openmpi
-BLAS_DIR := /usr/lib/x86_64-linux-gnu/openblas-openmp
-BLAS_CFLAGS := -isystem /usr/include/x86_64-linux-gnu/openblas-openmp
-BLAS_LIBS := -L$(BLAS_DIR) -Wl,-rpath,$(BLAS_DIR) -lopenblas -llapacke
-PCRE_LIBS := -lpcre2-8
+# Libraries come from pkg-config (their .pc names below), and every variable can be given instead, e.g. on a
+# cluster after `module load hdf5 openblas`: make HDF5_CFLAGS="-I$HDF5_ROOT/include" HDF5_LIBS="-L$HDF5_ROOT/lib
+# -lhdf5" BLAS_PKG=openblas PKG_CONFIG_PATH=$OPENBLAS_ROOT/lib/pkgconfig (README, "Building without root").
+# Vendor headers are system headers, so their warnings are not ours.
+PKG_CONFIG ?= pkg-config
+pkg = $(shell $(PKG_CONFIG) $(1) 2>/dev/null)
+# The compiler's own include directories stay out: as -isystem they would reorder its #include_next chain.
+MULTIARCH := $(shell $(CXX) -print-multiarch 2>/dev/null)
+system_includes = $(patsubst -I%,-isystem %,$(filter-out -I/usr/include -I/usr/include/$(MULTIARCH),$(1)))
+comma := ,
+# The C API only (the deprecated MPI C++ bindings do not compile cleanly under -Werror).
+MPICC ?= mpicc
+MPI_CFLAGS ?= $(call system_includes,$(shell $(MPICC) --showme:compile 2>/dev/null)) -DOMPI_SKIP_MPICXX
+MPI_LIBS ?= $(shell $(MPICC) --showme:link 2>/dev/null)
+HDF5_PKG ?= hdf5-openmpi
+HDF5_CFLAGS ?= $(call system_includes,$(call pkg,--cflags $(HDF5_PKG)))
+HDF5_LIBS ?= $(call pkg,--libs $(HDF5_PKG))
+# Debian's openblas.pc names the OpenMP build; the rpath keeps that build at run time whatever the system's
+# alternative for libopenblas.so.0 is.
+BLAS_PKG ?= openblas
+BLAS_LIBDIR ?= $(call pkg,--variable=libdir $(BLAS_PKG))
+BLAS_CFLAGS ?= $(call system_includes,$(call pkg,--cflags $(BLAS_PKG) lapacke))
+BLAS_LIBS ?= $(call pkg,--libs $(BLAS_PKG) lapacke) $(if $(BLAS_LIBDIR),-Wl$(comma)-rpath$(comma)$(BLAS_LIBDIR))
+PCRE_CFLAGS ?= $(call system_includes,$(call pkg,--cflags libpcre2-8))
+PCRE_LIBS ?= $(or $(call pkg,--libs libpcre2-8),-lpcre2-8)
+JSON_CFLAGS ?= $(call system_includes,$(call pkg,--cflags nlohmann_json))
+GTEST_LIBS ?= $(or $(call pkg,--libs gtest_main),-lgtest_main -lgtest -pthread)
+# Boost ships no pkg-config file.
+BOOST_CFLAGS ?=
+BOOST_LIBS ?= -lboost_program_options
 
 CXXFLAGS := -std=c++20 -O2 -march=x86-64-v3 -g -fopenmp -Wall -Wextra -Werror -Iinclude \
-            $(MPI_CFLAGS) $(HDF5_CFLAGS) $(BLAS_CFLAGS) -MMD -MP
-LDLIBS := $(HDF5_LIBS) $(BLAS_LIBS) $(PCRE_LIBS) -lboost_program_options $(MPI_LIBS) -fopenmp -pthread
+            $(MPI_CFLAGS) $(HDF5_CFLAGS) $(BLAS_CFLAGS) $(PCRE_CFLAGS) $(JSON_CFLAGS) $(BOOST_CFLAGS) -MMD -MP
+LDLIBS := $(HDF5_LIBS) $(BLAS_LIBS) $(PCRE_LIBS) $(BOOST_LIBS) $(MPI_LIBS) -fopenmp -pthread
 ifeq ($(SANITIZE),1)
   BUILD := build-sanitize
   CXXFLAGS += -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
@@ -99,11 +119,11 @@ $(BUILD)/lrllm: $(BUILD)/obj/main.o $(BUILD)/liblrllm.a
 $(BUILD)/tests/unit: $(TEST_OBJS) $(BUILD)/liblrllm.a
 	@mkdir -p $(dir $@)
 	@echo "  LINK  $@"
-	$(Q)$(CXX) $(CXXFLAGS) $^ -o $@ -lgtest -lgtest_main $(LDLIBS)
+	$(Q)$(CXX) $(CXXFLAGS) $^ -o $@ $(GTEST_LIBS) $(LDLIBS)
 $(BUILD)/tests/gpu: $(GPU_TEST_OBJS) $(BUILD)/liblrllm.a
 	@mkdir -p $(dir $@)
 	@echo "  LINK  $@"
-	$(Q)$(CXX) $(CXXFLAGS) $^ -o $@ -lgtest -lgtest_main $(LDLIBS)
+	$(Q)$(CXX) $(CXXFLAGS) $^ -o $@ $(GTEST_LIBS) $(LDLIBS)
 $(BUILD)/tests/%: $(BUILD)/obj/tests/%.o $(BUILD)/liblrllm.a
 	@mkdir -p $(dir $@)
 	@echo "  LINK  $@"
