@@ -78,6 +78,15 @@ std::vector<float> to_host(Backend& be, const float* dev, std::size_t n) {
 
 namespace {
 
+// /config quant, the base's storage.
+QuantKind quant_of(const H5File& f) {
+  try {
+    return quant_from_name(f.attr_string("/config", "quant"));
+  } catch (const InputError& e) {
+    throw InputError(f.path() + ": /config " + e.what());
+  }
+}
+
 // /config prompt_template, or "" when none is recorded.
 std::string prompt_template_of(const H5File& f) {
   if (!f.has_attr("/config", "prompt_template")) return "";
@@ -132,9 +141,7 @@ ModelConfig read_model_config(const std::string& path) {
     m.lora_rank[s] = f.exists(site + "/lora_A") ? leading_dim(f, site + "/lora_A", false) : 0;
   }
   if (f.has_attr("/config", "lora_alpha")) m.lora_alpha = f.attr_double("/config", "lora_alpha");
-  if (f.has_attr("/config", "quant")) m.quant = f.attr_string("/config", "quant");
-  if (m.quant != "none" && m.quant != "int8" && m.quant != "nf4")
-    throw InputError(path + ": /config quant '" + m.quant + "' is not none, int8 or nf4");
+  if (f.has_attr("/config", "quant")) m.quant = quant_of(f);
   if (f.has_attr("/config", "quant_block")) {
     const int64_t block = f.attr_int("/config", "quant_block");
     m.quant_block = block >= 1 && block <= 4096 ? static_cast<int>(block) : 0;  // 0: refused below
@@ -183,8 +190,7 @@ void load_quantized(const H5File& f, const std::string& stem, const std::vector<
     throw InputError(f.path() + ": " + stem + " has shape " + shape_string(f.shape(stem)) +
                      ", the model expects " + shape_string(expected));
   const std::vector<float> w = f.read_all(stem);
-  q = c.quant == "int8" ? quantize_int8(w.data(), expected, c.quant_block)
-                        : quantize_nf4(w.data(), expected, c.quant_double, c.quant_block);
+  q = quantize(c.quant, w.data(), expected, c.quant_double, c.quant_block);
 }
 
 void load_into(const std::string& path, Model& model, bool adapters_from_file) {
@@ -244,7 +250,7 @@ void write_header(H5File& f, const std::string& mode, const ModelConfig& c, cons
   if (format_version_of(c) >= 3)
     f.set_attr("/config", "trainable_tokens",
                std::vector<int64_t>(c.trainable_tokens.begin(), c.trainable_tokens.end()));
-  f.set_attr("/config", "quant", c.quant);
+  f.set_attr("/config", "quant", std::string(quant_name(c.quant)));
   f.set_attr("/config", "quant_block", int64_t{c.quant_block});
   // The base's storage as the options gave it: an adapter file has no base tensors to read it from.
   f.set_attr("/config", "quant_double", int64_t{c.quant_double ? 1 : 0});
@@ -658,20 +664,20 @@ ModelConfig adapters_over(const std::string& path, const ModelConfig& base) {
   if (f.has_attr("/config", "lora_modules")) m.lora_modules = f.attr_string("/config", "lora_modules");
   m.trainable_tokens = trainable_tokens_of(f);
   m.prompt_template = prompt_template_of(f);
-  m.quant = f.attr_string("/config", "quant");
+  m.quant = quant_of(f);
   const int64_t block = f.attr_int("/config", "quant_block");
   m.quant_block = block >= 1 && block <= 4096 ? static_cast<int>(block) : 0;  // 0: refused below
   m.quant_double = f.attr_int("/config", "quant_double") != 0;
   m.quant_embedding = f.attr_int("/config", "quant_embedding") != 0;
   // A quantized base file holds its codes: the adapters must have been trained over that same storage.
-  if (base.quant != "none" && (m.quant != base.quant || m.quant_block != base.quant_block ||
-                               m.quant_embedding != base.quant_embedding))
+  if (base.quant != QuantKind::none && (m.quant != base.quant || m.quant_block != base.quant_block ||
+                                        m.quant_embedding != base.quant_embedding))
     throw InputError(
         strprintf("%s: the adapters were trained over a base stored as %s (block %d%s), but the "
                   "base %s is stored as %s (block %d%s)",
-                  path.c_str(), m.quant.c_str(), m.quant_block, m.quant_embedding ? ", embedding too" : "",
-                  base.init.c_str(), base.quant.c_str(), base.quant_block,
-                  base.quant_embedding ? ", embedding too" : ""));
+                  path.c_str(), storage_name(m.quant), m.quant_block,
+                  m.quant_embedding ? ", embedding too" : "", base.init.c_str(), storage_name(base.quant),
+                  base.quant_block, base.quant_embedding ? ", embedding too" : ""));
   try {
     validate_model_config(m);
     validate_saved_modules(m);
@@ -726,8 +732,7 @@ void print_info(const std::string& path) {
   std::printf("config: arch %s, vocab_size %d, seq_len %d, n_layer %d, n_head %d, d_model %d, d_ff %d\n",
               m.arch.c_str(), m.vocab_size, m.seq_len, m.n_layer, m.n_head, m.d_model, m.d_ff);
   if (m.any_lora())
-    std::printf("LoRA: alpha %g, frozen base stored as %s\n", m.lora_alpha,
-                m.quant == "none" ? "float32" : m.quant.c_str());
+    std::printf("LoRA: alpha %g, frozen base stored as %s\n", m.lora_alpha, storage_name(m.quant));
   std::printf("linear layers:");
   for (int s = 0; s < kNumSites; ++s) {
     std::printf(" %s %s%s", site_name(static_cast<LinearSite>(s)), m.lowrank_rank[s] ? "lowrank r=" : "dense",

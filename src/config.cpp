@@ -29,6 +29,52 @@ const char* site_path(LinearSite site) {
   return paths[static_cast<int>(site)];
 }
 
+namespace {
+// Indexed by QuantKind.
+constexpr const char* kQuantNames[] = {"none", "int8", "nf4"};
+constexpr int kQuantBits[] = {0, 8, 4};
+}  // namespace
+
+const char* quant_name(QuantKind q) {
+  return kQuantNames[static_cast<int>(q)];
+}
+
+const char* storage_name(QuantKind q) {
+  return q == QuantKind::none ? "float32" : quant_name(q);
+}
+
+QuantKind quant_from_name(const std::string& name) {
+  for (int k = 0; k < 3; ++k)
+    if (name == kQuantNames[k]) return static_cast<QuantKind>(k);
+  throw InputError("quant '" + name + "' is not none, int8 or nf4");
+}
+
+QuantKind quant_from_bits(int bits) {
+  for (int k = 0; k < 3; ++k)
+    if (bits == kQuantBits[k]) return static_cast<QuantKind>(k);
+  throw InputError("--quant.bits must be 0, 8 or 4, not " + std::to_string(bits));
+}
+
+int quant_bits(QuantKind q) {
+  return kQuantBits[static_cast<int>(q)];
+}
+
+std::pair<int64_t, int64_t> ModelConfig::site_dims(LinearSite site) const {
+  // In 64 bits: validation reads these before it has bounded d_model.
+  const int64_t C = d_model, F = d_ff > 0 ? d_ff : 4 * C;
+  switch (site) {
+    case LinearSite::qkv:
+      return {C, 3 * C};
+    case LinearSite::proj:
+      return {C, C};
+    case LinearSite::fc:
+      return {C, F};
+    case LinearSite::mlp_proj:
+      return {F, C};
+  }
+  return {0, 0};
+}
+
 bool ModelConfig::any_lowrank() const {
   for (int r : lowrank_rank)
     if (r > 0) return true;
@@ -362,8 +408,7 @@ void validate(const Config& c) {
   require(t.recompute == "none" || t.recompute == "block", "--train.recompute must be none or block");
   require(c.run.log_every >= 1, "--run.log_every must be >= 1");
   const FinetuneConfig& ft = c.finetune;
-  require(ft.quant_bits == 0 || ft.quant_bits == 8 || ft.quant_bits == 4,
-          "--quant.bits must be 0, 8 or 4, not " + std::to_string(ft.quant_bits));
+  quant_from_bits(ft.quant_bits);
   require(ft.quant_block >= 1 && ft.quant_block <= 4096, "--quant.block must be between 1 and 4096");
   require(ft.lora_rank >= 0, "--lora.rank must be >= 0");
   require(ft.lora_alpha > 0, "--lora.alpha must be > 0");
@@ -398,12 +443,13 @@ double model_weight_bytes(const ModelConfig& m) {
   // In double: the sizes may be any int, and an estimate needs no exact product.
   const double C = m.d_model, F = m.d_ff > 0 ? m.d_ff : 4.0 * m.d_model, T = m.seq_len, V = m.vocab_size,
                L = m.n_layer;
-  const double widths[kNumSites][2] = {{C, 3 * C}, {C, C}, {C, F}, {F, C}};
   // A quantized base stores a byte (int8) or half of one (nf4) per weight.
-  const double base = m.quant == "int8" ? 1.0 : m.quant == "nf4" ? 0.5 : 4.0;
+  const double base = quant_bits(m.quant) > 0 ? quant_bits(m.quant) / 8.0 : 4.0;
   double block = 4 * (9 * C + F);  // biases and LayerNorms
   for (int s = 0; s < kNumSites; ++s) {
-    const double r = m.lowrank_rank[s], in = widths[s][0], out = widths[s][1];
+    const auto [in_width, out_width] = m.site_dims(static_cast<LinearSite>(s));
+    const double r = m.lowrank_rank[s], in = static_cast<double>(in_width),
+                 out = static_cast<double>(out_width);
     block += base * (r > 0 ? r * (in + out) : in * out) + 4.0 * m.lora_rank[s] * (in + out);
   }
   const double embedding = (m.quant_embedding ? base : 4.0) * V * C + 4 * T * C;
@@ -429,8 +475,6 @@ void validate_model_config(const ModelConfig& m) {
   require(m.seq_len >= 1, "--model.seq_len must be >= 1");
   // Token files store uint16 ids.
   require(m.vocab_size >= 1 && m.vocab_size <= 65536, "--model.vocab_size must be between 1 and 65536");
-  require(m.quant == "none" || m.quant == "int8" || m.quant == "nf4",
-          "quantization must be none, int8 or nf4");
   require(m.quant_block >= 1 && m.quant_block <= 4096, "--quant.block must be between 1 and 4096");
   require(!m.any_lora() || (std::isfinite(m.lora_alpha) && m.lora_alpha > 0), "--lora.alpha must be > 0");
   require(m.lora_dropout >= 0 && m.lora_dropout < 1, "--lora.dropout must be in [0, 1)");
@@ -442,11 +486,10 @@ void validate_model_config(const ModelConfig& m) {
             strprintf("trainable token %d is outside the vocabulary of %d", id, m.vocab_size));
     require(i == 0 || id > m.trainable_tokens[i - 1], "trainable tokens must be distinct");
   }
-  const int64_t C = m.d_model, F = m.d_ff > 0 ? m.d_ff : 4 * C;
-  const int64_t widths[kNumSites][2] = {{C, 3 * C}, {C, C}, {C, F}, {F, C}};
   for (int s = 0; s < kNumSites; ++s) {
     const int r = m.lowrank_rank[s];
-    const int64_t limit = std::min(widths[s][0], widths[s][1]);
+    const auto [in, out] = m.site_dims(static_cast<LinearSite>(s));
+    const int64_t limit = std::min(in, out);
     require(r >= 0,
             std::string("low-rank rank of ") + site_name(static_cast<LinearSite>(s)) + " must be >= 0");
     require(r < limit,
@@ -457,6 +500,7 @@ void validate_model_config(const ModelConfig& m) {
             strprintf("LoRA rank %d of %s is not below min(in, out) = %lld", lr,
                       site_name(static_cast<LinearSite>(s)), static_cast<long long>(limit)));
   }
+  const int64_t C = m.d_model, F = m.d_ff > 0 ? m.d_ff : 4 * C;
   const double need = model_memory_estimate(m);
   const double have = static_cast<double>(physical_memory_bytes());
   require(
@@ -504,7 +548,7 @@ void apply_finetune(const Config& c, ModelConfig& m) {
   m.lora_alpha = ft.lora_alpha;
   m.lora_dropout = ft.lora_dropout;
   m.lora_modules = ft.lora_modules;
-  m.quant = ft.quant_bits == 8 ? "int8" : ft.quant_bits == 4 ? "nf4" : "none";
+  m.quant = quant_from_bits(ft.quant_bits);
   m.quant_block = ft.quant_block;
   m.quant_double = ft.quant_double;
   m.quant_embedding = ft.quant_embedding;

@@ -52,7 +52,7 @@ int run_decompose(const Config& cfg) {
   const ModelConfig dense_cfg = read_model_config(cfg.model.init);
   // The SVD factors float32 weights of a plain model; adapters and quantized codes have no place in its
   // output.
-  if (dense_cfg.any_lora() || dense_cfg.quant != "none")
+  if (dense_cfg.any_lora() || dense_cfg.quant != QuantKind::none)
     throw InputError(
         "--mode decompose: " + cfg.model.init +
         " has LoRA adapters or a quantized base; export it merged to float32 first (--mode export "

@@ -15,27 +15,12 @@
 #include "lrllm/generate.h"
 #include "lrllm/instruct.h"
 #include "lrllm/metrics.h"
+#include "lrllm/pipeline.h"
+#include "lrllm/run_dir.h"
 #include "lrllm/scoring.h"
 #include "lrllm/tokenizer.h"
-#include "lrllm/train.h"
 
 namespace lrllm {
-
-double validation_loss(Pipeline& pipeline, const Topology& topo, BatchSource& batcher, uint64_t sequences,
-                       int batch_size) {
-  Batch batch;
-  const uint64_t share = sequences / topo.dp();
-  const uint64_t begin = share * topo.dp_rank();
-  double sum = 0;
-  for (uint64_t first = begin; first < begin + share; first += batch_size) {
-    const int count = static_cast<int>(std::min<uint64_t>(batch_size, begin + share - first));
-    batcher.fill(first, count, batch);
-    sum += pipeline.evaluate(batch) * count;
-  }
-  // The last stage has the loss; its tensor-parallel replicas computed the same.
-  const bool counts = topo.last_stage() && topo.tp_rank() == 0;
-  return topo.world_sum(counts ? sum : 0.0) / static_cast<double>(share * topo.dp());
-}
 
 namespace {
 

@@ -108,11 +108,10 @@ int run_export(const Config& cfg) {
       out_cfg.lora_rank[s] = 0;
     }
   }
-  const int bits = cfg.finetune.quant_bits;
-  out_cfg.quant = bits == 8 ? "int8" : bits == 4 ? "nf4" : "none";
+  out_cfg.quant = quant_from_bits(cfg.finetune.quant_bits);
   out_cfg.quant_block = cfg.finetune.quant_block;
   out_cfg.quant_double = cfg.finetune.quant_double;
-  out_cfg.quant_embedding = bits != 0 && cfg.finetune.quant_embedding;
+  out_cfg.quant_embedding = out_cfg.quant != QuantKind::none && cfg.finetune.quant_embedding;
   if (merge) {  // without adapters every tensor is the model's own
     out_cfg.lora_modules.clear();
     out_cfg.trainable_tokens.clear();
@@ -136,9 +135,7 @@ int run_export(const Config& cfg) {
   }
   for (QuantizedEntry& e : dst.quantized_tensors()) {
     const std::vector<float> v = export_values(src, *backend, merge, e.name);
-    e.tensor = out_cfg.quant == "int8"
-                   ? quantize_int8(v.data(), e.shape, out_cfg.quant_block)
-                   : quantize_nf4(v.data(), e.shape, out_cfg.quant_double, out_cfg.quant_block);
+    e.tensor = quantize(out_cfg.quant, v.data(), e.shape, out_cfg.quant_double, out_cfg.quant_block);
   }
   save_checkpoint(cfg.data.output, "export", dst, nullptr, nullptr, &cfg);
   const MemoryBytes mem = dst.memory(1);
@@ -146,7 +143,7 @@ int run_export(const Config& cfg) {
       "exported %s -> %s: %s weights%s, %.2f MB of parameters (float32 %.2f MB, quantized %.2f MB); file "
       "%.2f MB\n",
       random ? "(random weights)" : cfg.model.init.c_str(), cfg.data.output.c_str(),
-      out_cfg.quant == "none" ? "float32" : out_cfg.quant.c_str(),
+      storage_name(out_cfg.quant),
       merge ? ", adapters merged" : (out_cfg.any_lora() ? ", adapters kept" : ""), mem.params / 1e6,
       (mem.params_trainable + mem.params_frozen) / 1e6, mem.params_quantized / 1e6,
       static_cast<double>(std::filesystem::file_size(cfg.data.output)) / 1e6);

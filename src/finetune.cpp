@@ -13,6 +13,7 @@
 #include "lrllm/common.h"
 #include "lrllm/instruct.h"
 #include "lrllm/rng.h"
+#include "lrllm/run_dir.h"
 #include "lrllm/tokenizer.h"
 #include "lrllm/train.h"
 

@@ -34,10 +34,10 @@ Model::Model(const ModelConfig& cfg, Backend& backend, bool recompute, const Mod
       first_layer_(shard.first_layer),
       end_layer_(shard.end_layer < 0 ? cfg.n_layer : shard.end_layer),
       tp_(shard.tp) {
-  const int C = cfg.d_model, F = cfg.ff();
+  const int C = cfg.d_model;
   // With adapters, or with quantized storage, the base is frozen: everything but the adapters goes to the
   // frozen table. (A quantized model without adapters trains nothing; it serves evaluation and generation.)
-  const bool quantized = cfg.quant != "none";
+  const bool quantized = cfg.quant != QuantKind::none;
   const bool frozen = cfg.any_lora() || quantized;
   ParamTable& base = frozen ? frozen_table_ : table_;
   // Tensors every rank of a tensor-parallel group holds whole: the first rank's copy is the one that counts.
@@ -50,12 +50,19 @@ Model::Model(const ModelConfig& cfg, Backend& backend, bool recompute, const Mod
     const bool full = trains(name);
     return TensorRef{(full ? table_ : base).add(name, std::move(shape), whole), frozen && !full};
   };
-  auto linear = [&](const std::string& prefix, int in, int out, int site, TpMode mode, int groups) {
+  // Megatron's split: qkv (three groups: q, k, v) and fc column-parallel, proj and mlp_proj row-parallel.
+  auto linear = [&](const std::string& block, LinearSite s) {
+    const int site = static_cast<int>(s);
+    const auto [in, out] = cfg.site_dims(s);
+    const std::string prefix = block + "/" + site_path(s);
     const int rank = cfg.lowrank_rank[site];
+    const bool column = s == LinearSite::qkv || s == LinearSite::fc;
     LinearTp tp;
-    if (shard.tp > 1) tp = {mode, shard.tp_part, shard.tp, groups, shard.tp_group};
-    return Linear(table_, base, frozen, prefix, in, out, rank, cfg.lora_rank[site], cfg.lora_alpha, quantized,
-                  trains(prefix + "/b"), tp);
+    if (shard.tp > 1)
+      tp = {column ? TpMode::column : TpMode::row, shard.tp_part, shard.tp, s == LinearSite::qkv ? 3 : 1,
+            shard.tp_group};
+    return Linear(table_, base, frozen, prefix, static_cast<int>(in), static_cast<int>(out), rank,
+                  cfg.lora_rank[site], cfg.lora_alpha, quantized, trains(prefix + "/b"), tp);
   };
   // The last stage's wte is the lm_head's copy of the tied embedding; the first stage's is saved.
   auto add_quantized = [&](const std::string& name, std::vector<int64_t> shape) {
@@ -83,12 +90,12 @@ Model::Model(const ModelConfig& cfg, Backend& backend, bool recompute, const Mod
     Block b;
     b.ln1_w = add(h + "/ln_1/w", {C});
     b.ln1_b = add(h + "/ln_1/b", {C});
-    b.qkv = linear(h + "/attn/qkv", C, 3 * C, 0, TpMode::column, 3);
-    b.proj = linear(h + "/attn/proj", C, C, 1, TpMode::row, 1);
+    b.qkv = linear(h, LinearSite::qkv);
+    b.proj = linear(h, LinearSite::proj);
     b.ln2_w = add(h + "/ln_2/w", {C});
     b.ln2_b = add(h + "/ln_2/b", {C});
-    b.fc = linear(h + "/mlp/fc", C, F, 2, TpMode::column, 1);
-    b.mlp_proj = linear(h + "/mlp/proj", F, C, 3, TpMode::row, 1);
+    b.fc = linear(h, LinearSite::fc);
+    b.mlp_proj = linear(h, LinearSite::mlp_proj);
     blocks_.push_back(b);
   }
   if (last_stage()) {
@@ -257,7 +264,7 @@ void validate_saved_modules(const ModelConfig& cfg) {
   }
   if (!cfg.trainable_tokens.empty() && trains_beside_adapters(cfg, "wte"))
     throw InputError("--lora.trainable_tokens: wte trains in full already (--lora.modules_to_save)");
-  if (cfg.quant != "none" && cfg.quant_embedding && trains_beside_adapters(cfg, "wte"))
+  if (cfg.quant != QuantKind::none && cfg.quant_embedding && trains_beside_adapters(cfg, "wte"))
     throw InputError(
         "--lora.modules_to_save: wte is stored quantized here; train it with --quant.embedding false");
 }
@@ -266,9 +273,9 @@ ParamCounts Model::param_counts() const {
   ParamCounts c;
   const std::size_t C = cfg_.d_model, F = cfg_.ff(), L = cfg_.n_layer;
   c.embedding = (cfg_.vocab_size + cfg_.seq_len) * C;
-  const std::size_t widths[kNumSites][2] = {{C, 3 * C}, {C, C}, {C, F}, {F, C}};
   for (int s = 0; s < kNumSites; ++s) {
-    const std::size_t in = widths[s][0], out = widths[s][1], r = cfg_.lowrank_rank[s];
+    const auto [in_width, out_width] = cfg_.site_dims(static_cast<LinearSite>(s));
+    const std::size_t in = in_width, out = out_width, r = cfg_.lowrank_rank[s];
     (r > 0 ? c.linear_lowrank : c.linear_dense) += L * (r > 0 ? r * (in + out) : in * out);
     c.lora += L * cfg_.lora_rank[s] * (in + out);
   }

@@ -235,6 +235,13 @@ QuantizedTensor quantize_int8(const float* x, std::vector<int64_t> shape, int bl
 }
 
 // NF4: see quant.h. v = x / absmax is one correctly rounded float division, |v| <= 1.
+QuantizedTensor quantize(QuantKind kind, const float* x, std::vector<int64_t> shape, bool double_quant,
+                         int block) {
+  LRLLM_CHECK(kind != QuantKind::none, "quantize", "no quantized kind given");
+  return kind == QuantKind::int8 ? quantize_int8(x, std::move(shape), block)
+                                 : quantize_nf4(x, std::move(shape), double_quant, block);
+}
+
 QuantizedTensor quantize_nf4(const float* x, std::vector<int64_t> shape, bool double_quant, int block) {
   QuantizedTensor q = start(QuantKind::nf4, std::move(shape), block);
   const std::size_t n = q.size(), B = static_cast<std::size_t>(block);
@@ -302,8 +309,9 @@ QuantizedTensor read_quantized(const H5File& f, const std::string& stem) {
   QuantizedTensor q;
   require_attr(f, wq, "quant");
   const std::string kind = f.attr_string(wq, "quant");
-  if (kind != "int8" && kind != "nf4") bad_file(f, wq + " attribute quant '" + kind + "' is not int8 or nf4");
-  q.kind = kind == "int8" ? QuantKind::int8 : QuantKind::nf4;
+  if (kind != quant_name(QuantKind::int8) && kind != quant_name(QuantKind::nf4))
+    bad_file(f, wq + " attribute quant '" + kind + "' is not int8 or nf4");
+  q.kind = quant_from_name(kind);
   require_attr(f, wq, "block_size");
   const int64_t block = f.attr_int(wq, "block_size");
   if (block < 1 || block > INT_MAX)

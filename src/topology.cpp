@@ -95,70 +95,6 @@ void PendingTransfer::wait_all(std::vector<PendingTransfer>& transfers) {
   transfers.clear();
 }
 
-void validate_layout(const ParallelConfig& p, int world_size, const ModelConfig& m, int batch_size) {
-  auto require = [](bool ok, const std::string& message) {
-    if (!ok) throw InputError(message);
-  };
-  require(p.tp >= 1 && p.pp >= 1, "--parallel.tp and --parallel.pp must be >= 1");
-  require(p.zero == 0 || p.zero == 1, strprintf("--parallel.zero must be 0 or 1, not %d", p.zero));
-  require(p.micro_batches >= 1, "--parallel.micro_batches must be >= 1");
-  // In 64 bits: the product of two user-given ints overflows int, and the Topology divides by it.
-  const int64_t group = int64_t{p.tp} * p.pp;
-  require(
-      world_size % group == 0,
-      strprintf("%d ranks cannot be split into tensor-parallel groups of %d times pipeline stages of %d: the "
-                "rank count must be a multiple of parallel.tp * parallel.pp = %lld",
-                world_size, p.tp, p.pp, static_cast<long long>(group)));
-  require(
-      p.pp <= m.n_layer,
-      strprintf("--parallel.pp %d is above the model's %d layers: a stage needs a block", p.pp, m.n_layer));
-  require(m.n_head % p.tp == 0,
-          strprintf("--parallel.tp %d does not divide the model's %d attention heads", p.tp, m.n_head));
-  require(m.ff() % p.tp == 0, strprintf("--parallel.tp %d does not divide d_ff %d", p.tp, m.ff()));
-  require(batch_size % p.micro_batches == 0,
-          strprintf("--parallel.micro_batches %d does not divide train.batch_size %d", p.micro_batches,
-                    batch_size));
-  require(
-      p.tp == 1 || (!m.any_lora() && m.quant == "none"),
-      "--parallel.tp above 1 with LoRA adapters or a quantized base is not supported yet: finetune with data "
-      "and pipeline parallelism (parallel.pp, parallel.zero)");
-  // Bucket sizes become byte counts: bounded so that the conversion stays in range.
-  require(p.bucket_mb > 0 && p.bucket_mb <= 1e6, "--parallel.bucket_mb must be > 0 and at most 1e6");
-}
-
-std::pair<int, int> Topology::stage_layers(const ModelConfig& m, int pp, int stage) {
-  // FLOPs a token, forward and backward: 6 per linear weight, and causal attention's 6 T C.
-  const double C = m.d_model, F = m.ff(), T = m.seq_len;
-  const double widths[kNumSites][2] = {{C, 3 * C}, {C, C}, {C, F}, {F, C}};
-  double block = 6 * T * C;
-  for (int s = 0; s < kNumSites; ++s) {
-    const double r = m.lowrank_rank[s], in = widths[s][0], out = widths[s][1];
-    block += 6 * (r > 0 ? r * (in + out) : in * out);
-  }
-  const double head = 6.0 * m.vocab_size * C;
-  // Blocks are alike, so a stage's cost depends on its count alone. best[k][n]: the least possible largest
-  // stage cost when the first k stages hold the first n blocks; the last stage adds the lm_head.
-  const int L = m.n_layer;
-  const double inf = std::numeric_limits<double>::infinity();
-  std::vector<std::vector<double>> best(pp + 1, std::vector<double>(L + 1, inf));
-  std::vector<std::vector<int>> cut(pp + 1, std::vector<int>(L + 1, 0));
-  best[0][0] = 0;
-  for (int k = 1; k <= pp; ++k)
-    for (int n = k; n <= L; ++n)
-      // From the fewest blocks for stage k up, taking strict improvements only: among equal splits the
-      // earlier stages hold more.
-      for (int prev = n - 1; prev >= k - 1; --prev) {
-        const double cost = std::max(best[k - 1][prev], (n - prev) * block + (k == pp ? head : 0.0));
-        if (cost < best[k][n]) {
-          best[k][n] = cost;
-          cut[k][n] = prev;
-        }
-      }
-  std::vector<int> bounds(pp + 1, L);
-  for (int k = pp; k >= 1; --k) bounds[k - 1] = cut[k][bounds[k]];
-  return {bounds[stage], bounds[stage + 1]};
-}
-
 Topology::Topology(const Comm& world, const ParallelConfig& p, bool device_tensors)
     : world_(world), tp_(p.tp), pp_(p.pp), device_tensors_(device_tensors) {
 #ifndef LRLLM_WITH_CUDA
@@ -210,31 +146,16 @@ void Topology::start_device_transport() {
   if (embed_comm_ != MPI_COMM_NULL) embed_nccl_ = make_nccl_group(embed_comm_);
 }
 
-ModelShard Topology::shard(const ModelConfig& m) const {
-  ModelShard s;
-  std::tie(s.first_layer, s.end_layer) = stage_layers(m, pp_, pp_rank_);
-  s.tp_part = tp_rank_;
-  s.tp = tp_;
-  s.tp_group = this;
-  return s;
-}
-
-void Topology::print_placement(const ModelConfig& m) const {
-  char host[64] = {};
-  gethostname(host, sizeof host - 1);
-  const auto [first, end] = stage_layers(m, pp_, pp_rank_);
-  const int heads = m.n_head / tp_;
-  char line[256];
-  std::snprintf(line, sizeof line,
-                "  rank %d on %s: dp %d/%d, stage %d/%d (blocks %d-%d%s%s), tensor slice %d/%d (heads %d-%d)",
-                world_.rank(), host, dp_rank_, dp_, pp_rank_, pp_, first, end - 1,
-                first_stage() ? ", embeddings" : "", last_stage() ? ", lm_head" : "", tp_rank_, tp_,
-                tp_rank_ * heads, (tp_rank_ + 1) * heads - 1);
-  std::vector<char> all(world_.root() ? sizeof line * world_.size() : 0);
-  LRLLM_MPI(MPI_Gather(line, sizeof line, MPI_CHAR, all.data(), sizeof line, MPI_CHAR, 0, MPI_COMM_WORLD));
-  if (!world_.root()) return;
-  std::printf("layout: %d ranks = dp %d x pp %d x tp %d\n", world_.size(), dp_, pp_, tp_);
-  for (int r = 0; r < world_.size(); ++r) std::printf("%s\n", all.data() + r * sizeof line);
+std::vector<std::string> Topology::gather_lines(const std::string& line) const {
+  // Fixed-size records: one gather, and no rank's line can overrun another's.
+  constexpr std::size_t kWidth = 256;
+  char mine[kWidth] = {};
+  std::snprintf(mine, sizeof mine, "%s", line.c_str());
+  std::vector<char> all(world_.root() ? kWidth * world_.size() : 0);
+  LRLLM_MPI(MPI_Gather(mine, kWidth, MPI_CHAR, all.data(), kWidth, MPI_CHAR, 0, MPI_COMM_WORLD));
+  std::vector<std::string> lines;
+  for (int r = 0; world_.root() && r < world_.size(); ++r) lines.emplace_back(all.data() + r * kWidth);
+  return lines;
 }
 
 MPI_Comm Topology::comm(Group g) const {

@@ -18,12 +18,13 @@
 #include "lrllm/common.h"
 #include "lrllm/data.h"
 #include "lrllm/data_parallel.h"
-#include "lrllm/evaluate.h"
+#include "lrllm/layout.h"
 #include "lrllm/metrics.h"
 #include "lrllm/model.h"
 #include "lrllm/optimizer.h"
 #include "lrllm/pipeline.h"
 #include "lrllm/rng.h"
+#include "lrllm/run_dir.h"
 #include "lrllm/signals.h"
 
 namespace fs = std::filesystem;
@@ -71,10 +72,6 @@ std::string site_ranks(const int (&ranks)[kNumSites]) {
   return out;
 }
 
-int quant_bits_of(const std::string& quant) {
-  return quant == "int8" ? 8 : quant == "nf4" ? 4 : 0;
-}
-
 // The LoRA and quantization options given, with those not given taken from the file, applied to it.
 ModelConfig finetune_options_over(const Config& cfg, const ModelConfig& file) {
   Config filled = cfg;
@@ -84,7 +81,7 @@ ModelConfig finetune_options_over(const Config& cfg, const ModelConfig& file) {
   if (!cfg.was_given("lora.targets")) ft.lora_targets = file.lora_targets();
   if (!cfg.was_given("lora.alpha")) ft.lora_alpha = file.lora_alpha;
   if (!cfg.was_given("lora.modules_to_save")) ft.lora_modules = file.lora_modules;
-  if (!cfg.was_given("quant.bits")) ft.quant_bits = quant_bits_of(file.quant);
+  if (!cfg.was_given("quant.bits")) ft.quant_bits = quant_bits(file.quant);
   if (!cfg.was_given("quant.block")) ft.quant_block = file.quant_block;
   if (!cfg.was_given("quant.embedding")) ft.quant_embedding = file.quant_embedding;
   ModelConfig want = file;
@@ -126,11 +123,11 @@ void check_options_agree(const Config& cfg, const ModelConfig& file, const std::
                      ", which has '" + file.lora_modules + "'");
   if (want.quant != file.quant)
     throw InputError(strprintf("--quant.bits %d contradicts %s, whose base is stored as %s",
-                               quant_bits_of(want.quant), path.c_str(), file.quant.c_str()));
-  if (file.quant != "none" && want.quant_block != file.quant_block)
+                               quant_bits(want.quant), path.c_str(), storage_name(file.quant)));
+  if (file.quant != QuantKind::none && want.quant_block != file.quant_block)
     throw InputError(strprintf("--quant.block %d contradicts %s, which has %d", want.quant_block,
                                path.c_str(), file.quant_block));
-  if (file.quant != "none" && want.quant_embedding != file.quant_embedding)
+  if (file.quant != QuantKind::none && want.quant_embedding != file.quant_embedding)
     throw InputError(strprintf("--quant.embedding %s contradicts %s, whose embedding is %s",
                                want.quant_embedding ? "true" : "false", path.c_str(),
                                file.quant_embedding ? "quantized" : "float32"));
@@ -146,7 +143,7 @@ ModelConfig resolve_model_config(const Config& cfg, const std::string& resume_pa
   }
   ModelConfig m = read_model_config(from);
   check_options_agree(cfg, m, from);
-  if (m.any_lora() || m.quant != "none")
+  if (m.any_lora() || m.quant != QuantKind::none)
     throw InputError(from +
                      " has LoRA adapters or a quantized base: continue it with --mode finetune, or "
                      "export it merged (--mode export --lora.merge true) to pretrain further");
@@ -177,7 +174,7 @@ void TrainSetup::make_topology(const Config& cfg, const Comm& comm) {
 }
 
 void TrainSetup::build(const Config& cfg) {
-  model = std::make_unique<Model>(mc, *backend, cfg.train.recompute == "block", topo->shard(mc));
+  model = std::make_unique<Model>(mc, *backend, cfg.train.recompute == "block", model_shard(*topo, mc));
   // ZeRO-1: this rank's shard of the optimizer state.
   const std::size_t n = model->table().total();
   const std::vector<std::size_t> bounds =
@@ -189,45 +186,6 @@ void TrainSetup::build(const Config& cfg) {
     load_weights(resume, *model);
     load_training_state(resume, *optimizer, state);
   }
-}
-
-void prepare_run_dir(const Config& cfg, const Comm& comm) {
-  if (!comm.root()) return;
-  std::error_code ec;
-  fs::create_directories(cfg.run.dir, ec);
-  if (ec) throw InputError("--run.dir " + cfg.run.dir + ": cannot create it: " + ec.message());
-}
-
-void claim_run_dir(const Config& cfg, const Comm& comm, bool resuming) {
-  prepare_run_dir(cfg, comm);
-  if (!comm.root() || resuming) return;
-  std::vector<fs::path> earlier;
-  for (const auto& checkpoint : list_checkpoints(cfg.run.dir)) earlier.emplace_back(checkpoint.second);
-  const std::size_t checkpoints = earlier.size();
-  const fs::path metrics = fs::path(cfg.run.dir) / "metrics.h5";
-  std::error_code ec;
-  if (fs::exists(metrics, ec)) earlier.push_back(metrics);
-  if (earlier.empty()) return;
-  // Metrics without a checkpoint (a run that died before its first) cannot be resumed: they move aside
-  // unasked, so that a requeued job starts again instead of waiting for a person.
-  if (checkpoints > 0 && !cfg.run.overwrite)
-    throw InputError(
-        strprintf("--run.dir %s holds an earlier run (%zu checkpoints%s): continue it with "
-                  "--checkpoint.resume latest, or move its files aside with --run.overwrite true",
-                  cfg.run.dir.c_str(), checkpoints, earlier.size() > checkpoints ? " and metrics.h5" : ""));
-  const std::time_t now = std::time(nullptr);
-  char stamp[32];
-  std::strftime(stamp, sizeof stamp, "%Y%m%d-%H%M%S", std::localtime(&now));
-  fs::path aside = fs::path(cfg.run.dir) / ("earlier-" + std::string(stamp));
-  for (int n = 2; fs::exists(aside, ec); ++n)
-    aside = fs::path(cfg.run.dir) / strprintf("earlier-%s-%d", stamp, n);
-  fs::create_directory(aside, ec);
-  if (ec) throw InputError("--run.overwrite: cannot create " + aside.string() + ": " + ec.message());
-  for (const fs::path& p : earlier) {
-    fs::rename(p, aside / p.filename(), ec);
-    if (ec) throw InputError("--run.overwrite: cannot move " + p.string() + " aside: " + ec.message());
-  }
-  std::printf("moved the earlier run's %zu files to %s\n", earlier.size(), aside.c_str());
 }
 
 int run_pretrain(const Config& cfg, const Comm& comm) {
@@ -296,8 +254,7 @@ int run_training(const Config& cfg, const Comm& comm, TrainSetup& setup, const s
                   mc.lowrank_rank[s] ? ("r" + std::to_string(mc.lowrank_rank[s])).c_str() : "dense");
       if (mc.lora_rank[s] > 0) std::printf("+lora%d", mc.lora_rank[s]);
     }
-    if (mc.any_lora())
-      std::printf(", frozen base stored as %s", mc.quant == "none" ? "float32" : mc.quant.c_str());
+    if (mc.any_lora()) std::printf(", frozen base stored as %s", storage_name(mc.quant));
     std::printf("\n");
     print_param_counts(model.param_counts(), mc);
     std::printf(
@@ -307,7 +264,7 @@ int run_training(const Config& cfg, const Comm& comm, TrainSetup& setup, const s
         B, tc.grad_accum, dp, static_cast<unsigned long long>(sequences_per_step), T,
         setup.data_summary.c_str());
   }
-  topo.print_placement(mc);
+  print_placement(topo, mc);
   if (comm.root()) {
     if (topo.pp() > 1)
       std::printf(

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "lrllm/config.h"
+#include "lrllm/layout.h"
 #include "lrllm/topology.h"
 #include "test_util.h"
 

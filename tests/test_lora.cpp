@@ -29,7 +29,7 @@ ModelConfig lora_config(std::array<int, kNumSites> lowrank, std::array<int, kNum
   ModelConfig m = tiny_config(lowrank);
   std::copy(lora.begin(), lora.end(), m.lora_rank);
   m.lora_alpha = 2.0;  // scale 1 at rank 2: a strongly amplified adapter makes the loss too curved for FD
-  m.quant = quant;
+  m.quant = quant_from_name(quant);
   m.quant_block = 16;
   return m;
 }
@@ -53,8 +53,7 @@ void fill_quantized(Model& model, uint64_t seed) {
   for (QuantizedEntry& e : model.quantized_tensors()) {
     const std::vector<float> w =
         random_floats(static_cast<std::size_t>(e.shape[0] * e.shape[1]), derive_seed(seed, e.name), 0.3);
-    e.tensor = c.quant == "int8" ? quantize_int8(w.data(), e.shape, c.quant_block)
-                                 : quantize_nf4(w.data(), e.shape, true, c.quant_block);
+    e.tensor = quantize(c.quant, w.data(), e.shape, true, c.quant_block);
   }
 }
 

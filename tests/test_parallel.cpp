@@ -5,6 +5,7 @@
 #include <numeric>
 #include <vector>
 
+#include "lrllm/layout.h"
 #include "lrllm/params.h"
 #include "lrllm/topology.h"
 
@@ -67,7 +68,7 @@ ModelConfig gpt2_shape(int n_layer, int d_model, int vocab_size, int rank = 0) {
 
 std::vector<std::pair<int, int>> stages(const ModelConfig& m, int pp) {
   std::vector<std::pair<int, int>> out;
-  for (int s = 0; s < pp; ++s) out.push_back(Topology::stage_layers(m, pp, s));
+  for (int s = 0; s < pp; ++s) out.push_back(stage_layers(m, pp, s));
   return out;
 }
 

@@ -5,9 +5,19 @@
 #include <cstdint>
 #include <set>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace lrllm {
+
+// How a frozen base's dense linear weights (and, optionally, the tied wte) are stored: float32, or one of the
+// block-quantized kinds of quant.h. Parsed once, from --quant.bits or from a file's /config quant.
+enum class QuantKind { none, int8, nf4 };
+const char* quant_name(QuantKind q);                 // "none", "int8", "nf4": the files' spelling
+const char* storage_name(QuantKind q);               // "float32", "int8", "nf4": for messages
+QuantKind quant_from_name(const std::string& name);  // the files' spelling; InputError for another
+QuantKind quant_from_bits(int bits);                 // 0, 8, 4; InputError for another
+int quant_bits(QuantKind q);                         // 0, 8, 4
 
 // The four kinds of linear layer in a GPT-2 block, in the order a block applies them.
 enum class LinearSite { qkv = 0, proj = 1, fc = 2, mlp_proj = 3 };
@@ -44,13 +54,15 @@ struct ModelConfig {
   std::string prompt_template;
   // Dropout on the adapters' input while training (a training setting: not stored in checkpoints).
   double lora_dropout = 0.0;
-  // Storage of the frozen base's dense linear weights: "none" (float32), "int8" or "nf4".
-  std::string quant = "none";
+  QuantKind quant = QuantKind::none;  // storage of the frozen base's dense linear weights
   int quant_block = 64;
   bool quant_double = true;      // nf4: absmax quantized to 8 bits as well
   bool quant_embedding = false;  // with quant: the tied wte (embedding and lm_head) is stored quantized too
 
   int ff() const { return d_ff > 0 ? d_ff : 4 * d_model; }
+  // A linear site's input and output width in the whole model (GPT-2: qkv C -> 3C, proj C -> C, fc C -> F,
+  // mlp_proj F -> C), before any tensor-parallel split: every count, estimate and check reads them here.
+  std::pair<int64_t, int64_t> site_dims(LinearSite site) const;
   bool any_lowrank() const;
   bool any_lora() const;
   std::string lora_targets() const;

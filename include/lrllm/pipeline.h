@@ -51,4 +51,11 @@ class Pipeline {
   std::vector<std::vector<PendingTransfer>> sends_;  // outstanding sends from each slot's buffers
 };
 
+// Mean loss over the first `sequences` sequences of a source, in order, so every evaluation of a run sees the
+// same tokens whatever the layout: each data-parallel rank takes a contiguous share, in batches of at most
+// batch_size through the pipeline. `sequences` must be a multiple of the data-parallel ranks. Every rank gets
+// the result. Training's periodic validation and --mode eval on token files.
+double validation_loss(Pipeline& pipeline, const Topology& topo, BatchSource& batcher, uint64_t sequences,
+                       int batch_size);
+
 }  // namespace lrllm

@@ -23,11 +23,11 @@
 #include <string>
 #include <vector>
 
+#include "lrllm/config.h"
+
 namespace lrllm {
 
 class H5File;
-
-enum class QuantKind { int8, nf4 };
 
 // The 16 NF4 levels (codes 0..15), exactly as docs/design.md (Quantized tensors) and bitsandbytes list them.
 inline constexpr float kNf4Levels[16] = {
@@ -71,8 +71,12 @@ struct QuantizedTensor {
 
 // x holds the product of shape values. InputError on a block size below 1, a negative dimension or a
 // non-finite value.
+// A QuantizedTensor's kind is int8 or nf4, never QuantKind::none.
 QuantizedTensor quantize_int8(const float* x, std::vector<int64_t> shape, int block = 64);
 QuantizedTensor quantize_nf4(const float* x, std::vector<int64_t> shape, bool double_quant, int block = 64);
+// Either of the two by kind (int8 ignores double_quant).
+QuantizedTensor quantize(QuantKind kind, const float* x, std::vector<int64_t> shape, bool double_quant,
+                         int block);
 
 // Writes values [first, first + count) of the flattened tensor to out as float32, bit for bit what a full
 // dequantization gives; any first and count work (block boundaries and odd NF4 starts included). It needs no

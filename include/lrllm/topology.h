@@ -3,7 +3,7 @@
 // most shares a node where it can: world rank = (dp_rank * pp + pp_rank) * tp + tp_rank.
 //
 // Host tensors move with MPI. Device tensors (--device cuda) move with NCCL (nccl.h), since this MPI is not
-// CUDA-aware; MPI still carries host data: world_sum, gather_dp (checkpoints) and print_placement.
+// CUDA-aware; MPI still carries host data: world_sum, gather_dp (checkpoints) and gather_lines.
 //
 // Every collective and transfer here counts the bytes this rank hands to it (the payload: n floats of an
 // allreduce count 4n, whatever algorithm MPI or NCCL picks), per communicator; training writes them to
@@ -21,7 +21,7 @@
 
 #include "lrllm/comm.h"
 #include "lrllm/config.h"
-#include "lrllm/model.h"
+#include "lrllm/linear.h"
 
 namespace lrllm {
 
@@ -56,11 +56,6 @@ class PendingTransfer {
   std::unique_ptr<DeviceEvent> done_;
 };
 
-// Checks a layout against the world size, the model and the batch before anything is built: world divisible
-// by tp * pp, pp at most the layer count, heads and d_ff divisible by tp, micro_batches dividing the batch.
-// Throws InputError.
-void validate_layout(const ParallelConfig& p, int world_size, const ModelConfig& m, int batch_size);
-
 class Topology : public TensorReducer {
  public:
   // device_tensors: the tensors handed to the collectives and transfers below are device pointers (--device
@@ -85,15 +80,8 @@ class Topology : public TensorReducer {
   int dp_rank() const { return dp_rank_; }
   bool first_stage() const { return pp_rank_ == 0; }
   bool last_stage() const { return pp_rank_ == pp_ - 1; }
-  // This rank's share of the model: its stage's blocks and its tensor-parallel slice.
-  ModelShard shard(const ModelConfig& m) const;
-
-  // Blocks [first, end) of a stage. Stages are balanced by compute, not block count: the last one also runs
-  // the lm_head (6 V C FLOPs a token, forward and backward: several blocks' worth at GPT-2's vocabulary), so
-  // the split minimizes the largest stage's FLOPs, every stage keeping at least one block.
-  static std::pair<int, int> stage_layers(const ModelConfig& m, int pp, int stage);
-  // One line per rank (host, coordinates, blocks, heads), gathered to and printed by world rank 0.
-  void print_placement(const ModelConfig& m) const;
+  // Every rank's line (up to 255 characters), in world rank order, on world rank 0; empty elsewhere.
+  std::vector<std::string> gather_lines(const std::string& line) const;
 
   // In-place sum over the tensor-parallel group (the TensorReducer the linear layers use).
   void allreduce_sum(float* x, std::size_t n) const override;

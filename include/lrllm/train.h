@@ -48,15 +48,6 @@ struct TrainSetup {
 // Runs setup.steps steps from setup.state, writing metrics.h5 and checkpoints (mode names them).
 int run_training(const Config& cfg, const Comm& comm, TrainSetup& setup, const std::string& mode);
 
-// Creates run.dir on rank 0. Throws InputError.
-void prepare_run_dir(const Config& cfg, const Comm& comm);
-
-// The same for a training run, which never writes over an earlier run's checkpoints or metrics.h5: unless it
-// resumes, a run.dir holding checkpoints is an InputError, or with run.overwrite they and metrics.h5 move to
-// a new run.dir/earlier-<time>/ folder; a metrics.h5 without checkpoints always moves there. Throws
-// InputError.
-void claim_run_dir(const Config& cfg, const Comm& comm, bool resuming);
-
 // The model-shape, low-rank, LoRA and quantization options given must agree with the file the model comes
 // from (path, read as file): the same values again, as a requeued job's command line gives them, are
 // accepted; a value that differs is an InputError naming both.

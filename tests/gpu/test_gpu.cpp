@@ -298,8 +298,7 @@ struct ModelPair {
       QuantizedEntry& e = on_cpu.quantized_tensors()[i];
       const std::vector<float> w =
           random_floats(static_cast<std::size_t>(e.shape[0] * e.shape[1]), derive_seed(9, e.name), 0.05);
-      e.tensor = cfg.quant == "int8" ? quantize_int8(w.data(), e.shape, cfg.quant_block)
-                                     : quantize_nf4(w.data(), e.shape, true, cfg.quant_block);
+      e.tensor = quantize(cfg.quant, w.data(), e.shape, true, cfg.quant_block);
       on_gpu.quantized_tensors()[i].tensor = e.tensor;
     }
   }
@@ -325,8 +324,8 @@ TEST_P(GpuModel, LossAndGradientsFollowTheCpu) {
   const ModelCase& c = GetParam();
   ModelConfig cfg = gpu_config(c.lowrank);
   std::copy(c.lora.begin(), c.lora.end(), cfg.lora_rank);
-  cfg.quant = c.quant;
-  cfg.quant_embedding = cfg.quant != "none";
+  cfg.quant = quant_from_name(c.quant);
+  cfg.quant_embedding = cfg.quant != QuantKind::none;
   ModelPair models(cfg, *cpu_, *gpu_, c.recompute);
   const int B = 3, n = B * cfg.seq_len;
   std::vector<int32_t> tokens = random_ids(n, cfg.vocab_size, 11),
