@@ -362,8 +362,6 @@ std::vector<TensorInfo> parse_description(const std::string& text, int parts) {
   return out;
 }
 
-constexpr int kSaveTag = 7;
-
 }  // namespace
 
 void save_checkpoint(const std::string& path, const std::string& mode, Model& model, AdamW& optimizer,
@@ -400,25 +398,19 @@ void save_checkpoint(const std::string& path, const std::string& mode, Model& mo
   if (!topo.world().root()) {
     // Every part this rank holds goes to world rank 0, in table order; the stage's first tensor-parallel
     // rank describes the stage's tensors first.
-    if (topo.tp_rank() == 0) {
-      const std::string text = describe(table);
-      LRLLM_MPI(MPI_Send(text.data(), static_cast<int>(text.size()), MPI_CHAR, 0, kSaveTag, MPI_COMM_WORLD));
-    }
+    if (topo.tp_rank() == 0) topo.send_text(0, describe(table));
     for (const TensorInfo& t : table.tensors()) {
       if (t.split.replica) continue;
-      for (const auto* kind : kinds)
-        LRLLM_MPI(MPI_Send(kind->data() + t.offset, static_cast<int>(t.size), MPI_FLOAT, 0, kSaveTag,
-                           MPI_COMM_WORLD));
+      for (const auto* kind : kinds) topo.send_host(0, kind->data() + t.offset, t.size);
     }
     if (stages_write_base && topo.tp_rank() == 0) {
-      int turn = 0;
-      LRLLM_MPI(MPI_Recv(&turn, 1, MPI_INT, 0, kSaveTag, MPI_COMM_WORLD, MPI_STATUS_IGNORE));
+      topo.take_turn();
       {
         H5File f = H5File::open_write(tmp);
         write_frozen(f, model);
         f.close();
       }
-      LRLLM_MPI(MPI_Send(&turn, 1, MPI_INT, 0, kSaveTag, MPI_COMM_WORLD));
+      topo.end_turn();
     }
     return;
   }
@@ -430,32 +422,20 @@ void save_checkpoint(const std::string& path, const std::string& mode, Model& mo
     if (topo.tp() == 1) write_frozen(f, model);
     std::vector<float> full[3], part;
     for (int stage = 0; stage < topo.pp(); ++stage) {
-      const int stage_root = stage * topo.tp();  // world rank of (dp 0, stage, tp 0)
-      std::vector<TensorInfo> tensors;
-      if (stage == 0) {
-        tensors = table.tensors();
-      } else {
-        MPI_Status status;
-        int len = 0;
-        LRLLM_MPI(MPI_Probe(stage_root, kSaveTag, MPI_COMM_WORLD, &status));
-        LRLLM_MPI(MPI_Get_count(&status, MPI_CHAR, &len));
-        std::string text(len, '\0');
-        LRLLM_MPI(
-            MPI_Recv(text.data(), len, MPI_CHAR, stage_root, kSaveTag, MPI_COMM_WORLD, MPI_STATUS_IGNORE));
-        tensors = parse_description(text, topo.tp());
-      }
+      const std::vector<TensorInfo> tensors =
+          stage == 0 ? table.tensors()
+                     : parse_description(topo.recv_text(topo.world_rank(0, stage, 0)), topo.tp());
       for (TensorInfo t : tensors) {
         if (t.split.replica) continue;
         for (auto& buffer : full) buffer.resize(t.full_size());
         for (int p = 0; p < t.split.parts; ++p) {
           t.split.part = p;
-          const int source = stage_root + p;
+          const int source = topo.world_rank(0, stage, p);
           for (int k = 0; k < 3; ++k) {
             const float* data = kinds[k]->data() + t.offset;
             if (source != 0) {
               part.resize(t.size);
-              LRLLM_MPI(MPI_Recv(part.data(), static_cast<int>(t.size), MPI_FLOAT, source, kSaveTag,
-                                 MPI_COMM_WORLD, MPI_STATUS_IGNORE));
+              topo.recv_host(source, part.data(), t.size);
               data = part.data();
             }
             insert_part(t, data, full[k].data());
@@ -468,11 +448,7 @@ void save_checkpoint(const std::string& path, const std::string& mode, Model& mo
     f.close();
   }
   if (stages_write_base)
-    for (int stage = 1; stage < topo.pp(); ++stage) {
-      int turn = stage;
-      LRLLM_MPI(MPI_Send(&turn, 1, MPI_INT, stage * topo.tp(), kSaveTag, MPI_COMM_WORLD));
-      LRLLM_MPI(MPI_Recv(&turn, 1, MPI_INT, stage * topo.tp(), kSaveTag, MPI_COMM_WORLD, MPI_STATUS_IGNORE));
-    }
+    for (int stage = 1; stage < topo.pp(); ++stage) topo.give_turn(topo.world_rank(0, stage, 0));
   rename_into_place(tmp, path);
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   std::printf("checkpoint %s: %.2f MB in %.2f s\n", path.c_str(),

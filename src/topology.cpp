@@ -158,6 +158,53 @@ std::vector<std::string> Topology::gather_lines(const std::string& line) const {
   return lines;
 }
 
+namespace {
+constexpr int kHostTag = 7;  // send_host / send_text / turns: world-communicator messages of their own tag
+}  // namespace
+
+void Topology::send_host(int rank, const float* x, std::size_t n) const {
+  in_pieces(n, [&](std::size_t off, int c) {
+    LRLLM_MPI(MPI_Send(x + off, c, MPI_FLOAT, rank, kHostTag, MPI_COMM_WORLD));
+  });
+}
+
+void Topology::recv_host(int rank, float* x, std::size_t n) const {
+  in_pieces(n, [&](std::size_t off, int c) {
+    LRLLM_MPI(MPI_Recv(x + off, c, MPI_FLOAT, rank, kHostTag, MPI_COMM_WORLD, MPI_STATUS_IGNORE));
+  });
+}
+
+void Topology::send_text(int rank, const std::string& text) const {
+  if (text.size() > kMaxCount) throw RuntimeError("a text message exceeds MPI's int counts");
+  LRLLM_MPI(MPI_Send(text.data(), static_cast<int>(text.size()), MPI_CHAR, rank, kHostTag, MPI_COMM_WORLD));
+}
+
+std::string Topology::recv_text(int rank) const {
+  MPI_Status status;
+  int len = 0;
+  LRLLM_MPI(MPI_Probe(rank, kHostTag, MPI_COMM_WORLD, &status));
+  LRLLM_MPI(MPI_Get_count(&status, MPI_CHAR, &len));
+  std::string text(static_cast<std::size_t>(len), '\0');
+  LRLLM_MPI(MPI_Recv(text.data(), len, MPI_CHAR, rank, kHostTag, MPI_COMM_WORLD, MPI_STATUS_IGNORE));
+  return text;
+}
+
+void Topology::give_turn(int rank) const {
+  int turn = rank;
+  LRLLM_MPI(MPI_Send(&turn, 1, MPI_INT, rank, kHostTag, MPI_COMM_WORLD));
+  LRLLM_MPI(MPI_Recv(&turn, 1, MPI_INT, rank, kHostTag, MPI_COMM_WORLD, MPI_STATUS_IGNORE));
+}
+
+void Topology::take_turn() const {
+  int turn = 0;
+  LRLLM_MPI(MPI_Recv(&turn, 1, MPI_INT, 0, kHostTag, MPI_COMM_WORLD, MPI_STATUS_IGNORE));
+}
+
+void Topology::end_turn() const {
+  int turn = world_.rank();
+  LRLLM_MPI(MPI_Send(&turn, 1, MPI_INT, 0, kHostTag, MPI_COMM_WORLD));
+}
+
 MPI_Comm Topology::comm(Group g) const {
   return g == Group::dp ? dp_comm_ : g == Group::tp ? tp_comm_ : pp_comm_;
 }

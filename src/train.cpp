@@ -1,16 +1,12 @@
 #include "lrllm/train.h"
 
-#include <sys/resource.h>
-
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
-#include <ctime>
 #include <filesystem>
 #include <initializer_list>
 #include <limits>
-#include <map>
 #include <vector>
 
 #include "lrllm/backend.h"
@@ -26,25 +22,12 @@
 #include "lrllm/rng.h"
 #include "lrllm/run_dir.h"
 #include "lrllm/signals.h"
+#include "lrllm/train_log.h"
 
 namespace fs = std::filesystem;
 
 namespace lrllm {
 namespace {
-
-// The peak of the memory that bounds the run: the GPU's (what the backend's allocations held at most) on a
-// device backend, else the process's resident set.
-std::size_t peak_memory_bytes(const Backend& backend) {
-  if (const std::size_t device = backend.peak_bytes(); device > 0) return device;
-  rusage usage{};
-  getrusage(RUSAGE_SELF, &usage);
-  return static_cast<std::size_t>(usage.ru_maxrss) * 1024;
-}
-
-std::string format_duration(double seconds) {
-  const long s = std::lround(std::max(0.0, seconds));
-  return strprintf("%ld:%02ld:%02ld", s / 3600, (s / 60) % 60, s % 60);
-}
 
 // A model-shape option the user gave that the file being loaded contradicts.
 void check_against_file(const Config& cfg, const char* option, int given, int in_file,
@@ -218,183 +201,169 @@ int run_pretrain(const Config& cfg, const Comm& comm) {
   return run_training(cfg, comm, setup, "pretrain");
 }
 
+namespace {
+
+// What one optimizer step works with.
+struct TrainLoop {
+  const TrainConfig& tc;
+  const Topology& topo;
+  Model& model;
+  AdamW& optimizer;
+  TrainState& state;
+  Pipeline& pipeline;
+  DataParallel& data_parallel;
+  BatchSource& batches;
+  const std::string& run_dir;
+  Batch batch;
+  uint64_t sequences_per_step = 0;
+};
+
+// The traffic counters of this rank and whether it was asked to stop: summed over the world once a step, so
+// that every rank agrees on the step's record and on stopping.
+struct StepCounters {
+  double dp_bytes = 0, tp_bytes = 0, pp_bytes = 0, pp_wait_s = 0, stop_requests = 0;
+};
+
+StepCounters counters_now(const Topology& topo) {
+  return {static_cast<double>(topo.bytes(Group::dp)), static_cast<double>(topo.bytes(Group::tp)),
+          static_cast<double>(topo.bytes(Group::pp)), topo.pp_wait_s(), 0.0};
+}
+
+// The world's sums of the counters since `before`, with this rank's stop request.
+StepCounters world_counters_since(const Topology& topo, const StepCounters& before) {
+  const StepCounters now = counters_now(topo);
+  double sums[5] = {now.dp_bytes - before.dp_bytes, now.tp_bytes - before.tp_bytes,
+                    now.pp_bytes - before.pp_bytes, now.pp_wait_s - before.pp_wait_s,
+                    stop_requested() ? 1.0 : 0.0};
+  topo.world_sum(sums, 5);
+  return {sums[0], sums[1], sums[2], sums[3], sums[4]};
+}
+
+// One optimizer step, on every rank: batch -> forward -> loss -> backward -> gradient communication ->
+// optimizer. The step's batch is sequences_per_step sequences from the data cursor, of which micro-step m on
+// data-parallel rank r takes the (m * dp + r)-th slice of batch_size; the last micro-step starts gradient
+// averaging as its backward goes.
+StepStats train_step(TrainLoop& loop, int64_t step) {
+  const TrainConfig& tc = loop.tc;
+  const Topology& topo = loop.topo;
+  const int B = tc.batch_size;
+  StepStats s;
+  s.val_loss = NAN;
+  loop.model.zero_grads();
+  loop.model.set_training(true);
+  double loss = 0;
+  int64_t real_tokens = 0;
+  for (int micro = 0; micro < tc.grad_accum; ++micro) {
+    const uint64_t first =
+        loop.state.data_cursor + (static_cast<uint64_t>(micro) * topo.dp() + topo.dp_rank()) * B;
+    loop.batches.fill(first, B, loop.batch);
+    real_tokens += loop.batch.real_tokens;
+    // Dropout masks follow from the seed, the step and the slice: a resumed run draws the same ones.
+    loop.model.set_dropout_seed(
+        derive_seed(loop.state.seed, strprintf("dropout %lld %llu", static_cast<long long>(step),
+                                               static_cast<unsigned long long>(first))));
+    const bool last_micro = micro == tc.grad_accum - 1;
+    loss += loop.pipeline.train(loop.batch, 1.0f / tc.grad_accum,
+                                last_micro ? &loop.data_parallel.hook() : nullptr) /
+            tc.grad_accum;
+  }
+  loop.model.set_training(false);
+
+  // Gradient communication: the tied embedding between stages, then the mean over data-parallel ranks.
+  loop.data_parallel.finish_gradients();
+  // The loss lives on the last stage, where the tensor-parallel ranks all computed it; the real tokens are
+  // counted there too, once per data-parallel rank.
+  const bool holds_loss = topo.last_stage() && topo.tp_rank() == 0;
+  double sums[2] = {holds_loss ? loss : 0.0, holds_loss ? static_cast<double>(real_tokens) : 0.0};
+  topo.world_sum(sums, 2);
+  s.loss = sums[0] / topo.dp();
+  s.tokens = sums[1];
+  if (!std::isfinite(s.loss))
+    throw DivergenceError(strprintf("loss is %f at step %lld; stopping (the last checkpoint in %s is kept)",
+                                    s.loss, static_cast<long long>(step + 1), loop.run_dir.c_str()));
+
+  // Optimizer.
+  s.grad_norm = loop.data_parallel.clip(tc.grad_clip);
+  s.lr = lr_at(tc, static_cast<int>(step));
+  loop.data_parallel.update(loop.optimizer, static_cast<float>(s.lr));
+  loop.state.step = step + 1;
+  loop.state.data_cursor += loop.sequences_per_step;
+  loop.state.tokens_seen += static_cast<int64_t>(s.tokens);
+  s.step = loop.state.step;
+  s.tokens_seen = static_cast<double>(loop.state.tokens_seen);
+  return s;
+}
+
+}  // namespace
+
 int run_training(const Config& cfg, const Comm& comm, TrainSetup& setup, const std::string& mode) {
   // The loop's settings, its length resolved (train.epochs becomes steps; the schedule follows them).
   TrainConfig tc = cfg.train;
   tc.steps = setup.steps;
-  const std::string& resume = setup.resume;
-  const ModelConfig& mc = setup.mc;
-  BatchSource& train_batches = *setup.train;
-  BatchSource& val_batches = *setup.val;
-  Backend* backend = setup.backend.get();
   const Topology& topo = *setup.topo;
   Model& model = *setup.model;
   AdamW& optimizer = *setup.optimizer;
   TrainState& state = setup.state;
   Pipeline pipeline(model, topo, cfg.parallel.micro_batches);
   DataParallel data_parallel(model, topo, cfg.parallel.zero == 1, cfg.parallel.bucket_mb);
-
-  const int B = tc.batch_size, T = setup.row_len, dp = topo.dp();
-  const uint64_t sequences_per_step = static_cast<uint64_t>(B) * tc.grad_accum * dp;
+  TrainLoop loop{tc,
+                 topo,
+                 model,
+                 optimizer,
+                 state,
+                 pipeline,
+                 data_parallel,
+                 *setup.train,
+                 cfg.run.dir,
+                 {},
+                 static_cast<uint64_t>(tc.batch_size) * tc.grad_accum * topo.dp()};
   const MemoryBytes mem = [&] {
-    MemoryBytes m = model.memory(B / cfg.parallel.micro_batches, pipeline.slots());
+    MemoryBytes m = model.memory(tc.batch_size / cfg.parallel.micro_batches, pipeline.slots());
     m.optimizer = optimizer.bytes();
     m.grads += data_parallel.extra_bytes();
     return m;
   }();
-
-  if (comm.root()) {
-    std::printf("lrllm %s on %d rank(s), device %s, %s\n", mode.c_str(), comm.size(), backend->name().c_str(),
-                resume.empty() ? (mc.init.empty() ? "random init" : ("init from " + mc.init).c_str())
-                               : ("resuming " + resume + " at step " + std::to_string(state.step)).c_str());
-    std::printf("model: gpt2 n_layer %d n_head %d d_model %d d_ff %d seq_len %d vocab %d, linear sites:",
-                mc.n_layer, mc.n_head, mc.d_model, mc.ff(), mc.seq_len, mc.vocab_size);
-    for (int s = 0; s < kNumSites; ++s) {
-      std::printf(" %s=%s", site_name(static_cast<LinearSite>(s)),
-                  mc.lowrank_rank[s] ? ("r" + std::to_string(mc.lowrank_rank[s])).c_str() : "dense");
-      if (mc.lora_rank[s] > 0) std::printf("+lora%d", mc.lora_rank[s]);
-    }
-    if (mc.any_lora()) std::printf(", frozen base stored as %s", storage_name(mc.quant));
-    std::printf("\n");
-    print_param_counts(model.param_counts(), mc);
-    std::printf(
-        "batch: %d seq/rank x %d accum x %d data-parallel ranks = %llu sequences of at most %d tokens per "
-        "step; "
-        "%s\n",
-        B, tc.grad_accum, dp, static_cast<unsigned long long>(sequences_per_step), T,
-        setup.data_summary.c_str());
-  }
-  print_placement(topo, mc);
-  if (comm.root()) {
-    if (topo.pp() > 1)
-      std::printf(
-          "pipeline: %d stages, %d micro-batches of %d sequences, 1F1B schedule, bubble %.1f%% of a step\n",
-          topo.pp(), cfg.parallel.micro_batches, B / cfg.parallel.micro_batches,
-          100.0 * pipeline.bubble_fraction());
-    if (cfg.parallel.zero == 1)
-      std::printf("ZeRO-1: optimizer state sharded over %d data-parallel ranks\n", dp);
-    std::printf(
-        "memory per rank: params %.1f MB (trainable %.1f, frozen %.1f, quantized %.1f), grads %.1f MB, "
-        "optimizer %.1f MB, activations %.1f MB\n",
-        mem.params / 1e6, mem.params_trainable / 1e6, mem.params_frozen / 1e6, mem.params_quantized / 1e6,
-        mem.grads / 1e6, mem.optimizer / 1e6, mem.activations / 1e6);
-    std::fflush(stdout);
-  }
-
+  print_banner(cfg, setup, mode, pipeline, mem);
   std::unique_ptr<Metrics> metrics;
   if (comm.root()) {
     metrics = std::make_unique<Metrics>((fs::path(cfg.run.dir) / "metrics.h5").string(), state.step);
     metrics->record_run(cfg.resolved, cfg.command_line);
   }
 
-  Batch batch;
-  // The loss lives on the last stage, where the tensor-parallel ranks all computed it.
-  const bool holds_loss = topo.last_stage() && topo.tp_rank() == 0;
   double elapsed_train_s = 0, timed_tokens = 0;
   int timed_steps = 0;
   double last_val = NAN;
   const int64_t first_step = state.step;
-
   for (int64_t step = state.step; step < tc.steps; ++step) {
     const auto t0 = std::chrono::steady_clock::now();
-    const double counters_before[4] = {static_cast<double>(topo.bytes(Group::dp)),
-                                       static_cast<double>(topo.bytes(Group::tp)),
-                                       static_cast<double>(topo.bytes(Group::pp)), topo.pp_wait_s()};
-
-    // Forward and backward over this rank's micro-steps through the pipeline; the step's batch is
-    // sequences_per_step sequences from the data cursor, of which micro-step m on data-parallel rank r takes
-    // the (m * dp + r)-th slice of B. The last micro-step starts gradient averaging as its backward goes.
-    model.zero_grads();
-    model.set_training(true);
-    double loss = 0;
-    int64_t real_tokens = 0;  // this rank's tokens that are not padding
-    for (int micro = 0; micro < tc.grad_accum; ++micro) {
-      const uint64_t first = state.data_cursor + (static_cast<uint64_t>(micro) * dp + topo.dp_rank()) * B;
-      train_batches.fill(first, B, batch);
-      real_tokens += batch.real_tokens;
-      // Dropout masks follow from the seed, the step and the slice: a resumed run draws the same ones.
-      model.set_dropout_seed(
-          derive_seed(state.seed, strprintf("dropout %lld %llu", static_cast<long long>(step),
-                                            static_cast<unsigned long long>(first))));
-      const bool last_micro = micro == tc.grad_accum - 1;
-      loss += pipeline.train(batch, 1.0f / tc.grad_accum, last_micro ? &data_parallel.hook() : nullptr) /
-              tc.grad_accum;
+    const StepCounters before = counters_now(topo);
+    StepStats s = train_step(loop, step);
+    s.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const bool last = state.step == tc.steps;
+    if ((tc.eval_every > 0 && state.step % tc.eval_every == 0) || last) {
+      s.val_loss = validation_loss(pipeline, topo, *setup.val, tc.eval_batches * loop.sequences_per_step,
+                                   tc.batch_size);
+      last_val = s.val_loss;
     }
-    model.set_training(false);
-
-    // Gradient communication: the tied embedding between stages, then the mean over data-parallel ranks.
-    data_parallel.finish_gradients();
-    // The step's loss and its real tokens, each counted once per data-parallel rank.
-    double step_sums[2] = {holds_loss ? loss : 0.0, holds_loss ? static_cast<double>(real_tokens) : 0.0};
-    topo.world_sum(step_sums, 2);
-    loss = step_sums[0] / dp;
-    const double step_tokens = step_sums[1];
-    if (!std::isfinite(loss))
-      throw DivergenceError(strprintf("loss is %f at step %lld; stopping (the last checkpoint in %s is kept)",
-                                      loss, static_cast<long long>(step + 1), cfg.run.dir.c_str()));
-
-    // Optimizer.
-    const double grad_norm = data_parallel.clip(tc.grad_clip);
-    const double lr = lr_at(tc, static_cast<int>(step));
-    data_parallel.update(optimizer, static_cast<float>(lr));
-    state.step = step + 1;
-    state.data_cursor += sequences_per_step;
-    state.tokens_seen += static_cast<int64_t>(step_tokens);
-    const double step_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     // The first step of a process pays for page faults and warm-up; leave it out of the rate.
     if (step > first_step) {
-      elapsed_train_s += step_s;
-      timed_tokens += step_tokens;
+      elapsed_train_s += s.seconds;
+      timed_tokens += s.tokens;
       ++timed_steps;
     }
-    const double tokens_per_s = step_tokens / step_s;
+    const StepCounters traffic = world_counters_since(topo, before);
+    s.dp_bytes = traffic.dp_bytes;
+    s.tp_bytes = traffic.tp_bytes;
+    s.pp_bytes = traffic.pp_bytes;
+    s.pp_wait_s = traffic.pp_wait_s;
+    const bool stop = traffic.stop_requests > 0 && !last;
 
-    // Metrics: bytes each communicator carried this step, summed over ranks, and the share of the step the
-    // ranks spent waiting for pipeline transfers.
-    const bool last = state.step == tc.steps;
-    double val_loss = NAN;
-    if ((tc.eval_every > 0 && state.step % tc.eval_every == 0) || last) {
-      val_loss = validation_loss(pipeline, topo, val_batches, tc.eval_batches * sequences_per_step, B);
-      last_val = val_loss;
-    }
-    // The last counter: whether any rank was asked to stop (preemption), so that all agree.
-    double counters[5] = {topo.bytes(Group::dp) - counters_before[0],
-                          topo.bytes(Group::tp) - counters_before[1],
-                          topo.bytes(Group::pp) - counters_before[2], topo.pp_wait_s() - counters_before[3],
-                          stop_requested() ? 1.0 : 0.0};
-    topo.world_sum(counters, 5);
-    const bool stop = counters[4] > 0 && !last;
+    // Metrics.
     if (comm.root()) {
-      metrics->append({{"step", static_cast<double>(state.step)},
-                       {"loss", loss},
-                       {"lr", lr},
-                       {"grad_norm", grad_norm},
-                       {"tokens_per_s", tokens_per_s},
-                       {"step_ms", step_s * 1e3},
-                       {"val_loss", val_loss},
-                       {"tokens_seen", static_cast<double>(state.tokens_seen)},
-                       {"comm_bytes_dp", counters[0]},
-                       {"comm_bytes_tp", counters[1]},
-                       {"comm_bytes_pp", counters[2]},
-                       {"pp_wait_frac", counters[3] / comm.size() / step_s},
-                       {"mem_params", static_cast<double>(mem.params)},
-                       {"mem_params_trainable", static_cast<double>(mem.params_trainable)},
-                       {"mem_params_frozen", static_cast<double>(mem.params_frozen)},
-                       {"mem_params_quantized", static_cast<double>(mem.params_quantized)},
-                       {"mem_grads", static_cast<double>(mem.grads)},
-                       {"mem_optimizer", static_cast<double>(mem.optimizer)},
-                       {"mem_activations", static_cast<double>(mem.activations)},
-                       {"mem_peak", static_cast<double>(peak_memory_bytes(*backend))}});
-      if (state.step % cfg.run.log_every == 0 || last || !std::isnan(val_loss)) {
-        const double avg_s = timed_steps > 0 ? elapsed_train_s / timed_steps : step_s;
-        std::printf(
-            "step %6lld/%d | loss %.4f%s | lr %.2e | norm %.3f | %.0f tok/s | %.1f ms | mem %.0f MB | eta "
-            "%s\n",
-            static_cast<long long>(state.step), tc.steps, loss,
-            std::isnan(val_loss) ? "" : strprintf(" | val %.4f", val_loss).c_str(), lr, grad_norm,
-            tokens_per_s, step_s * 1e3, peak_memory_bytes(*backend) / 1e6,
-            format_duration(avg_s * (tc.steps - state.step)).c_str());
-        std::fflush(stdout);
+      const std::size_t peak = peak_memory_bytes(*setup.backend);
+      metrics->append(metrics_row(s, comm.size(), mem, peak));
+      if (state.step % cfg.run.log_every == 0 || last || !std::isnan(s.val_loss)) {
+        print_progress(s, tc.steps, timed_steps > 0 ? elapsed_train_s / timed_steps : s.seconds, peak);
         metrics->flush();
       }
     }

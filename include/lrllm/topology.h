@@ -82,6 +82,21 @@ class Topology : public TensorReducer {
   bool last_stage() const { return pp_rank_ == pp_ - 1; }
   // Every rank's line (up to 255 characters), in world rank order, on world rank 0; empty elsewhere.
   std::vector<std::string> gather_lines(const std::string& line) const;
+  // The world rank of a layout coordinate (the formula in this file's header, written once).
+  int world_rank(int dp_rank, int pp_rank, int tp_rank) const {
+    return (dp_rank * pp_ + pp_rank) * tp_ + tp_rank;
+  }
+  // Blocking host messages between two world ranks, received in the order they were sent: what a gather to
+  // world rank 0 that writes as it receives (checkpoints) needs. Not counted in bytes().
+  void send_host(int rank, const float* x, std::size_t n) const;
+  void recv_host(int rank, float* x, std::size_t n) const;
+  void send_text(int rank, const std::string& text) const;
+  std::string recv_text(int rank) const;
+  // A turn passed between world rank 0 and another rank: give_turn blocks until `rank` has taken it
+  // (take_turn) and handed it back (end_turn), so that ranks take turns at one resource (a file).
+  void give_turn(int rank) const;
+  void take_turn() const;
+  void end_turn() const;
 
   // In-place sum over the tensor-parallel group (the TensorReducer the linear layers use).
   void allreduce_sum(float* x, std::size_t n) const override;
