@@ -25,6 +25,7 @@
 #include "lrllm/backend.h"
 #include "lrllm/common.h"
 #include "lrllm/quant.h"
+#include "lrllm/rng.h"
 
 namespace lrllm {
 namespace {
@@ -252,6 +253,13 @@ __global__ void gelu_forward_kernel(float* out, const float* inp, std::size_t n)
     const float x = inp[i];
     out[i] = 0.5f * x * (1.0f + tanhf(kGeluScale * (x + 0.044715f * x * x * x)));
   }
+}
+
+// The CPU backend's mask, bit for bit: the same counter-based SplitMix64 value per element.
+__global__ void dropout_mask_kernel(float* mask, std::size_t n, double p, float keep, uint64_t seed) {
+  for (std::size_t i = blockIdx.x * std::size_t{blockDim.x} + threadIdx.x; i < n;
+       i += std::size_t{gridDim.x} * blockDim.x)
+    mask[i] = uniform_of(splitmix64_at(seed, i)) < p ? 0.0f : keep;
 }
 
 __global__ void gelu_backward_kernel(float* dinp, const float* inp, const float* dout, std::size_t n) {
@@ -519,6 +527,10 @@ class CudaBackend final : public Backend {
 
   void gelu_forward(float* out, const float* inp, std::size_t n) override {
     launch_over(n, "gelu_forward_kernel", gelu_forward_kernel, out, inp, n);
+  }
+  void dropout_mask(float* mask, std::size_t n, double p, uint64_t seed) override {
+    launch_over(n, "dropout_mask_kernel", dropout_mask_kernel, mask, n, p,
+                static_cast<float>(1.0 / (1.0 - p)), seed);
   }
   void gelu_backward(float* dinp, const float* inp, const float* dout, std::size_t n) override {
     launch_over(n, "gelu_backward_kernel", gelu_backward_kernel, dinp, inp, dout, n);

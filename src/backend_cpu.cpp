@@ -14,6 +14,7 @@
 
 #include "lrllm/backend.h"
 #include "lrllm/common.h"
+#include "lrllm/rng.h"
 
 namespace lrllm {
 namespace {
@@ -218,6 +219,12 @@ class CpuBackend final : public Backend {
       const float du = kGeluScale * (1.0f + 3.0f * 0.044715f * x * x);
       dinp[i] = dout[i] * (0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * du);
     }
+  }
+
+  void dropout_mask(float* mask, std::size_t n, double p, uint64_t seed) override {
+    const float keep = static_cast<float>(1.0 / (1.0 - p));
+#pragma omp parallel for schedule(static)
+    for (std::size_t i = 0; i < n; ++i) mask[i] = uniform_of(splitmix64_at(seed, i)) < p ? 0.0f : keep;
   }
 
   void attention_forward(float* out, float* lse, const float* qkv, int B, int T, int C, int NH,

@@ -70,7 +70,7 @@ std::string best_label(Model& model, const Tokenizer& tok, const Example& e, Pro
       row.tokens[n + j] = answer[j];
       row.targets[n + j - 1] = answer[j];
     }
-    const double mean_nll = model.step(row, 0.0f);
+    const double mean_nll = model.forward_backward(row, 0.0f);
     const double logp = -mean_nll * static_cast<double>(answer.size());
     if (logp > best_logp) {
       best_logp = logp;

@@ -138,7 +138,8 @@ int run_export(const Config& cfg) {
     e.tensor = quantize(out_cfg.quant, v.data(), e.shape, out_cfg.quant_double, out_cfg.quant_block);
   }
   save_checkpoint(cfg.data.output, "export", dst, nullptr, nullptr, &cfg);
-  const MemoryBytes mem = dst.memory(1);
+  dst.reserve(1);
+  const MemoryBytes mem = dst.memory();
   std::printf(
       "exported %s -> %s: %s weights%s, %.2f MB of parameters (float32 %.2f MB, quantized %.2f MB); file "
       "%.2f MB\n",

@@ -320,8 +320,7 @@ void print_param_counts(const ParamCounts& c, const ModelConfig& cfg) {
                 cfg.trainable_tokens.size(), c.tokens);
 }
 
-MemoryBytes Model::memory(int B, int slots) {
-  reserve(B, slots);
+MemoryBytes Model::memory() const {
   MemoryBytes m;
   m.params_trainable = table_.total() * sizeof(float);
   m.params_frozen = frozen_table_.total() * sizeof(float);
@@ -404,11 +403,11 @@ void Model::reserve(int B, int slots) {
     head_targets_ = be_.alloc_int(N);
     act_allocs_.push_back(head_targets_);
   }
-  scratch_c_ = f(N * C);
-  scratch_c2_ = f(N * C);
-  scratch_3c_ = f(N * 3 * Cl);
-  scratch_ff_ = f(N * Fl);
-  scratch_ff2_ = f(N * Fl);
+  residual_branch_ = f(N * C);
+  ln1_out_grad_ = f(N * C);
+  qkv_grad_ = f(N * 3 * Cl);
+  mlp_hidden_grad_ = f(N * Fl);
+  fc_out_grad_ = f(N * Fl);
   scratch_rank_ = f(N * std::max(1, max_rank_));
   if (cfg_.lora_dropout > 0) scratch_lora_x_ = f(N * std::max(C, Fl));
   acts_batch_ = B;
@@ -420,13 +419,9 @@ Model::Acts& Model::acts_for(int slot, int l) {
 
 const float* Model::lora_mask(int l, int site, Acts& a, int in, int N) {
   if (!training_ || a.lora_mask[site] == nullptr) return nullptr;
-  const double p = cfg_.lora_dropout;
-  const float keep = static_cast<float>(1.0 / (1.0 - p));
-  std::vector<float> mask(static_cast<std::size_t>(N) * in);
-  Rng rng(
+  be_.dropout_mask(
+      a.lora_mask[site], static_cast<std::size_t>(N) * in, cfg_.lora_dropout,
       derive_seed(dropout_seed_, "h." + std::to_string(l) + "/" + site_name(static_cast<LinearSite>(site))));
-  for (float& m : mask) m = rng.uniform() < p ? 0.0f : keep;
-  be_.to_device(a.lora_mask[site], mask.data(), mask.size() * sizeof(float));
   return a.lora_mask[site];
 }
 
@@ -438,13 +433,15 @@ void Model::block_forward(int l, Acts& a, const float* x, float* x_out, const Sl
   be_.layernorm_forward(a.ln1, a.ln1_mean, a.ln1_rstd, x, at(blk.ln1_w), at(blk.ln1_b), N, C);
   blk.qkv.forward(be_, w, ls, a.ln1, a.qkv, a.qkv_mid, a.lora_mid[0], lora_mask(l, 0, a, C, N), N);
   be_.attention_forward(a.attn, a.attn_lse, a.qkv, s.B, s.T, Cl, NHl, s.positions);
-  blk.proj.forward(be_, w, ls, a.attn, scratch_c_, a.proj_mid, a.lora_mid[1], lora_mask(l, 1, a, Cl, N), N);
-  be_.add(a.x_mid, x, scratch_c_, static_cast<std::size_t>(N) * C);
+  blk.proj.forward(be_, w, ls, a.attn, residual_branch_, a.proj_mid, a.lora_mid[1], lora_mask(l, 1, a, Cl, N),
+                   N);
+  be_.add(a.x_mid, x, residual_branch_, static_cast<std::size_t>(N) * C);
   be_.layernorm_forward(a.ln2, a.ln2_mean, a.ln2_rstd, a.x_mid, at(blk.ln2_w), at(blk.ln2_b), N, C);
   blk.fc.forward(be_, w, ls, a.ln2, a.fc, a.fc_mid, a.lora_mid[2], lora_mask(l, 2, a, C, N), N);
   be_.gelu_forward(a.gelu, a.fc, static_cast<std::size_t>(N) * F);
-  blk.mlp_proj.forward(be_, w, ls, a.gelu, scratch_c_, a.mlp_mid, a.lora_mid[3], lora_mask(l, 3, a, F, N), N);
-  be_.add(x_out, a.x_mid, scratch_c_, static_cast<std::size_t>(N) * C);
+  blk.mlp_proj.forward(be_, w, ls, a.gelu, residual_branch_, a.mlp_mid, a.lora_mid[3],
+                       lora_mask(l, 3, a, F, N), N);
+  be_.add(x_out, a.x_mid, residual_branch_, static_cast<std::size_t>(N) * C);
 }
 
 // dresid holds d(loss)/d(block output) on entry and d(loss)/d(block input) on return.
@@ -455,15 +452,16 @@ void Model::block_backward(int l, Acts& a, const float* x, float* dresid, const 
   const LinearScratch ls = linear_scratch();
   const float* mask[kNumSites];
   for (int site = 0; site < kNumSites; ++site) mask[site] = training_ ? a.lora_mask[site] : nullptr;
-  blk.mlp_proj.backward(be_, w, ls, a.gelu, a.mlp_mid, a.lora_mid[3], mask[3], dresid, scratch_ff_, N);
-  be_.gelu_backward(scratch_ff2_, a.fc, scratch_ff_, static_cast<std::size_t>(N) * F);
-  blk.fc.backward(be_, w, ls, a.ln2, a.fc_mid, a.lora_mid[2], mask[2], scratch_ff2_, scratch_c_, N);
-  be_.layernorm_backward(dresid, grad_or_sink(blk.ln2_w, 0), grad_or_sink(blk.ln2_b, 1), scratch_c_, a.x_mid,
-                         at(blk.ln2_w), a.ln2_mean, a.ln2_rstd, N, C);
-  blk.proj.backward(be_, w, ls, a.attn, a.proj_mid, a.lora_mid[1], mask[1], dresid, scratch_c_, N);
-  be_.attention_backward(scratch_3c_, scratch_c_, a.qkv, a.attn, a.attn_lse, s.B, s.T, Cl, NHl, s.positions);
-  blk.qkv.backward(be_, w, ls, a.ln1, a.qkv_mid, a.lora_mid[0], mask[0], scratch_3c_, scratch_c2_, N);
-  be_.layernorm_backward(dresid, grad_or_sink(blk.ln1_w, 0), grad_or_sink(blk.ln1_b, 1), scratch_c2_, x,
+  blk.mlp_proj.backward(be_, w, ls, a.gelu, a.mlp_mid, a.lora_mid[3], mask[3], dresid, mlp_hidden_grad_, N);
+  be_.gelu_backward(fc_out_grad_, a.fc, mlp_hidden_grad_, static_cast<std::size_t>(N) * F);
+  blk.fc.backward(be_, w, ls, a.ln2, a.fc_mid, a.lora_mid[2], mask[2], fc_out_grad_, residual_branch_, N);
+  be_.layernorm_backward(dresid, grad_or_sink(blk.ln2_w, 0), grad_or_sink(blk.ln2_b, 1), residual_branch_,
+                         a.x_mid, at(blk.ln2_w), a.ln2_mean, a.ln2_rstd, N, C);
+  blk.proj.backward(be_, w, ls, a.attn, a.proj_mid, a.lora_mid[1], mask[1], dresid, residual_branch_, N);
+  be_.attention_backward(qkv_grad_, residual_branch_, a.qkv, a.attn, a.attn_lse, s.B, s.T, Cl, NHl,
+                         s.positions);
+  blk.qkv.backward(be_, w, ls, a.ln1, a.qkv_mid, a.lora_mid[0], mask[0], qkv_grad_, ln1_out_grad_, N);
+  be_.layernorm_backward(dresid, grad_or_sink(blk.ln1_w, 0), grad_or_sink(blk.ln1_b, 1), ln1_out_grad_, x,
                          at(blk.ln1_w), a.ln1_mean, a.ln1_rstd, N, C);
 }
 
@@ -505,8 +503,9 @@ double Model::classifier(const float* x, const int32_t* host_targets, float* dx,
   }
   be_.to_device(head_targets_, targets.data(), M * sizeof(int32_t));
   const float* head_in = gathered ? head_rows_ : lnf_;
-  // The input gradient of the gathered rows goes to dx's first M rows, then to their own rows of scratch_c_.
-  float* head_dx = gathered ? dx : scratch_c_;
+  // The input gradient of the gathered rows goes to dx's first M rows, then to their own rows of
+  // residual_branch_.
+  float* head_dx = gathered ? dx : residual_branch_;
   const float row_scale = normalizer > 0 ? grad_scale / static_cast<float>(normalizer) : 0.0f;
   const int chunk = M > 0 ? classifier_chunk_rows(M, V) : 1;
   for (int m0 = 0; m0 < M; m0 += chunk) {
@@ -525,16 +524,16 @@ double Model::classifier(const float* x, const int32_t* host_targets, float* dx,
   for (float v : losses) sum += v;
   if (grad_scale != 0.0f) {
     if (gathered) {
-      be_.fill(scratch_c_, N * row, 0.0f);
+      be_.fill(residual_branch_, N * row, 0.0f);
       int m = 0;
       for (const auto& [begin, end] : runs) {
-        be_.copy(scratch_c_ + begin * row, head_dx + m * row, (end - begin) * row);
+        be_.copy(residual_branch_ + begin * row, head_dx + m * row, (end - begin) * row);
         m += end - begin;
       }
     }
     be_.fill(dx, N * row, 0.0f);
-    be_.layernorm_backward(dx, grad_or_sink(lnf_w_, 0), grad_or_sink(lnf_b_, 1), scratch_c_, x, at(lnf_w_),
-                           lnf_mean_, lnf_rstd_, N, C);
+    be_.layernorm_backward(dx, grad_or_sink(lnf_w_, 0), grad_or_sink(lnf_b_, 1), residual_branch_, x,
+                           at(lnf_w_), lnf_mean_, lnf_rstd_, N, C);
   }
   return normalizer > 0 ? sum / normalizer : 0.0;
 }
@@ -631,7 +630,7 @@ int Model::count_valid(const int32_t* tokens, const int32_t* targets, int N) con
   return valid;
 }
 
-double Model::step(const Batch& batch, float grad_scale) {
+double Model::forward_backward(const Batch& batch, float grad_scale) {
   LRLLM_CHECK(first_stage() && last_stage(), "Model::step", "needs every block (use a pipeline)");
   reserve(batch.rows);
   const int valid = count_valid(batch.tokens.data(), batch.targets.data(), batch.rows * batch.T);
@@ -644,12 +643,12 @@ double Model::step(const Batch& batch, float grad_scale) {
   return loss;
 }
 
-double Model::step(const int32_t* tokens, const int32_t* targets, int B, float grad_scale) {
+double Model::forward_backward(const int32_t* tokens, const int32_t* targets, int B, float grad_scale) {
   Batch batch;
   batch.resize(B, cfg_.seq_len);
   std::copy(tokens, tokens + batch.tokens.size(), batch.tokens.begin());
   std::copy(targets, targets + batch.targets.size(), batch.targets.begin());
-  return step(batch, grad_scale);
+  return forward_backward(batch, grad_scale);
 }
 
 double Model::forward(int slot, const int32_t* tokens, const int32_t* targets, const int32_t* positions,
@@ -685,7 +684,7 @@ void Model::backward(int slot) {
   for (int l = end_layer_ - 1; l >= first_layer_; --l) {
     const float* x = s.resid[l - first_layer_];
     // With recomputation only block inputs were kept: run the block forward again to rebuild its activations.
-    if (recompute_) block_forward(l, acts_for(slot, l), x, scratch_c2_, s);
+    if (recompute_) block_forward(l, acts_for(slot, l), x, ln1_out_grad_, s);
     block_backward(l, acts_for(slot, l), x, s.dresid, s);
     if (block_grads_hook_) block_grads_hook_(l);
   }

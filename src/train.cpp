@@ -184,7 +184,7 @@ int run_pretrain(const Config& cfg, const Comm& comm) {
     setup.data_summary = strprintf("train %zu tokens, val %zu tokens", train_file->size(), val_file->size());
     setup.train = std::make_unique<Batcher>(*train_file, setup.mc.seq_len, cfg.data.shuffle, cfg.seed);
     setup.val = std::make_unique<Batcher>(*val_file, setup.mc.seq_len, false, cfg.seed);
-    setup.keep_alive = {train_file, val_file};
+    setup.data_files = {train_file, val_file};
     setup.check_layout(cfg, comm);
   });
   setup.make_topology(cfg, comm);
@@ -318,7 +318,8 @@ int run_training(const Config& cfg, const Comm& comm, TrainSetup& setup, const s
                  {},
                  static_cast<uint64_t>(tc.batch_size) * tc.grad_accum * topo.dp()};
   const MemoryBytes mem = [&] {
-    MemoryBytes m = model.memory(tc.batch_size / cfg.parallel.micro_batches, pipeline.slots());
+    pipeline.reserve(tc.batch_size);
+    MemoryBytes m = model.memory();
     m.optimizer = optimizer.bytes();
     m.grads += data_parallel.extra_bytes();
     return m;

@@ -48,7 +48,7 @@ int main(int argc, char** argv) {
       for (int b = 0; b < B; ++b) batch.positions.insert(batch.positions.end(), row.begin(), row.end());
     }
     model.zero_grads();
-    const double loss = model.step(batch, 1.0f);
+    const double loss = model.forward_backward(batch, 1.0f);
     lrllm::H5File out = lrllm::H5File::create(args["--out"]);
     out.set_attr("/", "loss", loss);
     for (const lrllm::TensorInfo& t : model.table().tensors())

@@ -99,14 +99,14 @@ TEST_P(LoraGradTest, AdapterGradientsMatchFiniteDifferences) {
   const std::vector<int32_t> tokens = ids(kBatch * cfg.seq_len, cfg.vocab_size, 6),
                              targets = ids(kBatch * cfg.seq_len, cfg.vocab_size, 7);
   model.zero_grads();
-  model.step(tokens.data(), targets.data(), kBatch, 1.0f);
+  model.forward_backward(tokens.data(), targets.data(), kBatch, 1.0f);
   const std::vector<float> grads = grads_of(model);
 
   float* params = model.params();
   const auto loss_at = [&](std::size_t index, float value) {
     const float keep = params[index];
     params[index] = value;
-    const double loss = model.step(tokens.data(), targets.data(), kBatch, 0.0f);
+    const double loss = model.forward_backward(tokens.data(), targets.data(), kBatch, 0.0f);
     params[index] = keep;
     return loss;
   };
@@ -151,15 +151,17 @@ TEST(Lora, DropoutActsOnlyWhileTraining) {
   }
   const std::vector<int32_t> tokens = ids(kBatch * cfg.seq_len, cfg.vocab_size, 33),
                              targets = ids(kBatch * cfg.seq_len, cfg.vocab_size, 34);
-  const double eval_loss = dropped.step(tokens.data(), targets.data(), kBatch, 0.0f);
-  EXPECT_EQ(eval_loss, plain.step(tokens.data(), targets.data(), kBatch, 0.0f));
+  const double eval_loss = dropped.forward_backward(tokens.data(), targets.data(), kBatch, 0.0f);
+  EXPECT_EQ(eval_loss, plain.forward_backward(tokens.data(), targets.data(), kBatch, 0.0f));
   dropped.set_training(true);
   dropped.set_dropout_seed(1);
-  const double a = dropped.step(tokens.data(), targets.data(), kBatch, 0.0f);
+  const double a = dropped.forward_backward(tokens.data(), targets.data(), kBatch, 0.0f);
   EXPECT_NE(a, eval_loss);
-  EXPECT_EQ(a, dropped.step(tokens.data(), targets.data(), kBatch, 0.0f)) << "same seed, same masks";
+  EXPECT_EQ(a, dropped.forward_backward(tokens.data(), targets.data(), kBatch, 0.0f))
+      << "same seed, same masks";
   dropped.set_dropout_seed(2);
-  EXPECT_NE(a, dropped.step(tokens.data(), targets.data(), kBatch, 0.0f)) << "another seed, other masks";
+  EXPECT_NE(a, dropped.forward_backward(tokens.data(), targets.data(), kBatch, 0.0f))
+      << "another seed, other masks";
 }
 
 // lora_B starts at zero, so a freshly initialised adapter leaves the base model's loss exactly as it was.
@@ -173,8 +175,8 @@ TEST(Lora, FreshAdaptersDoNotChangeTheModel) {
   adapted.init_adapters(10);
   const std::vector<int32_t> tokens = ids(kBatch * cfg.seq_len, cfg.vocab_size, 11),
                              targets = ids(kBatch * cfg.seq_len, cfg.vocab_size, 12);
-  EXPECT_EQ(base.step(tokens.data(), targets.data(), kBatch, 0.0f),
-            adapted.step(tokens.data(), targets.data(), kBatch, 0.0f));
+  EXPECT_EQ(base.forward_backward(tokens.data(), targets.data(), kBatch, 0.0f),
+            adapted.forward_backward(tokens.data(), targets.data(), kBatch, 0.0f));
 }
 
 // The quantized base (dense W, low-rank A and B, the tied wte) dequantizes tile by tile; the result equals a
@@ -201,8 +203,8 @@ TEST(Lora, QuantizedBaseEqualsFloatModelWithDequantizedWeights) {
                                    targets = ids(kBatch * qcfg.seq_len, qcfg.vocab_size, 17);
         q.zero_grads();
         f.zero_grads();
-        const double lq = q.step(tokens.data(), targets.data(), kBatch, 1.0f);
-        const double lf = f.step(tokens.data(), targets.data(), kBatch, 1.0f);
+        const double lq = q.forward_backward(tokens.data(), targets.data(), kBatch, 1.0f);
+        const double lf = f.forward_backward(tokens.data(), targets.data(), kBatch, 1.0f);
         ASSERT_EQ(q.quantized_tensors().size(),
                   4 * static_cast<std::size_t>(qcfg.n_layer) +
                       2 * static_cast<std::size_t>(qcfg.n_layer) * (lowrank[0] > 0) + embedding);

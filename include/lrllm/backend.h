@@ -61,6 +61,10 @@ class Backend {
   // dinp = gelu'(inp) * dout (overwrites dinp).
   virtual void gelu_backward(float* dinp, const float* inp, const float* dout, std::size_t n) = 0;
 
+  // LoRA dropout: mask[i] = 0 with probability p, else 1 / (1 - p), from uniform_of(splitmix64_at(seed, i))
+  // (rng.h), so that every backend draws the same mask for a seed.
+  virtual void dropout_mask(float* mask, std::size_t n, double p, uint64_t seed) = 0;
+
   // Causal multi-head attention. qkv [B,T,3C] (q, then k, then v, each split into NH heads of C/NH);
   // out [B,T,C]. No [T,T] matrix is kept: lse [B,NH,T] holds each score row's log-sum-exp, from which
   // backward recomputes the probabilities. positions [B,T] (null: 0 .. T-1 in every row) are each token's

@@ -93,16 +93,17 @@ class Model {
   // One micro-batch through the whole model: its rows of T <= seq_len tokens (targets < 0 are ignored).
   // Returns the mean loss over valid targets. With grad_scale != 0 also runs backward and accumulates
   // grad_scale * d(mean loss)/d(param) into grads().
-  double step(const Batch& batch, float grad_scale);
+  double forward_backward(const Batch& batch, float grad_scale);
   // The same for B full rows: tokens and targets [B, seq_len] on the host.
-  double step(const int32_t* tokens, const int32_t* targets, int B, float grad_scale);
+  double forward_backward(const int32_t* tokens, const int32_t* targets, int B, float grad_scale);
 
-  // The pieces of step() for a pipeline stage, on activation slot `slot` (a micro-batch in flight; reserve
-  // first): B rows of T <= seq_len tokens, host tokens, targets and positions (Batch's layout; positions may
-  // be null). forward: the first stage embeds tokens, later ones read stage_input(slot); the last stage
-  // returns the loss summed over valid targets / normalizer and, with grad_scale != 0, leaves grad_scale
-  // times its gradient in stage_grad(slot) (other stages return 0). backward: from stage_grad(slot), which it
-  // turns into the gradient of the stage's input; the first stage finishes with the embeddings' gradients.
+  // The pieces of forward_backward() for a pipeline stage, on activation slot `slot` (a micro-batch in
+  // flight; reserve first): B rows of T <= seq_len tokens, host tokens, targets and positions (Batch's
+  // layout; positions may be null). forward: the first stage embeds tokens, later ones read
+  // stage_input(slot); the last stage returns the loss summed over valid targets / normalizer and, with
+  // grad_scale != 0, leaves grad_scale times its gradient in stage_grad(slot) (other stages return 0).
+  // backward: from stage_grad(slot), which it turns into the gradient of the stage's input; the first stage
+  // finishes with the embeddings' gradients.
   double forward(int slot, const int32_t* tokens, const int32_t* targets, const int32_t* positions, int B,
                  int T, float grad_scale, int normalizer);
   void backward(int slot);
@@ -136,9 +137,8 @@ class Model {
 
   // The full model's parameters (whatever this rank holds).
   ParamCounts param_counts() const;
-  // This rank's bytes of parameters and gradients, and of activations for `slots` micro-batches of B
-  // sequences (allocating them).
-  MemoryBytes memory(int B, int slots = 1);
+  // This rank's bytes of parameters and gradients, and of the activations reserved (see reserve).
+  MemoryBytes memory() const;
 
   struct Block {
     TensorRef ln1_w, ln1_b, ln2_w, ln2_b;
@@ -221,11 +221,15 @@ class Model {
   float* losses_ = nullptr;
   float* head_rows_ = nullptr;       // [N, C]: the final LayerNorm's rows that have a target, gathered
   int32_t* head_targets_ = nullptr;  // [N]: their targets
-  float* scratch_c_ = nullptr;       // [N, C]
-  float* scratch_c2_ = nullptr;      // [N, C]
-  float* scratch_3c_ = nullptr;      // [N, 3C]
-  float* scratch_ff_ = nullptr;      // [N, F]
-  float* scratch_ff2_ = nullptr;     // [N, F]
+  // Block scratch, [N, width] (widths of this rank's tensor-parallel slice):
+  float* residual_branch_ = nullptr;  // [N, C]: a residual branch's output before it is added (forward); the
+                                      // gradient at a LayerNorm's output or at attention's output (backward);
+                                      // the classifier's input gradient before ln_f
+  float* ln1_out_grad_ = nullptr;     // [N, C]: the gradient at ln_1's output; the block output that
+                                      // recomputation rebuilds and discards
+  float* qkv_grad_ = nullptr;         // [N, 3C]: the gradient at qkv's output
+  float* mlp_hidden_grad_ = nullptr;  // [N, F]: the gradient at GELU's output
+  float* fc_out_grad_ = nullptr;      // [N, F]: the gradient at fc's output
   float* scratch_rank_ = nullptr;
   float* scratch_lora_x_ = nullptr;  // [N, max(C, F)], with LoRA dropout
   bool training_ = false;

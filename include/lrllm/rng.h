@@ -6,19 +6,33 @@
 #include <cstdint>
 #include <string_view>
 
+#ifdef __CUDACC__
+#define LRLLM_HOST_DEVICE __host__ __device__
+#else
+#define LRLLM_HOST_DEVICE
+#endif
+
 namespace lrllm {
+
+// The k-th value (from 0) that SplitMix64 seeded with `seed` returns: SplitMix64 is a counter passed through
+// a mixer, so any element of a sequence can be computed on its own (a GPU thread per element).
+LRLLM_HOST_DEVICE inline uint64_t splitmix64_at(uint64_t seed, uint64_t k) {
+  uint64_t z = seed + (k + 1) * 0x9E3779B97F4A7C15ULL;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  return z ^ (z >> 31);
+}
+
+// Uniform in [0, 1) with 53 random bits, from one 64-bit value.
+LRLLM_HOST_DEVICE inline double uniform_of(uint64_t bits) {
+  return static_cast<double>(bits >> 11) * 0x1.0p-53;
+}
 
 class Rng {
  public:
-  explicit Rng(uint64_t seed) : state_(seed) {}
-  uint64_t next() {
-    uint64_t z = (state_ += 0x9E3779B97F4A7C15ULL);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-    return z ^ (z >> 31);
-  }
-  // Uniform in [0, 1) with 53 random bits.
-  double uniform() { return static_cast<double>(next() >> 11) * 0x1.0p-53; }
+  explicit Rng(uint64_t seed) : seed_(seed) {}
+  uint64_t next() { return splitmix64_at(seed_, count_++); }
+  double uniform() { return uniform_of(next()); }
   // Uniform integer in [0, n).
   uint64_t below(uint64_t n) { return n == 0 ? 0 : next() % n; }
   // Standard normal by Box-Muller.
@@ -29,7 +43,8 @@ class Rng {
   }
 
  private:
-  uint64_t state_;
+  uint64_t seed_;
+  uint64_t count_ = 0;
 };
 
 // A seed derived from a base seed and a name (FNV-1a), so each tensor's values do not depend on order.

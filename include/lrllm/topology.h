@@ -22,39 +22,11 @@
 #include "lrllm/comm.h"
 #include "lrllm/config.h"
 #include "lrllm/linear.h"
+#include "lrllm/tensor_group.h"
 
 namespace lrllm {
 
 enum class Group { dp, tp, pp };
-
-class DeviceEvent;
-class NcclGroup;
-
-// A transfer in flight (Topology::iallreduce_dp, isend_stage): an MPI request for host tensors, the
-// completion of a NCCL op for device tensors. Once wait() returns, its buffer may be read and reused by what
-// follows: MPI blocks the host until the transfer is done; NCCL makes the default stream wait for it (see
-// nccl.h), which orders every later kernel and device transfer after it without blocking the host. Destroying
-// an unfinished transfer lets it finish on its own (MPI_Request_free), as when a run stops on an error: its
-// buffer must outlive it.
-class PendingTransfer {
- public:
-  PendingTransfer();
-  explicit PendingTransfer(MPI_Request request);
-  explicit PendingTransfer(std::unique_ptr<DeviceEvent> done);
-  PendingTransfer(PendingTransfer&& other) noexcept;
-  PendingTransfer& operator=(PendingTransfer&& other) noexcept;
-  ~PendingTransfer();
-
-  void wait();
-  // Waits for every transfer (the MPI ones in one MPI_Waitall) and empties the list.
-  static void wait_all(std::vector<PendingTransfer>& transfers);
-
- private:
-  void release();
-
-  MPI_Request request_ = MPI_REQUEST_NULL;
-  std::unique_ptr<DeviceEvent> done_;
-};
 
 class Topology : public TensorReducer {
  public:
@@ -129,9 +101,8 @@ class Topology : public TensorReducer {
   double pp_wait_s() const { return pp_wait_s_; }
 
  private:
-  MPI_Comm comm(Group g) const;
-  NcclGroup& nccl(Group g) const;
-  NcclGroup& nccl_pp(int tag) const;
+  // The transport of a group's tensors; with device tensors only once start_device_transport has run.
+  TensorGroup& group(Group g) const;
   void count(Group g, std::size_t floats) const { bytes_[static_cast<int>(g)] += floats * sizeof(float); }
 
   const Comm& world_;
@@ -139,10 +110,9 @@ class Topology : public TensorReducer {
   bool device_tensors_ = false;
   MPI_Comm tp_comm_ = MPI_COMM_NULL, pp_comm_ = MPI_COMM_NULL, dp_comm_ = MPI_COMM_NULL;
   MPI_Comm embed_comm_ = MPI_COMM_NULL;  // the first and the last stage of a pipeline (pp > 1)
-  // Device tensors: a NCCL communicator for each group of more than one rank (always for dp, whose ZeRO
-  // reduce-scatter runs even alone), and two over the pipeline group, one per tag (see
-  // start_device_transport).
-  std::unique_ptr<NcclGroup> tp_nccl_, dp_nccl_, embed_nccl_, pp_nccl_[2];
+  // MPI groups over those communicators, replaced by NCCL ones for device tensors (start_device_transport).
+  std::unique_ptr<TensorGroup> tp_group_, pp_group_, dp_group_, embed_group_;
+  bool device_transport_ = false;
   mutable int64_t bytes_[3] = {0, 0, 0};
   mutable double pp_wait_s_ = 0;  // time blocked in pipeline receives
 };

@@ -23,7 +23,7 @@ struct TrainSetup {
   std::string resume;  // the checkpoint resumed from, if any
   ModelConfig mc;
   std::unique_ptr<BatchSource> train, val;
-  std::vector<std::shared_ptr<void>> keep_alive;  // what the batch sources read from
+  std::vector<std::shared_ptr<void>> data_files;  // the token files the batch sources read from
   std::string data_summary;                       // one line for the start banner
   int row_len = 0;  // the longest row a batch holds: mc.seq_len, or less in finetuning (model.seq_len)
   int steps = 0;    // the run's optimizer steps: train.steps, or train.epochs over the training sequences

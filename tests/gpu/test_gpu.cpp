@@ -333,8 +333,8 @@ TEST_P(GpuModel, LossAndGradientsFollowTheCpu) {
   targets[5] = -1;
   models.on_cpu.zero_grads();
   models.on_gpu.zero_grads();
-  const double loss_cpu = models.on_cpu.step(tokens.data(), targets.data(), B, 1.0f);
-  const double loss_gpu = models.on_gpu.step(tokens.data(), targets.data(), B, 1.0f);
+  const double loss_cpu = models.on_cpu.forward_backward(tokens.data(), targets.data(), B, 1.0f);
+  const double loss_gpu = models.on_gpu.forward_backward(tokens.data(), targets.data(), B, 1.0f);
   EXPECT_NEAR(loss_gpu, loss_cpu, kLossTol * std::abs(loss_cpu));
   EXPECT_LT(rel_diff(grads_of(models.on_gpu), grads_of(models.on_cpu)), kGradTol);
 }
@@ -362,7 +362,7 @@ TEST_F(Gpu, TrainingFollowsTheCpu) {
     int k = 0;
     for (auto [model, opt] : {std::pair{&models.on_cpu, &opt_cpu}, std::pair{&models.on_gpu, &opt_gpu}}) {
       model->zero_grads();
-      loss[k++] = model->step(tokens.data(), tokens.data(), B, 1.0f);
+      loss[k++] = model->forward_backward(tokens.data(), tokens.data(), B, 1.0f);
       opt->update(model->params(), model->grads(), static_cast<float>(tc.lr));
     }
     EXPECT_NEAR(loss[1], loss[0], kLossTol * std::abs(loss[0])) << "step " << step + 1;
@@ -381,7 +381,7 @@ TEST_F(Gpu, Deterministic) {
     Model model(cfg, *gpu_, false);
     model.init_random(3);
     model.zero_grads();
-    losses[run] = model.step(tokens.data(), targets.data(), B, 1.0f);
+    losses[run] = model.forward_backward(tokens.data(), targets.data(), B, 1.0f);
     grads[run] = grads_of(model);
   }
   EXPECT_EQ(losses[0], losses[1]);
