@@ -698,6 +698,15 @@ void load_input_weights(const Config& cfg, Model& model) {
   load_adapters(cfg.finetune.lora_init, model);
 }
 
+LoadedModel load_model(const Config& cfg, const std::string& device, int local_rank) {
+  LoadedModel m;
+  const ModelConfig mc = read_input_model_config(cfg);
+  m.backend = make_backend(device, local_rank);
+  m.model = std::make_unique<Model>(mc, *m.backend, false);
+  load_input_weights(cfg, *m.model);
+  return m;
+}
+
 void print_info(const std::string& path) {
   const ModelConfig m = read_model_config(path);
   const H5File f = H5File::open_read(path);

@@ -81,8 +81,7 @@ std::string best_label(Model& model, const Tokenizer& tok, const Example& e, Pro
 }
 
 int run_instruction_eval(const Config& cfg, const Comm& comm) {
-  std::unique_ptr<Backend> backend;
-  std::unique_ptr<Model> model;
+  LoadedModel loaded;
   std::unique_ptr<Tokenizer> tok;
   std::vector<std::string> paths;
   std::vector<std::vector<Example>> tasks;
@@ -106,11 +105,8 @@ int run_instruction_eval(const Config& cfg, const Comm& comm) {
     }
     tok = std::make_unique<Tokenizer>(
         Tokenizer::load(cfg.data.tokenizer_dir + "/encoder.json", cfg.data.tokenizer_dir + "/vocab.bpe"));
-    const ModelConfig mc = read_input_model_config(cfg);
-    prompt_template = choose_template(cfg.data.prompt_template, mc.prompt_template);
-    backend = make_backend(cfg.device, comm.local_rank());
-    model = std::make_unique<Model>(mc, *backend, false);
-    load_input_weights(cfg, *model);
+    loaded = load_model(cfg, cfg.device, comm.local_rank());
+    prompt_template = choose_template(cfg.data.prompt_template, loaded.model->config().prompt_template);
     prepare_run_dir(cfg, comm);
     check_metrics_file((std::filesystem::path(cfg.run.dir) / "metrics.h5").string());
   });
@@ -133,8 +129,9 @@ int run_instruction_eval(const Config& cfg, const Comm& comm) {
       const Example& e = examples[i];
       const std::string predicted =
           cfg.eval.method == "score"
-              ? best_label(*model, *tok, e, prompt_template, labels)
-              : label_of(generate_answer(*model, *tok, e, prompt_template, cfg.eval.max_new_tokens), labels);
+              ? best_label(*loaded.model, *tok, e, prompt_template, labels)
+              : label_of(generate_answer(*loaded.model, *tok, e, prompt_template, cfg.eval.max_new_tokens),
+                         labels);
       const std::size_t gold = std::lower_bound(labels.begin(), labels.end(), e.output) - labels.begin();
       const auto hit = std::find(labels.begin(), labels.end(), predicted);
       confusion[gold * (L + 1) + static_cast<std::size_t>(hit - labels.begin())] += 1.0;
@@ -168,25 +165,21 @@ int run_eval(const Config& cfg, const Comm& comm) {
   if (!cfg.eval.tasks.empty()) return run_instruction_eval(cfg, comm);
   std::unique_ptr<TokenFile> file;
   std::unique_ptr<Batcher> batcher;
-  std::unique_ptr<Backend> backend;
-  std::unique_ptr<Model> model;
+  LoadedModel loaded;
   std::string data;
   collective_check(comm, [&] {
     if (cfg.model.init.empty())
       throw InputError("--mode eval needs --model.init (a checkpoint or model file)");
     data = !cfg.data.val.empty() ? cfg.data.val : cfg.data.train;
     if (data.empty()) throw InputError("--mode eval needs --data.val (or --data.train): a token file");
-    const ModelConfig mc = read_input_model_config(cfg);
     file = std::make_unique<TokenFile>(data);
-    file->check_vocab(mc.vocab_size);
-    batcher = std::make_unique<Batcher>(*file, mc.seq_len, false, cfg.seed);
-    backend = make_backend(cfg.device, comm.local_rank());
-    model = std::make_unique<Model>(mc, *backend, false);
-    load_input_weights(cfg, *model);
+    loaded = load_model(cfg, cfg.device, comm.local_rank());
+    file->check_vocab(loaded.model->config().vocab_size);
+    batcher = std::make_unique<Batcher>(*file, loaded.model->config().seq_len, false, cfg.seed);
   });
   // Data parallel only: every rank holds the whole model.
   const Topology topo(comm, ParallelConfig{});
-  Pipeline pipeline(*model, topo, 1);
+  Pipeline pipeline(*loaded.model, topo, 1);
   // Every sequence of the file once (rounded down to a multiple of the ranks), unless a number of batches
   // was asked for.
   const uint64_t per_batch = static_cast<uint64_t>(cfg.train.batch_size) * comm.size();
@@ -195,7 +188,8 @@ int run_eval(const Config& cfg, const Comm& comm) {
   const double loss = validation_loss(pipeline, topo, *batcher, sequences, cfg.train.batch_size);
   if (comm.root())
     std::printf("eval %s on %s: %llu tokens, loss %.6f, ppl %.3f\n", cfg.model.init.c_str(), data.c_str(),
-                static_cast<unsigned long long>(sequences * model->config().seq_len), loss, std::exp(loss));
+                static_cast<unsigned long long>(sequences * loaded.model->config().seq_len), loss,
+                std::exp(loss));
   return 0;
 }
 

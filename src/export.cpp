@@ -78,9 +78,8 @@ int export_adapters(const Config& cfg, const ModelConfig& in_cfg) {
     throw InputError("--lora.only: " +
                      (cfg.model.init.empty() ? std::string("a model of random weights") : cfg.model.init) +
                      " has no LoRA adapters to export");
-  auto backend = make_cpu_backend();
-  Model src(in_cfg, *backend, false);
-  load_input_weights(cfg, src);
+  const LoadedModel loaded = load_model(cfg, "cpu", 0);
+  Model& src = *loaded.model;
   save_adapters(cfg.data.output, src, &cfg);
   std::printf(
       "exported the adapters of %s -> %s: %zu tensors, %.3f MB of parameters; file %.3f MB; base %s "

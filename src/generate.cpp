@@ -62,13 +62,12 @@ int run_generate(const Config& cfg) {
     throw InputError("--mode generate needs --model.init (a checkpoint or an exported model)");
   const Tokenizer tok =
       Tokenizer::load(cfg.data.tokenizer_dir + "/encoder.json", cfg.data.tokenizer_dir + "/vocab.bpe");
-  const ModelConfig mc = read_input_model_config(cfg);
+  const LoadedModel loaded = load_model(cfg, cfg.device, 0);
+  Model& model = *loaded.model;
+  const ModelConfig& mc = model.config();
   if (mc.vocab_size <= tok.eot())
     throw InputError(strprintf("%s has a vocabulary of %d tokens: generate needs the GPT-2 tokenizer's %d",
                                cfg.model.init.c_str(), mc.vocab_size, tok.eot() + 1));
-  const std::unique_ptr<Backend> backend = make_backend(cfg.device);
-  Model model(mc, *backend, false);
-  load_input_weights(cfg, model);
 
   std::vector<int32_t> context;
   for (int id : tok.encode(cfg.generate.prompt)) context.push_back(id);

@@ -73,6 +73,14 @@ ModelConfig read_input_model_config(const Config& cfg);
 // Loads the weights of that model: the file's, or the base's with the adapter file's over them.
 void load_input_weights(const Config& cfg, Model& model);
 
+// The model the options name, whole, on a backend of its own: what every mode that runs a model it does not
+// train (eval, generate, export) starts from. device as --device; local_rank picks the GPU.
+struct LoadedModel {
+  std::unique_ptr<Backend> backend;
+  std::unique_ptr<Model> model;
+};
+LoadedModel load_model(const Config& cfg, const std::string& device, int local_rank);
+
 // The adapters (and the tensors trained beside them) of an adapter file, over a model already holding its
 // base (load_base_weights).
 void load_adapters(const std::string& path, Model& model);
