@@ -47,17 +47,13 @@ void write_tensors(H5File& f, const std::string& group, const ParamTable& table,
 }
 
 // What finetuning adds to a base: the adapters and the trainable tokens' delta.
-bool is_adapter(const TensorInfo& t) {
-  return t.name.ends_with("/lora_A") || t.name.ends_with("/lora_B") || t.name == kTokenDeltaName;
-}
-
 // A tensor-parallel part reads the full tensor and keeps its slice. Without adapters: all but lora_A/lora_B
 // (a base file, whose saved modules are read and whose adapters do not exist yet).
 void read_tensors(const H5File& f, const std::string& group, const ParamTable& table,
                   std::vector<float>& flat, bool adapters = true) {
   std::vector<float> full;
   for (const TensorInfo& t : table.tensors()) {
-    if (!adapters && is_adapter(t)) continue;
+    if (!adapters && is_adapter(t.role)) continue;
     if (t.split.axis < 0) {
       f.read(group + "/" + t.name, flat.data() + t.offset, t.shape);
       continue;

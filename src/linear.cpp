@@ -8,7 +8,7 @@ namespace lrllm {
 
 Linear::Linear(ParamTable& trainable, ParamTable& base, bool base_frozen, const std::string& prefix, int in,
                int out, int rank, int lora_rank, double lora_alpha, bool quantized, bool bias_trains,
-               const LinearTp& tp)
+               const LinearTp& tp, bool residual)
     : prefix_(prefix),
       in_(tp.mode == TpMode::row ? in / tp.parts : in),
       out_(tp.mode == TpMode::column ? out / tp.parts : out),
@@ -20,9 +20,11 @@ Linear::Linear(ParamTable& trainable, ParamTable& base, bool base_frozen, const 
       quantized_(quantized) {
   LRLLM_CHECK(tp.parts == 1 || (lora_rank == 0 && !quantized), "Linear", "tensor parallelism of " + prefix);
   auto add = [&](ParamTable& table, bool frozen, const std::string& name, std::vector<int64_t> shape,
-                 TensorSplit split) {
-    return TensorRef{table.add(prefix + "/" + name, std::move(shape), split), frozen};
+                 TensorRole role, TensorSplit split) {
+    return TensorRef{table.add(prefix + "/" + name, std::move(shape), role, split), frozen};
   };
+  const TensorRole weight_role = residual ? TensorRole::residual_weight : TensorRole::weight;
+  const TensorRole factor_role = residual ? TensorRole::residual_factor : TensorRole::factor;
   // Column-parallel: the out axis of W, B and b is split (in groups); row-parallel: the in axis of W and A.
   const bool split = tp.parts > 1;
   const TensorSplit whole{-1, 1, 0, 1, split && tp.part > 0};
@@ -31,16 +33,16 @@ Linear::Linear(ParamTable& trainable, ParamTable& base, bool base_frozen, const 
   const bool column = tp.mode == TpMode::column, row = tp.mode == TpMode::row;
   // A quantized base's W, or A and B, live in the model's quantized storage.
   if (!quantized && rank > 0) {
-    a = add(base, base_frozen, "A", {rank, in_}, row ? ins : whole);
-    b_mat = add(base, base_frozen, "B", {out_, rank}, column ? outs : whole);
+    a = add(base, base_frozen, "A", {rank, in_}, factor_role, row ? ins : whole);
+    b_mat = add(base, base_frozen, "B", {out_, rank}, factor_role, column ? outs : whole);
   } else if (!quantized) {
-    w = add(base, base_frozen, "W", {out_, in_}, column ? outs : row ? ins : whole);
+    w = add(base, base_frozen, "W", {out_, in_}, weight_role, column ? outs : row ? ins : whole);
   }
-  bias = bias_trains ? add(trainable, false, "b", {out_}, column ? outs : whole)
-                     : add(base, base_frozen, "b", {out_}, column ? outs : whole);
+  bias = bias_trains ? add(trainable, false, "b", {out_}, TensorRole::bias, column ? outs : whole)
+                     : add(base, base_frozen, "b", {out_}, TensorRole::bias, column ? outs : whole);
   if (lora_rank > 0) {
-    lora_a = add(trainable, false, "lora_A", {lora_rank, in}, whole);
-    lora_b = add(trainable, false, "lora_B", {out, lora_rank}, whole);
+    lora_a = add(trainable, false, "lora_A", {lora_rank, in}, TensorRole::lora_a, whole);
+    lora_b = add(trainable, false, "lora_B", {out, lora_rank}, TensorRole::lora_b, whole);
     lora_scale_ = static_cast<float>(lora_alpha / lora_rank);
   }
 }

@@ -44,11 +44,11 @@ Model::Model(const ModelConfig& cfg, Backend& backend, bool recompute, const Mod
   const bool tp_replica = shard.tp > 1 && shard.tp_part > 0;
   // Base tensors named by lora.modules_to_save train in full beside the adapters.
   auto trains = [&](const std::string& name) { return frozen && trains_beside_adapters(cfg, name); };
-  auto add = [&](const std::string& name, std::vector<int64_t> shape, bool replica = false) {
+  auto add = [&](const std::string& name, std::vector<int64_t> shape, TensorRole role, bool replica = false) {
     TensorSplit whole;
     whole.replica = tp_replica || replica;
     const bool full = trains(name);
-    return TensorRef{(full ? table_ : base).add(name, std::move(shape), whole), frozen && !full};
+    return TensorRef{(full ? table_ : base).add(name, std::move(shape), role, whole), frozen && !full};
   };
   // Megatron's split: qkv (three groups: q, k, v) and fc column-parallel, proj and mlp_proj row-parallel.
   auto linear = [&](const std::string& block, LinearSite s) {
@@ -56,13 +56,13 @@ Model::Model(const ModelConfig& cfg, Backend& backend, bool recompute, const Mod
     const auto [in, out] = cfg.site_dims(s);
     const std::string prefix = block + "/" + site_path(s);
     const int rank = cfg.lowrank_rank[site];
-    const bool column = s == LinearSite::qkv || s == LinearSite::fc;
+    const bool column = s == LinearSite::qkv || s == LinearSite::fc;  // the others project into the residual
     LinearTp tp;
     if (shard.tp > 1)
       tp = {column ? TpMode::column : TpMode::row, shard.tp_part, shard.tp, s == LinearSite::qkv ? 3 : 1,
             shard.tp_group};
     return Linear(table_, base, frozen, prefix, static_cast<int>(in), static_cast<int>(out), rank,
-                  cfg.lora_rank[site], cfg.lora_alpha, quantized, trains(prefix + "/b"), tp);
+                  cfg.lora_rank[site], cfg.lora_alpha, quantized, trains(prefix + "/b"), tp, !column);
   };
   // The last stage's wte is the lm_head's copy of the tied embedding; the first stage's is saved.
   auto add_quantized = [&](const std::string& name, std::vector<int64_t> shape) {
@@ -73,34 +73,34 @@ Model::Model(const ModelConfig& cfg, Backend& backend, bool recompute, const Mod
     if (quantized && cfg.quant_embedding)
       wte_q_ = add_quantized("wte", {cfg.vocab_size, C});
     else
-      wte_ = add("wte", {cfg.vocab_size, C}, !first_stage());
+      wte_ = add("wte", {cfg.vocab_size, C}, TensorRole::embedding, !first_stage());
   }
   if (!cfg.trainable_tokens.empty() && (first_stage() || last_stage())) {
     // Trains whatever the base's wte is stored as (float32 or quantized): a delta over the chosen rows.
     TensorSplit whole;
     whole.replica = tp_replica || !first_stage();
     const int64_t k = static_cast<int64_t>(cfg.trainable_tokens.size());
-    wte_delta_ = TensorRef{table_.add(kTokenDeltaName, {k, C}, whole), false};
+    wte_delta_ = TensorRef{table_.add(kTokenDeltaName, {k, C}, TensorRole::token_delta, whole), false};
     delta_row_.assign(cfg.vocab_size, -1);
     for (int32_t j = 0; j < k; ++j) delta_row_[cfg.trainable_tokens[j]] = j;
   }
-  if (first_stage()) wpe_ = add("wpe", {cfg.seq_len, C});
+  if (first_stage()) wpe_ = add("wpe", {cfg.seq_len, C}, TensorRole::embedding);
   for (int l = first_layer_; l < end_layer_; ++l) {
     const std::string h = "h." + std::to_string(l);
     Block b;
-    b.ln1_w = add(h + "/ln_1/w", {C});
-    b.ln1_b = add(h + "/ln_1/b", {C});
+    b.ln1_w = add(h + "/ln_1/w", {C}, TensorRole::norm_gain);
+    b.ln1_b = add(h + "/ln_1/b", {C}, TensorRole::norm_shift);
     b.qkv = linear(h, LinearSite::qkv);
     b.proj = linear(h, LinearSite::proj);
-    b.ln2_w = add(h + "/ln_2/w", {C});
-    b.ln2_b = add(h + "/ln_2/b", {C});
+    b.ln2_w = add(h + "/ln_2/w", {C}, TensorRole::norm_gain);
+    b.ln2_b = add(h + "/ln_2/b", {C}, TensorRole::norm_shift);
     b.fc = linear(h, LinearSite::fc);
     b.mlp_proj = linear(h, LinearSite::mlp_proj);
     blocks_.push_back(b);
   }
   if (last_stage()) {
-    lnf_w_ = add("ln_f/w", {C});
-    lnf_b_ = add("ln_f/b", {C});
+    lnf_w_ = add("ln_f/w", {C}, TensorRole::norm_gain);
+    lnf_b_ = add("ln_f/b", {C}, TensorRole::norm_shift);
   }
   for (int s = 0; s < kNumSites; ++s) {
     max_rank_ = std::max({max_rank_, cfg.lowrank_rank[s], cfg.lora_rank[s]});
@@ -167,30 +167,29 @@ void Model::init_tables(uint64_t seed, bool frozen_too) {
     std::vector<float> full;
     for (const TensorInfo& t : table.tensors()) {
       float* dst = host.data() + t.offset;
-      const std::string& n = t.name;
-      const bool is_ln_weight = n.ends_with("/w") && n.find("ln_") != std::string::npos;
-      if (is_ln_weight) {
+      const TensorRole role = t.role;
+      if (role == TensorRole::norm_gain) {
         std::fill(dst, dst + t.size, 1.0f);
         continue;
       }
-      // Biases, LayerNorm shifts, lora_B and the trainable tokens' delta start at zero.
-      if (t.shape.size() < 2 || n.ends_with("/lora_B") || n == kTokenDeltaName) continue;
+      if (role == TensorRole::norm_shift || role == TensorRole::bias || role == TensorRole::lora_b ||
+          role == TensorRole::token_delta)
+        continue;  // zero
       // The full tensor is drawn and this rank's part taken, so every parallel layout starts from the same
       // weights.
       full.resize(t.full_size());
-      Rng rng(derive_seed(seed, n));
-      if (n.ends_with("/lora_A")) {
-        // As PEFT's default: uniform in +-1/sqrt(in); with lora_B zero the adapters start as the identity.
+      Rng rng(derive_seed(seed, t.name));
+      if (role == TensorRole::lora_a) {
         const double bound = 1.0 / std::sqrt(static_cast<double>(t.full_shape[1]));
         for (float& v : full) v = static_cast<float>((2.0 * rng.uniform() - 1.0) * bound);
       } else {
-        const bool residual =
-            n.find("/attn/proj/") != std::string::npos || n.find("/mlp/proj/") != std::string::npos;
+        const bool residual = role == TensorRole::residual_weight || role == TensorRole::residual_factor;
         double std_dev = residual ? resid_std : 0.02;
-        if (n.ends_with("/A") || n.ends_with("/B")) {
-          // A product of two factors of rank r has variance r * sa^2 * sb^2; match the dense layer's.
-          const TensorInfo& a = table.at(n.substr(0, n.size() - 1) + "A");
-          std_dev = std::sqrt(std_dev / std::sqrt(static_cast<double>(a.full_shape[0])));
+        if (role == TensorRole::factor || role == TensorRole::residual_factor) {
+          // A product of two factors of rank r has variance r * sa^2 * sb^2; match the dense layer's. A is
+          // [r, in] and B [out, r], and r is below in and out (validate_model_config).
+          const double r = static_cast<double>(std::min(t.full_shape[0], t.full_shape[1]));
+          std_dev = std::sqrt(std_dev / std::sqrt(r));
         }
         for (float& v : full) v = static_cast<float>(rng.normal() * std_dev);
       }

@@ -22,7 +22,7 @@ void AdamW::update(float* params, const float* grads, float lr) {
   for (const TensorInfo& t : table_.tensors()) {
     const std::size_t b = std::max(t.offset, begin_), e = std::min(t.offset + t.size, end_);
     if (b >= e) continue;
-    const float wd = t.decay ? static_cast<float>(cfg_.weight_decay) : 0.0f;
+    const float wd = decays(t.role) ? static_cast<float>(cfg_.weight_decay) : 0.0f;
     const std::size_t i = b - begin_;
     be_.adamw(params + b, grads + i, m_ + i, v_ + i, e - b, lr, static_cast<float>(cfg_.beta1),
               static_cast<float>(cfg_.beta2), static_cast<float>(cfg_.eps), wd, step_);

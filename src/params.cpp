@@ -6,12 +6,21 @@
 
 namespace lrllm {
 
-std::size_t ParamTable::add(const std::string& name, std::vector<int64_t> shape, const TensorSplit& split) {
+bool decays(TensorRole role) {
+  return role != TensorRole::norm_gain && role != TensorRole::norm_shift && role != TensorRole::bias;
+}
+
+bool is_adapter(TensorRole role) {
+  return role == TensorRole::lora_a || role == TensorRole::lora_b || role == TensorRole::token_delta;
+}
+
+std::size_t ParamTable::add(const std::string& name, std::vector<int64_t> shape, TensorRole role,
+                            const TensorSplit& split) {
   TensorInfo t;
   t.name = name;
+  t.role = role;
   t.size = 1;
   for (int64_t d : shape) t.size *= static_cast<std::size_t>(d);
-  t.decay = shape.size() >= 2;
   t.full_shape = shape;
   if (split.axis >= 0) t.full_shape.at(split.axis) *= split.parts;
   t.shape = std::move(shape);

@@ -59,10 +59,10 @@ TEST(ClipGradNorm, ScalesOnlyAboveMaxAndReturnsTheNorm) {
 TEST(AdamW, DecaysOnlyMatricesAndMatchesHandComputedSteps) {
   auto be = make_cpu_backend();
   ParamTable table;
-  table.add("w", {3, 4});
-  table.add("b", {5});
-  ASSERT_TRUE(table.at("w").decay);
-  ASSERT_FALSE(table.at("b").decay);
+  table.add("w", {3, 4}, TensorRole::weight);
+  table.add("b", {5}, TensorRole::bias);
+  ASSERT_TRUE(decays(table.at("w").role));
+  ASSERT_FALSE(decays(table.at("b").role));
   TrainConfig cfg;
   cfg.weight_decay = 0.5;
   cfg.beta1 = 0.8;

@@ -15,7 +15,7 @@ namespace {
 TEST(TensorSplit, FusedQkvPartHoldsTheSameHeadsOfQKAndV) {
   // Full [6, 2]: rows q0 q1 k0 k1 v0 v1; part 1 of 2 in 3 groups takes q1, k1, v1.
   ParamTable table;
-  table.add("qkv/W", {3, 2}, TensorSplit{0, 3, 1, 2, false});
+  table.add("qkv/W", {3, 2}, TensorRole::weight, TensorSplit{0, 3, 1, 2, false});
   const TensorInfo& t = table.tensors()[0];
   EXPECT_EQ(t.full_shape, (std::vector<int64_t>{6, 2}));
   std::vector<float> full(12);
@@ -30,7 +30,7 @@ TEST(TensorSplit, FusedQkvPartHoldsTheSameHeadsOfQKAndV) {
 
 TEST(TensorSplit, RowParallelPartHoldsColumns) {
   ParamTable table;
-  table.add("proj/W", {2, 2}, TensorSplit{1, 1, 0, 2, false});
+  table.add("proj/W", {2, 2}, TensorRole::weight, TensorSplit{1, 1, 0, 2, false});
   const TensorInfo& t = table.tensors()[0];
   EXPECT_EQ(t.full_shape, (std::vector<int64_t>{2, 4}));
   const std::vector<float> full = {0, 1, 2, 3, 4, 5, 6, 7};
@@ -46,7 +46,7 @@ TEST(TensorSplit, PartsReassembleTheFullTensor) {
   std::vector<float> rebuilt(full.size(), 0.0f);
   for (int p = 0; p < parts; ++p) {
     ParamTable table;
-    table.add("x", {8 * 3 / parts, 5}, TensorSplit{0, 3, p, parts, false});
+    table.add("x", {8 * 3 / parts, 5}, TensorRole::weight, TensorSplit{0, 3, p, parts, false});
     const TensorInfo& t = table.tensors()[0];
     std::vector<float> part(t.size);
     extract_part(t, full.data(), part.data());

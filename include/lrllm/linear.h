@@ -77,9 +77,10 @@ class Linear {
   // (set_quantized).
   // in and out are the full layer's; tp slices them (adapters and quantization need tp.parts == 1).
   // bias_trains: a frozen base's bias trains in full beside the adapters (lora.modules_to_save).
+  // residual: the layer projects into the residual stream (its weights' TensorRole, hence their init).
   Linear(ParamTable& trainable, ParamTable& base, bool base_frozen, const std::string& prefix, int in,
          int out, int rank, int lora_rank, double lora_alpha, bool quantized, bool bias_trains = false,
-         const LinearTp& tp = {});
+         const LinearTp& tp = {}, bool residual = false);
 
   // This rank's widths.
   int in() const { return in_; }

@@ -23,13 +23,32 @@ struct TensorSplit {
   bool replica = false;
 };
 
+// What a tensor is, given when it is registered: how Model::init_random draws it, whether AdamW decays it,
+// and whether it is an adapter (trained, saved and merged as the finetuning's own).
+enum class TensorRole {
+  embedding,        // wte, wpe: N(0, 0.02)
+  norm_gain,        // a LayerNorm's w: 1
+  norm_shift,       // a LayerNorm's b: 0
+  weight,           // a dense linear layer's W: N(0, 0.02)
+  residual_weight,  // the W of a projection into the residual stream: N(0, 0.02 / sqrt(2 n_layer)), GPT-2's
+  factor,           // a low-rank layer's A or B: each factor sqrt(std / sqrt(r)), so the product has W's std
+  residual_factor,  // the same for a residual projection
+  bias,             // 0
+  lora_a,           // LoRA's A: uniform in +-1/sqrt(in), PEFT's default
+  lora_b,           // LoRA's B: 0, so the adapters start as the identity
+  token_delta,      // the trainable tokens' delta over wte rows: 0
+};
+// AdamW decays the 2-D weights (embeddings, linear weights and factors, adapters), not biases and norms.
+bool decays(TensorRole role);
+bool is_adapter(TensorRole role);  // lora_a, lora_b, token_delta
+
 struct TensorInfo {
   std::string name;                 // e.g. "h.0/attn/qkv/A"
   std::vector<int64_t> shape;       // this rank's
   std::vector<int64_t> full_shape;  // the checkpoint's
   std::size_t offset = 0;
   std::size_t size = 0;
-  bool decay = false;  // AdamW weight decay applies to 2-D weights only
+  TensorRole role = TensorRole::weight;
   TensorSplit split;
   std::size_t full_size() const;  // elements of the full tensor
 };
@@ -38,7 +57,8 @@ class ParamTable {
  public:
   // Appends a tensor (its local shape); offsets are padded to 16 floats so every tensor starts 64-byte
   // aligned.
-  std::size_t add(const std::string& name, std::vector<int64_t> shape, const TensorSplit& split = {});
+  std::size_t add(const std::string& name, std::vector<int64_t> shape, TensorRole role,
+                  const TensorSplit& split = {});
   const TensorInfo* find(const std::string& name) const;
   const TensorInfo& at(const std::string& name) const;
   const std::vector<TensorInfo>& tensors() const { return tensors_; }
