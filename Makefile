@@ -58,7 +58,7 @@ ifeq ($(SANITIZE),1)
   LDLIBS += -fsanitize=address,undefined
 endif
 
-LIB_SRCS := $(filter-out src/main.cpp,$(wildcard src/*.cpp))
+LIB_SRCS := $(wildcard src/*/*.cpp)
 LIB_OBJS := $(LIB_SRCS:src/%.cpp=$(BUILD)/obj/%.o)
 CUDA_SRCS := $(wildcard cuda/*.cu)
 ifeq ($(CUDA),1)
@@ -88,7 +88,7 @@ deps:
 # The CPU kernels want -O3's loop vectorisation, and -fno-trapping-math so that clamps and other float
 # comparisons become vector selects instead of branches (lrllm never reads floating-point exception flags).
 # The rest stays at -O2: GCC 12 reports false -Wrestrict positives in std::string code at -O3.
-$(BUILD)/obj/backend_cpu.o: CXXFLAGS += -O3 -fno-trapping-math
+$(BUILD)/obj/backend/backend_cpu.o: CXXFLAGS += -O3 -fno-trapping-math
 $(BUILD)/obj/%.o: src/%.cpp
 	@mkdir -p $(dir $@)
 	@echo "  CXX   $<"
@@ -156,7 +156,7 @@ bench: data
 	@bash tools/bench.sh $(BUILD)
 
 format:
-	clang-format -i include/lrllm/*.h src/*.cpp tests/*.cpp tests/gpu/*.cpp cuda/*.cu cuda/*.cuh
+	clang-format -i include/lrllm/*/*.h src/*.cpp src/*/*.cpp tests/*.cpp tests/gpu/*.cpp cuda/*.cu cuda/*.cuh
 
 clean:
 	rm -rf build build-sanitize

@@ -10,7 +10,7 @@
 
 #include "attention.cuh"
 #include "check.cuh"
-#include "lrllm/common.h"
+#include "lrllm/core/common.h"
 
 namespace lrllm::cuda {
 

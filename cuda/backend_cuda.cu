@@ -29,10 +29,10 @@
 #include "embedding.cuh"
 #include "launch.cuh"
 #include "layernorm.cuh"
-#include "lrllm/backend.h"
-#include "lrllm/common.h"
-#include "lrllm/quant.h"
-#include "lrllm/rng.h"
+#include "lrllm/backend/backend.h"
+#include "lrllm/core/common.h"
+#include "lrllm/core/rng.h"
+#include "lrllm/model/quant.h"
 #include "reduce.cuh"
 #include "softmax.cuh"
 
@@ -444,10 +444,6 @@ class CudaBackend final : public Backend {
 };
 
 }  // namespace
-
-bool built_with_cuda() {
-  return true;
-}
 
 int cuda_device_count() {
   int count = 0;

@@ -4,7 +4,7 @@
 
 #include <cuda_runtime.h>
 
-#include "lrllm/common.h"
+#include "lrllm/core/common.h"
 
 namespace lrllm::cuda {
 

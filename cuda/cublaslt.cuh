@@ -10,7 +10,7 @@
 #include <string>
 #include <type_traits>
 
-#include "lrllm/common.h"
+#include "lrllm/core/common.h"
 
 namespace lrllm {
 namespace {

@@ -7,7 +7,7 @@
 #include <cstdint>
 
 #include "launch.cuh"
-#include "lrllm/quant.h"
+#include "lrllm/model/quant.h"
 
 namespace lrllm {
 namespace {

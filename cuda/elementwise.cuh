@@ -7,7 +7,7 @@
 #include <cstdint>
 
 #include "launch.cuh"
-#include "lrllm/rng.h"
+#include "lrllm/core/rng.h"
 
 namespace lrllm {
 namespace {

@@ -1,12 +1,12 @@
-// The NCCL transport of device tensors (include/lrllm/nccl.h).
+// The NCCL transport of device tensors (include/lrllm/parallel/nccl.h).
 #include <nccl.h>
 
 #include <exception>
 #include <string>
 
 #include "check.cuh"
-#include "lrllm/comm.h"
-#include "lrllm/nccl.h"
+#include "lrllm/parallel/comm.h"
+#include "lrllm/parallel/nccl.h"
 
 #define LRLLM_NCCL(call) ::lrllm::check_nccl((call), #call, __FILE__, __LINE__)
 

@@ -10,21 +10,21 @@
 #include <new>
 #include <string>
 
-#include "lrllm/backend.h"
-#include "lrllm/checkpoint.h"
-#include "lrllm/comm.h"
-#include "lrllm/common.h"
-#include "lrllm/config.h"
-#include "lrllm/decompose.h"
-#include "lrllm/evaluate.h"
-#include "lrllm/export.h"
-#include "lrllm/finetune.h"
-#include "lrllm/generate.h"
-#include "lrllm/hdf5.h"
-#include "lrllm/metrics.h"
-#include "lrllm/signals.h"
-#include "lrllm/tokenizer.h"
-#include "lrllm/train.h"
+#include "lrllm/backend/backend.h"
+#include "lrllm/core/common.h"
+#include "lrllm/core/config.h"
+#include "lrllm/io/checkpoint.h"
+#include "lrllm/io/hdf5.h"
+#include "lrllm/io/metrics.h"
+#include "lrllm/io/tokenizer.h"
+#include "lrllm/modes/decompose.h"
+#include "lrllm/modes/evaluate.h"
+#include "lrllm/modes/export.h"
+#include "lrllm/modes/generate.h"
+#include "lrllm/parallel/comm.h"
+#include "lrllm/train/finetune.h"
+#include "lrllm/core/signals.h"
+#include "lrllm/train/train.h"
 
 #if defined(__SANITIZE_ADDRESS__)
 // Open MPI unloads its plugins before AddressSanitizer's exit-time leak scan, so their allocations show up as

@@ -11,12 +11,12 @@
 #include <string>
 #include <vector>
 
-#include "lrllm/backend.h"
-#include "lrllm/checkpoint.h"
-#include "lrllm/common.h"
-#include "lrllm/data.h"
-#include "lrllm/hdf5.h"
-#include "lrllm/model.h"
+#include "lrllm/backend/backend.h"
+#include "lrllm/core/common.h"
+#include "lrllm/io/checkpoint.h"
+#include "lrllm/io/data.h"
+#include "lrllm/io/hdf5.h"
+#include "lrllm/model/model.h"
 
 int main(int argc, char** argv) {
   std::map<std::string, std::string> args;

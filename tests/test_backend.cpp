@@ -11,7 +11,7 @@
 #include <memory>
 #include <vector>
 
-#include "lrllm/backend.h"
+#include "lrllm/backend/backend.h"
 #include "test_util.h"
 
 namespace lrllm {

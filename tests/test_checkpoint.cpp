@@ -16,13 +16,13 @@
 #include <string>
 #include <vector>
 
-#include "lrllm/backend.h"
-#include "lrllm/checkpoint.h"
-#include "lrllm/decompose.h"
-#include "lrllm/hdf5.h"
-#include "lrllm/model.h"
-#include "lrllm/optimizer.h"
-#include "lrllm/version.h"
+#include "lrllm/backend/backend.h"
+#include "lrllm/core/version.h"
+#include "lrllm/io/checkpoint.h"
+#include "lrllm/io/hdf5.h"
+#include "lrllm/model/model.h"
+#include "lrllm/modes/decompose.h"
+#include "lrllm/model/optimizer.h"
 #include "test_util.h"
 
 namespace fs = std::filesystem;

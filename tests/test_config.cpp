@@ -10,9 +10,9 @@
 #include <string>
 #include <vector>
 
-#include "lrllm/config.h"
-#include "lrllm/layout.h"
-#include "lrllm/topology.h"
+#include "lrllm/core/config.h"
+#include "lrllm/parallel/layout.h"
+#include "lrllm/parallel/topology.h"
 #include "test_util.h"
 
 namespace lrllm {

@@ -9,9 +9,9 @@
 #include <string>
 #include <vector>
 
-#include "lrllm/data.h"
-#include "lrllm/hdf5.h"
-#include "lrllm/metrics.h"
+#include "lrllm/io/data.h"
+#include "lrllm/io/hdf5.h"
+#include "lrllm/io/metrics.h"
 #include "test_util.h"
 
 namespace lrllm {

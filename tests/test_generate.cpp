@@ -4,8 +4,8 @@
 #include <cmath>
 #include <vector>
 
-#include "lrllm/generate.h"
-#include "lrllm/rng.h"
+#include "lrllm/core/rng.h"
+#include "lrllm/modes/generate.h"
 
 namespace lrllm {
 namespace {

@@ -12,9 +12,9 @@
 #include <string>
 #include <vector>
 
-#include "lrllm/common.h"
-#include "lrllm/instruct.h"
-#include "lrllm/tokenizer.h"
+#include "lrllm/core/common.h"
+#include "lrllm/io/instruct.h"
+#include "lrllm/io/tokenizer.h"
 #include "test_util.h"
 
 namespace lrllm {

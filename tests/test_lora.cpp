@@ -9,10 +9,10 @@
 #include <string>
 #include <vector>
 
-#include "lrllm/backend.h"
-#include "lrllm/model.h"
-#include "lrllm/quant.h"
-#include "lrllm/rng.h"
+#include "lrllm/backend/backend.h"
+#include "lrllm/core/rng.h"
+#include "lrllm/model/model.h"
+#include "lrllm/model/quant.h"
 #include "test_util.h"
 
 namespace lrllm {

@@ -12,10 +12,10 @@
 #include <string>
 #include <vector>
 
-#include "lrllm/backend.h"
-#include "lrllm/linear.h"
-#include "lrllm/model.h"
-#include "lrllm/rng.h"
+#include "lrllm/backend/backend.h"
+#include "lrllm/core/rng.h"
+#include "lrllm/model/linear.h"
+#include "lrllm/model/model.h"
 #include "test_util.h"
 
 namespace lrllm {

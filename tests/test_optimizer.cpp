@@ -5,9 +5,9 @@
 #include <memory>
 #include <vector>
 
-#include "lrllm/backend.h"
-#include "lrllm/optimizer.h"
-#include "lrllm/params.h"
+#include "lrllm/backend/backend.h"
+#include "lrllm/model/params.h"
+#include "lrllm/model/optimizer.h"
 #include "test_util.h"
 
 namespace lrllm {

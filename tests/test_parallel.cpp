@@ -5,9 +5,9 @@
 #include <numeric>
 #include <vector>
 
-#include "lrllm/layout.h"
-#include "lrllm/params.h"
-#include "lrllm/topology.h"
+#include "lrllm/model/params.h"
+#include "lrllm/parallel/layout.h"
+#include "lrllm/parallel/topology.h"
 
 namespace lrllm {
 namespace {

@@ -1,6 +1,6 @@
 // Block-wise int8 and NF4 storage (docs/design.md, Quantized tensors): codes and scales against brute-force
-// references written independently of src/quant.cpp, the nibble layout, error bounds, double quantization,
-// sub-range dequantization, and the HDF5 layout with its errors.
+// references written independently of src/model/quant.cpp, the nibble layout, error bounds, double
+// quantization, sub-range dequantization, and the HDF5 layout with its errors.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -13,9 +13,9 @@
 #include <utility>
 #include <vector>
 
-#include "lrllm/common.h"
-#include "lrllm/hdf5.h"
-#include "lrllm/quant.h"
+#include "lrllm/core/common.h"
+#include "lrllm/io/hdf5.h"
+#include "lrllm/model/quant.h"
 #include "test_util.h"
 
 namespace lrllm {

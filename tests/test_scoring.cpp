@@ -5,9 +5,9 @@
 #include <string>
 #include <vector>
 
-#include "lrllm/common.h"
-#include "lrllm/instruct.h"
-#include "lrllm/scoring.h"
+#include "lrllm/core/common.h"
+#include "lrllm/io/instruct.h"
+#include "lrllm/modes/scoring.h"
 #include "test_util.h"
 
 namespace lrllm {

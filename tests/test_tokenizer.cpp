@@ -13,8 +13,8 @@
 #include <string>
 #include <vector>
 
-#include "lrllm/common.h"
-#include "lrllm/tokenizer.h"
+#include "lrllm/core/common.h"
+#include "lrllm/io/tokenizer.h"
 #include "test_util.h"
 
 namespace lrllm {

@@ -14,9 +14,9 @@
 
 #include <unistd.h>
 
-#include "lrllm/common.h"
-#include "lrllm/config.h"
-#include "lrllm/rng.h"
+#include "lrllm/core/common.h"
+#include "lrllm/core/config.h"
+#include "lrllm/core/rng.h"
 
 namespace lrllm::test {
 

@@ -9,8 +9,8 @@
 #include <nlohmann/json.hpp>
 #include <string>
 
-#include "lrllm/common.h"
-#include "lrllm/tokenizer.h"
+#include "lrllm/core/common.h"
+#include "lrllm/io/tokenizer.h"
 
 int main(int argc, char** argv) {
   if (argc != 4 || std::string(argv[2]) != "strings") {

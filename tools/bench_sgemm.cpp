@@ -19,7 +19,7 @@
 #include <string>
 #include <vector>
 
-#include "lrllm/backend.h"
+#include "lrllm/backend/backend.h"
 
 namespace {
 

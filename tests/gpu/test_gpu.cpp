@@ -23,11 +23,11 @@
 #include <vector>
 
 #include "../test_util.h"
-#include "lrllm/backend.h"
-#include "lrllm/model.h"
-#include "lrllm/optimizer.h"
-#include "lrllm/quant.h"
-#include "lrllm/rng.h"
+#include "lrllm/backend/backend.h"
+#include "lrllm/core/rng.h"
+#include "lrllm/model/model.h"
+#include "lrllm/model/quant.h"
+#include "lrllm/model/optimizer.h"
 
 namespace lrllm {
 namespace {

@@ -12,7 +12,7 @@ torch ops, so that it is an outside reference for lrllm's C++ model:
   * llm.c token files (256 int32 header, then uint16 tokens);
   * LoRA adapters y = base(x) + (alpha/r) (x lora_A^T) lora_B^T over a frozen base, and the
     block-wise int8 / NF4 (optionally double-quantized) storage of frozen dense W, quantized and
-    dequantized in numpy from the rules in include/lrllm/quant.h's header comment;
+    dequantized in numpy from the rules in include/lrllm/model/quant.h's header comment;
   * the lrllm pretraining step: warmup + cosine lr, global-norm clipping, torch AdamW with
     weight decay on 2-D tensors only.
 """
@@ -345,7 +345,7 @@ def loss_and_grads(params, cfg: Config, x, y, dtype=torch.float64, trainable=Non
 
 
 # ----------------------------------------------------------------------------------------------
-# Block-wise quantization (numpy), written from the rules in include/lrllm/quant.h's header:
+# Block-wise quantization (numpy), written from the rules in include/lrllm/model/quant.h's header:
 # blocks of `block` consecutive values of the flattened row-major tensor (last one may be
 # short), each scaled by its absmax = max |x|.
 

@@ -478,7 +478,7 @@ LORA_CASES = {
 
 
 def saved_module(patterns: str):
-    """lora.modules_to_save as a predicate on tensor names, from its documented rule (include/lrllm/model.h):
+    """lora.modules_to_save as a predicate on tensor names, from its documented rule (include/lrllm/model/model.h):
     a pattern names a tensor or a module above it, '*' matching within one path component."""
     import fnmatch
     pats = [p for p in patterns.split(",") if p]

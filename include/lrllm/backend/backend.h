@@ -1,0 +1,129 @@
+// The backend seam (docs/design.md, Backend seam): every primitive the model needs, written once per device.
+// Pointers are device pointers of the backend that allocated them; shapes are row-major.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "lrllm/model/quant.h"
+
+namespace lrllm {
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;
+
+  // Memory. Allocations are zero-filled.
+  virtual float* alloc(std::size_t count) = 0;
+  virtual int32_t* alloc_int(std::size_t count) = 0;
+  virtual void release(void* ptr) = 0;
+  virtual void to_device(void* dst, const void* src, std::size_t bytes) = 0;
+  virtual void to_host(void* dst, const void* src, std::size_t bytes) = 0;
+  virtual void fill(float* x, std::size_t n, float value) = 0;
+  virtual void copy(float* dst, const float* src, std::size_t n) = 0;
+
+  // C[M,N] = alpha * op(A)[M,K] * op(B)[K,N] + beta * C. With trans_a, A is stored [K,M]; with trans_b, B is
+  // stored [N,K] (the nn.Linear weight orientation). lda, ldb and ldc are the row strides of A, B and C as
+  // stored, so a product can read or write a block of columns of a larger matrix.
+  virtual void matmul_strided(float* C, const float* A, const float* B, int M, int N, int K, bool trans_a,
+                              bool trans_b, float alpha, float beta, int lda, int ldb, int ldc) = 0;
+  // The same on packed matrices.
+  void matmul(float* C, const float* A, const float* B, int M, int N, int K, bool trans_a, bool trans_b,
+              float alpha, float beta) {
+    matmul_strided(C, A, B, M, N, K, trans_a, trans_b, alpha, beta, trans_a ? M : K, trans_b ? K : N, N);
+  }
+  // out[n,c] += bias[c]
+  virtual void add_bias(float* out, const float* bias, int N, int C) = 0;
+  // dbias[c] += sum_n dout[n,c]
+  virtual void bias_backward(float* dbias, const float* dout, int N, int C) = 0;
+
+  // out = a + b
+  virtual void add(float* out, const float* a, const float* b, std::size_t n) = 0;
+  // x *= s
+  virtual void scale(float* x, std::size_t n, float s) = 0;
+  // out = a * b, elementwise
+  virtual void mul(float* out, const float* a, const float* b, std::size_t n) = 0;
+  // Sum of squares, accumulated in double.
+  virtual double sum_squares(const float* x, std::size_t n) = 0;
+
+  // Per-row LayerNorm over C features (eps 1e-5); mean and rstd [N] are saved for backward.
+  virtual void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* w,
+                                 const float* b, int N, int C) = 0;
+  // dinp += ..., dw += ..., db += ...
+  virtual void layernorm_backward(float* dinp, float* dw, float* db, const float* dout, const float* inp,
+                                  const float* w, const float* mean, const float* rstd, int N, int C) = 0;
+
+  // GPT-2's tanh approximation of GELU.
+  virtual void gelu_forward(float* out, const float* inp, std::size_t n) = 0;
+  // dinp = gelu'(inp) * dout (overwrites dinp).
+  virtual void gelu_backward(float* dinp, const float* inp, const float* dout, std::size_t n) = 0;
+
+  // LoRA dropout: mask[i] = 0 with probability p, else 1 / (1 - p), from uniform_of(splitmix64_at(seed, i))
+  // (rng.h), so that every backend draws the same mask for a seed.
+  virtual void dropout_mask(float* mask, std::size_t n, double p, uint64_t seed) = 0;
+
+  // Causal multi-head attention. qkv [B,T,3C] (q, then k, then v, each split into NH heads of C/NH);
+  // out [B,T,C]. No [T,T] matrix is kept: lse [B,NH,T] holds each score row's log-sum-exp, from which
+  // backward recomputes the probabilities. positions [B,T] (null: 0 .. T-1 in every row) are each token's
+  // position inside its example when rows pack several: query t then sees keys t - positions[t] .. t only.
+  virtual void attention_forward(float* out, float* lse, const float* qkv, int B, int T, int C, int NH,
+                                 const int32_t* positions) = 0;
+  // dqkv is overwritten; out and lse are forward's.
+  virtual void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* out,
+                                  const float* lse, int B, int T, int C, int NH,
+                                  const int32_t* positions) = 0;
+
+  // out[b,t,:] = wte[tokens[b,t],:] + wpe[p,:], p = positions[b,t] (null: p = t)
+  virtual void embedding_forward(float* out, const int32_t* tokens, const float* wte, const float* wpe, int B,
+                                 int T, int C, const int32_t* positions) = 0;
+  // dwte, dwpe accumulate; either may be null, for a table that does not train (a finetuning base's).
+  virtual void embedding_backward(float* dwte, float* dwpe, const float* dout, const int32_t* tokens, int B,
+                                  int T, int C, const int32_t* positions) = 0;
+
+  // Softmax cross-entropy over V logits per row. losses[n] = -log p[target]; rows whose target is negative
+  // are ignored (loss 0). The logits are scratch: when grad_scale != 0 they are overwritten in place by
+  // grad_scale * (softmax - onehot) (zero for ignored rows), which saves a second [N,V] buffer; otherwise
+  // their content afterwards is unspecified.
+  virtual void softmax_xent(float* losses, float* logits, const int32_t* targets, int N, int V,
+                            float grad_scale) = 0;
+
+  // Values [first, first + count) of a quantized tensor (host storage, see quant.h) into out: bit for bit
+  // what quant.h's dequantize gives. A device backend keeps its own copy of the codes, made on first use.
+  virtual void dequantize(float* out, const QuantizedTensor& q, std::size_t first, std::size_t count) = 0;
+  // Rows host_rows[0..n_rows) of a quantized matrix [rows, row_len] into out [n_rows, row_len].
+  virtual void dequantize_rows(float* out, const QuantizedTensor& q, const int32_t* host_rows,
+                               int n_rows) = 0;
+
+  // One AdamW step (PyTorch's order: decoupled decay first, then the bias-corrected Adam update).
+  virtual void adamw(float* param, const float* grad, float* m, float* v, std::size_t n, float lr,
+                     float beta1, float beta2, float eps, float weight_decay, int step) = 0;
+
+  // The most bytes this backend's allocations held at once (0 where memory is the host's: see mem_peak).
+  virtual std::size_t peak_bytes() const { return 0; }
+};
+
+// The CPU backend: OpenBLAS sgemm and OpenMP loops.
+std::unique_ptr<Backend> make_cpu_backend();
+
+// OpenBLAS picks its kernels from the CPU model when it loads, and falls back to generic SSE3 ones on models
+// it does not know (virtual CPUs often report such models), which runs sgemm several times slower. When that
+// happened on a CPU with AVX-512 or AVX2, this sets OPENBLAS_CORETYPE to the matching kernel set and
+// re-executes the program (the choice is only read at load time). It returns when nothing needs changing.
+void ensure_blas_kernels(char** argv);
+
+// The CUDA backend on GPU `device` (of those visible), when this build has one and a GPU is visible; throws
+// InputError otherwise.
+std::unique_ptr<Backend> make_cuda_backend(int device = 0);
+
+// Number of visible CUDA devices (0 in a CPU-only build).
+int cuda_device_count();
+
+// Picks the backend for --device cpu|cuda|auto (auto: the CPU until the CUDA backend has passed make
+// test-gpu on a GPU). local_rank: this process's index among the ranks on its node, which picks the GPU
+// (local_rank modulo the visible devices), so that the ranks of a node share its GPUs evenly.
+std::unique_ptr<Backend> make_backend(const std::string& device, int local_rank = 0);
+
+}  // namespace lrllm

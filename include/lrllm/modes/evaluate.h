@@ -1,0 +1,13 @@
+// --mode eval: the loss on a token file, or accuracy and F1 on instruction tasks.
+#pragma once
+
+#include "lrllm/core/config.h"
+#include "lrllm/parallel/comm.h"
+
+namespace lrllm {
+
+// --mode eval on a token file (data.val, else data.train): prints loss and perplexity; with eval.tasks, the
+// tasks' scores.
+int run_eval(const Config& cfg, const Comm& comm);
+
+}  // namespace lrllm

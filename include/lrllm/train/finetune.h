@@ -1,0 +1,11 @@
+// --mode finetune: LoRA adapters over a frozen base (float32, int8 or NF4) on instruction data.
+#pragma once
+
+#include "lrllm/core/config.h"
+#include "lrllm/parallel/comm.h"
+
+namespace lrllm {
+
+int run_finetune(const Config& cfg, const Comm& comm);
+
+}  // namespace lrllm

@@ -1,0 +1,153 @@
+#include "lrllm/modes/export.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <filesystem>
+#include <vector>
+
+#include "lrllm/backend/backend.h"
+#include "lrllm/core/common.h"
+#include "lrllm/io/checkpoint.h"
+#include "lrllm/io/hdf5.h"
+#include "lrllm/model/model.h"
+#include "lrllm/train/train.h"
+
+namespace lrllm {
+namespace {
+
+// The float values of a source tensor by its path under /model: from a float table, or dequantized.
+std::vector<float> source_values(Model& src, const std::string& name) {
+  for (auto [table, base] :
+       {std::pair{&src.table(), src.params()}, std::pair{&src.frozen_table(), src.frozen()}})
+    if (const TensorInfo* t = table->find(name))
+      return std::vector<float>(base + t->offset, base + t->offset + t->size);
+  if (const QuantizedTensor* q = src.find_quantized(name)) {
+    std::vector<float> v(q->size());
+    dequantize(*q, 0, q->size(), v.data());
+    return v;
+  }
+  throw RuntimeError("export: the source model has no tensor " + name);
+}
+
+// A tensor of the exported model: the source's, or with lora.merge a base tensor with its layer's adapters
+// folded in: W + s lora_B lora_A for a dense site; a low-rank site B A grows to [B, s lora_B] [A; lora_A].
+std::vector<float> export_values(Model& src, Backend& be, bool merge, const std::string& name) {
+  std::vector<float> v = source_values(src, name);
+  if (merge && name == "wte" && !src.config().trainable_tokens.empty()) {
+    // The trainable tokens' deltas fold into their rows.
+    const std::vector<float> delta = source_values(src, kTokenDeltaName);
+    const std::size_t C = src.config().d_model;
+    for (std::size_t j = 0; j < src.config().trainable_tokens.size(); ++j)
+      for (std::size_t c = 0; c < C; ++c) v[src.config().trainable_tokens[j] * C + c] += delta[j * C + c];
+    return v;
+  }
+  const std::size_t slash = name.rfind('/');
+  const std::string leaf = slash == std::string::npos ? name : name.substr(slash + 1);
+  if (!merge || (leaf != "W" && leaf != "A" && leaf != "B")) return v;
+  const std::string prefix = name.substr(0, slash);
+  const TensorInfo* la = src.table().find(prefix + "/lora_A");
+  if (la == nullptr) return v;
+  const TensorInfo* lb = src.table().find(prefix + "/lora_B");
+  const float* LA = src.params() + la->offset;
+  const float* LB = src.params() + lb->offset;
+  const int rl = static_cast<int>(la->shape[0]), in = static_cast<int>(la->shape[1]),
+            out = static_cast<int>(lb->shape[0]);
+  const float scale = static_cast<float>(src.config().lora_alpha / rl);
+  if (leaf == "W") {
+    be.matmul(v.data(), LB, LA, out, in, rl, false, false, scale, 1.0f);  // W += s lora_B lora_A
+    return v;
+  }
+  if (leaf == "A") {
+    v.insert(v.end(), LA, LA + static_cast<std::size_t>(rl) * in);
+    return v;
+  }
+  const int r = static_cast<int>(v.size() / out);
+  std::vector<float> grown(static_cast<std::size_t>(out) * (r + rl));
+  for (int o = 0; o < out; ++o) {
+    std::copy_n(v.begin() + static_cast<std::ptrdiff_t>(o) * r, r,
+                grown.begin() + static_cast<std::ptrdiff_t>(o) * (r + rl));
+    for (int k = 0; k < rl; ++k)
+      grown[static_cast<std::size_t>(o) * (r + rl) + r + k] = scale * LB[o * rl + k];
+  }
+  return grown;
+}
+
+// --lora.only: the adapters and the tensors trained beside them, with the base's identity.
+int export_adapters(const Config& cfg, const ModelConfig& in_cfg) {
+  if (!in_cfg.any_lora())
+    throw InputError("--lora.only: " +
+                     (cfg.model.init.empty() ? std::string("a model of random weights") : cfg.model.init) +
+                     " has no LoRA adapters to export");
+  const LoadedModel loaded = load_model(cfg, "cpu", 0);
+  Model& src = *loaded.model;
+  save_adapters(cfg.data.output, src, &cfg);
+  std::printf(
+      "exported the adapters of %s -> %s: %zu tensors, %.3f MB of parameters; file %.3f MB; base %s "
+      "(checksum %s)\n",
+      cfg.model.init.c_str(), cfg.data.output.c_str(), src.table().tensors().size(),
+      src.table().total() * 4 / 1e6, static_cast<double>(std::filesystem::file_size(cfg.data.output)) / 1e6,
+      in_cfg.base.c_str(), in_cfg.base_checksum.c_str());
+  return 0;
+}
+
+}  // namespace
+
+int run_export(const Config& cfg) {
+  if (cfg.data.output.empty()) throw InputError("--mode export needs --data.output (the file to write)");
+  H5File::check_output(cfg.data.output, "data.output");
+  // Without a model to read, the model options describe one with random weights: enough to size an export.
+  const bool random = cfg.model.init.empty();
+  const ModelConfig in_cfg = random ? resolve_model_config(cfg, "") : read_input_model_config(cfg);
+  if (cfg.finetune.lora_only) return export_adapters(cfg, in_cfg);
+  const bool merge = cfg.finetune.lora_merge && in_cfg.any_lora();
+  ModelConfig out_cfg = in_cfg;
+  if (merge) {
+    for (int s = 0; s < kNumSites; ++s) {
+      if (out_cfg.lowrank_rank[s] > 0) out_cfg.lowrank_rank[s] += out_cfg.lora_rank[s];
+      out_cfg.lora_rank[s] = 0;
+    }
+  }
+  out_cfg.quant = quant_from_bits(cfg.finetune.quant_bits);
+  out_cfg.quant_block = cfg.finetune.quant_block;
+  out_cfg.quant_double = cfg.finetune.quant_double;
+  out_cfg.quant_embedding = out_cfg.quant != QuantKind::none && cfg.finetune.quant_embedding;
+  if (merge) {  // without adapters every tensor is the model's own
+    out_cfg.lora_modules.clear();
+    out_cfg.trainable_tokens.clear();
+  }
+  validate_model_config(out_cfg);
+  validate_saved_modules(out_cfg);
+
+  auto backend = make_cpu_backend();
+  Model src(in_cfg, *backend, false);
+  if (random)
+    src.init_random(cfg.seed);
+  else
+    load_input_weights(cfg, src);
+  Model dst(out_cfg, *backend, false);
+  for (const ParamTable* table : {&dst.table(), &dst.frozen_table()}) {
+    float* base = table == &dst.table() ? dst.params() : dst.frozen();
+    for (const TensorInfo& t : table->tensors()) {
+      const std::vector<float> v = export_values(src, *backend, merge, t.name);
+      std::copy(v.begin(), v.end(), base + t.offset);
+    }
+  }
+  for (QuantizedEntry& e : dst.quantized_tensors()) {
+    const std::vector<float> v = export_values(src, *backend, merge, e.name);
+    e.tensor = quantize(out_cfg.quant, v.data(), e.shape, out_cfg.quant_double, out_cfg.quant_block);
+  }
+  save_checkpoint(cfg.data.output, "export", dst, nullptr, nullptr, &cfg);
+  dst.reserve(1);
+  const MemoryBytes mem = dst.memory();
+  std::printf(
+      "exported %s -> %s: %s weights%s, %.2f MB of parameters (float32 %.2f MB, quantized %.2f MB); file "
+      "%.2f MB\n",
+      random ? "(random weights)" : cfg.model.init.c_str(), cfg.data.output.c_str(),
+      storage_name(out_cfg.quant),
+      merge ? ", adapters merged" : (out_cfg.any_lora() ? ", adapters kept" : ""), mem.params / 1e6,
+      (mem.params_trainable + mem.params_frozen) / 1e6, mem.params_quantized / 1e6,
+      static_cast<double>(std::filesystem::file_size(cfg.data.output)) / 1e6);
+  return 0;
+}
+
+}  // namespace lrllm

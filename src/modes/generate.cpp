@@ -1,0 +1,102 @@
+#include "lrllm/modes/generate.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <memory>
+#include <numeric>
+
+#include "lrllm/backend/backend.h"
+#include "lrllm/core/common.h"
+#include "lrllm/io/checkpoint.h"
+#include "lrllm/io/tokenizer.h"
+
+namespace lrllm {
+
+int sample_token(const float* logits, int vocab, const Sampling& sampling, Rng& rng) {
+  if (sampling.temperature == 0.0) return static_cast<int>(std::max_element(logits, logits + vocab) - logits);
+  const int k = sampling.top_k > 0 ? std::min(sampling.top_k, vocab) : vocab;
+  std::vector<int> order(vocab);
+  std::iota(order.begin(), order.end(), 0);
+  // Ties go to the lower id, so the candidate set does not depend on the sort's implementation.
+  std::partial_sort(order.begin(), order.begin() + k, order.end(),
+                    [&](int a, int b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); });
+  const double top = logits[order[0]];
+  std::vector<double> weight(k);
+  double total = 0;
+  for (int i = 0; i < k; ++i) total += weight[i] = std::exp((logits[order[i]] - top) / sampling.temperature);
+  double u = rng.uniform() * total;
+  for (int i = 0; i < k; ++i) {
+    if (u < weight[i]) return order[i];
+    u -= weight[i];
+  }
+  return order[k - 1];  // u landed on the rounding error of the sum
+}
+
+std::vector<int32_t> continue_tokens(Model& model, std::vector<int32_t> context, int max_new, int end_token,
+                                     const Sampling& sampling, Rng& rng,
+                                     const std::function<void(int32_t)>& on_token) {
+  const int T = model.config().seq_len;
+  const int V = model.config().vocab_size;
+  // A position past the sequence's end has no effect on the earlier ones (causal attention): pad with
+  // any valid token.
+  std::vector<int32_t> window(T, 0);
+  std::vector<float> logits(V);
+  std::vector<int32_t> generated;
+  for (int k = 0; k < max_new; ++k) {
+    const std::size_t n = std::min<std::size_t>(context.size(), static_cast<std::size_t>(T));
+    std::copy(context.end() - static_cast<std::ptrdiff_t>(n), context.end(), window.begin());
+    model.logits_at(window.data(), static_cast<int>(n) - 1, logits.data());
+    const int32_t next = sample_token(logits.data(), V, sampling, rng);
+    if (next == end_token) break;
+    context.push_back(next);
+    generated.push_back(next);
+    if (on_token) on_token(next);
+  }
+  return generated;
+}
+
+int run_generate(const Config& cfg) {
+  if (cfg.model.init.empty())
+    throw InputError("--mode generate needs --model.init (a checkpoint or an exported model)");
+  const Tokenizer tok =
+      Tokenizer::load(cfg.data.tokenizer_dir + "/encoder.json", cfg.data.tokenizer_dir + "/vocab.bpe");
+  const LoadedModel loaded = load_model(cfg, cfg.device, 0);
+  Model& model = *loaded.model;
+  const ModelConfig& mc = model.config();
+  if (mc.vocab_size <= tok.eot())
+    throw InputError(strprintf("%s has a vocabulary of %d tokens: generate needs the GPT-2 tokenizer's %d",
+                               cfg.model.init.c_str(), mc.vocab_size, tok.eot() + 1));
+
+  std::vector<int32_t> context;
+  for (int id : tok.encode(cfg.generate.prompt)) context.push_back(id);
+  // GPT-2 starts a document after <|endoftext|>: an empty prompt continues from it.
+  if (context.empty()) context.push_back(tok.eot());
+
+  Rng rng(derive_seed(cfg.seed, "generate"));
+  const Sampling sampling{cfg.generate.temperature, cfg.generate.top_k};
+  std::fputs(cfg.generate.prompt.c_str(), stdout);
+  std::fflush(stdout);
+  const auto start = std::chrono::steady_clock::now();
+  // Tokens are printed as they come: each one's bytes, which may end inside a UTF-8 character that the
+  // next token completes.
+  const std::vector<int32_t> generated =
+      continue_tokens(model, context, cfg.generate.max_new_tokens, tok.eot(), sampling, rng, [&](int32_t id) {
+        const int one[1] = {id};
+        const std::string bytes = tok.decode(one);
+        std::fwrite(bytes.data(), 1, bytes.size(), stdout);
+        std::fflush(stdout);
+      });
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  std::fputc('\n', stdout);
+  std::fprintf(stderr, "generated %zu tokens in %.2f s (%.1f tokens/s), %s, seed %llu\n", generated.size(),
+               seconds, static_cast<double>(generated.size()) / std::max(seconds, 1e-9),
+               sampling.temperature == 0.0
+                   ? "greedy"
+                   : strprintf("temperature %g, top_k %d", sampling.temperature, sampling.top_k).c_str(),
+               static_cast<unsigned long long>(cfg.seed));
+  return 0;
+}
+
+}  // namespace lrllm
