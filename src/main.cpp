@@ -13,6 +13,7 @@
 #include "lrllm/backend/backend.h"
 #include "lrllm/core/common.h"
 #include "lrllm/core/config.h"
+#include "lrllm/core/signals.h"
 #include "lrllm/io/checkpoint.h"
 #include "lrllm/io/hdf5.h"
 #include "lrllm/io/metrics.h"
@@ -23,7 +24,6 @@
 #include "lrllm/modes/generate.h"
 #include "lrllm/parallel/comm.h"
 #include "lrllm/train/finetune.h"
-#include "lrllm/core/signals.h"
 #include "lrllm/train/train.h"
 
 #if defined(__SANITIZE_ADDRESS__)

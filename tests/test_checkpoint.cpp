@@ -21,8 +21,8 @@
 #include "lrllm/io/checkpoint.h"
 #include "lrllm/io/hdf5.h"
 #include "lrllm/model/model.h"
-#include "lrllm/modes/decompose.h"
 #include "lrllm/model/optimizer.h"
+#include "lrllm/modes/decompose.h"
 #include "test_util.h"
 
 namespace fs = std::filesystem;

@@ -6,8 +6,8 @@
 #include <vector>
 
 #include "lrllm/backend/backend.h"
-#include "lrllm/model/params.h"
 #include "lrllm/model/optimizer.h"
+#include "lrllm/model/params.h"
 #include "test_util.h"
 
 namespace lrllm {

@@ -26,8 +26,8 @@
 #include "lrllm/backend/backend.h"
 #include "lrllm/core/rng.h"
 #include "lrllm/model/model.h"
-#include "lrllm/model/quant.h"
 #include "lrllm/model/optimizer.h"
+#include "lrllm/model/quant.h"
 
 namespace lrllm {
 namespace {
