@@ -3,7 +3,6 @@
 #include <cmath>
 #include <limits>
 #include <memory>
-#include <numeric>
 #include <set>
 #include <sstream>
 #include <tuple>
@@ -67,12 +66,10 @@ std::pair<std::vector<Encoded>, std::vector<Encoded>> hold_out(std::vector<Encod
   if (held == 0 || held == n)
     throw InputError(strprintf("--data.val_fraction %g of the %zu examples of %s leaves %s", fraction, n,
                                path.c_str(), held == 0 ? "no validation example" : "no training example"));
-  std::vector<std::size_t> order(n);
-  std::iota(order.begin(), order.end(), 0);
-  Rng rng(derive_seed(seed, "validation share"));
-  for (std::size_t i = n - 1; i > 0; --i) std::swap(order[i], order[rng.below(i + 1)]);
+  // The first `held` examples of a seeded permutation (an epoch order of its own seed).
+  EpochOrder order(n, true, derive_seed(seed, "validation share"));
   std::vector<bool> is_val(n, false);
-  for (std::size_t i = 0; i < held; ++i) is_val[order[i]] = true;
+  for (std::size_t i = 0; i < held; ++i) is_val[order.at(i)] = true;
   std::vector<Encoded> train, val;
   for (std::size_t i = 0; i < n; ++i) (is_val[i] ? val : train).push_back(std::move(all[i]));
   return {std::move(train), std::move(val)};
