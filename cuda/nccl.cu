@@ -5,7 +5,7 @@
 #include <string>
 
 #include "check.cuh"
-#include "lrllm/parallel/comm.h"
+#include "lrllm/parallel/mpi_world.h"
 #include "lrllm/parallel/nccl.h"
 
 #define LRLLM_NCCL(call) ::lrllm::check_nccl((call), #call, __FILE__, __LINE__)

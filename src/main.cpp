@@ -22,7 +22,7 @@
 #include "lrllm/modes/evaluate.h"
 #include "lrllm/modes/export.h"
 #include "lrllm/modes/generate.h"
-#include "lrllm/parallel/comm.h"
+#include "lrllm/parallel/mpi_world.h"
 #include "lrllm/train/finetune.h"
 #include "lrllm/train/train.h"
 
@@ -38,7 +38,7 @@ extern "C" const char* __asan_default_options() {
 namespace {
 
 // Ranks sharing a node split its cores, unless the user or the scheduler set OMP_NUM_THREADS.
-void set_threads(const lrllm::Comm& comm) {
+void set_threads(const lrllm::MpiWorld& comm) {
   if (std::getenv("OMP_NUM_THREADS") != nullptr) return;
   const int cores = omp_get_num_procs();
   omp_set_num_threads(std::max(1, cores / std::max(1, comm.local_size())));
@@ -54,7 +54,7 @@ int launcher_rank() {
 // After a failure outside the input checks other ranks may be waiting in a collective for this one: the whole
 // job ends (Open MPI then prints its abort banner). A process alone has no one to wait for it.
 int abort_others(bool started_work) {
-  if (started_work && lrllm::Comm::world().size() > 1) lrllm::Comm::abort(1);
+  if (started_work && lrllm::MpiWorld::world().size() > 1) lrllm::MpiWorld::abort(1);
   return 1;
 }
 
@@ -71,7 +71,7 @@ int run_tokenize(const lrllm::Config& cfg) {
   return 0;
 }
 
-int run_mode(const lrllm::Config& cfg, const lrllm::Comm& comm) {
+int run_mode(const lrllm::Config& cfg, const lrllm::MpiWorld& comm) {
   if (cfg.mode == "pretrain") return lrllm::run_pretrain(cfg, comm);
   if (cfg.mode == "finetune") return lrllm::run_finetune(cfg, comm);
   if (cfg.mode == "eval") return lrllm::run_eval(cfg, comm);
@@ -110,7 +110,7 @@ int main(int argc, char** argv) {
   int code = 0;
   bool started_work = false;
   try {
-    lrllm::Comm& comm = lrllm::Comm::world(&argc, &argv);
+    lrllm::MpiWorld& comm = lrllm::MpiWorld::world(&argc, &argv);
     set_threads(comm);
     // Training stops at a step's end and saves a checkpoint; the other modes have nothing to save.
     if (cfg.mode == "pretrain" || cfg.mode == "finetune")
@@ -135,6 +135,6 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "lrllm: error: %s\n", e.what());
     code = abort_others(started_work);
   }
-  lrllm::Comm::finalize();
+  lrllm::MpiWorld::finalize();
   return code;
 }

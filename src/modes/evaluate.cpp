@@ -81,7 +81,7 @@ std::string best_label(Model& model, const Tokenizer& tok, const Example& e, Pro
   return best;
 }
 
-int run_instruction_eval(const Config& cfg, const Comm& comm) {
+int run_instruction_eval(const Config& cfg, const MpiWorld& comm) {
   LoadedModel loaded;
   std::unique_ptr<Tokenizer> tok;
   std::vector<std::string> paths;
@@ -162,7 +162,7 @@ int run_instruction_eval(const Config& cfg, const Comm& comm) {
 
 }  // namespace
 
-int run_eval(const Config& cfg, const Comm& comm) {
+int run_eval(const Config& cfg, const MpiWorld& comm) {
   if (!cfg.eval.tasks.empty()) return run_instruction_eval(cfg, comm);
   std::unique_ptr<TokenFile> file;
   std::unique_ptr<Batcher> batcher;

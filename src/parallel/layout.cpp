@@ -45,16 +45,8 @@ void validate_layout(const ParallelConfig& p, int world_size, const ModelConfig&
 }
 
 std::pair<int, int> stage_layers(const ModelConfig& m, int pp, int stage) {
-  // FLOPs a token, forward and backward: 6 per linear weight, and causal attention's 6 T C.
-  const double C = m.d_model, T = m.seq_len;
-  double block = 6 * T * C;
-  for (int s = 0; s < kNumSites; ++s) {
-    const auto [in_width, out_width] = m.site_dims(static_cast<LinearSite>(s));
-    const double r = m.lowrank_rank[s], in = static_cast<double>(in_width),
-                 out = static_cast<double>(out_width);
-    block += 6 * (r > 0 ? r * (in + out) : in * out);
-  }
-  const double head = 6.0 * m.vocab_size * C;
+  const Architecture arch = describe_architecture(m);
+  const double block = arch.block_flops, head = arch.head_flops;
   // Blocks are alike, so a stage's cost depends on its count alone. best[k][n]: the least possible largest
   // stage cost when the first k stages hold the first n blocks; the last stage adds the lm_head.
   const int L = m.n_layer;

@@ -4,7 +4,7 @@
 #include <utility>
 
 #include "lrllm/core/common.h"
-#include "lrllm/parallel/comm.h"
+#include "lrllm/parallel/mpi_world.h"
 
 namespace lrllm {
 

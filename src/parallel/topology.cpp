@@ -13,7 +13,7 @@
 #include "lrllm/parallel/tensor_group.h"
 
 namespace lrllm {
-Topology::Topology(const Comm& world, const ParallelConfig& p, bool device_tensors)
+Topology::Topology(const MpiWorld& world, const ParallelConfig& p, bool device_tensors)
     : world_(world), tp_(p.tp), pp_(p.pp), device_tensors_(device_tensors) {
 #ifndef LRLLM_WITH_CUDA
   // Every rank alike (the option is the same everywhere) and before any split; the lowest rank reports it.

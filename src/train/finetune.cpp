@@ -115,7 +115,7 @@ std::vector<int32_t> resolve_trainable_tokens(const std::string& spec, const Tok
 
 }  // namespace
 
-int run_finetune(const Config& cfg, const Comm& comm) {
+int run_finetune(const Config& cfg, const MpiWorld& comm) {
   TrainSetup setup;
   collective_check(comm, [&] {
     if (cfg.data.train.empty()) throw InputError("--mode finetune needs --data.train (instruction JSONL)");

@@ -14,14 +14,14 @@ namespace lrllm {
 
 namespace fs = std::filesystem;
 
-void prepare_run_dir(const Config& cfg, const Comm& comm) {
+void prepare_run_dir(const Config& cfg, const MpiWorld& comm) {
   if (!comm.root()) return;
   std::error_code ec;
   fs::create_directories(cfg.run.dir, ec);
   if (ec) throw InputError("--run.dir " + cfg.run.dir + ": cannot create it: " + ec.message());
 }
 
-void claim_run_dir(const Config& cfg, const Comm& comm, bool resuming) {
+void claim_run_dir(const Config& cfg, const MpiWorld& comm, bool resuming) {
   prepare_run_dir(cfg, comm);
   if (!comm.root() || resuming) return;
   std::vector<fs::path> earlier;

@@ -134,7 +134,7 @@ ModelConfig resolve_model_config(const Config& cfg, const std::string& resume_pa
   return m;
 }
 
-void TrainSetup::check_layout(const Config& cfg, const Comm& comm) {
+void TrainSetup::check_layout(const Config& cfg, const MpiWorld& comm) {
   validate_layout(cfg.parallel, comm.size(), mc, cfg.train.batch_size);
   if (row_len == 0) row_len = mc.seq_len;
   steps = cfg.train.steps;
@@ -148,7 +148,7 @@ void TrainSetup::check_layout(const Config& cfg, const Comm& comm) {
   steps = std::max(1, static_cast<int>(wanted));
 }
 
-void TrainSetup::make_topology(const Config& cfg, const Comm& comm) {
+void TrainSetup::make_topology(const Config& cfg, const MpiWorld& comm) {
   topo = std::make_unique<Topology>(comm, cfg.parallel, cfg.device == "cuda");
   // Every rank has its device (the GPU its local rank picks) before the device transport connects them: that
   // is collective, and a rank that failed to get its GPU would leave the others waiting in it.
@@ -158,12 +158,10 @@ void TrainSetup::make_topology(const Config& cfg, const Comm& comm) {
 
 void TrainSetup::build(const Config& cfg) {
   model = std::make_unique<Model>(mc, *backend, cfg.train.recompute == "block", model_shard(*topo, mc));
-  // ZeRO-1: this rank's shard of the optimizer state.
-  const std::size_t n = model->table().total();
-  const std::vector<std::size_t> bounds =
-      cfg.parallel.zero == 1 ? topo->dp_bounds(n) : std::vector<std::size_t>{0, n};
-  const std::size_t shard = cfg.parallel.zero == 1 ? topo->dp_rank() : 0;
-  optimizer = std::make_unique<AdamW>(*backend, model->table(), cfg.train, bounds[shard], bounds[shard + 1]);
+  data_parallel =
+      std::make_unique<DataParallel>(*model, *topo, cfg.parallel.zero == 1, cfg.parallel.bucket_mb);
+  optimizer = std::make_unique<AdamW>(*backend, model->table(), cfg.train, data_parallel->shard_begin(),
+                                      data_parallel->shard_end());
   state.seed = cfg.seed;
   if (!resume.empty()) {
     load_weights(resume, *model);
@@ -187,7 +185,7 @@ double validation_loss(Pipeline& pipeline, const Topology& topo, BatchSource& ba
   return topo.world_sum(counts ? sum : 0.0) / static_cast<double>(share * topo.dp());
 }
 
-int run_pretrain(const Config& cfg, const Comm& comm) {
+int run_pretrain(const Config& cfg, const MpiWorld& comm) {
   TrainSetup setup;
   collective_check(comm, [&] {
     if (cfg.data.train.empty()) throw InputError("--mode pretrain needs --data.train (a token file)");
@@ -312,7 +310,7 @@ StepStats train_step(TrainLoop& loop, int64_t step) {
 
 }  // namespace
 
-int run_training(const Config& cfg, const Comm& comm, TrainSetup& setup, const std::string& mode) {
+int run_training(const Config& cfg, const MpiWorld& comm, TrainSetup& setup, const std::string& mode) {
   // The loop's settings, its length resolved (train.epochs becomes steps; the schedule follows them).
   TrainConfig tc = cfg.train;
   tc.steps = setup.steps;
@@ -321,7 +319,7 @@ int run_training(const Config& cfg, const Comm& comm, TrainSetup& setup, const s
   AdamW& optimizer = *setup.optimizer;
   TrainState& state = setup.state;
   Pipeline pipeline(model, topo, cfg.parallel.micro_batches);
-  DataParallel data_parallel(model, topo, cfg.parallel.zero == 1, cfg.parallel.bucket_mb);
+  DataParallel& data_parallel = *setup.data_parallel;
   TrainLoop loop{tc,
                  topo,
                  model,
@@ -387,7 +385,8 @@ int run_training(const Config& cfg, const Comm& comm, TrainSetup& setup, const s
 
     // Checkpoint: every rank hands its parts to world rank 0, which writes the full tensors.
     if ((cfg.checkpoint.every > 0 && state.step % cfg.checkpoint.every == 0) || last || stop) {
-      save_checkpoint(checkpoint_path(cfg.run.dir, state.step), mode, model, optimizer, state, topo, &cfg);
+      save_checkpoint(checkpoint_path(cfg.run.dir, state.step), mode, model, optimizer,
+                      data_parallel.bounds(), state, topo, &cfg);
       if (comm.root()) prune_checkpoints(cfg.run.dir, cfg.checkpoint.keep);
     }
     if (stop) {
@@ -407,7 +406,8 @@ int run_training(const Config& cfg, const Comm& comm, TrainSetup& setup, const s
   const bool missing =
       comm.root() && state.step == first_step && !fs::exists(checkpoint_path(cfg.run.dir, state.step));
   if (topo.world_sum(missing ? 1.0 : 0.0) > 0)
-    save_checkpoint(checkpoint_path(cfg.run.dir, state.step), mode, model, optimizer, state, topo, &cfg);
+    save_checkpoint(checkpoint_path(cfg.run.dir, state.step), mode, model, optimizer, data_parallel.bounds(),
+                    state, topo, &cfg);
   if (comm.root()) {
     metrics->flush();
     const double avg_tps = timed_steps > 0 ? timed_tokens / elapsed_train_s : NAN;

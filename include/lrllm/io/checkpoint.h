@@ -50,8 +50,10 @@ void save_checkpoint(const std::string& path, const std::string& mode, Model& mo
 // The same from a training run under any parallel layout, called by every rank: the full tensors are
 // assembled on world rank 0 from each stage's and tensor slice's parts (and ZeRO's optimizer shards), which
 // writes the file, so it can be resumed under any other layout, and prints one line (path, MB, seconds).
+// optimizer_bounds: each data-parallel rank's shard of the optimizer state (DataParallel::bounds).
 void save_checkpoint(const std::string& path, const std::string& mode, Model& model, AdamW& optimizer,
-                     const TrainState& state, const Topology& topo, const Config* run = nullptr);
+                     const std::vector<std::size_t>& optimizer_bounds, const TrainState& state,
+                     const Topology& topo, const Config* run = nullptr);
 
 // Adapter files (docs/design.md, Adapter files): root attribute format of the file --mode export
 // --lora.only writes.

@@ -2,12 +2,12 @@
 #pragma once
 
 #include "lrllm/core/config.h"
-#include "lrllm/parallel/comm.h"
+#include "lrllm/parallel/mpi_world.h"
 
 namespace lrllm {
 
 // --mode eval on a token file (data.val, else data.train): prints loss and perplexity; with eval.tasks, the
 // tasks' scores.
-int run_eval(const Config& cfg, const Comm& comm);
+int run_eval(const Config& cfg, const MpiWorld& comm);
 
 }  // namespace lrllm

@@ -29,6 +29,8 @@ class DataParallel {
   // The range of the flat parameter buffer whose optimizer state this rank keeps (all of it without ZeRO).
   std::size_t shard_begin() const { return bounds_[rank_]; }
   std::size_t shard_end() const { return bounds_[rank_ + 1]; }
+  // Every data-parallel rank's shard: rank i keeps [bounds()[i], bounds()[i + 1]) ({0, n} without ZeRO).
+  const std::vector<std::size_t>& bounds() const { return bounds_; }
   // For the step's last backward: starts a bucket once all its blocks' gradients are final.
   const std::function<void(int)>& hook() const { return hook_; }
   // Finishes the gradient communication of the step (see the file comment). Call after every backward.

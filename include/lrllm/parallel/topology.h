@@ -21,7 +21,7 @@
 
 #include "lrllm/core/config.h"
 #include "lrllm/model/linear.h"
-#include "lrllm/parallel/comm.h"
+#include "lrllm/parallel/mpi_world.h"
 #include "lrllm/parallel/tensor_group.h"
 
 namespace lrllm {
@@ -33,7 +33,7 @@ class Topology : public TensorReducer {
   // device_tensors: the tensors handed to the collectives and transfers below are device pointers (--device
   // cuda), which NCCL carries once start_device_transport has run. Throws InputError for device tensors in a
   // CPU-only build.
-  Topology(const Comm& world, const ParallelConfig& p, bool device_tensors = false);
+  Topology(const MpiWorld& world, const ParallelConfig& p, bool device_tensors = false);
   ~Topology() override;
   Topology(const Topology&) = delete;
   Topology& operator=(const Topology&) = delete;
@@ -43,7 +43,7 @@ class Topology : public TensorReducer {
   // transfer of device tensors.
   void start_device_transport();
 
-  const Comm& world() const { return world_; }
+  const MpiWorld& world() const { return world_; }
   int tp() const { return tp_; }
   int pp() const { return pp_; }
   int dp() const { return dp_; }
@@ -105,7 +105,7 @@ class Topology : public TensorReducer {
   TensorGroup& group(Group g) const;
   void count(Group g, std::size_t floats) const { bytes_[static_cast<int>(g)] += floats * sizeof(float); }
 
-  const Comm& world_;
+  const MpiWorld& world_;
   int tp_ = 1, pp_ = 1, dp_ = 1, tp_rank_ = 0, pp_rank_ = 0, dp_rank_ = 0;
   bool device_tensors_ = false;
   MPI_Comm tp_comm_ = MPI_COMM_NULL, pp_comm_ = MPI_COMM_NULL, dp_comm_ = MPI_COMM_NULL;

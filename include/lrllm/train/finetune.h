@@ -2,10 +2,10 @@
 #pragma once
 
 #include "lrllm/core/config.h"
-#include "lrllm/parallel/comm.h"
+#include "lrllm/parallel/mpi_world.h"
 
 namespace lrllm {
 
-int run_finetune(const Config& cfg, const Comm& comm);
+int run_finetune(const Config& cfg, const MpiWorld& comm);
 
 }  // namespace lrllm

@@ -12,7 +12,8 @@
 #include "lrllm/io/data.h"
 #include "lrllm/model/model.h"
 #include "lrllm/model/optimizer.h"
-#include "lrllm/parallel/comm.h"
+#include "lrllm/parallel/data_parallel.h"
+#include "lrllm/parallel/mpi_world.h"
 #include "lrllm/parallel/pipeline.h"
 #include "lrllm/parallel/topology.h"
 
@@ -31,17 +32,19 @@ struct TrainSetup {
   std::unique_ptr<Topology> topo;
   std::unique_ptr<Backend> backend;
   std::unique_ptr<Model> model;
+  std::unique_ptr<DataParallel> data_parallel;  // decides the optimizer's shard (ZeRO-1) before AdamW exists
   std::unique_ptr<AdamW> optimizer;
   TrainState state;
 
   // Checks the parallel layout against mc and the batch (InputError), and resolves row_len (mc.seq_len when
   // unset) and steps; inside the mode's collective_check, once the batch sources exist.
-  void check_layout(const Config& cfg, const Comm& comm);
+  void check_layout(const Config& cfg, const MpiWorld& comm);
   // Splits the world into the layout's groups, creates the backend on this rank's device, and connects the
   // device transport (NCCL) where tensors live on GPUs: collective, so outside any check that one rank may
   // fail.
-  void make_topology(const Config& cfg, const Comm& comm);
-  // Creates this rank's share of the model (of mc) and its optimizer state; when resuming, loads weights,
+  void make_topology(const Config& cfg, const MpiWorld& comm);
+  // Creates this rank's share of the model (of mc), its data parallelism and its optimizer state (the shard
+  // data parallelism assigns); when resuming, loads weights,
   // moments and state. A fresh start's weights are the mode's to set.
   void build(const Config& cfg);
 };
@@ -54,7 +57,7 @@ double validation_loss(Pipeline& pipeline, const Topology& topo, BatchSource& ba
                        int batch_size);
 
 // Runs setup.steps steps from setup.state, writing metrics.h5 and checkpoints (mode names them).
-int run_training(const Config& cfg, const Comm& comm, TrainSetup& setup, const std::string& mode);
+int run_training(const Config& cfg, const MpiWorld& comm, TrainSetup& setup, const std::string& mode);
 
 // The model-shape, low-rank, LoRA and quantization options given must agree with the file the model comes
 // from (path, read as file): the same values again, as a requeued job's command line gives them, are
@@ -65,6 +68,6 @@ void check_options_agree(const Config& cfg, const ModelConfig& file, const std::
 // options given do not contradict the file. Throws InputError.
 ModelConfig resolve_model_config(const Config& cfg, const std::string& resume_path);
 
-int run_pretrain(const Config& cfg, const Comm& comm);
+int run_pretrain(const Config& cfg, const MpiWorld& comm);
 
 }  // namespace lrllm

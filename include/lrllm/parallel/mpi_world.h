@@ -9,10 +9,10 @@
 
 namespace lrllm {
 
-class Comm {
+class MpiWorld {
  public:
   // Initialises MPI (once per process) and returns the world communicator's view.
-  static Comm& world(int* argc = nullptr, char*** argv = nullptr);
+  static MpiWorld& world(int* argc = nullptr, char*** argv = nullptr);
   // Finalises MPI if it was initialised; safe to call more than once.
   static void finalize();
   // Ends every rank of the job at once: used when one rank fails mid-run and the others could wait forever.
@@ -28,7 +28,7 @@ class Comm {
   void barrier() const;
 
  private:
-  Comm() = default;
+  MpiWorld() = default;
   int rank_ = 0, size_ = 1, local_rank_ = 0, local_size_ = 1;
   MPI_Comm local_ = MPI_COMM_NULL;
 };
@@ -36,7 +36,7 @@ class Comm {
 // Runs fn on every rank and agrees on the outcome: when fn throws InputError on some ranks, every rank
 // throws, the lowest failing rank with its message and the others with PeerInputError, which is not printed.
 // This keeps a bad input from leaving the healthy ranks waiting in a collective.
-void collective_check(const Comm& comm, const std::function<void()>& fn);
+void collective_check(const MpiWorld& comm, const std::function<void()>& fn);
 
 void mpi_check(int code, const char* call, const char* file, int line);
 

@@ -1,4 +1,4 @@
-#include "lrllm/parallel/comm.h"
+#include "lrllm/parallel/mpi_world.h"
 
 #include <algorithm>
 #include <climits>
@@ -18,8 +18,8 @@ void mpi_check(int code, const char* call, const char* file, int line) {
   fail_call(call, std::string(text, len), file, line);
 }
 
-Comm& Comm::world(int* argc, char*** argv) {
-  static Comm comm;
+MpiWorld& MpiWorld::world(int* argc, char*** argv) {
+  static MpiWorld comm;
   static bool ready = false;
   if (ready) return comm;
   int initialized = 0;
@@ -40,14 +40,14 @@ Comm& Comm::world(int* argc, char*** argv) {
   return comm;
 }
 
-void Comm::finalize() {
+void MpiWorld::finalize() {
   int initialized = 0, finalized = 0;
   MPI_Initialized(&initialized);
   MPI_Finalized(&finalized);
   if (initialized && !finalized) MPI_Finalize();
 }
 
-void Comm::abort(int code) {
+void MpiWorld::abort(int code) {
   std::fflush(stdout);
   std::fflush(stderr);
   int initialized = 0, finalized = 0;
@@ -57,13 +57,13 @@ void Comm::abort(int code) {
   std::_Exit(code);
 }
 
-double Comm::allreduce_sum(double x) const {
+double MpiWorld::allreduce_sum(double x) const {
   double out = x;
   if (size_ > 1) LRLLM_MPI(MPI_Allreduce(&x, &out, 1, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
   return out;
 }
 
-void collective_check(const Comm& comm, const std::function<void()>& fn) {
+void collective_check(const MpiWorld& comm, const std::function<void()>& fn) {
   std::string message;
   bool failed = false;
   try {
@@ -84,7 +84,7 @@ void collective_check(const Comm& comm, const std::function<void()>& fn) {
   throw PeerInputError();
 }
 
-void Comm::barrier() const {
+void MpiWorld::barrier() const {
   LRLLM_MPI(MPI_Barrier(MPI_COMM_WORLD));
 }
 
