@@ -381,6 +381,34 @@ TEST(Model, ParamCountsMatchHandComputedNumbers) {
   }
 }
 
+// The description is what the model registers: every embedding, norm and bias it lists is a tensor of the
+// model of that size, and every other tensor of the model is a linear site's weight at a path it lists.
+TEST(Architecture, ListsWhatTheModelRegisters) {
+  auto be = make_cpu_backend();
+  const ModelConfig cfg = tiny_config({3, 0, 4, 0});
+  const Model model(cfg, *be, false);
+  const Architecture arch = describe_architecture(cfg);
+  std::set<std::string> listed;
+  for (const auto& [name, size] : non_linear_tensors(cfg)) {
+    const TensorInfo* t = model.table().find(name);
+    ASSERT_NE(t, nullptr) << name;
+    EXPECT_EQ(t->size, size) << name;
+    listed.insert(name);
+  }
+  for (const TensorInfo& t : model.table().tensors()) {
+    if (listed.count(t.name)) continue;
+    const auto slash = t.name.rfind('/');
+    const std::string module = t.name.substr(0, slash), kind = t.name.substr(slash + 1);
+    const bool at_a_site = std::any_of(arch.sites.begin(), arch.sites.end(),
+                                       [&](const LinearSpec& s) { return module.ends_with("/" + s.path); });
+    EXPECT_TRUE(at_a_site && (kind == "W" || kind == "A" || kind == "B")) << t.name;
+  }
+  // The stage balancer's cost of a block: 6 FLOPs a weight as factorized, and 6 T C of attention.
+  const double C = cfg.d_model, F = cfg.ff(), T = cfg.seq_len;
+  EXPECT_DOUBLE_EQ(arch.block_flops, 6 * (T * C + 3 * (C + 3 * C) + C * C + 4 * (C + F) + F * C));
+  EXPECT_DOUBLE_EQ(arch.head_flops, 6.0 * cfg.vocab_size * C);
+}
+
 TEST(Linear, LowRankForwardEqualsDenseWithProductWeight) {
   constexpr int in = 7, out = 5, rank = 3, N = 4;
   ParamTable table;  // trainable base and adapters in one table, as in pretraining

@@ -22,11 +22,6 @@ const char* site_name(LinearSite site) {
   return names[static_cast<int>(site)];
 }
 
-const char* site_path(LinearSite site) {
-  static const char* const paths[kNumSites] = {"attn/qkv", "attn/proj", "mlp/fc", "mlp/proj"};
-  return paths[static_cast<int>(site)];
-}
-
 namespace {
 // Indexed by QuantKind and PromptTemplate.
 constexpr const char* kQuantNames[] = {"none", "int8", "nf4"};
@@ -75,22 +70,6 @@ QuantKind quant_from_bits(int bits) {
 
 int quant_bits(QuantKind q) {
   return kQuantBits[static_cast<int>(q)];
-}
-
-std::pair<int64_t, int64_t> ModelConfig::site_dims(LinearSite site) const {
-  // In 64 bits: validation reads these before it has bounded d_model.
-  const int64_t C = d_model, F = d_ff > 0 ? d_ff : 4 * C;
-  switch (site) {
-    case LinearSite::qkv:
-      return {C, 3 * C};
-    case LinearSite::proj:
-      return {C, C};
-    case LinearSite::fc:
-      return {C, F};
-    case LinearSite::mlp_proj:
-      return {F, C};
-  }
-  return {0, 0};
 }
 
 bool ModelConfig::any_lowrank() const {
@@ -377,10 +356,6 @@ void require(bool ok, const std::string& message) {
 }
 
 constexpr int kMaxCount = 1 << 20;
-// The widest layer and the longest sequence: the model's int arithmetic (3 * d_model, seq_len * d_model, ...)
-// stays far from overflow below them, whatever the memory of a machine allows.
-constexpr int64_t kMaxWidth = 1 << 24;
-constexpr int64_t kMaxLayers = 1 << 16;
 
 void validate(const Config& c) {
   bool known_mode = false;
@@ -455,82 +430,6 @@ std::size_t physical_memory_bytes() {
   const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
   if (pages <= 0 || page <= 0) return std::size_t{1} << 40;  // unknown: a bound of no practical effect
   return static_cast<std::size_t>(pages) * static_cast<std::size_t>(page);
-}
-
-double model_weight_bytes(const ModelConfig& m) {
-  // In double: the sizes may be any int, and an estimate needs no exact product.
-  const double C = m.d_model, F = m.d_ff > 0 ? m.d_ff : 4.0 * m.d_model, T = m.seq_len, V = m.vocab_size,
-               L = m.n_layer;
-  // A quantized base stores a byte (int8) or half of one (nf4) per weight.
-  const double base = quant_bits(m.quant) > 0 ? quant_bits(m.quant) / 8.0 : 4.0;
-  double block = 4 * (9 * C + F);  // biases and LayerNorms
-  for (int s = 0; s < kNumSites; ++s) {
-    const auto [in_width, out_width] = m.site_dims(static_cast<LinearSite>(s));
-    const double r = m.lowrank_rank[s], in = static_cast<double>(in_width),
-                 out = static_cast<double>(out_width);
-    block += base * (r > 0 ? r * (in + out) : in * out) + 4.0 * m.lora_rank[s] * (in + out);
-  }
-  const double embedding = (m.quant_embedding ? base : 4.0) * V * C + 4 * T * C;
-  return L * block + embedding;
-}
-
-double model_memory_estimate(const ModelConfig& m) {
-  const double C = m.d_model, F = m.d_ff > 0 ? m.d_ff : 4.0 * m.d_model, T = m.seq_len, V = m.vocab_size,
-               H = m.n_head, L = m.n_layer;
-  // One sequence's forward pass: each block's inputs, qkv, MLP hidden and attention scores, then the logits.
-  const double activations = 4 * T * (L * (8 * C + 2 * F + 2 * H * T) + V);
-  return model_weight_bytes(m) + activations;
-}
-
-void validate_model_config(const ModelConfig& m) {
-  require(m.arch == "gpt2", "--model.arch must be gpt2");
-  require(m.n_layer >= 1, "--model.n_layer must be >= 1");
-  require(m.n_head >= 1, "--model.n_head must be >= 1");
-  require(m.d_model >= 1 && m.d_model % m.n_head == 0,
-          strprintf("--model.d_model must be a positive multiple of n_head (d_model %d, n_head %d)",
-                    m.d_model, m.n_head));
-  require(m.d_ff >= 0, "--model.d_ff must be >= 0");
-  require(m.seq_len >= 1, "--model.seq_len must be >= 1");
-  // Token files store uint16 ids.
-  require(m.vocab_size >= 1 && m.vocab_size <= 65536, "--model.vocab_size must be between 1 and 65536");
-  require(m.quant_block >= 1 && m.quant_block <= 4096, "--quant.block must be between 1 and 4096");
-  require(!m.any_lora() || (std::isfinite(m.lora_alpha) && m.lora_alpha > 0), "--lora.alpha must be > 0");
-  require(m.lora_dropout >= 0 && m.lora_dropout < 1, "--lora.dropout must be in [0, 1)");
-  require(m.trainable_tokens.empty() || m.any_lora(),
-          "--lora.trainable_tokens needs LoRA adapters (without them every wte row trains)");
-  for (std::size_t i = 0; i < m.trainable_tokens.size(); ++i) {
-    const int32_t id = m.trainable_tokens[i];
-    require(id >= 0 && id < m.vocab_size,
-            strprintf("trainable token %d is outside the vocabulary of %d", id, m.vocab_size));
-    require(i == 0 || id > m.trainable_tokens[i - 1], "trainable tokens must be distinct");
-  }
-  for (int s = 0; s < kNumSites; ++s) {
-    const int r = m.lowrank_rank[s];
-    const auto [in, out] = m.site_dims(static_cast<LinearSite>(s));
-    const int64_t limit = std::min(in, out);
-    require(r >= 0,
-            std::string("low-rank rank of ") + site_name(static_cast<LinearSite>(s)) + " must be >= 0");
-    require(r < limit,
-            strprintf("low-rank rank %d of %s is not below min(in, out) = %lld: it would not compress", r,
-                      site_name(static_cast<LinearSite>(s)), static_cast<long long>(limit)));
-    const int lr = m.lora_rank[s];
-    require(lr >= 0 && lr < limit,
-            strprintf("LoRA rank %d of %s is not below min(in, out) = %lld", lr,
-                      site_name(static_cast<LinearSite>(s)), static_cast<long long>(limit)));
-  }
-  const int64_t C = m.d_model, F = m.d_ff > 0 ? m.d_ff : 4 * C;
-  const double need = model_memory_estimate(m);
-  const double have = static_cast<double>(physical_memory_bytes());
-  require(
-      need <= have,
-      strprintf("the model (n_layer %d, n_head %d, d_model %d, d_ff %lld, seq_len %d, vocab_size %d) needs "
-                "at least %.3g GB (its weights and one sequence's activations), more than this machine's "
-                "%.3g GB of memory",
-                m.n_layer, m.n_head, m.d_model, static_cast<long long>(F), m.seq_len, m.vocab_size,
-                need / 1e9, have / 1e9));
-  require(C <= kMaxWidth && F <= kMaxWidth && m.seq_len <= kMaxWidth && m.n_layer <= kMaxLayers,
-          strprintf("the model's sizes must stay below d_model, d_ff, seq_len %lld and n_layer %lld",
-                    static_cast<long long>(kMaxWidth), static_cast<long long>(kMaxLayers)));
 }
 
 namespace {

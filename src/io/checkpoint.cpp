@@ -129,8 +129,9 @@ ModelConfig read_model_config(const std::string& path) {
   m.n_head = positive_attr(f, "n_head");
   m.d_model = positive_attr(f, "d_model");
   m.d_ff = positive_attr(f, "d_ff");
-  for (int s = 0; s < kNumSites; ++s) {
-    const std::string site = std::string("/model/h.0/") + site_path(static_cast<LinearSite>(s));
+  for (const LinearSpec& spec : describe_architecture(m).sites) {
+    const int s = static_cast<int>(spec.site);
+    const std::string site = "/model/" + block_name(0) + "/" + spec.path;
     m.lowrank_rank[s] = f.exists(site + "/A")     ? leading_dim(f, site + "/A", false)
                         : f.exists(site + "/A_q") ? leading_dim(f, site + "/A_q", true)
                                                   : 0;
@@ -361,7 +362,8 @@ std::vector<TensorInfo> parse_description(const std::string& text, int parts) {
 }  // namespace
 
 void save_checkpoint(const std::string& path, const std::string& mode, Model& model, AdamW& optimizer,
-                     const TrainState& state, const Topology& topo, const Config* run) {
+                     const std::vector<std::size_t>& optimizer_bounds, const TrainState& state,
+                     const Topology& topo, const Config* run) {
   const auto start = std::chrono::steady_clock::now();
   Backend& be = model.backend();
   const ParamTable& table = model.table();
@@ -374,12 +376,11 @@ void save_checkpoint(const std::string& path, const std::string& mode, Model& mo
       v = to_host(be, optimizer.v(), n);
     }
   } else {
-    const std::vector<std::size_t> bounds = topo.dp_bounds(n);
     m.resize(topo.dp_rank() == 0 ? n : 0);
     v.resize(m.size());
     const std::size_t shard = optimizer.end() - optimizer.begin();
-    topo.gather_dp(to_host(be, optimizer.m(), shard).data(), m.data(), bounds);
-    topo.gather_dp(to_host(be, optimizer.v(), shard).data(), v.data(), bounds);
+    topo.gather_dp(to_host(be, optimizer.m(), shard).data(), m.data(), optimizer_bounds);
+    topo.gather_dp(to_host(be, optimizer.v(), shard).data(), v.data(), optimizer_bounds);
   }
   if (topo.dp_rank() != 0) return;
   const std::vector<float> params = to_host(be, model.params(), n);
@@ -627,9 +628,9 @@ ModelConfig adapters_over(const std::string& path, const ModelConfig& base) {
                   path.c_str(), lowrank.c_str(), static_cast<long long>(lowrank_rank), base.init.c_str(),
                   base.lowrank_targets().c_str(), base.lowrank_rank_attr()));
   ModelConfig m = base;
-  for (int s = 0; s < kNumSites; ++s) {
-    const std::string a = std::string("/model/h.0/") + site_path(static_cast<LinearSite>(s)) + "/lora_A";
-    m.lora_rank[s] = f.exists(a) ? leading_dim(f, a, false) : 0;
+  for (const LinearSpec& spec : describe_architecture(m).sites) {
+    const std::string a = "/model/" + block_name(0) + "/" + spec.path + "/lora_A";
+    m.lora_rank[static_cast<int>(spec.site)] = f.exists(a) ? leading_dim(f, a, false) : 0;
   }
   if (!m.any_lora()) throw InputError(path + ": holds no LoRA adapters (no /model/h.0/.../lora_A)");
   m.lora_alpha = f.attr_double("/config", "lora_alpha");
@@ -725,7 +726,6 @@ void print_info(const std::string& path) {
   std::size_t total_bytes = 0;
   const std::vector<std::string> datasets = f.datasets("/");
   std::size_t model_params = 0, model_bytes = 0;
-  ParamCounts counts;
   for (const std::string& d : datasets) {
     const std::vector<int64_t> shape = f.shape(d);
     std::size_t n = 1;
@@ -743,33 +743,18 @@ void print_info(const std::string& path) {
         // Quantized codes: count the tensor's logical values, from the shape attribute.
         const std::string stem = d.substr(0, d.size() - 2);
         const QuantizedTensor q = read_quantized(f, stem);
-        (stem == "/model/wte"   ? counts.embedding
-         : stem.ends_with("/W") ? counts.linear_dense
-                                : counts.linear_lowrank) += q.size();
         model_params += q.size();
         storage = " (" + f.attr_string(d, "quant") + " codes of " + shape_string(q.shape) + ")";
       } else if (d.find("_absmax") != std::string::npos) {
         storage = " (quantization scales)";
       } else {
         model_params += n;
-        if (d == "/model/wte" || d == "/model/wpe")
-          counts.embedding += n;
-        else if (d.ends_with("/W"))
-          counts.linear_dense += n;
-        else if (d.ends_with("/lora_A") || d.ends_with("/lora_B"))
-          counts.lora += n;
-        else if (d == std::string("/model/") + kTokenDeltaName)
-          counts.tokens += n;
-        else if (d.ends_with("/A") || d.ends_with("/B"))
-          counts.linear_lowrank += n;
-        else
-          counts.other += n;
       }
     }
     std::printf("  %-40s %-8s %s%s\n", d.c_str(), dtype.c_str(), shape_string(shape).c_str(),
                 storage.c_str());
   }
-  print_param_counts(counts, m);
+  print_param_counts(count_params(m), m);
   std::printf("parameters: %zu in /model (%.2f MB); all datasets %.2f MB; file %.2f MB\n", model_params,
               model_bytes / 1e6, total_bytes / 1e6, static_cast<double>(fs::file_size(path)) / 1e6);
   if (f.exists("/state"))

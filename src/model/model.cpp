@@ -50,19 +50,24 @@ Model::Model(const ModelConfig& cfg, Backend& backend, bool recompute, const Mod
     const bool full = trains(name);
     return TensorRef{(full ? table_ : base).add(name, std::move(shape), role, whole), frozen && !full};
   };
-  // Megatron's split: qkv (three groups: q, k, v) and fc column-parallel, proj and mlp_proj row-parallel.
-  auto linear = [&](const std::string& block, LinearSite s) {
-    const int site = static_cast<int>(s);
-    const auto [in, out] = cfg.site_dims(s);
-    const std::string prefix = block + "/" + site_path(s);
-    const int rank = cfg.lowrank_rank[site];
-    const bool column = s == LinearSite::qkv || s == LinearSite::fc;  // the others project into the residual
+  const Architecture arch = describe_architecture(cfg);
+  // Megatron's split: column-parallel sites split their output (in groups: the fused qkv's q, k and v),
+  // row-parallel ones their input, and project into the residual stream.
+  auto linear = [&](const std::string& block, const LinearSpec& s) {
+    const int site = static_cast<int>(s.site);
+    const std::string prefix = block + "/" + s.path;
     LinearTp tp;
     if (shard.tp > 1)
-      tp = {column ? TpMode::column : TpMode::row, shard.tp_part, shard.tp, s == LinearSite::qkv ? 3 : 1,
-            shard.tp_group};
-    return Linear(table_, base, frozen, prefix, static_cast<int>(in), static_cast<int>(out), rank,
-                  cfg.lora_rank[site], cfg.lora_alpha, quantized, trains(prefix + "/b"), tp, !column);
+      tp = {s.column ? TpMode::column : TpMode::row, shard.tp_part, shard.tp, s.groups, shard.tp_group};
+    return Linear(table_, base, frozen, prefix, static_cast<int>(s.in), static_cast<int>(s.out),
+                  cfg.lowrank_rank[site], cfg.lora_rank[site], cfg.lora_alpha, quantized,
+                  trains(prefix + "/b"), tp, !s.column);
+  };
+  auto norm = [&](const std::string& prefix, const NormSpec& n) {
+    Norm out;
+    out.w = add(prefix + n.path + "/w", {C}, TensorRole::norm_gain);
+    if (n.shift) out.b = add(prefix + n.path + "/b", {C}, TensorRole::norm_shift);
+    return out;
   };
   // The last stage's wte is the lm_head's copy of the tied embedding; the first stage's is saved.
   auto add_quantized = [&](const std::string& name, std::vector<int64_t> shape) {
@@ -71,9 +76,9 @@ Model::Model(const ModelConfig& cfg, Backend& backend, bool recompute, const Mod
   };
   if (first_stage() || last_stage()) {
     if (quantized && cfg.quant_embedding)
-      wte_q_ = add_quantized("wte", {cfg.vocab_size, C});
+      wte_q_ = add_quantized(arch.token_embedding, {cfg.vocab_size, C});
     else
-      wte_ = add("wte", {cfg.vocab_size, C}, TensorRole::embedding, !first_stage());
+      wte_ = add(arch.token_embedding, {cfg.vocab_size, C}, TensorRole::embedding, !first_stage());
   }
   if (!cfg.trainable_tokens.empty() && (first_stage() || last_stage())) {
     // Trains whatever the base's wte is stored as (float32 or quantized): a delta over the chosen rows.
@@ -84,24 +89,19 @@ Model::Model(const ModelConfig& cfg, Backend& backend, bool recompute, const Mod
     delta_row_.assign(cfg.vocab_size, -1);
     for (int32_t j = 0; j < k; ++j) delta_row_[cfg.trainable_tokens[j]] = j;
   }
-  if (first_stage()) wpe_ = add("wpe", {cfg.seq_len, C}, TensorRole::embedding);
+  if (first_stage()) wpe_ = add(arch.position_embedding, {cfg.seq_len, C}, TensorRole::embedding);
   for (int l = first_layer_; l < end_layer_; ++l) {
-    const std::string h = "h." + std::to_string(l);
+    const std::string h = block_name(l);
+    // Tensors are registered in the order the block applies them: a norm just before the site it feeds.
     Block b;
-    b.ln1_w = add(h + "/ln_1/w", {C}, TensorRole::norm_gain);
-    b.ln1_b = add(h + "/ln_1/b", {C}, TensorRole::norm_shift);
-    b.qkv = linear(h, LinearSite::qkv);
-    b.proj = linear(h, LinearSite::proj);
-    b.ln2_w = add(h + "/ln_2/w", {C}, TensorRole::norm_gain);
-    b.ln2_b = add(h + "/ln_2/b", {C}, TensorRole::norm_shift);
-    b.fc = linear(h, LinearSite::fc);
-    b.mlp_proj = linear(h, LinearSite::mlp_proj);
-    blocks_.push_back(b);
+    for (const LinearSpec& s : arch.sites) {
+      for (const NormSpec& n : arch.block_norms)
+        if (n.feeds == s.site) b.norms.push_back(norm(h + "/", n));
+      b.sites.push_back(linear(h, s));
+    }
+    blocks_.push_back(std::move(b));
   }
-  if (last_stage()) {
-    lnf_w_ = add("ln_f/w", {C}, TensorRole::norm_gain);
-    lnf_b_ = add("ln_f/b", {C}, TensorRole::norm_shift);
-  }
+  if (last_stage()) lnf_ = norm("", arch.final_norm);
   for (int s = 0; s < kNumSites; ++s) {
     max_rank_ = std::max({max_rank_, cfg.lowrank_rank[s], cfg.lora_rank[s]});
   }
@@ -110,13 +110,13 @@ Model::Model(const ModelConfig& cfg, Backend& backend, bool recompute, const Mod
   sink_ = be_.alloc(2 * static_cast<std::size_t>(C));
   if (quantized) {
     for (Block& b : blocks_) {
-      for (Linear* lin : {&b.qkv, &b.proj, &b.fc, &b.mlp_proj}) {
-        const std::string& p = lin->prefix();
-        if (lin->lowrank())
-          lin->set_quantized(add_quantized(p + "/A", {lin->rank(), lin->in()}),
-                             add_quantized(p + "/B", {lin->out(), lin->rank()}));
+      for (Linear& lin : b.sites) {
+        const std::string& p = lin.prefix();
+        if (lin.lowrank())
+          lin.set_quantized(add_quantized(p + "/A", {lin.rank(), lin.in()}),
+                            add_quantized(p + "/B", {lin.out(), lin.rank()}));
         else
-          lin->set_quantized(add_quantized(p + "/W", {lin->out(), lin->in()}));
+          lin.set_quantized(add_quantized(p + "/W", {lin.out(), lin.in()}));
       }
     }
     int64_t widest = 1;
@@ -141,9 +141,7 @@ Model::~Model() {
 }
 
 Linear& Model::layer(int block, LinearSite site) {
-  Block& b = blocks_.at(block - first_layer_);
-  Linear* sites[kNumSites] = {&b.qkv, &b.proj, &b.fc, &b.mlp_proj};
-  return *sites[static_cast<int>(site)];
+  return blocks_.at(block - first_layer_).sites.at(static_cast<int>(site));
 }
 
 QuantizedTensor* Model::find_quantized(const std::string& name) {
@@ -228,22 +226,6 @@ bool names(const std::string& pattern, const std::string& tensor) {
   return fnmatch(pattern.c_str(), tensor.c_str(), FNM_PATHNAME) == 0;
 }
 
-// The base tensors that may train in full beside adapters, with their sizes: LayerNorms, biases and
-// embeddings. Linear weights train through their adapters.
-std::vector<std::pair<std::string, std::size_t>> savable_tensors(const ModelConfig& cfg) {
-  const std::size_t C = cfg.d_model, F = cfg.ff();
-  std::vector<std::pair<std::string, std::size_t>> out = {
-      {"wte", cfg.vocab_size * C}, {"wpe", cfg.seq_len * C}, {"ln_f/w", C}, {"ln_f/b", C}};
-  const std::size_t bias[kNumSites] = {3 * C, C, F, C};
-  for (int l = 0; l < cfg.n_layer; ++l) {
-    const std::string h = "h." + std::to_string(l);
-    for (const char* t : {"/ln_1/w", "/ln_1/b", "/ln_2/w", "/ln_2/b"}) out.emplace_back(h + t, C);
-    for (int s = 0; s < kNumSites; ++s)
-      out.emplace_back(h + "/" + site_path(static_cast<LinearSite>(s)) + "/b", bias[s]);
-  }
-  return out;
-}
-
 }  // namespace
 
 bool trains_beside_adapters(const ModelConfig& cfg, const std::string& tensor) {
@@ -253,7 +235,7 @@ bool trains_beside_adapters(const ModelConfig& cfg, const std::string& tensor) {
 }
 
 void validate_saved_modules(const ModelConfig& cfg) {
-  const auto savable = savable_tensors(cfg);
+  const auto savable = non_linear_tensors(cfg);
   for (const std::string& p : saved_module_patterns(cfg)) {
     if (std::none_of(savable.begin(), savable.end(), [&](const auto& t) { return names(p, t.first); }))
       throw InputError(
@@ -269,21 +251,10 @@ void validate_saved_modules(const ModelConfig& cfg) {
 }
 
 ParamCounts Model::param_counts() const {
-  ParamCounts c;
-  const std::size_t C = cfg_.d_model, F = cfg_.ff(), L = cfg_.n_layer;
-  c.embedding = (cfg_.vocab_size + cfg_.seq_len) * C;
-  for (int s = 0; s < kNumSites; ++s) {
-    const auto [in_width, out_width] = cfg_.site_dims(static_cast<LinearSite>(s));
-    const std::size_t in = in_width, out = out_width, r = cfg_.lowrank_rank[s];
-    (r > 0 ? c.linear_lowrank : c.linear_dense) += L * (r > 0 ? r * (in + out) : in * out);
-    c.lora += L * cfg_.lora_rank[s] * (in + out);
-  }
-  // Two LayerNorms and four biases a block, and ln_f.
-  c.other = L * (4 * C + 3 * C + C + F + C) + 2 * C;
+  ParamCounts c = count_params(cfg_);
   if (cfg_.any_lora())
-    for (const auto& [name, size] : savable_tensors(cfg_))
+    for (const auto& [name, size] : non_linear_tensors(cfg_))
       if (trains_beside_adapters(cfg_, name)) c.saved += size;
-  c.tokens = cfg_.trainable_tokens.size() * C;
   return c;
 }
 
@@ -297,26 +268,6 @@ int classifier_chunk_rows(int N, int vocab_size) {
   const int limit = classifier_row_limit(vocab_size);
   const int chunks = (N + limit - 1) / limit;
   return (N + chunks - 1) / chunks;
-}
-
-void print_param_counts(const ParamCounts& c, const ModelConfig& cfg) {
-  // qkv 3C*C, proj C*C, fc F*C, mlp proj C*F per block.
-  const std::size_t C = cfg.d_model, F = cfg.ff();
-  const std::size_t dense_equiv = static_cast<std::size_t>(cfg.n_layer) * (4 * C * C + 2 * C * F);
-  const std::size_t linear = c.linear_dense + c.linear_lowrank;
-  std::printf(
-      "parameters: total %zu = embeddings %zu + linear %zu (dense %zu, low-rank %zu) + norms/biases %zu\n",
-      c.total(), c.embedding, linear, c.linear_dense, c.linear_lowrank, c.other);
-  std::printf("linear layers: %zu parameters against %zu dense: compression %.2fx\n", linear, dense_equiv,
-              linear > 0 ? static_cast<double>(dense_equiv) / linear : 0.0);
-  if (c.lora > 0 && c.saved == 0)
-    std::printf("LoRA adapters: %zu trainable parameters (the base is frozen)\n", c.lora);
-  else if (c.lora > 0)
-    std::printf("LoRA adapters: %zu trainable parameters, and %zu of the base's (%s) trained beside them\n",
-                c.lora, c.saved, cfg.lora_modules.c_str());
-  if (c.tokens > 0)
-    std::printf("trainable tokens: %zu wte rows (embedding and lm_head), %zu parameters\n",
-                cfg.trainable_tokens.size(), c.tokens);
 }
 
 MemoryBytes Model::memory() const {
@@ -392,7 +343,7 @@ void Model::reserve(int B, int slots) {
     act_allocs_.push_back(slot.positions_buffer);
   }
   if (last_stage()) {
-    lnf_ = f(N * C);
+    lnf_out_ = f(N * C);
     lnf_mean_ = f(N);
     lnf_rstd_ = f(N);
     // A smaller batch later (a short validation batch) splits into chunks no larger than this.
@@ -420,48 +371,53 @@ const float* Model::lora_mask(int l, int site, Acts& a, int in, int N) {
   if (!training_ || a.lora_mask[site] == nullptr) return nullptr;
   be_.dropout_mask(
       a.lora_mask[site], static_cast<std::size_t>(N) * in, cfg_.lora_dropout,
-      derive_seed(dropout_seed_, "h." + std::to_string(l) + "/" + site_name(static_cast<LinearSite>(site))));
+      derive_seed(dropout_seed_, block_name(l) + "/" + site_name(static_cast<LinearSite>(site))));
   return a.lora_mask[site];
 }
 
 void Model::block_forward(int l, Acts& a, const float* x, float* x_out, const Slot& s) {
   const Block& blk = blocks_[l - first_layer_];
+  const Norm &ln1 = blk.norms[0], &ln2 = blk.norms[1];
+  const Linear &qkv = blk.site(LinearSite::qkv), &proj = blk.site(LinearSite::proj),
+               &fc = blk.site(LinearSite::fc), &mlp_proj = blk.site(LinearSite::mlp_proj);
   const int N = s.B * s.T, C = cfg_.d_model, F = cfg_.ff() / tp_, Cl = C / tp_, NHl = cfg_.n_head / tp_;
   const WeightBuffers w = buffers();
   const LinearScratch ls = linear_scratch();
-  be_.layernorm_forward(a.ln1, a.ln1_mean, a.ln1_rstd, x, at(blk.ln1_w), at(blk.ln1_b), N, C);
-  blk.qkv.forward(be_, w, ls, a.ln1, a.qkv, a.qkv_mid, a.lora_mid[0], lora_mask(l, 0, a, C, N), N);
+  be_.layernorm_forward(a.ln1, a.ln1_mean, a.ln1_rstd, x, at(ln1.w), at(ln1.b), N, C);
+  qkv.forward(be_, w, ls, a.ln1, a.qkv, a.qkv_mid, a.lora_mid[0], lora_mask(l, 0, a, C, N), N);
   be_.attention_forward(a.attn, a.attn_lse, a.qkv, s.B, s.T, Cl, NHl, s.positions);
-  blk.proj.forward(be_, w, ls, a.attn, residual_branch_, a.proj_mid, a.lora_mid[1], lora_mask(l, 1, a, Cl, N),
-                   N);
+  proj.forward(be_, w, ls, a.attn, residual_branch_, a.proj_mid, a.lora_mid[1], lora_mask(l, 1, a, Cl, N), N);
   be_.add(a.x_mid, x, residual_branch_, static_cast<std::size_t>(N) * C);
-  be_.layernorm_forward(a.ln2, a.ln2_mean, a.ln2_rstd, a.x_mid, at(blk.ln2_w), at(blk.ln2_b), N, C);
-  blk.fc.forward(be_, w, ls, a.ln2, a.fc, a.fc_mid, a.lora_mid[2], lora_mask(l, 2, a, C, N), N);
+  be_.layernorm_forward(a.ln2, a.ln2_mean, a.ln2_rstd, a.x_mid, at(ln2.w), at(ln2.b), N, C);
+  fc.forward(be_, w, ls, a.ln2, a.fc, a.fc_mid, a.lora_mid[2], lora_mask(l, 2, a, C, N), N);
   be_.gelu_forward(a.gelu, a.fc, static_cast<std::size_t>(N) * F);
-  blk.mlp_proj.forward(be_, w, ls, a.gelu, residual_branch_, a.mlp_mid, a.lora_mid[3],
-                       lora_mask(l, 3, a, F, N), N);
+  mlp_proj.forward(be_, w, ls, a.gelu, residual_branch_, a.mlp_mid, a.lora_mid[3], lora_mask(l, 3, a, F, N),
+                   N);
   be_.add(x_out, a.x_mid, residual_branch_, static_cast<std::size_t>(N) * C);
 }
 
 // dresid holds d(loss)/d(block output) on entry and d(loss)/d(block input) on return.
 void Model::block_backward(int l, Acts& a, const float* x, float* dresid, const Slot& s) {
   const Block& blk = blocks_[l - first_layer_];
+  const Norm &ln1 = blk.norms[0], &ln2 = blk.norms[1];
+  const Linear &qkv = blk.site(LinearSite::qkv), &proj = blk.site(LinearSite::proj),
+               &fc = blk.site(LinearSite::fc), &mlp_proj = blk.site(LinearSite::mlp_proj);
   const int N = s.B * s.T, C = cfg_.d_model, F = cfg_.ff() / tp_, Cl = C / tp_, NHl = cfg_.n_head / tp_;
   const WeightBuffers w = buffers();
   const LinearScratch ls = linear_scratch();
   const float* mask[kNumSites];
   for (int site = 0; site < kNumSites; ++site) mask[site] = training_ ? a.lora_mask[site] : nullptr;
-  blk.mlp_proj.backward(be_, w, ls, a.gelu, a.mlp_mid, a.lora_mid[3], mask[3], dresid, mlp_hidden_grad_, N);
+  mlp_proj.backward(be_, w, ls, a.gelu, a.mlp_mid, a.lora_mid[3], mask[3], dresid, mlp_hidden_grad_, N);
   be_.gelu_backward(fc_out_grad_, a.fc, mlp_hidden_grad_, static_cast<std::size_t>(N) * F);
-  blk.fc.backward(be_, w, ls, a.ln2, a.fc_mid, a.lora_mid[2], mask[2], fc_out_grad_, residual_branch_, N);
-  be_.layernorm_backward(dresid, grad_or_sink(blk.ln2_w, 0), grad_or_sink(blk.ln2_b, 1), residual_branch_,
-                         a.x_mid, at(blk.ln2_w), a.ln2_mean, a.ln2_rstd, N, C);
-  blk.proj.backward(be_, w, ls, a.attn, a.proj_mid, a.lora_mid[1], mask[1], dresid, residual_branch_, N);
+  fc.backward(be_, w, ls, a.ln2, a.fc_mid, a.lora_mid[2], mask[2], fc_out_grad_, residual_branch_, N);
+  be_.layernorm_backward(dresid, grad_or_sink(ln2.w, 0), grad_or_sink(ln2.b, 1), residual_branch_, a.x_mid,
+                         at(ln2.w), a.ln2_mean, a.ln2_rstd, N, C);
+  proj.backward(be_, w, ls, a.attn, a.proj_mid, a.lora_mid[1], mask[1], dresid, residual_branch_, N);
   be_.attention_backward(qkv_grad_, residual_branch_, a.qkv, a.attn, a.attn_lse, s.B, s.T, Cl, NHl,
                          s.positions);
-  blk.qkv.backward(be_, w, ls, a.ln1, a.qkv_mid, a.lora_mid[0], mask[0], qkv_grad_, ln1_out_grad_, N);
-  be_.layernorm_backward(dresid, grad_or_sink(blk.ln1_w, 0), grad_or_sink(blk.ln1_b, 1), ln1_out_grad_, x,
-                         at(blk.ln1_w), a.ln1_mean, a.ln1_rstd, N, C);
+  qkv.backward(be_, w, ls, a.ln1, a.qkv_mid, a.lora_mid[0], mask[0], qkv_grad_, ln1_out_grad_, N);
+  be_.layernorm_backward(dresid, grad_or_sink(ln1.w, 0), grad_or_sink(ln1.b, 1), ln1_out_grad_, x, at(ln1.w),
+                         a.ln1_mean, a.ln1_rstd, N, C);
 }
 
 std::vector<std::pair<int, int>> target_runs(const int32_t* targets, int N) {
@@ -485,7 +441,7 @@ double Model::classifier(const float* x, const int32_t* host_targets, float* dx,
                          int normalizer) {
   const int C = cfg_.d_model, V = cfg_.vocab_size;
   const std::size_t row = C;
-  be_.layernorm_forward(lnf_, lnf_mean_, lnf_rstd_, x, at(lnf_w_), at(lnf_b_), N, C);
+  be_.layernorm_forward(lnf_out_, lnf_mean_, lnf_rstd_, x, at(lnf_.w), at(lnf_.b), N, C);
   const std::vector<std::pair<int, int>> runs = target_runs(host_targets, N);
   int M = 0;
   for (const auto& [begin, end] : runs) M += end - begin;
@@ -495,13 +451,13 @@ double Model::classifier(const float* x, const int32_t* host_targets, float* dx,
     targets.clear();
     int m = 0;
     for (const auto& [begin, end] : runs) {
-      be_.copy(head_rows_ + m * row, lnf_ + begin * row, (end - begin) * row);
+      be_.copy(head_rows_ + m * row, lnf_out_ + begin * row, (end - begin) * row);
       targets.insert(targets.end(), host_targets + begin, host_targets + end);
       m += end - begin;
     }
   }
   be_.to_device(head_targets_, targets.data(), M * sizeof(int32_t));
-  const float* head_in = gathered ? head_rows_ : lnf_;
+  const float* head_in = gathered ? head_rows_ : lnf_out_;
   // The input gradient of the gathered rows goes to dx's first M rows, then to their own rows of
   // residual_branch_.
   float* head_dx = gathered ? dx : residual_branch_;
@@ -531,8 +487,8 @@ double Model::classifier(const float* x, const int32_t* host_targets, float* dx,
       }
     }
     be_.fill(dx, N * row, 0.0f);
-    be_.layernorm_backward(dx, grad_or_sink(lnf_w_, 0), grad_or_sink(lnf_b_, 1), residual_branch_, x,
-                           at(lnf_w_), lnf_mean_, lnf_rstd_, N, C);
+    be_.layernorm_backward(dx, grad_or_sink(lnf_.w, 0), grad_or_sink(lnf_.b, 1), residual_branch_, x,
+                           at(lnf_.w), lnf_mean_, lnf_rstd_, N, C);
   }
   return normalizer > 0 ? sum / normalizer : 0.0;
 }
@@ -613,8 +569,8 @@ void Model::logits_at(const int32_t* tokens, int position, float* out) {
   embed(s.resid[0], s, tokens);
   for (int l = 0; l < cfg_.n_layer; ++l) block_forward(l, acts_for(0, l), s.resid[l], s.resid[l + 1], s);
   const float* x = s.resid[cfg_.n_layer] + static_cast<std::size_t>(position) * C;
-  be_.layernorm_forward(lnf_, lnf_mean_, lnf_rstd_, x, at(lnf_w_), at(lnf_b_), 1, C);
-  lm_head(logits_, lnf_, 1);
+  be_.layernorm_forward(lnf_out_, lnf_mean_, lnf_rstd_, x, at(lnf_.w), at(lnf_.b), 1, C);
+  lm_head(logits_, lnf_out_, 1);
   be_.to_host(out, logits_, cfg_.vocab_size * sizeof(float));
 }
 

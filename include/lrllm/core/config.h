@@ -31,8 +31,6 @@ PromptTemplate choose_template(const std::string& given, const std::string& reco
 enum class LinearSite { qkv = 0, proj = 1, fc = 2, mlp_proj = 3 };
 inline constexpr int kNumSites = 4;
 const char* site_name(LinearSite site);
-// The site's module inside a block, as in tensor names ("attn/qkv" of "h.0/attn/qkv/W").
-const char* site_path(LinearSite site);
 
 struct ModelConfig {
   std::string arch = "gpt2";
@@ -68,9 +66,6 @@ struct ModelConfig {
   bool quant_embedding = false;  // with quant: the tied wte (embedding and lm_head) is stored quantized too
 
   int ff() const { return d_ff > 0 ? d_ff : 4 * d_model; }
-  // A linear site's input and output width in the whole model (GPT-2: qkv C -> 3C, proj C -> C, fc C -> F,
-  // mlp_proj F -> C), before any tensor-parallel split: every count, estimate and check reads them here.
-  std::pair<int64_t, int64_t> site_dims(LinearSite site) const;
   bool any_lowrank() const;
   bool any_lora() const;
   std::string lora_targets() const;
@@ -192,17 +187,6 @@ struct Config {
 // Parses argv (and the --config file it names). Throws InputError on an unknown option, a bad value or a
 // missing config file. Returns false when --help or --version was answered and the program should exit 0.
 bool parse_config(int argc, const char* const* argv, Config& cfg, bool print_help_and_version);
-
-// Checks a model shape (sizes, head split, ranks against layer widths) and that the memory it needs at the
-// least (its weights and one sequence's activations) fits in this machine's. Every size is checked in 64-bit
-// arithmetic before the model's own int arithmetic sees it. Throws InputError; a shape read from a file goes
-// through the same checks as one given as options.
-void validate_model_config(const ModelConfig& m);
-
-// The bytes of the model's weights as stored (float32, or int8 / NF4 codes for a quantized base), and those
-// it needs at the least to run: the weights and one sequence's activations.
-double model_weight_bytes(const ModelConfig& m);
-double model_memory_estimate(const ModelConfig& m);
 
 // This machine's physical memory, the bound of every size a run may allocate.
 std::size_t physical_memory_bytes();

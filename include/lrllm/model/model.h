@@ -13,6 +13,7 @@
 
 #include "lrllm/backend/backend.h"
 #include "lrllm/core/config.h"
+#include "lrllm/model/architecture.h"
 #include "lrllm/model/batch.h"
 #include "lrllm/model/linear.h"
 #include "lrllm/model/params.h"
@@ -25,17 +26,6 @@ struct QuantizedEntry {
   std::string name;            // its float tensor's path under /model, e.g. "h.0/attn/qkv/W" or "wte"
   std::vector<int64_t> shape;  // the shape the model expects
   QuantizedTensor tensor;
-};
-
-struct ParamCounts {
-  std::size_t embedding = 0;       // wte + wpe
-  std::size_t linear_dense = 0;    // W of dense linear layers
-  std::size_t linear_lowrank = 0;  // A and B of low-rank linear layers
-  std::size_t other = 0;           // biases and LayerNorms
-  std::size_t lora = 0;            // LoRA adapters
-  std::size_t saved = 0;           // base tensors trained beside the adapters (counted in their kinds above)
-  std::size_t tokens = 0;          // trainable tokens: deltas over chosen wte rows
-  std::size_t total() const { return embedding + linear_dense + linear_lowrank + other + lora + tokens; }
 };
 
 struct MemoryBytes {
@@ -140,12 +130,17 @@ class Model {
   // This rank's bytes of parameters and gradients, and of the activations reserved (see reserve).
   MemoryBytes memory() const;
 
+ private:
+  struct Norm {
+    TensorRef w, b;
+  };
+  // One block's tensors, as its architecture lists them (architecture.h).
   struct Block {
-    TensorRef ln1_w, ln1_b, ln2_w, ln2_b;
-    Linear qkv, proj, fc, mlp_proj;
+    std::vector<Norm> norms;    // in the order the block applies them
+    std::vector<Linear> sites;  // indexed by LinearSite
+    const Linear& site(LinearSite s) const { return sites[static_cast<int>(s)]; }
   };
 
- private:
   struct Acts;
   // What one micro-batch in flight keeps.
   struct Slot {
@@ -195,7 +190,8 @@ class Model {
   int tp_ = 1;  // attention heads and the MLP's width are split tp ways
   ParamTable table_;
   ParamTable frozen_table_;
-  TensorRef wte_, wpe_, lnf_w_, lnf_b_;
+  TensorRef wte_, wpe_;
+  Norm lnf_;
   TensorRef wte_delta_;             // [k, C]: the trainable tokens' deltas, in the trainable table
   std::vector<int32_t> delta_row_;  // [vocab]: a token's row in wte_delta_, or -1
   std::vector<Block> blocks_;
@@ -214,7 +210,7 @@ class Model {
   std::vector<Slot> slots_;
   std::vector<Acts*> all_acts_;
   std::function<void(int)> block_grads_hook_;
-  float* lnf_ = nullptr;
+  float* lnf_out_ = nullptr;
   float* lnf_mean_ = nullptr;
   float* lnf_rstd_ = nullptr;
   float* logits_ = nullptr;  // one chunk of rows
@@ -251,9 +247,6 @@ std::vector<std::pair<int, int>> target_runs(const int32_t* targets, int N);
 
 // The trainable tokens' delta tensor: trained, checkpointed and resumed like the adapters.
 inline constexpr const char* kTokenDeltaName = "trainable_tokens/delta";
-
-// Prints parameters by kind and the compression of the linear layers against their dense equivalent.
-void print_param_counts(const ParamCounts& counts, const ModelConfig& cfg);
 
 // The classifier runs on chunks of rows so that only one [rows, vocab] logits buffer exists: at most
 // kClassifierMaxRows rows and kClassifierBudgetBytes of logits, N split into equal chunks. Larger chunks run
