@@ -171,7 +171,7 @@ __device__ __forceinline__ int tile_rows(int T, int start) {
 // come first in launch order so the tail of the grid is short.
 template <int HS>
 __global__ void __launch_bounds__(kThreads)
-    attention_forward_kernel(float* out, float* lse, const float* qkv, int T, int C, int NH, int hs,
+    attention_forward_kernel(float* out, float* lse, const float* qkv, int T, int C, int NH, int NKV, int hs,
                              float scale, int n_tiles, int n_heads, bool vec) {
   extern __shared__ float4 smem[];
   float* qs = reinterpret_cast<float*>(smem);
@@ -188,10 +188,12 @@ __global__ void __launch_bounds__(kThreads)
   const int bh = static_cast<int>(blockIdx.x) % n_heads;
   const int b = bh / NH;
   const int h = bh % NH;
-  const std::size_t ld = 3 * static_cast<std::size_t>(C);
-  const float* q = qkv + static_cast<std::size_t>(b) * T * ld + static_cast<std::size_t>(h) * hs;
-  const float* k = q + C;
-  const float* v = q + 2 * static_cast<std::size_t>(C);
+  const std::size_t kv = static_cast<std::size_t>(NKV) * hs;
+  const std::size_t ld = C + 2 * kv;
+  const float* row = qkv + static_cast<std::size_t>(b) * T * ld;
+  const float* q = row + static_cast<std::size_t>(h) * hs;
+  const float* k = row + C + static_cast<std::size_t>(h / (NH / NKV)) * hs;
+  const float* v = k + kv;
   const int q0 = qt * kTile;
 
   load_tile<HS>(qs, q + q0 * ld, ld, tile_rows(T, q0), hs, vec);
@@ -285,8 +287,8 @@ __global__ void __launch_bounds__(kThreads)
 template <int HS>
 __global__ void __launch_bounds__(kThreads)
     attention_backward_dq_kernel(float* dqkv, const float* dout, const float* qkv, const float* lse,
-                                 const float* dot, int T, int C, int NH, int hs, float scale, int n_tiles,
-                                 int n_heads, bool vec) {
+                                 const float* dot, int T, int C, int NH, int NKV, int hs, float scale,
+                                 int n_tiles, int n_heads, bool vec) {
   extern __shared__ float4 smem[];
   float* qs = reinterpret_cast<float*>(smem);
   float* dos = qs + kOperandFloats<HS>;
@@ -303,11 +305,13 @@ __global__ void __launch_bounds__(kThreads)
   const int bh = static_cast<int>(blockIdx.x) % n_heads;
   const int b = bh / NH;
   const int h = bh % NH;
-  const std::size_t ld = 3 * static_cast<std::size_t>(C);
+  const std::size_t kv = static_cast<std::size_t>(NKV) * hs;
+  const std::size_t ld = C + 2 * kv;
   const std::size_t head = static_cast<std::size_t>(b) * T * ld + static_cast<std::size_t>(h) * hs;
   const float* q = qkv + head;
-  const float* k = q + C;
-  const float* v = q + 2 * static_cast<std::size_t>(C);
+  const float* k =
+      qkv + static_cast<std::size_t>(b) * T * ld + C + static_cast<std::size_t>(h / (NH / NKV)) * hs;
+  const float* v = k + kv;
   const int q0 = qt * kTile;
   const int rows = tile_rows(T, q0);
 
@@ -359,13 +363,14 @@ __global__ void __launch_bounds__(kThreads)
   store_rows<HS>(dqkv + head + q0 * ld, ld, dq, one, rows, hs, ty, tx);
 }
 
-// dk and dv for one key tile: loops over the query tiles from the diagonal on, the tile transposed (rows are
-// keys, columns queries): dv = P^T dO, dk = dS^T q.
+// dk and dv for one key tile of one kv head: loops over the query heads that read it, and for each over the
+// query tiles from the diagonal on, the tile transposed (rows are keys, columns queries): dv = sum P^T dO,
+// dk = sum dS^T q, added in registers in a fixed order (no atomics).
 template <int HS>
 __global__ void __launch_bounds__(kThreads)
     attention_backward_dkdv_kernel(float* dqkv, const float* dout, const float* qkv, const float* lse,
-                                   const float* dot, int T, int C, int NH, int hs, float scale, int n_tiles,
-                                   int n_heads, bool vec) {
+                                   const float* dot, int T, int C, int NH, int NKV, int hs, float scale,
+                                   int n_tiles, int n_kv_heads, bool vec) {
   extern __shared__ float4 smem[];
   float* ks = reinterpret_cast<float*>(smem);
   float* vs = ks + kOperandFloats<HS>;
@@ -378,16 +383,17 @@ __global__ void __launch_bounds__(kThreads)
   const int ty = tid / 16;
   const int tx = tid % 16;
   // Key tile 0 meets every query tile: low tiles first.
-  const int kt = static_cast<int>(blockIdx.x) / n_heads;
-  const int bh = static_cast<int>(blockIdx.x) % n_heads;
-  const int b = bh / NH;
-  const int h = bh % NH;
-  const std::size_t ld = 3 * static_cast<std::size_t>(C);
-  const std::size_t head = static_cast<std::size_t>(b) * T * ld + static_cast<std::size_t>(h) * hs;
-  const float* q = qkv + head;
-  const float* k = q + C;
-  const float* v = q + 2 * static_cast<std::size_t>(C);
-  const float* dO = dout + static_cast<std::size_t>(b) * T * C + static_cast<std::size_t>(h) * hs;
+  const int kt = static_cast<int>(blockIdx.x) / n_kv_heads;
+  const int bg = static_cast<int>(blockIdx.x) % n_kv_heads;
+  const int b = bg / NKV;
+  const int g = bg % NKV;
+  const int group = NH / NKV;
+  const std::size_t kv = static_cast<std::size_t>(NKV) * hs;
+  const std::size_t ld = C + 2 * kv;
+  const float* row = qkv + static_cast<std::size_t>(b) * T * ld;
+  const std::size_t kv_head = static_cast<std::size_t>(b) * T * ld + C + static_cast<std::size_t>(g) * hs;
+  const float* k = qkv + kv_head;
+  const float* v = k + kv;
   const int k0 = kt * kTile;
   const int rows = tile_rows(T, k0);
 
@@ -396,62 +402,68 @@ __global__ void __launch_bounds__(kThreads)
 
   float dk[kRows][HS / 16] = {};
   float dv[kRows][HS / 16] = {};
-  for (int qt = kt; qt < n_tiles; ++qt) {
-    const int q0 = qt * kTile;
-    const int qrows = tile_rows(T, q0);
-    __syncthreads();  // the previous tile's qs, dos, ps and dss are read
-    load_tile<HS>(qs, q + q0 * ld, ld, qrows, hs, vec);
-    load_tile<HS>(dos, dO + q0 * static_cast<std::size_t>(C), C, qrows, hs, vec);
-    float col_lse[kCols];
-    float col_dot[kCols];
-#pragma unroll
-    for (int j = 0; j < kCols; ++j) {
-      const int c = tx + 16 * j;
-      col_lse[j] = c < qrows ? lse[static_cast<std::size_t>(bh) * T + q0 + c] : 0.0f;
-      col_dot[j] = c < qrows ? dot[static_cast<std::size_t>(bh) * T + q0 + c] : 0.0f;
-    }
-    __syncthreads();
-
-    float s[kRows][kCols];
-    float dp[kRows][kCols];
-    tile_scores<HS>(s, ks, qs, ty, tx);
-    tile_scores<HS>(dp, vs, dos, ty, tx);
-#pragma unroll
-    for (int i = 0; i < kRows; ++i) {
-      const int key = k0 + ty * kRows + i;
+  for (int h = g * group; h < (g + 1) * group; ++h) {
+    const int bh = b * NH + h;
+    const float* q = row + static_cast<std::size_t>(h) * hs;
+    const float* dO = dout + static_cast<std::size_t>(b) * T * C + static_cast<std::size_t>(h) * hs;
+    for (int qt = kt; qt < n_tiles; ++qt) {
+      const int q0 = qt * kTile;
+      const int qrows = tile_rows(T, q0);
+      __syncthreads();  // the previous tile's qs, dos, ps and dss are read
+      load_tile<HS>(qs, q + q0 * ld, ld, qrows, hs, vec);
+      load_tile<HS>(dos, dO + q0 * static_cast<std::size_t>(C), C, qrows, hs, vec);
+      float col_lse[kCols];
+      float col_dot[kCols];
 #pragma unroll
       for (int j = 0; j < kCols; ++j) {
-        const int query = q0 + tx + 16 * j;
-        const bool live = query < T && key <= query;
-        const float p = live ? expf(s[i][j] * scale - col_lse[j]) : 0.0f;
-        const int at = (ty * kRows + i) * (kTile + kPad) + tx + 16 * j;
-        ps[at] = p;
-        dss[at] = live ? p * (dp[i][j] - col_dot[j]) * scale : 0.0f;
+        const int c = tx + 16 * j;
+        col_lse[j] = c < qrows ? lse[static_cast<std::size_t>(bh) * T + q0 + c] : 0.0f;
+        col_dot[j] = c < qrows ? dot[static_cast<std::size_t>(bh) * T + q0 + c] : 0.0f;
       }
+      __syncthreads();
+
+      float s[kRows][kCols];
+      float dp[kRows][kCols];
+      tile_scores<HS>(s, ks, qs, ty, tx);
+      tile_scores<HS>(dp, vs, dos, ty, tx);
+#pragma unroll
+      for (int i = 0; i < kRows; ++i) {
+        const int key = k0 + ty * kRows + i;
+#pragma unroll
+        for (int j = 0; j < kCols; ++j) {
+          const int query = q0 + tx + 16 * j;
+          const bool live = query < T && key <= query;
+          const float p = live ? expf(s[i][j] * scale - col_lse[j]) : 0.0f;
+          const int at = (ty * kRows + i) * (kTile + kPad) + tx + 16 * j;
+          ps[at] = p;
+          dss[at] = live ? p * (dp[i][j] - col_dot[j]) * scale : 0.0f;
+        }
+      }
+      __syncthreads();
+      tile_accumulate<HS>(dv, ps, dos, ty, tx);
+      tile_accumulate<HS>(dk, dss, qs, ty, tx);
     }
-    __syncthreads();
-    tile_accumulate<HS>(dv, ps, dos, ty, tx);
-    tile_accumulate<HS>(dk, dss, qs, ty, tx);
   }
 
   const float one[kRows] = {1.0f, 1.0f, 1.0f, 1.0f};
-  float* dk_out = dqkv + head + C + k0 * ld;
+  float* dk_out = dqkv + kv_head + k0 * ld;
   store_rows<HS>(dk_out, ld, dk, one, rows, hs, ty, tx);
-  store_rows<HS>(dk_out + C, ld, dv, one, rows, hs, ty, tx);
+  store_rows<HS>(dk_out + kv, ld, dv, one, rows, hs, ty, tx);
 }
 
 struct Shape {
   int hs = 0;
   int n_tiles = 0;
-  int n_heads = 0;  // B * NH
+  int n_heads = 0;     // B * NH
+  int n_kv_heads = 0;  // B * NKV
   float scale = 0.0f;
   bool vec = false;  // the tiles load as float4s
 };
 
 // staged: the matrices whose tiles go through shared memory.
-Shape shape_of(int B, int T, int C, int NH, std::initializer_list<const float*> staged) {
-  if (B < 0 || T < 0 || C <= 0 || NH <= 0 || C % NH != 0)
-    throw RuntimeError(strprintf("attention: bad shape B=%d T=%d C=%d NH=%d", B, T, C, NH));
+Shape shape_of(int B, int T, int C, int NH, int NKV, std::initializer_list<const float*> staged) {
+  if (B < 0 || T < 0 || C <= 0 || NH <= 0 || C % NH != 0 || NKV <= 0 || NH % NKV != 0)
+    throw RuntimeError(strprintf("attention: bad shape B=%d T=%d C=%d NH=%d NKV=%d", B, T, C, NH, NKV));
   Shape s;
   s.hs = C / NH;
   if (s.hs > kMaxHead)
@@ -460,62 +472,63 @@ Shape shape_of(int B, int T, int C, int NH, std::initializer_list<const float*> 
                   kMaxHead));
   s.n_tiles = (T + kTile - 1) / kTile;
   s.n_heads = B * NH;
+  s.n_kv_heads = B * NKV;
   // Grid x holds n_tiles * B * NH blocks and the row-dot kernel indexes B * NH * T rows in an int.
   if (static_cast<std::int64_t>(B) * NH * (static_cast<std::int64_t>(s.n_tiles) * kTile) > INT32_MAX)
     throw RuntimeError(strprintf("attention: B=%d x NH=%d x T=%d is too large", B, NH, T));
   s.scale = 1.0f / std::sqrt(static_cast<float>(s.hs));
-  // Rows start C or 3C floats apart and heads hs apart, so with hs a multiple of 4 an aligned base keeps
-  // every float4 aligned.
+  // Rows start C or C + 2 NKV hs floats apart and heads hs apart, so with hs a multiple of 4 an aligned base
+  // keeps every float4 aligned.
   s.vec = s.hs % 4 == 0;
   for (const float* p : staged) s.vec = s.vec && reinterpret_cast<std::uintptr_t>(p) % 16 == 0;
   return s;
 }
 
 template <int HS>
-void forward(float* out, float* lse, const float* qkv, int T, int C, int NH, const Shape& s,
+void forward(float* out, float* lse, const float* qkv, int T, int C, int NH, int NKV, const Shape& s,
              cudaStream_t stream) {
   const std::size_t smem = 3 * kOperandFloats<HS> * sizeof(float);
   LRLLM_CUDA(cudaFuncSetAttribute(attention_forward_kernel<HS>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                   static_cast<int>(smem)));
   attention_forward_kernel<HS><<<s.n_tiles * s.n_heads, kThreads, smem, stream>>>(
-      out, lse, qkv, T, C, NH, s.hs, s.scale, s.n_tiles, s.n_heads, s.vec);
+      out, lse, qkv, T, C, NH, NKV, s.hs, s.scale, s.n_tiles, s.n_heads, s.vec);
   LRLLM_CUDA_LAUNCH("attention_forward_kernel");
 }
 
 template <int HS>
 void backward(float* dqkv, const float* dout, const float* qkv, const float* lse, const float* dot, int T,
-              int C, int NH, const Shape& s, cudaStream_t stream) {
+              int C, int NH, int NKV, const Shape& s, cudaStream_t stream) {
   const std::size_t dq_smem = 4 * kOperandFloats<HS> * sizeof(float);
   LRLLM_CUDA(cudaFuncSetAttribute(attention_backward_dq_kernel<HS>,
                                   cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dq_smem)));
   attention_backward_dq_kernel<HS><<<s.n_tiles * s.n_heads, kThreads, dq_smem, stream>>>(
-      dqkv, dout, qkv, lse, dot, T, C, NH, s.hs, s.scale, s.n_tiles, s.n_heads, s.vec);
+      dqkv, dout, qkv, lse, dot, T, C, NH, NKV, s.hs, s.scale, s.n_tiles, s.n_heads, s.vec);
   LRLLM_CUDA_LAUNCH("attention_backward_dq_kernel");
 
   const std::size_t dkdv_smem = (4 * kOperandFloats<HS> + 2 * kScoreFloats) * sizeof(float);
   LRLLM_CUDA(cudaFuncSetAttribute(attention_backward_dkdv_kernel<HS>,
                                   cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dkdv_smem)));
-  attention_backward_dkdv_kernel<HS><<<s.n_tiles * s.n_heads, kThreads, dkdv_smem, stream>>>(
-      dqkv, dout, qkv, lse, dot, T, C, NH, s.hs, s.scale, s.n_tiles, s.n_heads, s.vec);
+  attention_backward_dkdv_kernel<HS><<<s.n_tiles * s.n_kv_heads, kThreads, dkdv_smem, stream>>>(
+      dqkv, dout, qkv, lse, dot, T, C, NH, NKV, s.hs, s.scale, s.n_tiles, s.n_kv_heads, s.vec);
   LRLLM_CUDA_LAUNCH("attention_backward_dkdv_kernel");
 }
 
 }  // namespace
 
-void attention_forward(float* out, float* lse, const float* qkv, int B, int T, int C, int NH,
+void attention_forward(float* out, float* lse, const float* qkv, int B, int T, int C, int NH, int NKV,
                        cudaStream_t stream) {
-  const Shape s = shape_of(B, T, C, NH, {qkv});
+  const Shape s = shape_of(B, T, C, NH, NKV, {qkv});
   if (B == 0 || T == 0) return;
   // Heads of 64 or fewer share the 64-wide kernels, zero-padded; larger ones up to 128 the 128-wide.
   if (s.hs <= 64)
-    forward<64>(out, lse, qkv, T, C, NH, s, stream);
+    forward<64>(out, lse, qkv, T, C, NH, NKV, s, stream);
   else
-    forward<128>(out, lse, qkv, T, C, NH, s, stream);
+    forward<128>(out, lse, qkv, T, C, NH, NKV, s, stream);
 }
 
 void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* out, const float* lse,
-                        float* dot_scratch, int B, int T, int C, int NH, cudaStream_t stream) {
-  const Shape s = shape_of(B, T, C, NH, {qkv, dout});
+                        float* dot_scratch, int B, int T, int C, int NH, int NKV, cudaStream_t stream) {
+  const Shape s = shape_of(B, T, C, NH, NKV, {qkv, dout});
   if (B == 0 || T == 0) return;
   const int n_rows = s.n_heads * T;
   const int warps_per_block = kThreads / 32;
@@ -523,9 +536,9 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
       dot_scratch, dout, out, T, C, NH, s.hs, n_rows);
   LRLLM_CUDA_LAUNCH("attention_row_dot_kernel");
   if (s.hs <= 64)
-    backward<64>(dqkv, dout, qkv, lse, dot_scratch, T, C, NH, s, stream);
+    backward<64>(dqkv, dout, qkv, lse, dot_scratch, T, C, NH, NKV, s, stream);
   else
-    backward<128>(dqkv, dout, qkv, lse, dot_scratch, T, C, NH, s, stream);
+    backward<128>(dqkv, dout, qkv, lse, dot_scratch, T, C, NH, NKV, s, stream);
 }
 
 }  // namespace lrllm::cuda

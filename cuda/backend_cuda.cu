@@ -34,7 +34,10 @@
 #include "lrllm/core/rng.h"
 #include "lrllm/model/quant.h"
 #include "reduce.cuh"
+#include "rmsnorm.cuh"
+#include "rope.cuh"
 #include "softmax.cuh"
+#include "swiglu.cuh"
 
 namespace lrllm {
 namespace {
@@ -159,6 +162,37 @@ class CudaBackend final : public Backend {
     column_sums(db, RowValue{dout, C}, N, C);
   }
 
+  void rmsnorm_forward(float* out, float* rstd, const float* inp, const float* w, int N, int C,
+                       float eps) override {
+    if (N == 0) return;
+    rmsnorm_forward_kernel<<<blocks_for(N, kThreads / 32), kThreads>>>(out, rstd, inp, w, N, C, eps);
+    LRLLM_CUDA_LAUNCH("rmsnorm_forward_kernel");
+  }
+  void rmsnorm_backward(float* dinp, float* dw, const float* dout, const float* inp, const float* w,
+                        const float* rstd, int N, int C) override {
+    if (N == 0) return;
+    rmsnorm_input_grad_kernel<<<blocks_for(N, kThreads / 32), kThreads>>>(dinp, dout, inp, w, rstd, N, C);
+    LRLLM_CUDA_LAUNCH("rmsnorm_input_grad_kernel");
+    if (dw != nullptr) column_sums(dw, RmsNormalizedProduct{dout, inp, rstd, C}, N, C);
+  }
+
+  void rope_forward(float* x, int B, int T, int n_heads, int head_dim, int row_stride,
+                    const int32_t* positions, float theta) override {
+    launch_rope(x, B, T, n_heads, head_dim, row_stride, positions, theta, 1.0f);
+  }
+  void rope_backward(float* dx, int B, int T, int n_heads, int head_dim, int row_stride,
+                     const int32_t* positions, float theta) override {
+    launch_rope(dx, B, T, n_heads, head_dim, row_stride, positions, theta, -1.0f);
+  }
+
+  void swiglu_forward(float* out, const float* gate, const float* up, std::size_t n) override {
+    launch_over(n, "swiglu_forward_kernel", swiglu_forward_kernel, out, gate, up, n);
+  }
+  void swiglu_backward(float* dgate, float* dup, const float* gate, const float* up, const float* dout,
+                       std::size_t n) override {
+    launch_over(n, "swiglu_backward_kernel", swiglu_backward_kernel, dgate, dup, gate, up, dout, n);
+  }
+
   void gelu_forward(float* out, const float* inp, std::size_t n) override {
     launch_over(n, "gelu_forward_kernel", gelu_forward_kernel, out, inp, n);
   }
@@ -172,16 +206,17 @@ class CudaBackend final : public Backend {
 
   // Packed rows (positions) need an example mask in the tiled kernels, which they do not have yet; the
   // finetuning setup refuses data.packing on this backend before a step runs.
-  void attention_forward(float* out, float* lse, const float* qkv, int B, int T, int C, int NH,
+  void attention_forward(float* out, float* lse, const float* qkv, int B, int T, int C, int NH, int NKV,
                          const int32_t* positions) override {
     LRLLM_CHECK(positions == nullptr, "attention_forward", "packed rows are not supported on the GPU");
-    cuda::attention_forward(out, lse, qkv, B, T, C, NH, 0);
+    cuda::attention_forward(out, lse, qkv, B, T, C, NH, NKV, 0);
   }
   void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* out,
-                          const float* lse, int B, int T, int C, int NH, const int32_t* positions) override {
+                          const float* lse, int B, int T, int C, int NH, int NKV,
+                          const int32_t* positions) override {
     LRLLM_CHECK(positions == nullptr, "attention_backward", "packed rows are not supported on the GPU");
     float* dots = scratch(static_cast<std::size_t>(B) * NH * T);
-    cuda::attention_backward(dqkv, dout, qkv, out, lse, dots, B, T, C, NH, 0);
+    cuda::attention_backward(dqkv, dout, qkv, out, lse, dots, B, T, C, NH, NKV, 0);
   }
 
   void embedding_forward(float* out, const int32_t* tokens, const float* wte, const float* wpe, int B, int T,

@@ -9,9 +9,11 @@
 #include <cstdint>
 #include <limits>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "lrllm/backend/backend.h"
+#include "lrllm/core/common.h"
 #include "test_util.h"
 
 namespace lrllm {
@@ -224,20 +226,21 @@ struct AttentionRef {
   std::vector<double> out, lse;
 };
 
+// qkv rows [q: NH heads | k: NKV heads | v: NKV heads], query head h reading kv head h / (NH / NKV);
 // positions (empty: none): query t sees keys t - positions[t] .. t of its row.
-AttentionRef attention_ref(const std::vector<double>& qkv, int B, int T, int C, int NH,
+AttentionRef attention_ref(const std::vector<double>& qkv, int B, int T, int C, int NH, int NKV,
                            const std::vector<int32_t>& positions = {}) {
-  const int hs = C / NH;
+  const int hs = C / NH, row = C + 2 * NKV * hs, g = NH / NKV;
   AttentionRef r{std::vector<double>(B * T * C, 0.0), std::vector<double>(B * NH * T, 0.0)};
   for (int b = 0; b < B; ++b) {
     for (int h = 0; h < NH; ++h) {
       for (int t = 0; t < T; ++t) {
-        const double* q = &qkv[(b * T + t) * 3 * C + h * hs];
+        const double* q = &qkv[(b * T + t) * row + h * hs];
         const int first = positions.empty() ? 0 : t - positions[b * T + t];
         std::vector<double> score(t + 1);
         double mx = -1e300;
         for (int s = first; s <= t; ++s) {
-          const double* k = &qkv[(b * T + s) * 3 * C + C + h * hs];
+          const double* k = &qkv[(b * T + s) * row + C + h / g * hs];
           double d = 0;
           for (int i = 0; i < hs; ++i) d += q[i] * k[i];
           score[s] = d / std::sqrt(static_cast<double>(hs));
@@ -248,7 +251,7 @@ AttentionRef attention_ref(const std::vector<double>& qkv, int B, int T, int C, 
         r.lse[(b * NH + h) * T + t] = mx + std::log(sum);
         for (int s = first; s <= t; ++s) {
           const double p = std::exp(score[s] - mx) / sum;
-          const double* v = &qkv[(b * T + s) * 3 * C + 2 * C + h * hs];
+          const double* v = &qkv[(b * T + s) * row + C + NKV * hs + h / g * hs];
           for (int i = 0; i < hs; ++i) r.out[(b * T + t) * C + h * hs + i] += p * v[i];
         }
       }
@@ -261,8 +264,8 @@ TEST_F(BackendTest, CausalAttentionForwardAndBackward) {
   constexpr int B = 2, T = 5, C = 8, NH = 2;
   const std::vector<float> qkv = random_floats(B * T * 3 * C, 80), R = random_floats(B * T * C, 81);
   std::vector<float> out(B * T * C), lse(B * NH * T, 7.0f);
-  be->attention_forward(out.data(), lse.data(), qkv.data(), B, T, C, NH, nullptr);
-  const AttentionRef ref = attention_ref(to_double(qkv), B, T, C, NH);
+  be->attention_forward(out.data(), lse.data(), qkv.data(), B, T, C, NH, NH, nullptr);
+  const AttentionRef ref = attention_ref(to_double(qkv), B, T, C, NH, NH);
   EXPECT_LT(rel_error(out, ref.out), kForwardTol);
   // Each row's log-sum-exp over the causal prefix only: a future key leaking into it would change the value.
   EXPECT_LT(rel_error(lse, ref.lse), kForwardTol);
@@ -271,15 +274,15 @@ TEST_F(BackendTest, CausalAttentionForwardAndBackward) {
   for (int b = 0; b < B; ++b)
     for (int i = C; i < 3 * C; ++i) changed[(b * T + T - 1) * 3 * C + i] += 1.0f;
   std::vector<float> out2(out.size()), lse2(lse.size());
-  be->attention_forward(out2.data(), lse2.data(), changed.data(), B, T, C, NH, nullptr);
+  be->attention_forward(out2.data(), lse2.data(), changed.data(), B, T, C, NH, NH, nullptr);
   for (int b = 0; b < B; ++b)
     for (int t = 0; t < T - 1; ++t)
       for (int c = 0; c < C; ++c) EXPECT_EQ(out[(b * T + t) * C + c], out2[(b * T + t) * C + c]);
 
   std::vector<float> dqkv(qkv.size(), 1e3f);  // overwritten, so garbage must not survive
-  be->attention_backward(dqkv.data(), R.data(), qkv.data(), out.data(), lse.data(), B, T, C, NH, nullptr);
+  be->attention_backward(dqkv.data(), R.data(), qkv.data(), out.data(), lse.data(), B, T, C, NH, NH, nullptr);
   const auto fd = numeric_grad(to_double(qkv), [&](const std::vector<double>& v) {
-    return dot(attention_ref(v, B, T, C, NH).out, to_double(R));
+    return dot(attention_ref(v, B, T, C, NH, NH).out, to_double(R));
   });
   EXPECT_LT(rel_error(dqkv, fd), kGradTol);
 }
@@ -290,8 +293,8 @@ TEST_F(BackendTest, PackedAttentionStaysInsideEachExample) {
   const std::vector<int32_t> positions = {0, 1, 2, 0, 1, 2, 3, 0, 1, 0, 1, 2, 3, 4};
   const std::vector<float> qkv = random_floats(B * T * 3 * C, 85), R = random_floats(B * T * C, 86);
   std::vector<float> out(B * T * C), lse(B * NH * T);
-  be->attention_forward(out.data(), lse.data(), qkv.data(), B, T, C, NH, positions.data());
-  const AttentionRef ref = attention_ref(to_double(qkv), B, T, C, NH, positions);
+  be->attention_forward(out.data(), lse.data(), qkv.data(), B, T, C, NH, NH, positions.data());
+  const AttentionRef ref = attention_ref(to_double(qkv), B, T, C, NH, NH, positions);
   EXPECT_LT(rel_error(out, ref.out), kForwardTol);
   EXPECT_LT(rel_error(lse, ref.lse), kForwardTol);
   // No example sees another: changing the first example of each row leaves the second's outputs unchanged.
@@ -300,18 +303,303 @@ TEST_F(BackendTest, PackedAttentionStaysInsideEachExample) {
     for (int t = 0; t < (b == 0 ? 3 : 2); ++t)
       for (int i = 0; i < 3 * C; ++i) changed[(b * T + t) * 3 * C + i] += 1.0f;
   std::vector<float> out2(out.size()), lse2(lse.size());
-  be->attention_forward(out2.data(), lse2.data(), changed.data(), B, T, C, NH, positions.data());
+  be->attention_forward(out2.data(), lse2.data(), changed.data(), B, T, C, NH, NH, positions.data());
   for (int b = 0; b < B; ++b)
     for (int t = b == 0 ? 3 : 2; t < T; ++t)
       for (int c = 0; c < C; ++c) EXPECT_EQ(out[(b * T + t) * C + c], out2[(b * T + t) * C + c]);
 
   std::vector<float> dqkv(qkv.size(), 1e3f);
-  be->attention_backward(dqkv.data(), R.data(), qkv.data(), out.data(), lse.data(), B, T, C, NH,
+  be->attention_backward(dqkv.data(), R.data(), qkv.data(), out.data(), lse.data(), B, T, C, NH, NH,
                          positions.data());
   const auto fd = numeric_grad(to_double(qkv), [&](const std::vector<double>& v) {
-    return dot(attention_ref(v, B, T, C, NH, positions).out, to_double(R));
+    return dot(attention_ref(v, B, T, C, NH, NH, positions).out, to_double(R));
   });
   EXPECT_LT(rel_error(dqkv, fd), kGradTol);
+}
+
+struct AttentionRun {
+  std::vector<float> out, lse, dqkv;
+};
+
+// Forward, then backward of L = sum(out * R), on the CPU backend.
+AttentionRun run_attention(Backend& be, const std::vector<float>& qkv, const std::vector<float>& R, int B,
+                           int T, int C, int NH, int NKV, const int32_t* positions) {
+  AttentionRun r{std::vector<float>(static_cast<std::size_t>(B) * T * C),
+                 std::vector<float>(static_cast<std::size_t>(B) * NH * T),
+                 std::vector<float>(qkv.size(), 1e3f)};
+  be.attention_forward(r.out.data(), r.lse.data(), qkv.data(), B, T, C, NH, NKV, positions);
+  be.attention_backward(r.dqkv.data(), R.data(), qkv.data(), r.out.data(), r.lse.data(), B, T, C, NH, NKV,
+                        positions);
+  return r;
+}
+
+// Grouped-query attention against the double reference: forward, and dqkv against finite differences (the
+// k and v gradients then sum over the query heads sharing each kv head), for groups of 2 and 4 query heads,
+// with rows of one example and packed rows.
+TEST_F(BackendTest, GroupedQueryAttentionForwardAndBackward) {
+  constexpr int B = 2, T = 7, NH = 4, hs = 4, C = NH * hs;
+  const std::vector<int32_t> packed = {0, 1, 2, 0, 1, 2, 3, 0, 1, 0, 1, 2, 3, 4};
+  for (const int NKV : {2, 1}) {
+    for (const bool pack : {false, true}) {
+      SCOPED_TRACE(::testing::Message() << "NKV " << NKV << " packed " << pack);
+      const std::vector<int32_t> positions = pack ? packed : std::vector<int32_t>{};
+      const std::size_t row = C + 2 * NKV * hs;
+      const std::vector<float> qkv = random_floats(B * T * row, 150 + NKV), R = random_floats(B * T * C, 151);
+      const AttentionRun run =
+          run_attention(*be, qkv, R, B, T, C, NH, NKV, pack ? positions.data() : nullptr);
+      const AttentionRef ref = attention_ref(to_double(qkv), B, T, C, NH, NKV, positions);
+      EXPECT_LT(rel_error(run.out, ref.out), kForwardTol);
+      EXPECT_LT(rel_error(run.lse, ref.lse), kForwardTol);
+      const auto fd = numeric_grad(to_double(qkv), [&](const std::vector<double>& v) {
+        return dot(attention_ref(v, B, T, C, NH, NKV, positions).out, to_double(R));
+      });
+      EXPECT_LT(rel_error(run.dqkv, fd), kGradTol);
+    }
+  }
+}
+
+// With NKV = NH every head is computed on its own exactly as multi-head attention computes it: bit for bit
+// the result of attending with that head alone (NH = NKV = 1 on its q, k and v copied out), forward and
+// backward. A kv index other than h, or a stride of the wrong width, would change the values.
+TEST_F(BackendTest, AttentionWithAsManyKvHeadsAsHeadsIsMultiHeadBitForBit) {
+  constexpr int B = 2, T = 6, NH = 3, hs = 4, C = NH * hs;
+  const std::vector<int32_t> positions = {0, 1, 2, 0, 1, 2, 0, 1, 2, 3, 4, 5};
+  for (const bool pack : {false, true}) {
+    SCOPED_TRACE(::testing::Message() << "packed " << pack);
+    const int32_t* pos = pack ? positions.data() : nullptr;
+    const std::vector<float> qkv = random_floats(B * T * 3 * C, 160), R = random_floats(B * T * C, 161);
+    const AttentionRun all = run_attention(*be, qkv, R, B, T, C, NH, NH, pos);
+    for (int h = 0; h < NH; ++h) {
+      std::vector<float> qkv_h(B * T * 3 * hs), R_h(B * T * hs);
+      for (int n = 0; n < B * T; ++n)
+        for (int i = 0; i < hs; ++i) {
+          for (int part = 0; part < 3; ++part)
+            qkv_h[n * 3 * hs + part * hs + i] = qkv[n * 3 * C + part * C + h * hs + i];
+          R_h[n * hs + i] = R[n * C + h * hs + i];
+        }
+      const AttentionRun one = run_attention(*be, qkv_h, R_h, B, T, hs, 1, 1, pos);
+      for (int n = 0; n < B * T; ++n)
+        for (int i = 0; i < hs; ++i) {
+          ASSERT_EQ(all.out[n * C + h * hs + i], one.out[n * hs + i]) << "head " << h << " row " << n;
+          for (int part = 0; part < 3; ++part)
+            ASSERT_EQ(all.dqkv[n * 3 * C + part * C + h * hs + i], one.dqkv[n * 3 * hs + part * hs + i])
+                << "head " << h << " row " << n << " part " << part;
+        }
+      for (int b = 0; b < B; ++b)
+        for (int t = 0; t < T; ++t) ASSERT_EQ(all.lse[(b * NH + h) * T + t], one.lse[b * T + t]);
+    }
+  }
+}
+
+// repeat_kv's definition: GQA equals multi-head attention on the qkv whose kv heads are repeated for the
+// query heads that read them, and its k and v gradients are the sums of the repeated heads' gradients.
+TEST_F(BackendTest, GroupedQueryAttentionIsMultiHeadOnRepeatedKvHeads) {
+  constexpr int B = 2, T = 9, NH = 6, NKV = 2, hs = 4, C = NH * hs, group = NH / NKV;
+  constexpr int row = C + 2 * NKV * hs;
+  const std::vector<float> qkv = random_floats(B * T * row, 170), R = random_floats(B * T * C, 171);
+  std::vector<float> repeated(B * T * 3 * C);
+  for (int n = 0; n < B * T; ++n)
+    for (int h = 0; h < NH; ++h)
+      for (int i = 0; i < hs; ++i) {
+        const int g = h / group;
+        repeated[n * 3 * C + h * hs + i] = qkv[n * row + h * hs + i];
+        repeated[n * 3 * C + C + h * hs + i] = qkv[n * row + C + g * hs + i];
+        repeated[n * 3 * C + 2 * C + h * hs + i] = qkv[n * row + C + NKV * hs + g * hs + i];
+      }
+  const AttentionRun gqa = run_attention(*be, qkv, R, B, T, C, NH, NKV, nullptr);
+  const AttentionRun mha = run_attention(*be, repeated, R, B, T, C, NH, NH, nullptr);
+  EXPECT_LT(rel_error(gqa.out, to_double(mha.out)), 1e-6);
+  EXPECT_LT(rel_error(gqa.lse, to_double(mha.lse)), 1e-6);
+  std::vector<double> folded(qkv.size(), 0.0);
+  for (int n = 0; n < B * T; ++n)
+    for (int h = 0; h < NH; ++h)
+      for (int i = 0; i < hs; ++i) {
+        const int g = h / group;
+        folded[n * row + h * hs + i] = mha.dqkv[n * 3 * C + h * hs + i];
+        folded[n * row + C + g * hs + i] += mha.dqkv[n * 3 * C + C + h * hs + i];
+        folded[n * row + C + NKV * hs + g * hs + i] += mha.dqkv[n * 3 * C + 2 * C + h * hs + i];
+      }
+  EXPECT_LT(rel_error(gqa.dqkv, folded), 1e-6);
+}
+
+TEST_F(BackendTest, AttentionRefusesKvHeadsThatDoNotDivideTheHeads) {
+  constexpr int B = 1, T = 2, NH = 4, NKV = 3, C = 8;
+  std::vector<float> qkv(B * T * (C + 2 * NKV * 2), 0.5f), out(B * T * C), lse(B * NH * T);
+  EXPECT_THROW(be->attention_forward(out.data(), lse.data(), qkv.data(), B, T, C, NH, NKV, nullptr),
+               RuntimeError);
+}
+
+struct RmsNormRef {
+  std::vector<double> out, rstd;
+};
+
+RmsNormRef rmsnorm_ref(const std::vector<double>& x, const std::vector<double>& w, int N, int C, double eps) {
+  RmsNormRef r{std::vector<double>(N * C), std::vector<double>(N)};
+  for (int n = 0; n < N; ++n) {
+    double ms = 0;
+    for (int c = 0; c < C; ++c) ms += x[n * C + c] * x[n * C + c] / C;
+    r.rstd[n] = 1.0 / std::sqrt(ms + eps);
+    for (int c = 0; c < C; ++c) r.out[n * C + c] = x[n * C + c] * r.rstd[n] * w[c];
+  }
+  return r;
+}
+
+TEST_F(BackendTest, RmsNormForwardAndAccumulatingBackward) {
+  constexpr int N = 6, C = 10;
+  constexpr float eps = 1e-6f;
+  const std::vector<float> x = random_floats(N * C, 180, 1.5, 0.3), w = random_floats(C, 181, 0.3, 1.0),
+                           R = random_floats(N * C, 182);
+  const std::vector<double> xd = to_double(x), wd = to_double(w), Rd = to_double(R);
+  std::vector<float> out(N * C), rstd(N);
+  be->rmsnorm_forward(out.data(), rstd.data(), x.data(), w.data(), N, C, eps);
+  const RmsNormRef ref = rmsnorm_ref(xd, wd, N, C, eps);
+  EXPECT_LT(rel_error(out, ref.out), kForwardTol);
+  EXPECT_LT(rel_error(rstd, ref.rstd), kForwardTol);
+
+  const std::vector<float> dx0 = random_floats(N * C, 183), dw0 = random_floats(C, 184);
+  std::vector<float> dx = dx0, dw = dw0;
+  be->rmsnorm_backward(dx.data(), dw.data(), R.data(), x.data(), w.data(), rstd.data(), N, C);
+  const auto fd_x =
+      numeric_grad(xd, [&](const auto& v) { return dot(rmsnorm_ref(v, wd, N, C, eps).out, Rd); });
+  const auto fd_w =
+      numeric_grad(wd, [&](const auto& v) { return dot(rmsnorm_ref(xd, v, N, C, eps).out, Rd); });
+  EXPECT_LT(rel_error(dx, plus(dx0, fd_x)), kGradTol);
+  EXPECT_LT(rel_error(dw, plus(dw0, fd_w)), kGradTol);
+
+  // A frozen norm (dw null) gets the same input gradient.
+  std::vector<float> dx_frozen = dx0;
+  be->rmsnorm_backward(dx_frozen.data(), nullptr, R.data(), x.data(), w.data(), rstd.data(), N, C);
+  EXPECT_EQ(dx_frozen, dx);
+}
+
+// A row of one value a: mean(x^2) = a^2, so out = sign(a) * w * |a| / sqrt(a^2 + eps), whatever C is.
+TEST_F(BackendTest, RmsNormOfAConstantRow) {
+  constexpr int C = 48;
+  constexpr float eps = 1e-5f;
+  const std::vector<float> w = random_floats(C, 185, 0.5, 1.0);
+  for (const float a : {2.0f, -0.125f, 1e-3f}) {
+    SCOPED_TRACE(::testing::Message() << "a " << a);
+    const std::vector<float> x(C, a);
+    std::vector<float> out(C), rstd(1);
+    be->rmsnorm_forward(out.data(), rstd.data(), x.data(), w.data(), 1, C, eps);
+    const double r = 1.0 / std::sqrt(static_cast<double>(a) * a + eps);
+    EXPECT_NEAR(rstd[0], r, 1e-6 * r);
+    std::vector<double> ref(C);
+    for (int c = 0; c < C; ++c) ref[c] = a * r * w[c];
+    EXPECT_LT(rel_error(out, ref), 1e-6);
+  }
+}
+
+// Rotary embeddings in double, modeling_llama.py's formula: x * cos + rotate_half(x) * sin per head, over
+// n_heads heads starting at column `offset` of rows of `stride` values.
+std::vector<double> rope_ref(std::vector<double> x, int N, int T, int n_heads, int hd, int stride, int offset,
+                             const std::vector<int32_t>& positions, double theta) {
+  const int half = hd / 2;
+  for (int n = 0; n < N; ++n) {
+    const double p = positions.empty() ? n % T : positions[n];
+    for (int h = 0; h < n_heads; ++h) {
+      double* v = &x[n * stride + offset + h * hd];
+      for (int i = 0; i < half; ++i) {
+        const double angle = p * std::pow(theta, -2.0 * i / hd);
+        const double a = v[i], b = v[i + half];
+        v[i] = a * std::cos(angle) - b * std::sin(angle);
+        v[i + half] = b * std::cos(angle) + a * std::sin(angle);
+      }
+    }
+  }
+  return x;
+}
+
+// q and k inside a fused qkv row (NH = 2 query heads and NKV = 1 kv head of 8), at packed positions and at
+// 0 .. T-1: forward against the double reference with v and the other head group untouched, and backward
+// (the transpose, rope being linear) against finite differences of L = sum(rope(x) * R).
+TEST_F(BackendTest, RopeOnQAndKOfAFusedRow) {
+  constexpr int B = 2, T = 6, NH = 2, NKV = 1, hd = 8, stride = (NH + 2 * NKV) * hd;
+  constexpr float theta = 10000.0f;
+  const std::vector<int32_t> packed = {0, 1, 2, 3, 0, 1, 0, 1, 2, 0, 1, 2};
+  for (const bool pack : {false, true}) {
+    SCOPED_TRACE(::testing::Message() << "packed " << pack);
+    const std::vector<int32_t> positions = pack ? packed : std::vector<int32_t>{};
+    const int32_t* pos = pack ? positions.data() : nullptr;
+    for (const auto& [offset, heads] : {std::pair{0, NH}, std::pair{NH * hd, NKV}}) {
+      SCOPED_TRACE(::testing::Message() << "offset " << offset);
+      const std::vector<float> x = random_floats(B * T * stride, 190 + offset),
+                               R = random_floats(x.size(), 191);
+      std::vector<float> y = x;
+      be->rope_forward(y.data() + offset, B, T, heads, hd, stride, pos, theta);
+      const std::vector<double> ref =
+          rope_ref(to_double(x), B * T, T, heads, hd, stride, offset, positions, theta);
+      EXPECT_LT(rel_error(y, ref), kForwardTol);
+      for (int n = 0; n < B * T; ++n)
+        for (int c = 0; c < stride; ++c)
+          if (c < offset || c >= offset + heads * hd) {
+            ASSERT_EQ(y[n * stride + c], x[n * stride + c]);
+          }
+
+      std::vector<float> g = R;
+      be->rope_backward(g.data() + offset, B, T, heads, hd, stride, pos, theta);
+      const auto fd = numeric_grad(to_double(x), [&](const std::vector<double>& v) {
+        return dot(rope_ref(v, B * T, T, heads, hd, stride, offset, positions, theta), to_double(R));
+      });
+      EXPECT_LT(rel_error(g, fd), kGradTol);
+    }
+  }
+}
+
+// Position 0 is the identity, bit for bit (cos 0 = 1, sin 0 = 0): the first token of every example keeps
+// its q and k; and rope_backward undoes rope_forward (a rotation's transpose is its inverse) to rounding.
+TEST_F(BackendTest, RopeAtPositionZeroIsIdentityAndBackwardInvertsForward) {
+  constexpr int B = 3, T = 16, heads = 4, hd = 32, stride = heads * hd;
+  constexpr float theta = 10000.0f;
+  const std::vector<float> x = random_floats(B * T * stride, 195);
+  const std::vector<int32_t> zeros(B * T, 0);
+  std::vector<float> y = x;
+  be->rope_forward(y.data(), B, T, heads, hd, stride, zeros.data(), theta);
+  EXPECT_EQ(y, x);
+
+  y = x;
+  be->rope_forward(y.data(), B, T, heads, hd, stride, nullptr, theta);
+  double moved = 0;
+  for (int b = 0; b < B; ++b)
+    for (int t = 0; t < T; ++t)
+      for (int c = 0; c < stride; ++c) {
+        const std::size_t i = (static_cast<std::size_t>(b) * T + t) * stride + c;
+        if (t == 0) {
+          ASSERT_EQ(y[i], x[i]);
+        }
+        moved += std::abs(y[i] - x[i]);
+      }
+  EXPECT_GT(moved, 1.0);  // later positions do rotate
+  be->rope_backward(y.data(), B, T, heads, hd, stride, nullptr, theta);
+  EXPECT_LT(rel_error(y, to_double(x)), 1e-6);
+}
+
+double silu_ref(double g) {
+  return g / (1.0 + std::exp(-g));
+}
+
+TEST_F(BackendTest, SwigluForwardAndBackward) {
+  constexpr std::size_t n = 64;
+  const std::vector<float> gate = random_floats(n, 200, 3.0), up = random_floats(n, 201),
+                           R = random_floats(n, 202);
+  std::vector<double> ref(n);
+  for (std::size_t i = 0; i < n; ++i) ref[i] = silu_ref(gate[i]) * up[i];
+  std::vector<float> out(n);
+  be->swiglu_forward(out.data(), gate.data(), up.data(), n);
+  EXPECT_LT(rel_error(out, ref), kForwardTol);
+
+  // swiglu_backward overwrites: start from garbage.
+  std::vector<float> dgate(n, 1e3f), dup(n, -1e3f);
+  be->swiglu_backward(dgate.data(), dup.data(), gate.data(), up.data(), R.data(), n);
+  const auto loss = [&](const std::vector<double>& g, const std::vector<double>& u) {
+    double s = 0;
+    for (std::size_t i = 0; i < n; ++i) s += silu_ref(g[i]) * u[i] * R[i];
+    return s;
+  };
+  const auto fd_gate = numeric_grad(to_double(gate), [&](const auto& g) { return loss(g, to_double(up)); });
+  const auto fd_up = numeric_grad(to_double(up), [&](const auto& u) { return loss(to_double(gate), u); });
+  EXPECT_LT(rel_error(dgate, fd_gate), kGradTol);
+  EXPECT_LT(rel_error(dup, fd_up), kGradTol);
 }
 
 TEST_F(BackendTest, EmbeddingAtPackedPositions) {

@@ -202,6 +202,82 @@ class CpuBackend final : public Backend {
     }
   }
 
+  void rmsnorm_forward(float* out, float* rstd, const float* inp, const float* w, int N, int C,
+                       float eps) override {
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; ++n) {
+      const float* x = inp + static_cast<std::size_t>(n) * C;
+      float* y = out + static_cast<std::size_t>(n) * C;
+      double ss = 0;
+      for (int c = 0; c < C; ++c) ss += static_cast<double>(x[c]) * x[c];
+      const float r = 1.0f / std::sqrt(static_cast<float>(ss / C) + eps);
+      for (int c = 0; c < C; ++c) y[c] = x[c] * r * w[c];
+      rstd[n] = r;
+    }
+  }
+
+  // With xhat = x * rstd: dx = rstd * (dout * w - xhat * mean_c(dout * w * xhat)), dw = sum_n dout * xhat.
+  void rmsnorm_backward(float* dinp, float* dw, const float* dout, const float* inp, const float* w,
+                        const float* rstd, int N, int C) override {
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; ++n) {
+      const std::size_t off = static_cast<std::size_t>(n) * C;
+      const float* dy = dout + off;
+      const float* x = inp + off;
+      const float r = rstd[n];
+      double sum_dxhat_xhat = 0;
+      for (int c = 0; c < C; ++c) sum_dxhat_xhat += static_cast<double>(dy[c] * w[c]) * (x[c] * r);
+      const float mean_dxhat_xhat = static_cast<float>(sum_dxhat_xhat / C);
+      float* dx = dinp + off;
+      for (int c = 0; c < C; ++c) dx[c] += r * (dy[c] * w[c] - x[c] * r * mean_dxhat_xhat);
+    }
+    if (dw == nullptr) return;
+    std::vector<double> part(static_cast<std::size_t>(kReduceChunks) * C);
+    const int chunk = (N + kReduceChunks - 1) / kReduceChunks;
+#pragma omp parallel for schedule(static)
+    for (int k = 0; k < kReduceChunks; ++k) {
+      double* pw = part.data() + static_cast<std::size_t>(k) * C;
+      for (int n = k * chunk; n < std::min(N, (k + 1) * chunk); ++n) {
+        const std::size_t off = static_cast<std::size_t>(n) * C;
+        for (int c = 0; c < C; ++c) pw[c] += static_cast<double>(dout[off + c]) * (inp[off + c] * rstd[n]);
+      }
+    }
+    for (int c = 0; c < C; ++c) {
+      double sw = 0;
+      for (int k = 0; k < kReduceChunks; ++k) sw += part[static_cast<std::size_t>(k) * C + c];
+      dw[c] += static_cast<float>(sw);
+    }
+  }
+
+  void rope_forward(float* x, int B, int T, int n_heads, int head_dim, int row_stride,
+                    const int32_t* positions, float theta) override {
+    rotate(x, B, T, n_heads, head_dim, row_stride, positions, theta, 1.0f);
+  }
+  void rope_backward(float* dx, int B, int T, int n_heads, int head_dim, int row_stride,
+                     const int32_t* positions, float theta) override {
+    rotate(dx, B, T, n_heads, head_dim, row_stride, positions, theta, -1.0f);
+  }
+
+  void swiglu_forward(float* out, const float* gate, const float* up, std::size_t n) override {
+#pragma omp parallel for simd schedule(static)
+    for (std::size_t i = 0; i < n; ++i) {
+      const float g = gate[i];
+      out[i] = g / (1.0f + exp_approx(-g)) * up[i];
+    }
+  }
+
+  // silu'(g) = s * (1 + g * (1 - s)), s = sigmoid(g).
+  void swiglu_backward(float* dgate, float* dup, const float* gate, const float* up, const float* dout,
+                       std::size_t n) override {
+#pragma omp parallel for simd schedule(static)
+    for (std::size_t i = 0; i < n; ++i) {
+      const float g = gate[i];
+      const float sig = 1.0f / (1.0f + exp_approx(-g));
+      dgate[i] = dout[i] * up[i] * (sig * (1.0f + g * (1.0f - sig)));
+      dup[i] = dout[i] * (g * sig);
+    }
+  }
+
   void gelu_forward(float* out, const float* inp, std::size_t n) override {
 #pragma omp parallel for simd schedule(static)
     for (std::size_t i = 0; i < n; ++i) {
@@ -227,11 +303,13 @@ class CpuBackend final : public Backend {
     for (std::size_t i = 0; i < n; ++i) mask[i] = uniform_of(splitmix64_at(seed, i)) < p ? 0.0f : keep;
   }
 
-  void attention_forward(float* out, float* lse, const float* qkv, int B, int T, int C, int NH,
+  void attention_forward(float* out, float* lse, const float* qkv, int B, int T, int C, int NH, int NKV,
                          const int32_t* positions) override {
-    const int hs = C / NH;
+    check_heads("attention_forward", C, NH, NKV);
+    const int hs = C / NH, group = NH / NKV;
     const float scale = 1.0f / std::sqrt(static_cast<float>(hs));
-    const std::size_t row = 3 * static_cast<std::size_t>(C);
+    const std::size_t kv = static_cast<std::size_t>(NKV) * hs;
+    const std::size_t row = C + 2 * kv;
 #pragma omp parallel
     {
       std::vector<float> p(static_cast<std::size_t>(T) * T);
@@ -239,8 +317,8 @@ class CpuBackend final : public Backend {
       for (int b = 0; b < B; ++b) {
         for (int h = 0; h < NH; ++h) {
           const float* q = qkv + b * T * row + h * hs;
-          const float* k = q + C;
-          const float* v = q + 2 * C;
+          const float* k = qkv + b * T * row + C + (h / group) * hs;
+          const float* v = k + kv;
           float* l = lse + (static_cast<std::size_t>(b) * NH + h) * T;
           const int32_t* pos = positions ? positions + static_cast<std::size_t>(b) * T : nullptr;
           // Scores for the whole T x T square; the masked entries are overwritten with zeros below.
@@ -271,62 +349,73 @@ class CpuBackend final : public Backend {
     }
   }
 
+  // One task per (row, kv head): the query heads sharing a kv head run in order inside it and add their dk
+  // and dv into it (beta = 1 after the first), so the sums have a fixed order and no two threads write the
+  // same values. With NKV = NH every task is one head, as in multi-head attention.
   void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* out,
-                          const float* lse, int B, int T, int C, int NH, const int32_t* positions) override {
-    const int hs = C / NH;
+                          const float* lse, int B, int T, int C, int NH, int NKV,
+                          const int32_t* positions) override {
+    check_heads("attention_backward", C, NH, NKV);
+    const int hs = C / NH, group = NH / NKV;
     const float scale = 1.0f / std::sqrt(static_cast<float>(hs));
-    const std::size_t row = 3 * static_cast<std::size_t>(C);
+    const std::size_t kv = static_cast<std::size_t>(NKV) * hs;
+    const std::size_t row = C + 2 * kv;
 #pragma omp parallel
     {
       std::vector<float> p(static_cast<std::size_t>(T) * T), dp(p.size());
 #pragma omp for schedule(static) collapse(2)
       for (int b = 0; b < B; ++b) {
-        for (int h = 0; h < NH; ++h) {
-          const std::size_t base = b * T * row + h * hs;
-          const float* q = qkv + base;
-          const float* k = q + C;
-          const float* v = q + 2 * C;
-          float* dq = dqkv + base;
-          float* dk = dq + C;
-          float* dv = dq + 2 * C;
-          const float* l = lse + (static_cast<std::size_t>(b) * NH + h) * T;
-          const std::size_t head = b * T * static_cast<std::size_t>(C) + h * hs;
-          const float* dO = dout + head;
-          const float* O = out + head;
+        for (int g = 0; g < NKV; ++g) {
+          const std::size_t kv_base = b * T * row + C + g * hs;
+          const float* k = qkv + kv_base;
+          const float* v = k + kv;
+          float* dk = dqkv + kv_base;
+          float* dv = dk + kv;
           const int32_t* pos = positions ? positions + static_cast<std::size_t>(b) * T : nullptr;
-          // P = exp(S - lse), recomputed from the scores; masked entries are zero, so dS is zero there too.
-          cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, hs, scale, q, row, k, row, 0.0f,
-                      p.data(), T);
-          for (int t = 0; t < T; ++t) {
-            float* pr = p.data() + static_cast<std::size_t>(t) * T;
-            const float lt = l[t];
-            const int first = pos ? t - pos[t] : 0;
-            for (int s = 0; s < first; ++s) pr[s] = 0.0f;
+          for (int j = 0; j < group; ++j) {
+            const int h = g * group + j;
+            const float beta = j == 0 ? 0.0f : 1.0f;
+            const std::size_t base = b * T * row + h * hs;
+            const float* q = qkv + base;
+            float* dq = dqkv + base;
+            const float* l = lse + (static_cast<std::size_t>(b) * NH + h) * T;
+            const std::size_t head = b * T * static_cast<std::size_t>(C) + h * hs;
+            const float* dO = dout + head;
+            const float* O = out + head;
+            // P = exp(S - lse), recomputed from the scores; masked entries are zero, so dS is zero there too.
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, hs, scale, q, row, k, row, 0.0f,
+                        p.data(), T);
+            for (int t = 0; t < T; ++t) {
+              float* pr = p.data() + static_cast<std::size_t>(t) * T;
+              const float lt = l[t];
+              const int first = pos ? t - pos[t] : 0;
+              for (int s = 0; s < first; ++s) pr[s] = 0.0f;
 #pragma omp simd
-            for (int s = first; s <= t; ++s) pr[s] = exp_approx(pr[s] - lt);
-            for (int s = t + 1; s < T; ++s) pr[s] = 0.0f;
+              for (int s = first; s <= t; ++s) pr[s] = exp_approx(pr[s] - lt);
+              for (int s = t + 1; s < T; ++s) pr[s] = 0.0f;
+            }
+            // dP = dO V^T ; dV (+)= P^T dO
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, hs, 1.0f, dO, C, v, row, 0.0f,
+                        dp.data(), T);
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, hs, T, 1.0f, p.data(), T, dO, C, beta, dv,
+                        row);
+            // dS = P * (dP - D) with D_t = sum_s dP_ts P_ts = dO_t . O_t, the 1/sqrt(hs) of the scores
+            // folded in.
+            for (int t = 0; t < T; ++t) {
+              float* dr = dp.data() + static_cast<std::size_t>(t) * T;
+              const float* pr = p.data() + static_cast<std::size_t>(t) * T;
+              float d = 0;
+              for (int i = 0; i < hs; ++i)
+                d += dO[static_cast<std::size_t>(t) * C + i] * O[static_cast<std::size_t>(t) * C + i];
+              for (int s = 0; s <= t; ++s) dr[s] = pr[s] * (dr[s] - d) * scale;
+              for (int s = t + 1; s < T; ++s) dr[s] = 0.0f;
+            }
+            // dQ = dS K ; dK (+)= dS^T Q
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, hs, T, 1.0f, dp.data(), T, k, row, 0.0f,
+                        dq, row);
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, hs, T, 1.0f, dp.data(), T, q, row, beta,
+                        dk, row);
           }
-          // dP = dO V^T ; dV = P^T dO
-          cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, hs, 1.0f, dO, C, v, row, 0.0f, dp.data(),
-                      T);
-          cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, hs, T, 1.0f, p.data(), T, dO, C, 0.0f, dv,
-                      row);
-          // dS = P * (dP - D) with D_t = sum_s dP_ts P_ts = dO_t . O_t, the 1/sqrt(hs) of the scores folded
-          // in.
-          for (int t = 0; t < T; ++t) {
-            float* dr = dp.data() + static_cast<std::size_t>(t) * T;
-            const float* pr = p.data() + static_cast<std::size_t>(t) * T;
-            float d = 0;
-            for (int i = 0; i < hs; ++i)
-              d += dO[static_cast<std::size_t>(t) * C + i] * O[static_cast<std::size_t>(t) * C + i];
-            for (int s = 0; s <= t; ++s) dr[s] = pr[s] * (dr[s] - d) * scale;
-            for (int s = t + 1; s < T; ++s) dr[s] = 0.0f;
-          }
-          // dQ = dS K ; dK = dS^T Q
-          cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, hs, T, 1.0f, dp.data(), T, k, row, 0.0f,
-                      dq, row);
-          cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, hs, T, 1.0f, dp.data(), T, q, row, 0.0f, dk,
-                      row);
         }
       }
     }
@@ -419,6 +508,41 @@ class CpuBackend final : public Backend {
   }
 
  private:
+  static void check_heads(const char* call, int C, int NH, int NKV) {
+    LRLLM_CHECK(NH > 0 && NKV > 0 && C % NH == 0 && NH % NKV == 0, call,
+                strprintf("bad heads: C=%d NH=%d NKV=%d (NH must divide C and NKV divide NH)", C, NH, NKV));
+  }
+
+  // Rotates each (i, i + head_dim/2) pair of every head by sign * p * inv_freq[i]. As modeling_llama.py's
+  // rotary embedding: the exponent 2i / head_dim, theta's power, its inverse, the angle and cos/sin are all
+  // float32. The power is rounded from double so that the CUDA backend's powf, less exact than glibc's,
+  // cannot differ from it in inv_freq: an ulp there is amplified by positions in the thousands.
+  static void rotate(float* x, int B, int T, int n_heads, int head_dim, int row_stride,
+                     const int32_t* positions, float theta, float sign) {
+    LRLLM_CHECK(head_dim > 0 && head_dim % 2 == 0, "rope", strprintf("head_dim %d is not even", head_dim));
+    const int half = head_dim / 2;
+    std::vector<float> inv_freq(half);
+    for (int i = 0; i < half; ++i)
+      inv_freq[i] =
+          1.0f / static_cast<float>(std::pow(static_cast<double>(theta),
+                                             static_cast<float>(2 * i) / static_cast<float>(head_dim)));
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < B * T; ++n) {
+      const float p = static_cast<float>(positions ? positions[n] : n % T);
+      float* r = x + static_cast<std::size_t>(n) * row_stride;
+      for (int i = 0; i < half; ++i) {
+        const float angle = p * inv_freq[i];
+        const float c = std::cos(angle), s = sign * std::sin(angle);
+        for (int h = 0; h < n_heads; ++h) {
+          float* v = r + static_cast<std::size_t>(h) * head_dim;
+          const float a = v[i], b = v[i + half];
+          v[i] = a * c - b * s;
+          v[i + half] = b * c + a * s;
+        }
+      }
+    }
+  }
+
   // Sums each column of x[N,C] in double over fixed row chunks and hands (c, sum) to emit.
   template <typename Emit>
   void column_sums(const float* x, int N, int C, Emit emit) {

@@ -385,7 +385,7 @@ void Model::block_forward(int l, Acts& a, const float* x, float* x_out, const Sl
   const LinearScratch ls = linear_scratch();
   be_.layernorm_forward(a.ln1, a.ln1_mean, a.ln1_rstd, x, at(ln1.w), at(ln1.b), N, C);
   qkv.forward(be_, w, ls, a.ln1, a.qkv, a.qkv_mid, a.lora_mid[0], lora_mask(l, 0, a, C, N), N);
-  be_.attention_forward(a.attn, a.attn_lse, a.qkv, s.B, s.T, Cl, NHl, s.positions);
+  be_.attention_forward(a.attn, a.attn_lse, a.qkv, s.B, s.T, Cl, NHl, NHl, s.positions);
   proj.forward(be_, w, ls, a.attn, residual_branch_, a.proj_mid, a.lora_mid[1], lora_mask(l, 1, a, Cl, N), N);
   be_.add(a.x_mid, x, residual_branch_, static_cast<std::size_t>(N) * C);
   be_.layernorm_forward(a.ln2, a.ln2_mean, a.ln2_rstd, a.x_mid, at(ln2.w), at(ln2.b), N, C);
@@ -413,7 +413,7 @@ void Model::block_backward(int l, Acts& a, const float* x, float* dresid, const 
   be_.layernorm_backward(dresid, grad_or_sink(ln2.w, 0), grad_or_sink(ln2.b, 1), residual_branch_, a.x_mid,
                          at(ln2.w), a.ln2_mean, a.ln2_rstd, N, C);
   proj.backward(be_, w, ls, a.attn, a.proj_mid, a.lora_mid[1], mask[1], dresid, residual_branch_, N);
-  be_.attention_backward(qkv_grad_, residual_branch_, a.qkv, a.attn, a.attn_lse, s.B, s.T, Cl, NHl,
+  be_.attention_backward(qkv_grad_, residual_branch_, a.qkv, a.attn, a.attn_lse, s.B, s.T, Cl, NHl, NHl,
                          s.positions);
   qkv.backward(be_, w, ls, a.ln1, a.qkv_mid, a.lora_mid[0], mask[0], qkv_grad_, ln1_out_grad_, N);
   be_.layernorm_backward(dresid, grad_or_sink(ln1.w, 0), grad_or_sink(ln1.b, 1), ln1_out_grad_, x, at(ln1.w),

@@ -2,9 +2,9 @@
 //
 // Tolerances are relative errors ||gpu - cpu|| / ||cpu|| over whole outputs, so a wrong element cannot hide
 // under an absolute bound:
-// - float32 kernels (LayerNorm, GELU, attention, softmax, AdamW, reductions): 1e-5. Both sides compute in
-//   float32 and differ only in the order of additions and in libm's exp/tanh against the CPU's polynomials,
-//   a few ulp (~1e-7) per value.
+// - float32 kernels (LayerNorm, RMSNorm, GELU, SwiGLU, RoPE, attention, softmax, AdamW, reductions): 1e-5.
+//   Both sides compute in float32 and differ only in the order of additions and in CUDA's exp, tanh, sin
+//   and cos against the CPU's polynomials and glibc, a few ulp (~1e-7) per value.
 // - matrix products: 1e-2. They run on bf16 tensor cores: each input is rounded to bf16 (8 significant bits,
 //   unit roundoff 2^-9 = 0.2%), products accumulate in float32, so a K-term dot product of random values is
 //   off by about sqrt(2) * 2^-9 = 0.3% relative; 1e-2 is three times that, far below what a wrong index gives
@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "../test_util.h"
@@ -201,15 +202,90 @@ TEST_F(Gpu, AttentionForwardAndBackward) {
     const int B = 2, NH = 4, C = NH * 64;
     const std::size_t n = static_cast<std::size_t>(B) * T * C;
     Pair qkv = pair(3 * n, 1), out = pair(n, 2), lse = pair(static_cast<std::size_t>(B) * NH * T, 3);
-    cpu_->attention_forward(out.c, lse.c, qkv.c, B, T, C, NH, nullptr);
-    gpu_->attention_forward(out.g, lse.g, qkv.g, B, T, C, NH, nullptr);
+    cpu_->attention_forward(out.c, lse.c, qkv.c, B, T, C, NH, NH, nullptr);
+    gpu_->attention_forward(out.g, lse.g, qkv.g, B, T, C, NH, NH, nullptr);
     EXPECT_LT(out.error(), kFloatTol) << "T " << T;
     EXPECT_LT(lse.error(), kFloatTol) << "T " << T;
     Pair dout = pair(n, 4), dqkv = pair(3 * n, 5);
-    cpu_->attention_backward(dqkv.c, dout.c, qkv.c, out.c, lse.c, B, T, C, NH, nullptr);
-    gpu_->attention_backward(dqkv.g, dout.g, qkv.g, out.g, lse.g, B, T, C, NH, nullptr);
+    cpu_->attention_backward(dqkv.c, dout.c, qkv.c, out.c, lse.c, B, T, C, NH, NH, nullptr);
+    gpu_->attention_backward(dqkv.g, dout.g, qkv.g, out.g, lse.g, B, T, C, NH, NH, nullptr);
     EXPECT_LT(dqkv.error(), kFloatTol) << "T " << T;
   }
+}
+
+// Grouped-query attention (groups of 4 and 8 query heads per kv head, and Llama's head size 128) around the
+// kernels' tiles; NKV = NH is AttentionForwardAndBackward above.
+TEST_F(Gpu, GroupedQueryAttentionForwardAndBackward) {
+  struct Heads {
+    int NH, NKV, hs;
+  };
+  for (const Heads hd : {Heads{8, 2, 64}, Heads{8, 1, 64}, Heads{4, 2, 128}})
+    for (const int T : {1, 37, 130}) {
+      const int B = 2, C = hd.NH * hd.hs;
+      const std::size_t rows = static_cast<std::size_t>(B) * T, n = rows * C;
+      Pair qkv = pair(rows * (C + 2 * hd.NKV * hd.hs), 1), out = pair(n, 2),
+           lse = pair(static_cast<std::size_t>(B) * hd.NH * T, 3);
+      cpu_->attention_forward(out.c, lse.c, qkv.c, B, T, C, hd.NH, hd.NKV, nullptr);
+      gpu_->attention_forward(out.g, lse.g, qkv.g, B, T, C, hd.NH, hd.NKV, nullptr);
+      EXPECT_LT(out.error(), kFloatTol) << "NH " << hd.NH << " NKV " << hd.NKV << " T " << T;
+      EXPECT_LT(lse.error(), kFloatTol) << "NH " << hd.NH << " NKV " << hd.NKV << " T " << T;
+      Pair dout = pair(n, 4), dqkv = pair(qkv.n, 5);
+      cpu_->attention_backward(dqkv.c, dout.c, qkv.c, out.c, lse.c, B, T, C, hd.NH, hd.NKV, nullptr);
+      gpu_->attention_backward(dqkv.g, dout.g, qkv.g, out.g, lse.g, B, T, C, hd.NH, hd.NKV, nullptr);
+      EXPECT_LT(dqkv.error(), kFloatTol) << "NH " << hd.NH << " NKV " << hd.NKV << " T " << T;
+    }
+}
+
+// Llama-7B's width, more values per lane than lanes; the frozen case (dw null) too.
+TEST_F(Gpu, RmsNormForwardAndBackward) {
+  const int N = 300, C = 4096;
+  const std::size_t n = static_cast<std::size_t>(N) * C;
+  Pair x = pair(n, 1, 2.0, 0.5), w = pair(C, 2, 0.2, 1.0), out = pair(n, 3), rstd = pair(N, 4);
+  cpu_->rmsnorm_forward(out.c, rstd.c, x.c, w.c, N, C, 1e-5f);
+  gpu_->rmsnorm_forward(out.g, rstd.g, x.g, w.g, N, C, 1e-5f);
+  EXPECT_LT(out.error(), kFloatTol);
+  EXPECT_LT(rstd.error(), kFloatTol);
+  Pair dout = pair(n, 5), dx = pair(n, 6), dw = pair(C, 7), dx_frozen = pair(n, 6);
+  cpu_->rmsnorm_backward(dx.c, dw.c, dout.c, x.c, w.c, rstd.c, N, C);
+  gpu_->rmsnorm_backward(dx.g, dw.g, dout.g, x.g, w.g, rstd.g, N, C);
+  EXPECT_LT(dx.error(), kFloatTol);
+  EXPECT_LT(dw.error(), kFloatTol);
+  cpu_->rmsnorm_backward(dx_frozen.c, nullptr, dout.c, x.c, w.c, rstd.c, N, C);
+  gpu_->rmsnorm_backward(dx_frozen.g, nullptr, dout.g, x.g, w.g, rstd.g, N, C);
+  EXPECT_LT(dx_frozen.error(), kFloatTol);
+}
+
+// q and k of a fused GQA row at positions up to 2047 (angles in the thousands of radians), with rows of one
+// example and packed rows; forward, then backward on the result.
+TEST_F(Gpu, RopeOnQAndKOfAFusedRow) {
+  const int B = 2, T = 2048, NH = 8, NKV = 2, hd = 128, stride = (NH + 2 * NKV) * hd;
+  std::vector<int32_t> packed(static_cast<std::size_t>(B) * T);
+  for (int b = 0; b < B; ++b)
+    for (int t = 0; t < T; ++t) packed[static_cast<std::size_t>(b) * T + t] = t % (517 + 300 * b);
+  IntPair positions(*cpu_, *gpu_, packed);
+  for (const bool pack : {false, true})
+    for (const auto& [offset, heads] : {std::pair{0, NH}, std::pair{NH * hd, NKV}}) {
+      Pair x = pair(static_cast<std::size_t>(B) * T * stride, 1);
+      cpu_->rope_forward(x.c + offset, B, T, heads, hd, stride, pack ? positions.c : nullptr, 10000.0f);
+      gpu_->rope_forward(x.g + offset, B, T, heads, hd, stride, pack ? positions.g : nullptr, 10000.0f);
+      EXPECT_LT(x.error(), kFloatTol) << "packed " << pack << " offset " << offset;
+      cpu_->rope_backward(x.c + offset, B, T, heads, hd, stride, pack ? positions.c : nullptr, 10000.0f);
+      gpu_->rope_backward(x.g + offset, B, T, heads, hd, stride, pack ? positions.g : nullptr, 10000.0f);
+      EXPECT_LT(x.error(), kFloatTol) << "packed " << pack << " offset " << offset;
+    }
+}
+
+TEST_F(Gpu, Swiglu) {
+  const std::size_t n = 50001;
+  Pair gate = pair(n, 1, 3.0), up = pair(n, 2), out = pair(n, 3), dout = pair(n, 4), dgate = pair(n, 5),
+       dup = pair(n, 6);
+  cpu_->swiglu_forward(out.c, gate.c, up.c, n);
+  gpu_->swiglu_forward(out.g, gate.g, up.g, n);
+  EXPECT_LT(out.error(), kFloatTol);
+  cpu_->swiglu_backward(dgate.c, dup.c, gate.c, up.c, dout.c, n);
+  gpu_->swiglu_backward(dgate.g, dup.g, gate.g, up.g, dout.g, n);
+  EXPECT_LT(dgate.error(), kFloatTol);
+  EXPECT_LT(dup.error(), kFloatTol);
 }
 
 TEST_F(Gpu, EmbeddingForwardAndBackward) {

@@ -56,6 +56,31 @@ class Backend {
   virtual void layernorm_backward(float* dinp, float* dw, float* db, const float* dout, const float* inp,
                                   const float* w, const float* mean, const float* rstd, int N, int C) = 0;
 
+  // Per-row RMSNorm over C features (Llama's, modeling_llama.py's LlamaRMSNorm): rstd[n] =
+  // 1 / sqrt(mean_c inp[n,c]^2 + eps), accumulated in double; out = inp * rstd * w. rstd [N] is saved for
+  // backward.
+  virtual void rmsnorm_forward(float* out, float* rstd, const float* inp, const float* w, int N, int C,
+                               float eps) = 0;
+  // dinp += ..., dw += ... (dw may be null: a frozen norm).
+  virtual void rmsnorm_backward(float* dinp, float* dw, const float* dout, const float* inp, const float* w,
+                                const float* rstd, int N, int C) = 0;
+
+  // Rotary position embeddings in place, with modeling_llama.py's pairing (rotate_half): in each of n_heads
+  // heads of head_dim (even) values, value i < head_dim / 2 and value i + head_dim / 2 rotate together by
+  // p * theta^(-2i / head_dim), p = positions[b,t] (null: p = t). x is [B*T, row_stride] and the heads start
+  // at each row's first value, so a caller passes qkv + offset to rotate q or k inside a fused qkv row.
+  virtual void rope_forward(float* x, int B, int T, int n_heads, int head_dim, int row_stride,
+                            const int32_t* positions, float theta) = 0;
+  // The transpose of rope_forward (rotation by the opposite angle), applied in place to the gradient.
+  virtual void rope_backward(float* dx, int B, int T, int n_heads, int head_dim, int row_stride,
+                             const int32_t* positions, float theta) = 0;
+
+  // SwiGLU's product: out = silu(gate) * up, silu(g) = g / (1 + e^-g).
+  virtual void swiglu_forward(float* out, const float* gate, const float* up, std::size_t n) = 0;
+  // dgate and dup are overwritten.
+  virtual void swiglu_backward(float* dgate, float* dup, const float* gate, const float* up,
+                               const float* dout, std::size_t n) = 0;
+
   // GPT-2's tanh approximation of GELU.
   virtual void gelu_forward(float* out, const float* inp, std::size_t n) = 0;
   // dinp = gelu'(inp) * dout (overwrites dinp).
@@ -65,15 +90,18 @@ class Backend {
   // (rng.h), so that every backend draws the same mask for a seed.
   virtual void dropout_mask(float* mask, std::size_t n, double p, uint64_t seed) = 0;
 
-  // Causal multi-head attention. qkv [B,T,3C] (q, then k, then v, each split into NH heads of C/NH);
-  // out [B,T,C]. No [T,T] matrix is kept: lse [B,NH,T] holds each score row's log-sum-exp, from which
-  // backward recomputes the probabilities. positions [B,T] (null: 0 .. T-1 in every row) are each token's
-  // position inside its example when rows pack several: query t then sees keys t - positions[t] .. t only.
+  // Causal grouped-query attention. qkv [B,T,C + 2*NKV*hs], hs = C/NH: q (NH heads of hs), then k, then v
+  // (NKV heads each; NKV divides NH), and query head h reads kv head h / (NH/NKV), as modeling_llama.py's
+  // repeat_kv; NKV = NH is GPT-2's multi-head attention. out [B,T,C]. No [T,T] matrix is kept: lse [B,NH,T]
+  // holds each score row's log-sum-exp, from which backward recomputes the probabilities. positions [B,T]
+  // (null: 0 .. T-1 in every row) are each token's position inside its example when rows pack several:
+  // query t then sees keys t - positions[t] .. t only.
   virtual void attention_forward(float* out, float* lse, const float* qkv, int B, int T, int C, int NH,
-                                 const int32_t* positions) = 0;
-  // dqkv is overwritten; out and lse are forward's.
+                                 int NKV, const int32_t* positions) = 0;
+  // dqkv is overwritten (a kv head's gradient sums over the query heads that read it); out and lse are
+  // forward's.
   virtual void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* out,
-                                  const float* lse, int B, int T, int C, int NH,
+                                  const float* lse, int B, int T, int C, int NH, int NKV,
                                   const int32_t* positions) = 0;
 
   // out[b,t,:] = wte[tokens[b,t],:] + wpe[p,:], p = positions[b,t] (null: p = t)
