@@ -35,9 +35,9 @@ namespace lrllm {
 // any bytes x without U+2581 "▁", which encodes like a space and decodes as one.
 class Tokenizer {
  public:
-  // Reads the tokenizer in dir: GPT-2's when it holds encoder.json and vocab.bpe, else a Hugging Face
-  // tokenizer.json. Throws InputError naming dir when it holds neither, or naming the file when that is
-  // missing or corrupt.
+  // Reads the tokenizer in dir: GPT-2's when it holds encoder.json or vocab.bpe, else a Hugging Face
+  // tokenizer.json. Throws InputError naming dir when it holds none of them, or naming the file that is
+  // missing (GPT-2's other one) or corrupt.
   static Tokenizer load_dir(const std::string& dir);
   // Reads OpenAI's encoder.json and vocab.bpe. Throws InputError naming the file when one is missing or
   // corrupt.
