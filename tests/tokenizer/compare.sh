@@ -87,8 +87,8 @@ for split in train val; do
       mkdir "$tmp/train_share"
       find "$docs" -maxdepth 1 -type f -printf '%f\n' | LC_ALL=C sort | awk -v n="$every" 'NR % n == 1' |
         while read -r name; do cp "$docs/$name" "$tmp/train_share/"; done
+      what="every ${every}th document of $docs"
       docs=$tmp/train_share
-      what="every document in $every of $docs"
     fi
     if ! tokenize "$docs" "$bin"; then
       echo "FAIL $kind $what: lrllm --mode tokenize stopped with an error"
