@@ -62,8 +62,7 @@ int run_tokenize(const lrllm::Config& cfg) {
   if (cfg.data.input.empty() || cfg.data.output.empty())
     throw lrllm::InputError("--mode tokenize needs --data.input (a text file or folder) and --data.output");
   lrllm::H5File::check_output(cfg.data.output, "data.output");
-  const auto tok =
-      lrllm::Tokenizer::load(cfg.data.tokenizer_dir + "/encoder.json", cfg.data.tokenizer_dir + "/vocab.bpe");
+  const auto tok = lrllm::Tokenizer::load_dir(cfg.data.tokenizer_dir);
   lrllm::set_partial_output(cfg.data.output + ".tmp");  // where tokenize_to_file writes until it commits
   const std::size_t n = lrllm::tokenize_to_file(tok, cfg.data.input, cfg.data.output);
   lrllm::clear_partial_output();
