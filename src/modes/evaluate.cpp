@@ -104,8 +104,8 @@ int run_instruction_eval(const Config& cfg, const Comm& comm) {
       label_sets.push_back(given.empty() ? label_set(tasks.back()) : given);
       check_labels(tasks.back(), label_sets.back(), path);
     }
-    tok = std::make_unique<Tokenizer>(
-        Tokenizer::load(cfg.data.tokenizer_dir + "/encoder.json", cfg.data.tokenizer_dir + "/vocab.bpe"));
+    const std::string tok_dir = tokenizer_dir_for(cfg);
+    tok = std::make_unique<Tokenizer>(Tokenizer::load(tok_dir + "/encoder.json", tok_dir + "/vocab.bpe"));
     loaded = load_model(cfg, cfg.device, comm.local_rank());
     prompt_template = choose_template(cfg.data.prompt_template, loaded.model->config().prompt_template);
     prepare_run_dir(cfg, comm);
