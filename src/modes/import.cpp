@@ -153,7 +153,7 @@ int run_import(const Config& cfg) {
                        std::to_string(m.n_layer) + ")");
     if (st->shape != t.hf_shape)
       throw InputError(set.file_of(name) + ": tensor " + name + " has shape " + shape_string(st->shape) +
-                       ", but the model config.json describes needs " + shape_string(t.hf_shape));
+                       ", but config.json's model needs " + shape_string(t.hf_shape));
     if (st->dtype != "F32" && st->dtype != "F16" && st->dtype != "BF16")
       throw InputError(set.file_of(name) + ": tensor " + name + " has dtype " + st->dtype +
                        ": lrllm reads F32, F16 and BF16 tensors");
