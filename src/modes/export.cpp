@@ -129,9 +129,15 @@ int export_hf(const Config& cfg, const ModelConfig& in_cfg, bool random) {
   bool tokenizer = fs::exists(tok / "encoder.json", ec) && fs::exists(tok / "vocab.bpe", ec);
   if (!tokenizer && cfg.was_given("data.tokenizer_dir"))
     throw InputError("--data.tokenizer_dir " + tok.string() + " has no encoder.json and vocab.bpe");
-  if (tokenizer)
-    tokenizer = Tokenizer::load((tok / "encoder.json").string(), (tok / "vocab.bpe").string()).vocab_size() <=
-                in_cfg.vocab_size;
+  if (tokenizer) {
+    const int tokens =
+        Tokenizer::load((tok / "encoder.json").string(), (tok / "vocab.bpe").string()).vocab_size();
+    if (tokens > in_cfg.vocab_size && cfg.was_given("data.tokenizer_dir"))
+      throw InputError(
+          strprintf("--data.tokenizer_dir %s has %d tokens, more than the model's vocabulary of %d",
+                    tok.c_str(), tokens, in_cfg.vocab_size));
+    tokenizer = tokens <= in_cfg.vocab_size;
+  }
 
   auto backend = make_cpu_backend();
   Model src(in_cfg, *backend, false);

@@ -410,6 +410,10 @@ def test_export_of_low_rank_and_lora_models_is_dense():
     shutil.rmtree(hf2, ignore_errors=True)
     p = run(["--mode", "export", "--export.format", "hf", "--model.init", ckpt, "--data.output", hf2])
     assert "adapters merged" in p.stdout, p.stdout
+    # The finetuning checkpoint carried the imported base's tokenizer folder on (relative to its own folder).
+    with h5py.File(ckpt, "r") as f:
+        assert f["config"].attrs["tokenizer_dir"] == "../lr-base.h5.tokenizer", f["config"].attrs["tokenizer_dir"]
+    assert os.path.exists(os.path.join(hf2, "merges.txt"))
     run(["--mode", "import", "--data.input", hf2, "--data.output", back2])
     a, b, plain = eval_loss(ckpt, tokens), eval_loss(back2, tokens), eval_loss(base, tokens)
     assert abs(a - b) <= 1e-5 * abs(a) and abs(a - plain) > 1e-4, (a, b, plain)
@@ -561,7 +565,9 @@ def test_bad_options():
               "--export.dtype"),
              (["--mode", "export", "--export.dtype", "bf16", "--data.output", path("x.h5")], "--export.format hf"),
              (["--mode", "export", "--export.format", "hf", "--quant.bits", "4", "--data.output", path("x")],
-              "--quant.bits")]
+              "--quant.bits"),
+             (["--mode", "export", "--export.format", "hf", "--model.vocab_size", "512", "--data.tokenizer_dir",
+               TOKENIZER, "--data.output", path("x")], "more than the model's vocabulary of 512")]
     for args, expect in cases:
         p = run(args, check=False)
         lines = [l for l in p.stderr.splitlines() if l.strip()]
