@@ -235,7 +235,8 @@ std::vector<float> SafetensorsFile::read(const std::string& name) const {
   const unsigned char* p = bytes(*t);
   std::vector<float> out(t->elements());
   if (t->dtype == "F32") {
-    std::memcpy(out.data(), p, out.size() * sizeof(float));
+    if (!out.empty())
+      std::memcpy(out.data(), p, out.size() * sizeof(float));  // an empty vector's data may be null
   } else if (t->dtype == "F16" || t->dtype == "BF16") {
     const bool half = t->dtype == "F16";
     for (std::size_t i = 0; i < out.size(); ++i) {
