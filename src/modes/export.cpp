@@ -102,6 +102,19 @@ void copy_into(const fs::path& from, const fs::path& to) {
   if (ec) throw RuntimeError("cannot copy " + from.string() + " to " + to.string() + ": " + ec.message());
 }
 
+// What an interrupted hf export leaves in OUTPUT.tmp/, which the next one may remove.
+bool is_partial_export(const fs::path& dir) {
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec)) return false;
+  for (const auto& entry : fs::directory_iterator(dir, ec)) {
+    const std::string name = entry.path().filename().string();
+    if (name != "config.json" && name != "model.safetensors" && name != "model.safetensors.tmp" &&
+        name != "vocab.json" && name != "merges.txt")
+      return false;
+  }
+  return true;
+}
+
 // --export.format hf: a folder transformers loads as GPT2LMHeadModel (docs/design.md, safetensors and Hugging
 // Face folders). Its linear layers are dense, so adapters are always merged and a low-rank site is written as
 // its product W = B A.
@@ -120,6 +133,9 @@ int export_hf(const Config& cfg, const ModelConfig& in_cfg, bool random) {
   if (!fs::is_directory(parent, ec))
     throw InputError("--data.output " + cfg.data.output + ": the folder " + parent.string() +
                      " does not exist");
+  if (fs::exists(tmp, ec) && !is_partial_export(tmp))
+    throw InputError(tmp.string() +
+                     " exists and is not what an interrupted export leaves; move it away first");
   const SafetensorsDtype dtype = parse_export_dtype(cfg.exporting.dtype);
   const std::string torch_dtype = dtype == SafetensorsDtype::f32    ? "float32"
                                   : dtype == SafetensorsDtype::bf16 ? "bfloat16"

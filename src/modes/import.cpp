@@ -184,6 +184,9 @@ int run_import(const Config& cfg) {
     throw InputError(tok_dir.string() +
                      " exists and is not a tokenizer folder an import wrote (encoder.json, vocab.bpe): the "
                      "import writes the tokenizer there; move it away first");
+  if (fs::exists(tok_tmp, ec) && !is_our_tokenizer_folder(tok_tmp))
+    throw InputError(tok_tmp.string() +
+                     " exists and is not what an interrupted import leaves; move it away first");
   fs::remove_all(tok_tmp, ec);
   bool tokenizer = false;
   try {

@@ -568,10 +568,22 @@ def test_bad_options():
               "--quant.bits"),
              (["--mode", "export", "--export.format", "hf", "--model.vocab_size", "512", "--data.tokenizer_dir",
                TOKENIZER, "--data.output", path("x")], "more than the model's vocabulary of 512")]
+    # A folder of the user's where the export would build its own: refused, and left alone.
+    os.makedirs(path("y.tmp"), exist_ok=True)
+    open(path("y.tmp", "notes.txt"), "w").write("mine")
+    cases.append((["--mode", "export", "--export.format", "hf", "--model.vocab_size", "512", "--data.output",
+                   path("y")], "y.tmp exists and is not what an interrupted export leaves"))
     for args, expect in cases:
         p = run(args, check=False)
         lines = [l for l in p.stderr.splitlines() if l.strip()]
         assert p.returncode == 2 and len(lines) == 1 and expect in lines[0], (args, p.returncode, p.stderr)
+    assert os.listdir(path("y.tmp")) == ["notes.txt"] and not os.path.exists(path("y"))
+    # What an interrupted export leaves is replaced.
+    shutil.rmtree(path("y.tmp"))
+    os.makedirs(path("y.tmp"))
+    open(path("y.tmp", "model.safetensors.tmp"), "wb").write(b"partial")
+    run(["--mode", "export", "--export.format", "hf", "--model.vocab_size", "512", "--data.output", path("y")])
+    assert sorted(os.listdir(path("y"))) == ["config.json", "model.safetensors"] and not os.path.exists(path("y.tmp"))
 
 
 def main():
