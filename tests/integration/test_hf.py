@@ -480,7 +480,7 @@ def append_garbage(d):
 
 
 def swap_offsets(a, b):
-    """Two tensors of one size exchange places: still valid. Here a's range overlaps b's instead."""
+    """a takes b's data_offsets (a tensor of the same size): the two ranges overlap."""
     def fn(header, body):
         header[a]["data_offsets"] = list(header[b]["data_offsets"])
         return json.dumps(header).encode(), body
