@@ -22,6 +22,7 @@
 #include "lrllm/modes/evaluate.h"
 #include "lrllm/modes/export.h"
 #include "lrllm/modes/generate.h"
+#include "lrllm/modes/import.h"
 #include "lrllm/parallel/mpi_world.h"
 #include "lrllm/train/finetune.h"
 #include "lrllm/train/train.h"
@@ -78,6 +79,7 @@ int run_mode(const lrllm::Config& cfg, const lrllm::MpiWorld& comm) {
   if (!comm.root()) return 0;
   if (cfg.mode == "decompose") return lrllm::run_decompose(cfg);
   if (cfg.mode == "export") return lrllm::run_export(cfg);
+  if (cfg.mode == "import") return lrllm::run_import(cfg);
   if (cfg.mode == "generate") return lrllm::run_generate(cfg);
   if (cfg.mode == "tokenize") return run_tokenize(cfg);
   if (cfg.mode == "info") {

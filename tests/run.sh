@@ -46,6 +46,7 @@ suite() {
 suite "unit tests (GoogleTest)" env LRLLM_TOKENIZER_DIR=input/data/tokenizer OMP_NUM_THREADS=2 \
   "$build/tests/unit"
 suite "integration (lrllm under mpirun)" "$python" tests/integration/test_cli.py "$build"
+suite "Hugging Face folders (import, export --export.format hf)" "$python" tests/integration/test_hf.py "$build"
 suite "parallel layouts (tp, pp, dp, ZeRO)" "$python" tests/integration/test_parallel.py "$build"
 suite "fuzzed bad input (seeded)" "$python" tests/integration/test_fuzz.py "$build"
 suite "Slurm jobs (sbatch, requeue, resume)" bash tests/slurm/run.sh "$build"

@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <ctime>
 #include <filesystem>
+#include <functional>
 #include <limits>
 #include <sstream>
 #include <string_view>
@@ -151,6 +152,11 @@ ModelConfig read_model_config(const std::string& path) {
     m.lora_modules = f.attr_string("/config", "lora_modules");
   if (version >= 3) m.trainable_tokens = trainable_tokens_of(f);
   m.prompt_template = prompt_template_of(f);
+  if (f.has_attr("/config", "tokenizer_dir")) {
+    const fs::path dir = f.attr_string("/config", "tokenizer_dir");
+    m.tokenizer_dir =
+        dir.is_absolute() ? dir.string() : (fs::path(path).parent_path() / dir).lexically_normal().string();
+  }
   m.init = path;
   // The same checks as the shape given as options: a file altered by hand must not reach the model's
   // arithmetic with sizes the command line would refuse.
@@ -258,6 +264,12 @@ void write_header(H5File& f, const std::string& mode, const ModelConfig& c, cons
   }
   // An optional attribute: readers of every version take its absence as "none recorded".
   if (!c.prompt_template.empty()) f.set_attr("/config", "prompt_template", c.prompt_template);
+  // Optional too; relative to the file's folder, so that the two can move together.
+  if (!c.tokenizer_dir.empty()) {
+    const fs::path folder = fs::absolute(fs::path(f.path()).parent_path()).lexically_normal();
+    const fs::path dir = fs::absolute(c.tokenizer_dir).lexically_normal();
+    f.set_attr("/config", "tokenizer_dir", dir.lexically_relative(folder).string());
+  }
   if (run != nullptr) write_run_record(f, run->resolved, run->command_line);
 }
 
@@ -317,6 +329,29 @@ void save_checkpoint(const std::string& path, const std::string& mode, Model& mo
       write_tensors(f, "/optimizer/v", model.table(), to_host(be, optimizer->v(), n));
     }
     f.close();
+  }
+  rename_into_place(tmp, path);
+  clear_partial_output();
+}
+
+void save_model_file(const std::string& path, const std::string& mode, const ModelConfig& c,
+                     const std::vector<std::pair<std::string, std::vector<int64_t>>>& tensors,
+                     const std::function<std::vector<float>(const std::string&)>& values, const Config* run) {
+  const std::string tmp = path + ".tmp";
+  set_partial_output(tmp);
+  try {
+    H5File f = H5File::create(tmp);
+    write_header(f, mode, c, run);
+    for (const auto& [name, shape] : tensors) {
+      const std::vector<float> v = values(name);
+      f.write("/model/" + name, v.data(), shape);
+    }
+    f.close();
+  } catch (...) {
+    std::error_code ec;
+    fs::remove(tmp, ec);
+    clear_partial_output();
+    throw;
   }
   rename_into_place(tmp, path);
   clear_partial_output();
@@ -515,6 +550,12 @@ std::vector<std::pair<int64_t, std::string>> list_checkpoints(const std::string&
   }
   std::sort(found.begin(), found.end());
   return found;
+}
+
+std::string tokenizer_dir_for(const Config& cfg) {
+  if (cfg.was_given("data.tokenizer_dir") || cfg.model.init.empty()) return cfg.data.tokenizer_dir;
+  const std::string recorded = read_model_config(cfg.model.init).tokenizer_dir;
+  return recorded.empty() ? cfg.data.tokenizer_dir : recorded;
 }
 
 std::string resolve_resume(const std::string& resume, const std::string& run_dir) {

@@ -104,7 +104,7 @@ int run_instruction_eval(const Config& cfg, const MpiWorld& comm) {
       label_sets.push_back(given.empty() ? label_set(tasks.back()) : given);
       check_labels(tasks.back(), label_sets.back(), path);
     }
-    tok = std::make_unique<Tokenizer>(Tokenizer::load_dir(cfg.data.tokenizer_dir));
+    tok = std::make_unique<Tokenizer>(Tokenizer::load_dir(tokenizer_dir_for(cfg)));
     loaded = load_model(cfg, cfg.device, comm.local_rank());
     prompt_template = choose_template(cfg.data.prompt_template, loaded.model->config().prompt_template);
     prepare_run_dir(cfg, comm);

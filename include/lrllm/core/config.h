@@ -58,6 +58,10 @@ struct ModelConfig {
   // The prompt template (instruct.h) the adapters were finetuned with: /config prompt_template, empty when
   // none is recorded (a base, or a file from before lrllm recorded it). Eval uses it unless told otherwise.
   std::string prompt_template;
+  // The folder of the model's own tokenizer (encoder.json, vocab.bpe), as /config tokenizer_dir records it:
+  // written by --mode import beside the model file; empty when none is recorded. Held as a path from the
+  // working directory; a file stores it relative to its own folder.
+  std::string tokenizer_dir;
   // Dropout on the adapters' input while training (a training setting: not stored in checkpoints).
   double lora_dropout = 0.0;
   QuantKind quant = QuantKind::none;  // storage of the frozen base's dense linear weights
@@ -143,6 +147,11 @@ struct EvalConfig {
   int max_new_tokens = 8;
 };
 
+struct ExportConfig {
+  std::string format = "lrllm";  // lrllm: a model file; hf: a Hugging Face folder (docs/design.md)
+  std::string dtype = "f32";     // hf: f32 | bf16 | f16
+};
+
 struct GenerateConfig {
   std::string prompt;
   int max_new_tokens = 64;
@@ -176,6 +185,7 @@ struct Config {
   std::string command_line;
   FinetuneConfig finetune;
   EvalConfig eval;
+  ExportConfig exporting;  // [export] (export is a C++ keyword)
   GenerateConfig generate;
   TrainConfig train;
   DataConfig data;
