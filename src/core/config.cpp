@@ -17,6 +17,10 @@ namespace po = boost::program_options;
 
 namespace lrllm {
 
+bool is_arch(const std::string& name) {
+  return name == "gpt2" || name == "llama";
+}
+
 const char* site_name(LinearSite site) {
   static const char* const names[kNumSites] = {"qkv", "proj", "fc", "mlp_proj"};
   return names[static_cast<int>(site)];
@@ -133,9 +137,13 @@ po::options_description make_options(Config& c) {
 
   po::options_description model("Model [model]", kHelpWidth);
   ModelConfig& m = c.model;
-  model.add_options()("model.arch", po::value(&m.arch)->default_value(m.arch), "architecture (gpt2)")(
+  model.add_options()("model.arch", po::value(&m.arch)->default_value(m.arch), "architecture: gpt2 | llama")(
       "model.n_layer", po::value(&m.n_layer)->default_value(m.n_layer), "transformer blocks")(
       "model.n_head", po::value(&m.n_head)->default_value(m.n_head), "attention heads")(
+      "model.n_kv_head", po::value(&m.n_kv_head)->default_value(m.n_kv_head),
+      "llama: key/value heads, dividing n_head (0: n_head)")(
+      "model.rope_theta", po::value(&m.rope_theta)->default_value(m.rope_theta), "llama: rotary base")(
+      "model.norm_eps", po::value(&m.norm_eps)->default_value(m.norm_eps), "llama: RMSNorm eps")(
       "model.d_model", po::value(&m.d_model)->default_value(m.d_model), "embedding width")(
       "model.d_ff", po::value(&m.d_ff)->default_value(m.d_ff), "MLP width (0: 4 * d_model)")(
       "model.seq_len", po::value(&m.seq_len)->default_value(m.seq_len), "sequence length (position table)")(

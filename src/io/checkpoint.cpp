@@ -109,6 +109,7 @@ std::vector<int32_t> trainable_tokens_of(const H5File& f) {
 }  // namespace
 
 int64_t format_version_of(const ModelConfig& m) {
+  if (m.llama()) return 4;
   if (m.any_lora() && !m.trainable_tokens.empty()) return 3;
   return m.any_lora() && !m.lora_modules.empty() ? 2 : 1;
 }
@@ -123,13 +124,20 @@ ModelConfig read_model_config(const std::string& path) {
                      " is not supported (this lrllm reads 1 to " + std::to_string(kFormatVersion) + ")");
   ModelConfig m;
   m.arch = f.attr_string("/config", "arch");
-  if (m.arch != "gpt2") throw InputError(path + ": arch '" + m.arch + "' is not supported (gpt2 is)");
+  if (!is_arch(m.arch) || (m.llama() && version < 4))
+    throw InputError(path + ": arch '" + m.arch + "' is not supported at format_version " +
+                     std::to_string(version) + " (gpt2 from 1, llama from 4)");
   m.vocab_size = positive_attr(f, "vocab_size");
   m.seq_len = positive_attr(f, "seq_len");
   m.n_layer = positive_attr(f, "n_layer");
   m.n_head = positive_attr(f, "n_head");
   m.d_model = positive_attr(f, "d_model");
   m.d_ff = positive_attr(f, "d_ff");
+  if (m.llama()) {
+    m.n_kv_head = positive_attr(f, "n_kv_head");
+    m.rope_theta = f.attr_double("/config", "rope_theta");
+    m.norm_eps = f.attr_double("/config", "norm_eps");
+  }
   for (const LinearSpec& spec : describe_architecture(m).sites) {
     const int s = static_cast<int>(spec.site);
     const std::string site = "/model/" + block_name(0) + "/" + spec.path;
@@ -241,7 +249,12 @@ void write_header(H5File& f, const std::string& mode, const ModelConfig& c, cons
   f.set_attr("/config", "n_head", int64_t{c.n_head});
   f.set_attr("/config", "d_model", int64_t{c.d_model});
   f.set_attr("/config", "d_ff", int64_t{c.ff()});
-  f.set_attr("/config", "tied_embeddings", int64_t{1});
+  f.set_attr("/config", "tied_embeddings", int64_t{c.llama() ? 0 : 1});
+  if (c.llama()) {
+    f.set_attr("/config", "n_kv_head", int64_t{c.kv_heads()});
+    f.set_attr("/config", "rope_theta", c.rope_theta);
+    f.set_attr("/config", "norm_eps", c.norm_eps);
+  }
   f.set_attr("/config", "lowrank_rank", int64_t{c.lowrank_rank_attr()});
   f.set_attr("/config", "lowrank_targets", c.lowrank_targets());
   int lora_rank = 0;
@@ -250,7 +263,7 @@ void write_header(H5File& f, const std::string& mode, const ModelConfig& c, cons
   f.set_attr("/config", "lora_alpha", c.any_lora() ? c.lora_alpha : 0.0);
   f.set_attr("/config", "lora_targets", c.lora_targets());
   if (format_version_of(c) >= 2) f.set_attr("/config", "lora_modules", c.lora_modules);
-  if (format_version_of(c) >= 3)
+  if (!c.trainable_tokens.empty())
     f.set_attr("/config", "trainable_tokens",
                std::vector<int64_t>(c.trainable_tokens.begin(), c.trainable_tokens.end()));
   f.set_attr("/config", "quant", std::string(quant_name(c.quant)));
@@ -754,6 +767,9 @@ void print_info(const std::string& path) {
               f.attr_string("/", "created").c_str());
   std::printf("config: arch %s, vocab_size %d, seq_len %d, n_layer %d, n_head %d, d_model %d, d_ff %d\n",
               m.arch.c_str(), m.vocab_size, m.seq_len, m.n_layer, m.n_head, m.d_model, m.d_ff);
+  if (m.llama())
+    std::printf("llama: n_kv_head %d, rope_theta %g, norm_eps %g, untied lm_head\n", m.kv_heads(), m.rope_theta,
+                m.norm_eps);
   if (m.any_lora())
     std::printf("LoRA: alpha %g, frozen base stored as %s\n", m.lora_alpha, storage_name(m.quant));
   std::printf("linear layers:");

@@ -32,10 +32,16 @@ enum class LinearSite { qkv = 0, proj = 1, fc = 2, mlp_proj = 3 };
 inline constexpr int kNumSites = 4;
 const char* site_name(LinearSite site);
 
+// The architectures (model/architecture.h describes each): the /config arch of a model file.
+bool is_arch(const std::string& name);  // "gpt2" or "llama"
+
 struct ModelConfig {
   std::string arch = "gpt2";
   int n_layer = 4;
   int n_head = 4;
+  int n_kv_head = 0;            // llama's key/value heads, dividing n_head (0: n_head, as GPT-2 always has)
+  double rope_theta = 10000.0;  // llama's rotary base
+  double norm_eps = 1e-5;       // llama's RMSNorm eps (GPT-2's LayerNorm eps is 1e-5)
   int d_model = 128;
   int d_ff = 0;  // 0 means 4 * d_model
   int seq_len = 128;
@@ -70,6 +76,8 @@ struct ModelConfig {
   bool quant_embedding = false;  // with quant: the tied wte (embedding and lm_head) is stored quantized too
 
   int ff() const { return d_ff > 0 ? d_ff : 4 * d_model; }
+  int kv_heads() const { return n_kv_head > 0 ? n_kv_head : n_head; }
+  bool llama() const { return arch == "llama"; }
   bool any_lowrank() const;
   bool any_lora() const;
   std::string lora_targets() const;

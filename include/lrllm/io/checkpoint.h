@@ -20,7 +20,7 @@ namespace lrllm {
 // every other file stays version 1, readable by older lrllm (docs/design.md, Checkpoint format). Version 3
 // adds /config trainable_tokens (the token ids of /model/trainable_tokens/delta's rows), written only by
 // files that have them: a version-2 reader would drop the delta and run another model.
-inline constexpr int64_t kFormatVersion = 3;
+inline constexpr int64_t kFormatVersion = 4;
 int64_t format_version_of(const ModelConfig& m);
 
 // Everything beyond weights and moments that an exact resume needs.
