@@ -244,8 +244,8 @@ po::options_description make_options(Config& c) {
 
   po::options_description data("Data [data]", kHelpWidth);
   DataConfig& d = c.data;
-  data.add_options()("data.train", po::value(&d.train), "training token file")("data.val", po::value(&d.val),
-                                                                               "validation token file")(
+  data.add_options()("data.train", po::value(&d.train), "training token files: a file, glob or comma list")(
+      "data.val", po::value(&d.val), "validation token files: a file, glob or comma list")(
       "data.input", po::value(&d.input),
       "input of tokenize (a text file or a directory) and import (a Hugging Face folder)")(
       "data.output", po::value(&d.output), "output of tokenize, decompose, export and import")(

@@ -163,7 +163,7 @@ int run_instruction_eval(const Config& cfg, const MpiWorld& comm) {
 
 int run_eval(const Config& cfg, const MpiWorld& comm) {
   if (!cfg.eval.tasks.empty()) return run_instruction_eval(cfg, comm);
-  std::unique_ptr<TokenFile> file;
+  std::unique_ptr<TokenStream> file;
   std::unique_ptr<Batcher> batcher;
   LoadedModel loaded;
   std::string data;
@@ -172,7 +172,7 @@ int run_eval(const Config& cfg, const MpiWorld& comm) {
       throw InputError("--mode eval needs --model.init (a checkpoint or model file)");
     data = !cfg.data.val.empty() ? cfg.data.val : cfg.data.train;
     if (data.empty()) throw InputError("--mode eval needs --data.val (or --data.train): a token file");
-    file = std::make_unique<TokenFile>(data);
+    file = std::make_unique<TokenStream>(data);
     loaded = load_model(cfg, cfg.device, comm.local_rank());
     file->check_vocab(loaded.model->config().vocab_size);
     batcher = std::make_unique<Batcher>(*file, loaded.model->config().seq_len, false, cfg.seed);
