@@ -81,7 +81,7 @@ def latest_checkpoint(run_dir):
 
 def role_of(stem):
     leaf = stem.rsplit("/", 1)[-1]
-    if stem in ("wte", "wpe"):
+    if stem in ("wte", "wpe", "lm_head"):
         return "embedding"
     if leaf == "W":
         return "linear dense"
@@ -151,7 +151,11 @@ def kind_label(f, config):
 
 
 def dense_linear_parameters(config):
-    """Linear weights of a dense model of this shape: qkv 3d², proj d², fc d·d_ff, mlp proj d_ff·d a block."""
+    """Linear weights of a dense model of this shape: as the file records it (/config linear_dense_equivalent,
+    from lrllm's description of its architecture), else GPT-2's (files from before lrllm recorded it): qkv 3d²,
+    proj d², fc d·d_ff, mlp proj d_ff·d a block."""
+    if "linear_dense_equivalent" in config:
+        return int(config["linear_dense_equivalent"])
     d, d_ff = int(config["d_model"]), int(config["d_ff"])
     return int(config["n_layer"]) * (3 * d * d + d * d + 2 * d * d_ff)
 

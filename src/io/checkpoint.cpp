@@ -275,7 +275,10 @@ void write_header(H5File& f, const std::string& mode, const ModelConfig& c, cons
     f.set_attr("/config", "base", c.base);
     f.set_attr("/config", "base_checksum", c.base_checksum);
   }
-  // An optional attribute: readers of every version take its absence as "none recorded".
+  // Optional attributes: readers of every version take their absence as "none recorded". The dense
+  // equivalent of the linear layers (architecture.h) lets tools/report.py give the compression of any
+  // architecture without knowing its widths.
+  f.set_attr("/config", "linear_dense_equivalent", static_cast<int64_t>(dense_linear_params(c)));
   if (!c.prompt_template.empty()) f.set_attr("/config", "prompt_template", c.prompt_template);
   // Optional too; relative to the file's folder, so that the two can move together.
   if (!c.tokenizer_dir.empty()) {

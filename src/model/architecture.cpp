@@ -105,10 +105,14 @@ ParamCounts count_params(const ModelConfig& cfg) {
   return c;
 }
 
-void print_param_counts(const ParamCounts& c, const ModelConfig& cfg) {
+std::size_t dense_linear_params(const ModelConfig& cfg) {
   double dense = 0;
   for (const LinearSpec& s : describe_architecture(cfg).sites) dense += linear_weights(s, 0);
-  const std::size_t dense_equiv = static_cast<std::size_t>(cfg.n_layer * dense);
+  return static_cast<std::size_t>(cfg.n_layer * dense);
+}
+
+void print_param_counts(const ParamCounts& c, const ModelConfig& cfg) {
+  const std::size_t dense_equiv = dense_linear_params(cfg);
   const std::size_t linear = c.linear_dense + c.linear_lowrank;
   std::printf(
       "parameters: total %zu = embeddings %zu + linear %zu (dense %zu, low-rank %zu) + norms/biases %zu\n",

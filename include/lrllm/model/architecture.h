@@ -67,6 +67,8 @@ struct ParamCounts {
 };
 // The whole model's parameters by kind (saved needs trains_beside_adapters: the model fills it).
 ParamCounts count_params(const ModelConfig& cfg);
+// The linear layers' weights were every site dense: what a low-rank model's compression is measured against.
+std::size_t dense_linear_params(const ModelConfig& cfg);
 // Prints parameters by kind and the compression of the linear layers against their dense equivalent.
 void print_param_counts(const ParamCounts& counts, const ModelConfig& cfg);
 
