@@ -147,8 +147,7 @@ def save_checkpoint(path: str, cfg: Config, params: dict[str, np.ndarray], mode:
         c.attrs["lora_targets"] = ",".join(cfg.lora_targets) if cfg.lora_rank else ""
         c.attrs["quant"] = cfg.quant
         c.attrs["quant_block"] = np.int64(cfg.quant_block)
-        if cfg.quant != "none":
-            c.attrs["quant_double"] = np.int64(cfg.quant == "nf4")
+        c.attrs["quant_double"] = np.int64(cfg.quant == "nf4")
         m = f.create_group("model")
         for name, arr in params.items():
             if cfg.quant != "none" and is_quantizable(name):

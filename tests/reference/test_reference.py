@@ -46,8 +46,9 @@ Checks
                            checkpoints vs llama_torch.py (rel <= 1e-5 / 1e-4): dense with NKV = NH,
                            NKV 2 of NH 4 (lowrank, mixed, packed), 2 of 8 and 1 of 4 (gqa_*), packed
                            rows via --segments, rope_theta and norm_eps off Llama-2's in some
-  llama_lora_{float,int8,nf4}_{loss,grads}   adapters on every site over a float32, int8 (block 100)
-                           or double-quantized NF4 base, the checkpoint written here: the loss, and
+  llama_lora_{float,int8,nf4,nf4_mixed}_{loss,grads}   adapters on every site over a float32, int8
+                           (block 100) or double-quantized NF4 base (nf4_mixed: low-rank qkv and fc,
+                           A and B stored NF4), the checkpoint written here: the loss, and
                            exactly the adapters' gradients, vs torch over the numpy dequantization
   llama_train_{dense,mixed}_{loss,lr,grad_norm,weights,moments}   as train_*, for GQA Llama models
                            (weight decay on wte, lm_head, W, A, B; not on the RMSNorm weights)
@@ -58,6 +59,7 @@ The torch side runs in float64 throughout (model, gradients and the AdamW loop).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -708,10 +710,11 @@ LLAMA_VARIANTS = {
     "gqa_kv1": llama.Config(**{**LLAMA_SMALL, "n_kv_head": 1}, norm_eps=1e-4),  # one kv head for all
     "packed": llama.Config(**LLAMA_SMALL),
 }
-# name: (quant, quant_block) of a frozen dense base under adapters on every site, written directly (not by
-# `lrllm --mode finetune`, whose instruction data needs the GPT-2 tokenizer's vocabulary); int8 with blocks of
-# 100 (short last blocks), NF4 double-quantized.
-LLAMA_LORA_CASES = {"float": ("none", 64), "int8": ("int8", 100), "nf4": ("nf4", 64)}
+# name: (quant, quant_block, low-rank sites) of a frozen base under adapters on every site, written directly
+# (not by `lrllm --mode finetune`, whose instruction data needs the GPT-2 tokenizer's vocabulary); int8 with
+# blocks of 100 (short last blocks), NF4 double-quantized (nf4_mixed: its A and B too).
+LLAMA_LORA_CASES = {"float": ("none", 64, ()), "int8": ("int8", 100, ()), "nf4": ("nf4", 64, ()),
+                    "nf4_mixed": ("nf4", 64, ("qkv", "fc"))}
 
 
 def check_llama_selftest():
@@ -849,7 +852,7 @@ def selftest_llama_model():
         raise CheckFailed(f"trainable=is_lora gave gradients for {sorted(g1)}")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "llama.h5")
-        qcfg = llama.Config(**{**vars(cfg), "quant": "nf4"})
+        qcfg = dataclasses.replace(cfg, quant="nf4")
         llama.save_checkpoint(path, qcfg, p, mode="finetune")
         stored = llama.as_stored(p, qcfg)
         with h5py.File(path, "r") as f:
@@ -906,10 +909,10 @@ def selftest_llama_finite_differences():
 
 def run_llama_lora_case(build, work, name, seed):
     """grad_dump over a LoRA checkpoint written here (adapters on every site over a float, int8 or NF4
-    base) vs the torch model of the dequantized base plus the adapters."""
-    quant, block = LLAMA_LORA_CASES[name]
-    cfg = llama.Config(**LLAMA_SMALL, lora_rank=4, lora_alpha=8.0, lora_targets=tuple(ref.LINEAR_SITES),
-                       quant=quant, quant_block=block)
+    base, dense or mixed) vs the torch model of the dequantized base plus the adapters."""
+    quant, block, lowrank = LLAMA_LORA_CASES[name]
+    cfg = llama.Config(**LLAMA_SMALL, lowrank_rank=8 if lowrank else 0, lowrank_targets=lowrank, lora_rank=4,
+                       lora_alpha=8.0, lora_targets=tuple(ref.LINEAR_SITES), quant=quant, quant_block=block)
     @once
     def run():
         params = llama.add_adapters(llama.init_params(cfg, seed=seed), cfg, seed=seed + 1)
