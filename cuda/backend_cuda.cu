@@ -185,12 +185,13 @@ class CudaBackend final : public Backend {
     launch_rope(dx, B, T, n_heads, head_dim, row_stride, positions, theta, -1.0f);
   }
 
-  void swiglu_forward(float* out, const float* gate, const float* up, std::size_t n) override {
-    launch_over(n, "swiglu_forward_kernel", swiglu_forward_kernel, out, gate, up, n);
+  void swiglu_forward(float* out, const float* gate_up, int N, int F) override {
+    const std::size_t n = static_cast<std::size_t>(N) * F;
+    launch_over(n, "swiglu_forward_kernel", swiglu_forward_kernel, out, gate_up, n, F);
   }
-  void swiglu_backward(float* dgate, float* dup, const float* gate, const float* up, const float* dout,
-                       std::size_t n) override {
-    launch_over(n, "swiglu_backward_kernel", swiglu_backward_kernel, dgate, dup, gate, up, dout, n);
+  void swiglu_backward(float* dgate_up, const float* gate_up, const float* dout, int N, int F) override {
+    const std::size_t n = static_cast<std::size_t>(N) * F;
+    launch_over(n, "swiglu_backward_kernel", swiglu_backward_kernel, dgate_up, gate_up, dout, n, F);
   }
 
   void gelu_forward(float* out, const float* inp, std::size_t n) override {

@@ -18,7 +18,7 @@ __global__ void embedding_forward_kernel(float* out, const int32_t* tokens, cons
        i += std::size_t{gridDim.x} * blockDim.x) {
     const std::size_t n = i / C, c = i % C;
     const std::size_t p = positions ? static_cast<std::size_t>(positions[n]) : n % T;
-    out[i] = wte[static_cast<std::size_t>(tokens[n]) * C + c] + wpe[p * C + c];
+    out[i] = wte[static_cast<std::size_t>(tokens[n]) * C + c] + (wpe ? wpe[p * C + c] : 0.0f);
   }
 }
 

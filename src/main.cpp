@@ -22,6 +22,7 @@
 #include "lrllm/modes/evaluate.h"
 #include "lrllm/modes/export.h"
 #include "lrllm/modes/generate.h"
+#include "lrllm/modes/import.h"
 #include "lrllm/parallel/mpi_world.h"
 #include "lrllm/train/finetune.h"
 #include "lrllm/train/train.h"
@@ -62,8 +63,7 @@ int run_tokenize(const lrllm::Config& cfg) {
   if (cfg.data.input.empty() || cfg.data.output.empty())
     throw lrllm::InputError("--mode tokenize needs --data.input (a text file or folder) and --data.output");
   lrllm::H5File::check_output(cfg.data.output, "data.output");
-  const auto tok =
-      lrllm::Tokenizer::load(cfg.data.tokenizer_dir + "/encoder.json", cfg.data.tokenizer_dir + "/vocab.bpe");
+  const auto tok = lrllm::Tokenizer::load_dir(cfg.data.tokenizer_dir);
   lrllm::set_partial_output(cfg.data.output + ".tmp");  // where tokenize_to_file writes until it commits
   const std::size_t n = lrllm::tokenize_to_file(tok, cfg.data.input, cfg.data.output);
   lrllm::clear_partial_output();
@@ -79,6 +79,7 @@ int run_mode(const lrllm::Config& cfg, const lrllm::MpiWorld& comm) {
   if (!comm.root()) return 0;
   if (cfg.mode == "decompose") return lrllm::run_decompose(cfg);
   if (cfg.mode == "export") return lrllm::run_export(cfg);
+  if (cfg.mode == "import") return lrllm::run_import(cfg);
   if (cfg.mode == "generate") return lrllm::run_generate(cfg);
   if (cfg.mode == "tokenize") return run_tokenize(cfg);
   if (cfg.mode == "info") {

@@ -33,7 +33,7 @@ int main(int argc, char** argv) {
     auto backend = lrllm::make_cpu_backend();
     lrllm::Model model(mc, *backend, false);
     lrllm::load_weights(args["--init"], model);
-    lrllm::TokenFile file(args["--data"]);
+    const lrllm::TokenStream file(args["--data"]);
     lrllm::Batcher batcher(file, mc.seq_len, false, 0);
     lrllm::Batch batch;
     batcher.fill(0, B, batch);

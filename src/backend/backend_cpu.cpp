@@ -258,23 +258,31 @@ class CpuBackend final : public Backend {
     rotate(dx, B, T, n_heads, head_dim, row_stride, positions, theta, -1.0f);
   }
 
-  void swiglu_forward(float* out, const float* gate, const float* up, std::size_t n) override {
-#pragma omp parallel for simd schedule(static)
-    for (std::size_t i = 0; i < n; ++i) {
-      const float g = gate[i];
-      out[i] = g / (1.0f + exp_approx(-g)) * up[i];
+  void swiglu_forward(float* out, const float* gate_up, int N, int F) override {
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; ++n) {
+      const float* gate = gate_up + static_cast<std::size_t>(n) * 2 * F;
+      const float* up = gate + F;
+      float* o = out + static_cast<std::size_t>(n) * F;
+#pragma omp simd
+      for (int f = 0; f < F; ++f) o[f] = gate[f] / (1.0f + exp_approx(-gate[f])) * up[f];
     }
   }
 
   // silu'(g) = s * (1 + g * (1 - s)), s = sigmoid(g).
-  void swiglu_backward(float* dgate, float* dup, const float* gate, const float* up, const float* dout,
-                       std::size_t n) override {
-#pragma omp parallel for simd schedule(static)
-    for (std::size_t i = 0; i < n; ++i) {
-      const float g = gate[i];
-      const float sig = 1.0f / (1.0f + exp_approx(-g));
-      dgate[i] = dout[i] * up[i] * (sig * (1.0f + g * (1.0f - sig)));
-      dup[i] = dout[i] * (g * sig);
+  void swiglu_backward(float* dgate_up, const float* gate_up, const float* dout, int N, int F) override {
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; ++n) {
+      const std::size_t row = static_cast<std::size_t>(n) * 2 * F;
+      const float *gate = gate_up + row, *up = gate + F, *d = dout + static_cast<std::size_t>(n) * F;
+      float *dgate = dgate_up + row, *dup = dgate + F;
+#pragma omp simd
+      for (int f = 0; f < F; ++f) {
+        const float g = gate[f];
+        const float sig = 1.0f / (1.0f + exp_approx(-g));
+        dgate[f] = d[f] * up[f] * (sig * (1.0f + g * (1.0f - sig)));
+        dup[f] = d[f] * (g * sig);
+      }
     }
   }
 
@@ -426,8 +434,12 @@ class CpuBackend final : public Backend {
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < B * T; ++i) {
       const float* e = wte + static_cast<std::size_t>(tokens[i]) * C;
-      const float* p = wpe + static_cast<std::size_t>(positions ? positions[i] : i % T) * C;
       float* o = out + static_cast<std::size_t>(i) * C;
+      if (wpe == nullptr) {
+        std::copy(e, e + C, o);
+        continue;
+      }
+      const float* p = wpe + static_cast<std::size_t>(positions ? positions[i] : i % T) * C;
       for (int c = 0; c < C; ++c) o[c] = e[c] + p[c];
     }
   }

@@ -17,6 +17,10 @@ namespace po = boost::program_options;
 
 namespace lrllm {
 
+bool is_arch(const std::string& name) {
+  return name == "gpt2" || name == "llama";
+}
+
 const char* site_name(LinearSite site) {
   static const char* const names[kNumSites] = {"qkv", "proj", "fc", "mlp_proj"};
   return names[static_cast<int>(site)];
@@ -111,8 +115,8 @@ int ModelConfig::lowrank_rank_attr() const {
 
 namespace {
 
-const char* const kModes[] = {"pretrain",  "finetune", "eval",     "generate",
-                              "decompose", "export",   "tokenize", "info"};
+const char* const kModes[] = {"pretrain", "finetune", "eval",     "generate", "decompose",
+                              "export",   "import",   "tokenize", "info"};
 
 // A default as the user would write it (6e-04, not 0.00059999999999999995).
 std::string text(double value) {
@@ -126,16 +130,20 @@ po::options_description make_options(Config& c) {
   general.add_options()("help,h", "print this help and exit")("version",
                                                               "print the version and build and exit")(
       "mode", po::value(&c.mode),
-      "pretrain | finetune | eval | generate | decompose | export | tokenize | info")(
+      "pretrain | finetune | eval | generate | decompose | export | import | tokenize | info")(
       "config", po::value(&c.config_file), "INI file with [section] option = value lines")(
       "device", po::value(&c.device)->default_value(c.device), "cpu | cuda | auto")(
       "seed", po::value(&c.seed)->default_value(c.seed), "seed of initialisation, data order and sampling");
 
   po::options_description model("Model [model]", kHelpWidth);
   ModelConfig& m = c.model;
-  model.add_options()("model.arch", po::value(&m.arch)->default_value(m.arch), "architecture (gpt2)")(
+  model.add_options()("model.arch", po::value(&m.arch)->default_value(m.arch), "architecture: gpt2 | llama")(
       "model.n_layer", po::value(&m.n_layer)->default_value(m.n_layer), "transformer blocks")(
       "model.n_head", po::value(&m.n_head)->default_value(m.n_head), "attention heads")(
+      "model.n_kv_head", po::value(&m.n_kv_head)->default_value(m.n_kv_head),
+      "llama: key/value heads, dividing n_head (0: n_head)")(
+      "model.rope_theta", po::value(&m.rope_theta)->default_value(m.rope_theta), "llama: rotary base")(
+      "model.norm_eps", po::value(&m.norm_eps)->default_value(m.norm_eps), "llama: RMSNorm eps")(
       "model.d_model", po::value(&m.d_model)->default_value(m.d_model), "embedding width")(
       "model.d_ff", po::value(&m.d_ff)->default_value(m.d_ff), "MLP width (0: 4 * d_model)")(
       "model.seq_len", po::value(&m.seq_len)->default_value(m.seq_len), "sequence length (position table)")(
@@ -193,6 +201,12 @@ po::options_description make_options(Config& c) {
       "eval.max_new_tokens", po::value(&c.eval.max_new_tokens)->default_value(c.eval.max_new_tokens),
       "answer length limit for generate");
 
+  po::options_description exporting("Export [export]", kHelpWidth);
+  exporting.add_options()("export.format", po::value(&c.exporting.format)->default_value(c.exporting.format),
+                          "lrllm (a model file) | hf (a Hugging Face GPT2LMHeadModel folder)")(
+      "export.dtype", po::value(&c.exporting.dtype)->default_value(c.exporting.dtype),
+      "hf: the stored tensors' type, f32 | bf16 | f16");
+
   po::options_description generate("Generation [generate]", kHelpWidth);
   GenerateConfig& g = c.generate;
   generate.add_options()("generate.prompt", po::value(&g.prompt), "text to continue (empty: <|endoftext|>)")(
@@ -230,10 +244,11 @@ po::options_description make_options(Config& c) {
 
   po::options_description data("Data [data]", kHelpWidth);
   DataConfig& d = c.data;
-  data.add_options()("data.train", po::value(&d.train), "training token file")("data.val", po::value(&d.val),
-                                                                               "validation token file")(
-      "data.input", po::value(&d.input), "input of tokenize: a text file or a directory")(
-      "data.output", po::value(&d.output), "output of tokenize and decompose")(
+  data.add_options()("data.train", po::value(&d.train), "training token files: a file, glob or comma list")(
+      "data.val", po::value(&d.val), "validation token files: a file, glob or comma list")(
+      "data.input", po::value(&d.input),
+      "input of tokenize (a text file or a directory) and import (a Hugging Face folder)")(
+      "data.output", po::value(&d.output), "output of tokenize, decompose, export and import")(
       "data.shuffle", po::value(&d.shuffle)->default_value(d.shuffle), "shuffle sequences each epoch")(
       "data.tokenizer_dir", po::value(&d.tokenizer_dir)->default_value(d.tokenizer_dir),
       "folder with encoder.json and vocab.bpe")(
@@ -277,6 +292,7 @@ po::options_description make_options(Config& c) {
       .add(lowrank)
       .add(finetune)
       .add(eval)
+      .add(exporting)
       .add(generate)
       .add(train)
       .add(data)
@@ -360,12 +376,13 @@ constexpr int kMaxCount = 1 << 20;
 void validate(const Config& c) {
   bool known_mode = false;
   for (const char* m : kModes) known_mode |= c.mode == m;
-  require(!c.mode.empty(),
-          "--mode is required (pretrain, finetune, eval, generate, decompose, export, tokenize, info); see "
-          "--help");
+  require(
+      !c.mode.empty(),
+      "--mode is required (pretrain, finetune, eval, generate, decompose, export, import, tokenize, info); "
+      "see --help");
   require(known_mode, "--mode " + c.mode +
                           " is not a mode of this lrllm (pretrain, finetune, eval, generate, decompose, "
-                          "export, tokenize, info)");
+                          "export, import, tokenize, info)");
   require(c.device == "cpu" || c.device == "cuda" || c.device == "auto",
           "--device must be cpu, cuda or auto, not '" + c.device + "'");
   const TrainConfig& t = c.train;
@@ -413,6 +430,13 @@ void validate(const Config& c) {
   require(ft.lora_init.empty() || c.mode == "eval" || c.mode == "generate" || c.mode == "export" ||
               c.mode == "finetune",
           "--lora.init loads adapters for --mode eval, generate, export or finetune, not " + c.mode);
+  require(c.exporting.format == "lrllm" || c.exporting.format == "hf",
+          "--export.format must be lrllm or hf, not '" + c.exporting.format + "'");
+  require(c.exporting.dtype == "f32" || c.exporting.dtype == "bf16" || c.exporting.dtype == "f16",
+          "--export.dtype must be f32, bf16 or f16, not '" + c.exporting.dtype + "'");
+  require(c.exporting.format == "hf" || !c.was_given("export.dtype"),
+          "--export.dtype is the tensor type of --export.format hf (an lrllm file stores float32, or "
+          "--quant.bits)");
   require(c.eval.method == "generate" || c.eval.method == "score", "--eval.method must be generate or score");
   require(c.eval.max_new_tokens >= 1 && c.eval.max_new_tokens <= kMaxCount,
           strprintf("--eval.max_new_tokens must be between 1 and %d", kMaxCount));

@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <ctime>
 #include <filesystem>
+#include <functional>
 #include <limits>
 #include <sstream>
 #include <string_view>
@@ -108,6 +109,7 @@ std::vector<int32_t> trainable_tokens_of(const H5File& f) {
 }  // namespace
 
 int64_t format_version_of(const ModelConfig& m) {
+  if (m.llama()) return 4;
   if (m.any_lora() && !m.trainable_tokens.empty()) return 3;
   return m.any_lora() && !m.lora_modules.empty() ? 2 : 1;
 }
@@ -122,13 +124,20 @@ ModelConfig read_model_config(const std::string& path) {
                      " is not supported (this lrllm reads 1 to " + std::to_string(kFormatVersion) + ")");
   ModelConfig m;
   m.arch = f.attr_string("/config", "arch");
-  if (m.arch != "gpt2") throw InputError(path + ": arch '" + m.arch + "' is not supported (gpt2 is)");
+  if (!is_arch(m.arch) || (m.llama() && version < 4))
+    throw InputError(path + ": arch '" + m.arch + "' is not supported at format_version " +
+                     std::to_string(version) + " (gpt2 from 1, llama from 4)");
   m.vocab_size = positive_attr(f, "vocab_size");
   m.seq_len = positive_attr(f, "seq_len");
   m.n_layer = positive_attr(f, "n_layer");
   m.n_head = positive_attr(f, "n_head");
   m.d_model = positive_attr(f, "d_model");
   m.d_ff = positive_attr(f, "d_ff");
+  if (m.llama()) {
+    m.n_kv_head = positive_attr(f, "n_kv_head");
+    m.rope_theta = f.attr_double("/config", "rope_theta");
+    m.norm_eps = f.attr_double("/config", "norm_eps");
+  }
   for (const LinearSpec& spec : describe_architecture(m).sites) {
     const int s = static_cast<int>(spec.site);
     const std::string site = "/model/" + block_name(0) + "/" + spec.path;
@@ -151,6 +160,11 @@ ModelConfig read_model_config(const std::string& path) {
     m.lora_modules = f.attr_string("/config", "lora_modules");
   if (version >= 3) m.trainable_tokens = trainable_tokens_of(f);
   m.prompt_template = prompt_template_of(f);
+  if (f.has_attr("/config", "tokenizer_dir")) {
+    const fs::path dir = f.attr_string("/config", "tokenizer_dir");
+    m.tokenizer_dir =
+        dir.is_absolute() ? dir.string() : (fs::path(path).parent_path() / dir).lexically_normal().string();
+  }
   m.init = path;
   // The same checks as the shape given as options: a file altered by hand must not reach the model's
   // arithmetic with sizes the command line would refuse.
@@ -235,7 +249,12 @@ void write_header(H5File& f, const std::string& mode, const ModelConfig& c, cons
   f.set_attr("/config", "n_head", int64_t{c.n_head});
   f.set_attr("/config", "d_model", int64_t{c.d_model});
   f.set_attr("/config", "d_ff", int64_t{c.ff()});
-  f.set_attr("/config", "tied_embeddings", int64_t{1});
+  f.set_attr("/config", "tied_embeddings", int64_t{c.llama() ? 0 : 1});
+  if (c.llama()) {
+    f.set_attr("/config", "n_kv_head", int64_t{c.kv_heads()});
+    f.set_attr("/config", "rope_theta", c.rope_theta);
+    f.set_attr("/config", "norm_eps", c.norm_eps);
+  }
   f.set_attr("/config", "lowrank_rank", int64_t{c.lowrank_rank_attr()});
   f.set_attr("/config", "lowrank_targets", c.lowrank_targets());
   int lora_rank = 0;
@@ -244,7 +263,7 @@ void write_header(H5File& f, const std::string& mode, const ModelConfig& c, cons
   f.set_attr("/config", "lora_alpha", c.any_lora() ? c.lora_alpha : 0.0);
   f.set_attr("/config", "lora_targets", c.lora_targets());
   if (format_version_of(c) >= 2) f.set_attr("/config", "lora_modules", c.lora_modules);
-  if (format_version_of(c) >= 3)
+  if (!c.trainable_tokens.empty())
     f.set_attr("/config", "trainable_tokens",
                std::vector<int64_t>(c.trainable_tokens.begin(), c.trainable_tokens.end()));
   f.set_attr("/config", "quant", std::string(quant_name(c.quant)));
@@ -258,6 +277,12 @@ void write_header(H5File& f, const std::string& mode, const ModelConfig& c, cons
   }
   // An optional attribute: readers of every version take its absence as "none recorded".
   if (!c.prompt_template.empty()) f.set_attr("/config", "prompt_template", c.prompt_template);
+  // Optional too; relative to the file's folder, so that the two can move together.
+  if (!c.tokenizer_dir.empty()) {
+    const fs::path folder = fs::absolute(fs::path(f.path()).parent_path()).lexically_normal();
+    const fs::path dir = fs::absolute(c.tokenizer_dir).lexically_normal();
+    f.set_attr("/config", "tokenizer_dir", dir.lexically_relative(folder).string());
+  }
   if (run != nullptr) write_run_record(f, run->resolved, run->command_line);
 }
 
@@ -317,6 +342,29 @@ void save_checkpoint(const std::string& path, const std::string& mode, Model& mo
       write_tensors(f, "/optimizer/v", model.table(), to_host(be, optimizer->v(), n));
     }
     f.close();
+  }
+  rename_into_place(tmp, path);
+  clear_partial_output();
+}
+
+void save_model_file(const std::string& path, const std::string& mode, const ModelConfig& c,
+                     const std::vector<std::pair<std::string, std::vector<int64_t>>>& tensors,
+                     const std::function<std::vector<float>(const std::string&)>& values, const Config* run) {
+  const std::string tmp = path + ".tmp";
+  set_partial_output(tmp);
+  try {
+    H5File f = H5File::create(tmp);
+    write_header(f, mode, c, run);
+    for (const auto& [name, shape] : tensors) {
+      const std::vector<float> v = values(name);
+      f.write("/model/" + name, v.data(), shape);
+    }
+    f.close();
+  } catch (...) {
+    std::error_code ec;
+    fs::remove(tmp, ec);
+    clear_partial_output();
+    throw;
   }
   rename_into_place(tmp, path);
   clear_partial_output();
@@ -517,6 +565,12 @@ std::vector<std::pair<int64_t, std::string>> list_checkpoints(const std::string&
   return found;
 }
 
+std::string tokenizer_dir_for(const Config& cfg) {
+  if (cfg.was_given("data.tokenizer_dir") || cfg.model.init.empty()) return cfg.data.tokenizer_dir;
+  const std::string recorded = read_model_config(cfg.model.init).tokenizer_dir;
+  return recorded.empty() ? cfg.data.tokenizer_dir : recorded;
+}
+
 std::string resolve_resume(const std::string& resume, const std::string& run_dir) {
   std::string path = resume;
   if (resume != "latest") {
@@ -713,6 +767,9 @@ void print_info(const std::string& path) {
               f.attr_string("/", "created").c_str());
   std::printf("config: arch %s, vocab_size %d, seq_len %d, n_layer %d, n_head %d, d_model %d, d_ff %d\n",
               m.arch.c_str(), m.vocab_size, m.seq_len, m.n_layer, m.n_head, m.d_model, m.d_ff);
+  if (m.llama())
+    std::printf("llama: n_kv_head %d, rope_theta %g, norm_eps %g, untied lm_head\n", m.kv_heads(), m.rope_theta,
+                m.norm_eps);
   if (m.any_lora())
     std::printf("LoRA: alpha %g, frozen base stored as %s\n", m.lora_alpha, storage_name(m.quant));
   std::printf("linear layers:");

@@ -1,5 +1,6 @@
-// GPT-2 byte-level BPE. Works on raw bytes and token ids throughout: the printable byte alphabet of
-// encoder.json and vocab.bpe is undone once at load time, so encoding never builds unicode strings.
+// GPT-2 byte-level BPE, the Tokenizer that fronts both tokenizers, and the token file writer. GPT-2 works
+// on raw bytes and token ids throughout: the printable byte alphabet of encoder.json and vocab.bpe is
+// undone once at load time, so encoding never builds unicode strings.
 #include "lrllm/io/tokenizer.h"
 
 #define PCRE2_CODE_UNIT_WIDTH 8
@@ -22,6 +23,7 @@
 
 #include "lrllm/core/common.h"
 #include "lrllm/io/data.h"
+#include "lrllm/io/tokenizer_impl.h"
 
 namespace lrllm {
 namespace {
@@ -85,7 +87,9 @@ bool chars_to_bytes(std::string_view s, std::string& bytes) {
   return true;
 }
 
-std::string read_file(const std::string& path, const std::string& what) {
+}  // namespace
+
+std::string read_whole_file(const std::string& path, const std::string& what) {
   std::FILE* f = std::fopen(path.c_str(), "rb");
   if (!f) throw InputError("cannot open " + what + " '" + path + "': " + std::strerror(errno));
   std::string text;
@@ -98,18 +102,11 @@ std::string read_file(const std::string& path, const std::string& what) {
   return text;
 }
 
+namespace {
+
 [[noreturn]] void corrupt(const std::string& path, const std::string& why) {
   throw InputError("corrupt tokenizer file '" + path + "': " + why);
 }
-
-uint64_t pair_key(int left, int right) {
-  return (static_cast<uint64_t>(static_cast<uint32_t>(left)) << 32) | static_cast<uint32_t>(right);
-}
-
-struct Merge {
-  int rank;
-  int result;
-};
 
 struct StringHash {
   using is_transparent = void;
@@ -185,13 +182,26 @@ class TokenFileWriter {
   std::size_t count_ = 0;
 };
 
-}  // namespace
+class Gpt2Bpe final : public Tokenizer::Impl {
+ public:
+  std::vector<int> encode(std::string_view text) const override;
+  std::string decode(std::span<const int> tokens) const override;
+  int bos() const override { return -1; }
+  int eot() const override { return eot_; }
+  int vocab_size() const override { return static_cast<int>(id_bytes.size()); }
 
-struct Tokenizer::Impl {
+  void load_vocabulary(const std::string& path, std::unordered_map<std::string, int>& ids);
+  void load_merges(const std::string& path, const std::unordered_map<std::string, int>& ids);
+  void compile_pattern();
+
+ private:
+  void bpe(std::string_view piece, std::vector<int>& out) const;
+  void encode_piece(std::string_view piece, std::vector<int>& out) const;
+
   std::vector<std::string> id_bytes;  // token id -> its bytes
   std::array<int, 256> byte_id{};     // byte -> its single-byte token
-  std::unordered_map<uint64_t, Merge> merges;
-  int eot = -1;
+  MergeTable merges;
+  int eot_ = -1;
 
   std::unique_ptr<pcre2_code, decltype(&pcre2_code_free)> regex{nullptr, &pcre2_code_free};
 
@@ -200,18 +210,12 @@ struct Tokenizer::Impl {
     std::unordered_map<std::string, std::vector<int>, StringHash, std::equal_to<>> pieces;
   };
   std::unique_ptr<Cache> cache = std::make_unique<Cache>();
-
-  void load_vocabulary(const std::string& path, std::unordered_map<std::string, int>& ids);
-  void load_merges(const std::string& path, const std::unordered_map<std::string, int>& ids);
-  void compile_pattern();
-  void bpe(std::string_view piece, std::vector<int>& out) const;
-  void encode_piece(std::string_view piece, std::vector<int>& out) const;
 };
 
-void Tokenizer::Impl::load_vocabulary(const std::string& path, std::unordered_map<std::string, int>& ids) {
+void Gpt2Bpe::load_vocabulary(const std::string& path, std::unordered_map<std::string, int>& ids) {
   nlohmann::json json;
   try {
-    json = nlohmann::json::parse(read_file(path, "tokenizer file"));
+    json = nlohmann::json::parse(read_whole_file(path, "tokenizer file"));
   } catch (const nlohmann::json::exception& e) {
     corrupt(path, e.what());
   }
@@ -236,11 +240,11 @@ void Tokenizer::Impl::load_vocabulary(const std::string& path, std::unordered_ma
   }
   const auto it = ids.find("<|endoftext|>");
   if (it == ids.end()) corrupt(path, "no <|endoftext|> token");
-  eot = it->second;
+  eot_ = it->second;
 }
 
-void Tokenizer::Impl::load_merges(const std::string& path, const std::unordered_map<std::string, int>& ids) {
-  const std::string text = read_file(path, "tokenizer file");
+void Gpt2Bpe::load_merges(const std::string& path, const std::unordered_map<std::string, int>& ids) {
+  const std::string text = read_whole_file(path, "tokenizer file");
   std::vector<std::pair<uint64_t, int>> ranked;  // in file order: (pair, result)
   std::size_t line_no = 0;
   std::string left, right;
@@ -288,7 +292,7 @@ void Tokenizer::Impl::load_merges(const std::string& path, const std::unordered_
   }
 }
 
-void Tokenizer::Impl::compile_pattern() {
+void Gpt2Bpe::compile_pattern() {
   const std::string pattern = pretokenize_pattern();
   int error = 0;
   PCRE2_SIZE offset = 0;
@@ -306,13 +310,84 @@ void Tokenizer::Impl::compile_pattern() {
   pcre2_jit_compile(regex.get(), PCRE2_JIT_COMPLETE);
 }
 
-// Merges the lowest-ranked adjacent pair first, ties left to right, until no pair has a rank: a heap
-// over candidate pairs and a linked list of symbols make this O(n log n) even for huge pre-tokens.
-void Tokenizer::Impl::bpe(std::string_view piece, std::vector<int>& out) const {
-  const int n = static_cast<int>(piece.size());
-  std::vector<int> id(n), prev(n), next(n);
+void Gpt2Bpe::bpe(std::string_view piece, std::vector<int>& out) const {
+  std::vector<int> symbols(piece.size());
+  for (std::size_t i = 0; i < piece.size(); ++i) symbols[i] = byte_id[static_cast<unsigned char>(piece[i])];
+  merge_symbols(symbols, merges);
+  out.insert(out.end(), symbols.begin(), symbols.end());
+}
+
+void Gpt2Bpe::encode_piece(std::string_view piece, std::vector<int>& out) const {
+  if (piece.size() == 1) {
+    out.push_back(byte_id[static_cast<unsigned char>(piece[0])]);
+    return;
+  }
+  if (piece.size() > kMaxCachedPieceBytes) {
+    bpe(piece, out);
+    return;
+  }
+  {
+    std::lock_guard lock(cache->mutex);
+    const auto it = cache->pieces.find(piece);
+    if (it != cache->pieces.end()) {
+      out.insert(out.end(), it->second.begin(), it->second.end());
+      return;
+    }
+  }
+  const std::size_t first = out.size();
+  bpe(piece, out);
+  std::lock_guard lock(cache->mutex);
+  if (cache->pieces.size() >= kMaxCachedPieces) cache->pieces.clear();
+  cache->pieces.emplace(piece, std::vector<int>(out.begin() + first, out.end()));
+}
+
+std::vector<int> Gpt2Bpe::encode(std::string_view text) const {
+  std::vector<int> out;
+  out.reserve(text.size() / 4);
+  std::unique_ptr<pcre2_match_data, decltype(&pcre2_match_data_free)> match(
+      pcre2_match_data_create_from_pattern(regex.get(), nullptr), &pcre2_match_data_free);
+  if (!match) throw std::bad_alloc();
+  const auto* subject = reinterpret_cast<PCRE2_SPTR>(text.data());
+  std::size_t pos = 0;
+  while (pos < text.size()) {
+    const int rc = pcre2_match(regex.get(), subject, text.size(), pos, 0, match.get(), nullptr);
+    std::size_t start = text.size(), end = text.size();
+    if (rc >= 0) {
+      const PCRE2_SIZE* ovector = pcre2_get_ovector_pointer(match.get());
+      start = ovector[0];
+      end = ovector[1];
+    } else if (rc != PCRE2_ERROR_NOMATCH) {
+      PCRE2_UCHAR message[256];
+      pcre2_get_error_message(rc, message, sizeof message);
+      throw RuntimeError(std::string("pre-tokenization failed: ") + reinterpret_cast<const char*>(message));
+    }
+    // The pattern matches every valid character, so whatever it skipped is a run of invalid UTF-8.
+    if (start > pos) encode_piece(text.substr(pos, start - pos), out);
+    if (end > start) encode_piece(text.substr(start, end - start), out);
+    pos = end;
+  }
+  return out;
+}
+
+std::string Gpt2Bpe::decode(std::span<const int> tokens) const {
+  std::string text;
+  for (const int t : tokens) {
+    if (t < 0 || t >= vocab_size())
+      throw std::out_of_range("token id " + std::to_string(t) + " out of range");
+    text += id_bytes[t];
+  }
+  return text;
+}
+
+}  // namespace
+
+// A heap over candidate pairs and a linked list of symbols make this O(n log n) even for huge inputs.
+void merge_symbols(std::vector<int>& symbols, const MergeTable& merges) {
+  const int n = static_cast<int>(symbols.size());
+  if (n < 2) return;
+  std::vector<int>& id = symbols;
+  std::vector<int> prev(n), next(n);
   for (int i = 0; i < n; ++i) {
-    id[i] = byte_id[static_cast<unsigned char>(piece[i])];
     prev[i] = i - 1;
     next[i] = i + 1 < n ? i + 1 : -1;
   }
@@ -343,31 +418,19 @@ void Tokenizer::Impl::bpe(std::string_view piece, std::vector<int>& out) const {
     if (prev[c.pos] >= 0) offer(prev[c.pos]);
     offer(c.pos);
   }
-  for (int i = 0; i >= 0; i = next[i]) out.push_back(id[i]);
+  int kept = 0;
+  for (int i = 0; i >= 0; i = next[i]) id[kept++] = id[i];
+  symbols.resize(kept);
 }
 
-void Tokenizer::Impl::encode_piece(std::string_view piece, std::vector<int>& out) const {
-  if (piece.size() == 1) {
-    out.push_back(byte_id[static_cast<unsigned char>(piece[0])]);
-    return;
-  }
-  if (piece.size() > kMaxCachedPieceBytes) {
-    bpe(piece, out);
-    return;
-  }
-  {
-    std::lock_guard lock(cache->mutex);
-    const auto it = cache->pieces.find(piece);
-    if (it != cache->pieces.end()) {
-      out.insert(out.end(), it->second.begin(), it->second.end());
-      return;
-    }
-  }
-  const std::size_t first = out.size();
-  bpe(piece, out);
-  std::lock_guard lock(cache->mutex);
-  if (cache->pieces.size() >= kMaxCachedPieces) cache->pieces.clear();
-  cache->pieces.emplace(piece, std::vector<int>(out.begin() + first, out.end()));
+std::unique_ptr<Tokenizer::Impl> load_gpt2_bpe(const std::string& encoder_json,
+                                               const std::string& vocab_bpe) {
+  auto impl = std::make_unique<Gpt2Bpe>();
+  std::unordered_map<std::string, int> ids;
+  impl->load_vocabulary(encoder_json, ids);
+  impl->load_merges(vocab_bpe, ids);
+  impl->compile_pattern();
+  return impl;
 }
 
 Tokenizer::Tokenizer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -376,57 +439,35 @@ Tokenizer& Tokenizer::operator=(Tokenizer&&) noexcept = default;
 Tokenizer::~Tokenizer() = default;
 
 Tokenizer Tokenizer::load(const std::string& encoder_json, const std::string& vocab_bpe) {
-  auto impl = std::make_unique<Impl>();
-  std::unordered_map<std::string, int> ids;
-  impl->load_vocabulary(encoder_json, ids);
-  impl->load_merges(vocab_bpe, ids);
-  impl->compile_pattern();
-  return Tokenizer(std::move(impl));
+  return Tokenizer(load_gpt2_bpe(encoder_json, vocab_bpe));
+}
+
+Tokenizer Tokenizer::load_dir(const std::string& dir) {
+  namespace fs = std::filesystem;
+  const std::string encoder_json = dir + "/encoder.json", vocab_bpe = dir + "/vocab.bpe";
+  const std::string tokenizer_json = dir + "/tokenizer.json";
+  std::error_code ec;
+  // One of GPT-2's files alone is still GPT-2's tokenizer, so the error names the file that is missing.
+  if (fs::exists(encoder_json, ec) || fs::exists(vocab_bpe, ec)) return load(encoder_json, vocab_bpe);
+  if (fs::exists(tokenizer_json, ec)) return Tokenizer(load_sentencepiece_bpe(tokenizer_json));
+  throw InputError("tokenizer directory '" + dir +
+                   "' holds neither GPT-2's encoder.json and vocab.bpe nor a Hugging Face tokenizer.json");
 }
 
 std::vector<int> Tokenizer::encode(std::string_view text) const {
-  std::vector<int> out;
-  out.reserve(text.size() / 4);
-  std::unique_ptr<pcre2_match_data, decltype(&pcre2_match_data_free)> match(
-      pcre2_match_data_create_from_pattern(impl_->regex.get(), nullptr), &pcre2_match_data_free);
-  if (!match) throw std::bad_alloc();
-  const auto* subject = reinterpret_cast<PCRE2_SPTR>(text.data());
-  std::size_t pos = 0;
-  while (pos < text.size()) {
-    const int rc = pcre2_match(impl_->regex.get(), subject, text.size(), pos, 0, match.get(), nullptr);
-    std::size_t start = text.size(), end = text.size();
-    if (rc >= 0) {
-      const PCRE2_SIZE* ovector = pcre2_get_ovector_pointer(match.get());
-      start = ovector[0];
-      end = ovector[1];
-    } else if (rc != PCRE2_ERROR_NOMATCH) {
-      PCRE2_UCHAR message[256];
-      pcre2_get_error_message(rc, message, sizeof message);
-      throw RuntimeError(std::string("pre-tokenization failed: ") + reinterpret_cast<const char*>(message));
-    }
-    // The pattern matches every valid character, so whatever it skipped is a run of invalid UTF-8.
-    if (start > pos) impl_->encode_piece(text.substr(pos, start - pos), out);
-    if (end > start) impl_->encode_piece(text.substr(start, end - start), out);
-    pos = end;
-  }
-  return out;
+  return impl_->encode(text);
 }
-
 std::string Tokenizer::decode(std::span<const int> tokens) const {
-  std::string text;
-  for (const int t : tokens) {
-    if (t < 0 || t >= vocab_size())
-      throw std::out_of_range("token id " + std::to_string(t) + " out of range");
-    text += impl_->id_bytes[t];
-  }
-  return text;
+  return impl_->decode(tokens);
 }
-
+int Tokenizer::bos() const {
+  return impl_->bos();
+}
 int Tokenizer::eot() const {
-  return impl_->eot;
+  return impl_->eot();
 }
 int Tokenizer::vocab_size() const {
-  return static_cast<int>(impl_->id_bytes.size());
+  return impl_->vocab_size();
 }
 
 void write_token_file(const std::string& path, std::span<const uint16_t> tokens) {
@@ -458,9 +499,10 @@ std::size_t tokenize_to_file(const Tokenizer& tok, const std::string& input, con
 
   TokenFileWriter writer(output);
   std::vector<uint16_t> buffer;
+  const int delimiter = tok.bos() >= 0 ? tok.bos() : tok.eot();
   for (const auto& document : documents) {
-    const std::vector<int> ids = tok.encode(read_file(document.string(), "document"));
-    buffer.assign(1, static_cast<uint16_t>(tok.eot()));
+    const std::vector<int> ids = tok.encode(read_whole_file(document.string(), "document"));
+    buffer.assign(1, static_cast<uint16_t>(delimiter));
     buffer.insert(buffer.end(), ids.begin(), ids.end());
     writer.append(buffer);
   }

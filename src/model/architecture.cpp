@@ -29,18 +29,34 @@ double linear_weights(const LinearSpec& s, int rank) {
 
 // GPT-2 (Radford et al. 2019, as in llm.c): pre-LayerNorm blocks of causal attention and a tanh-GELU MLP,
 // learned positions, every linear layer with a bias, the lm_head tied to wte.
+// Llama (Touvron et al. 2023, as transformers' modeling_llama.py): pre-RMSNorm blocks of causal attention
+// with rotary positions and grouped-query heads, and a SwiGLU MLP; no biases, no position table, an untied
+// lm_head. Its q, k and v projections are one fused site (rows q, then k, then v) and its gate and up
+// projections another (rows gate, then up): one GEMM each, and the four sites of GPT-2's options.
 Architecture describe_architecture(const ModelConfig& cfg) {
   // In 64 bits: validation describes a shape before it has bounded d_model.
   const int64_t C = cfg.d_model, F = cfg.d_ff > 0 ? cfg.d_ff : 4 * C;
   Architecture a;
   a.token_embedding = "wte";
-  a.position_embedding = "wpe";
-  a.block_norms = {{"ln_1", true, LinearSite::qkv}, {"ln_2", true, LinearSite::fc}};
-  a.sites = {{LinearSite::qkv, "attn/qkv", C, 3 * C, true, 3},
-             {LinearSite::proj, "attn/proj", C, C, false},
-             {LinearSite::fc, "mlp/fc", C, F, true},
-             {LinearSite::mlp_proj, "mlp/proj", F, C, false}};
-  a.final_norm = {"ln_f"};
+  if (cfg.llama()) {
+    const int64_t kv = cfg.n_head > 0 ? C / cfg.n_head * cfg.kv_heads() : 0;
+    a.output_head = "lm_head";
+    a.rms_norm = true;
+    a.block_norms = {{"ln_1", false, LinearSite::qkv}, {"ln_2", false, LinearSite::fc}};
+    a.sites = {{LinearSite::qkv, "attn/qkv", C, C + 2 * kv, true, 3, false},
+               {LinearSite::proj, "attn/proj", C, C, false, 1, false},
+               {LinearSite::fc, "mlp/fc", C, 2 * F, true, 2, false},
+               {LinearSite::mlp_proj, "mlp/proj", F, C, false, 1, false}};
+    a.final_norm = {"ln_f", false};
+  } else {
+    a.position_embedding = "wpe";
+    a.block_norms = {{"ln_1", true, LinearSite::qkv}, {"ln_2", true, LinearSite::fc}};
+    a.sites = {{LinearSite::qkv, "attn/qkv", C, 3 * C, true, 3},
+               {LinearSite::proj, "attn/proj", C, C, false},
+               {LinearSite::fc, "mlp/fc", C, F, true},
+               {LinearSite::mlp_proj, "mlp/proj", F, C, false}};
+    a.final_norm = {"ln_f"};
+  }
   // 6 FLOPs a weight (forward 2, backward 4), and causal attention's 6 T C (scores and their use).
   a.block_flops = 6.0 * static_cast<double>(cfg.seq_len) * static_cast<double>(C);
   for (const LinearSpec& s : a.sites) a.block_flops += 6 * linear_weights(s, cfg.lowrank_rank[int(s.site)]);
@@ -57,6 +73,7 @@ std::vector<std::pair<std::string, std::size_t>> non_linear_tensors(const ModelC
   const std::size_t C = cfg.d_model;
   std::vector<std::pair<std::string, std::size_t>> out = {{a.token_embedding, cfg.vocab_size * C}};
   if (!a.position_embedding.empty()) out.emplace_back(a.position_embedding, cfg.seq_len * C);
+  if (!a.output_head.empty()) out.emplace_back(a.output_head, cfg.vocab_size * C);
   auto norm = [&](const std::string& prefix, const NormSpec& n) {
     out.emplace_back(prefix + n.path + "/w", C);
     if (n.shift) out.emplace_back(prefix + n.path + "/b", C);
@@ -74,8 +91,10 @@ std::vector<std::pair<std::string, std::size_t>> non_linear_tensors(const ModelC
 ParamCounts count_params(const ModelConfig& cfg) {
   const Architecture a = describe_architecture(cfg);
   ParamCounts c;
-  for (const auto& [name, size] : non_linear_tensors(cfg))
-    (name == a.token_embedding || name == a.position_embedding ? c.embedding : c.other) += size;
+  for (const auto& [name, size] : non_linear_tensors(cfg)) {
+    const bool table = name == a.token_embedding || name == a.position_embedding || name == a.output_head;
+    (table ? c.embedding : c.other) += size;
+  }
   for (const LinearSpec& s : a.sites) {
     const int r = cfg.lowrank_rank[int(s.site)];
     (r > 0 ? c.linear_lowrank : c.linear_dense) +=
@@ -119,7 +138,8 @@ double model_weight_bytes(const ModelConfig& m) {
              4.0 * (m.lora_rank[site] * static_cast<double>(s.in + s.out) + (s.bias ? s.out : 0));
   }
   const double positions = a.position_embedding.empty() ? 0 : 4 * T * C;
-  return L * block + (m.quant_embedding ? base : 4.0) * V * C + positions;
+  const double tables = a.output_head.empty() ? 1 : 2;
+  return L * block + tables * (m.quant_embedding ? base : 4.0) * V * C + positions;
 }
 
 double model_memory_estimate(const ModelConfig& m) {
@@ -131,12 +151,30 @@ double model_memory_estimate(const ModelConfig& m) {
 }
 
 void validate_model_config(const ModelConfig& m) {
-  require(m.arch == "gpt2", "--model.arch must be gpt2");
+  require(is_arch(m.arch), "--model.arch must be gpt2 or llama, not '" + m.arch + "'");
   require(m.n_layer >= 1, "--model.n_layer must be >= 1");
   require(m.n_head >= 1, "--model.n_head must be >= 1");
   require(m.d_model >= 1 && m.d_model % m.n_head == 0,
           strprintf("--model.d_model must be a positive multiple of n_head (d_model %d, n_head %d)",
                     m.d_model, m.n_head));
+  if (m.llama()) {
+    require(m.n_kv_head >= 0 && m.kv_heads() <= m.n_head && m.n_head % m.kv_heads() == 0,
+            strprintf("--model.n_kv_head %d must divide n_head %d (grouped-query attention)", m.n_kv_head,
+                      m.n_head));
+    require(m.d_model / m.n_head % 2 == 0,
+            strprintf("the head size d_model / n_head = %d must be even: rotary embeddings turn pairs",
+                      m.d_model / m.n_head));
+    require(std::isfinite(m.norm_eps) && m.norm_eps > 0 && m.norm_eps < 1,
+            "--model.norm_eps must be in (0, 1)");
+    require(std::isfinite(m.rope_theta) && m.rope_theta > 1, "--model.rope_theta must be > 1");
+    require(
+        m.trainable_tokens.empty(),
+        "--lora.trainable_tokens needs a tied embedding (GPT-2's); llama's lm_head is its own tensor: train "
+        "it with --lora.modules_to_save lm_head");
+  } else {
+    require(m.n_kv_head == 0 || m.n_kv_head == m.n_head,
+            "--model.n_kv_head is llama's: GPT-2 has as many key/value heads as heads");
+  }
   require(m.d_ff >= 0, "--model.d_ff must be >= 0");
   require(m.seq_len >= 1, "--model.seq_len must be >= 1");
   // Token files store uint16 ids.

@@ -8,7 +8,7 @@ namespace lrllm {
 
 Linear::Linear(ParamTable& trainable, ParamTable& base, bool base_frozen, const std::string& prefix, int in,
                int out, int rank, int lora_rank, double lora_alpha, bool quantized, bool bias_trains,
-               const LinearTp& tp, bool residual)
+               const LinearTp& tp, bool residual, bool has_bias)
     : prefix_(prefix),
       in_(tp.mode == TpMode::row ? in / tp.parts : in),
       out_(tp.mode == TpMode::column ? out / tp.parts : out),
@@ -17,7 +17,8 @@ Linear::Linear(ParamTable& trainable, ParamTable& base, bool base_frozen, const 
       rank_(rank),
       lora_rank_(lora_rank),
       tp_(tp),
-      quantized_(quantized) {
+      quantized_(quantized),
+      has_bias_(has_bias) {
   LRLLM_CHECK(tp.parts == 1 || (lora_rank == 0 && !quantized), "Linear", "tensor parallelism of " + prefix);
   auto add = [&](ParamTable& table, bool frozen, const std::string& name, std::vector<int64_t> shape,
                  TensorRole role, TensorSplit split) {
@@ -38,8 +39,9 @@ Linear::Linear(ParamTable& trainable, ParamTable& base, bool base_frozen, const 
   } else if (!quantized) {
     w = add(base, base_frozen, "W", {out_, in_}, weight_role, column ? outs : row ? ins : whole);
   }
-  bias = bias_trains ? add(trainable, false, "b", {out_}, TensorRole::bias, column ? outs : whole)
-                     : add(base, base_frozen, "b", {out_}, TensorRole::bias, column ? outs : whole);
+  if (has_bias)
+    bias = bias_trains ? add(trainable, false, "b", {out_}, TensorRole::bias, column ? outs : whole)
+                       : add(base, base_frozen, "b", {out_}, TensorRole::bias, column ? outs : whole);
   if (lora_rank > 0) {
     lora_a = add(trainable, false, "lora_A", {lora_rank, in}, TensorRole::lora_a, whole);
     lora_b = add(trainable, false, "lora_B", {out, lora_rank}, TensorRole::lora_b, whole);
@@ -103,7 +105,7 @@ void Linear::forward(Backend& be, const WeightBuffers& wb, const LinearScratch& 
     be.matmul(y, x, wb.at(w), N, out_, in_, false, true, 1.0f, 0.0f);
     if (tp_.mode == TpMode::row) reduce(y, static_cast<std::size_t>(N) * out_);
   }
-  be.add_bias(y, wb.at(bias), N, out_);
+  if (has_bias_) be.add_bias(y, wb.at(bias), N, out_);
   if (lora_rank_ > 0) {
     const float* lx = x;
     if (lora_mask != nullptr) {
@@ -118,7 +120,7 @@ void Linear::forward(Backend& be, const WeightBuffers& wb, const LinearScratch& 
 void Linear::backward(Backend& be, const WeightBuffers& wb, const LinearScratch& s, const float* x,
                       const float* mid, const float* lora_mid, const float* lora_mask, const float* dy,
                       float* dx, int N) const {
-  if (float* g = wb.grad(bias)) be.bias_backward(g, dy, N, out_);
+  if (float* g = has_bias_ ? wb.grad(bias) : nullptr) be.bias_backward(g, dy, N, out_);
   if (quantized_ && rank_ > 0) {
     quantized_matmul_input_grad(be, *qb_, s.tile, s.tile_floats, dy, s.dmid, N);  // dmid = dy B
     quantized_matmul_input_grad(be, *qw_, s.tile, s.tile_floats, s.dmid, dx, N);  // dx = dmid A

@@ -33,8 +33,10 @@ Model::Model(const ModelConfig& cfg, Backend& backend, bool recompute, const Mod
       recompute_(recompute),
       first_layer_(shard.first_layer),
       end_layer_(shard.end_layer < 0 ? cfg.n_layer : shard.end_layer),
-      tp_(shard.tp) {
+      tp_(shard.tp),
+      arch_(describe_architecture(cfg)) {
   const int C = cfg.d_model;
+  const Architecture& arch = arch_;
   // With adapters, or with quantized storage, the base is frozen: everything but the adapters goes to the
   // frozen table. (A quantized model without adapters trains nothing; it serves evaluation and generation.)
   const bool quantized = cfg.quant != QuantKind::none;
@@ -50,7 +52,6 @@ Model::Model(const ModelConfig& cfg, Backend& backend, bool recompute, const Mod
     const bool full = trains(name);
     return TensorRef{(full ? table_ : base).add(name, std::move(shape), role, whole), frozen && !full};
   };
-  const Architecture arch = describe_architecture(cfg);
   // Megatron's split: column-parallel sites split their output (in groups: the fused qkv's q, k and v),
   // row-parallel ones their input, and project into the residual stream.
   auto linear = [&](const std::string& block, const LinearSpec& s) {
@@ -61,7 +62,7 @@ Model::Model(const ModelConfig& cfg, Backend& backend, bool recompute, const Mod
       tp = {s.column ? TpMode::column : TpMode::row, shard.tp_part, shard.tp, s.groups, shard.tp_group};
     return Linear(table_, base, frozen, prefix, static_cast<int>(s.in), static_cast<int>(s.out),
                   cfg.lowrank_rank[site], cfg.lora_rank[site], cfg.lora_alpha, quantized,
-                  trains(prefix + "/b"), tp, !s.column);
+                  trains(prefix + "/b"), tp, !s.column, s.bias);
   };
   auto norm = [&](const std::string& prefix, const NormSpec& n) {
     Norm out;
@@ -69,17 +70,21 @@ Model::Model(const ModelConfig& cfg, Backend& backend, bool recompute, const Mod
     if (n.shift) out.b = add(prefix + n.path + "/b", {C}, TensorRole::norm_shift);
     return out;
   };
-  // The last stage's wte is the lm_head's copy of the tied embedding; the first stage's is saved.
   auto add_quantized = [&](const std::string& name, std::vector<int64_t> shape) {
     quantized_.push_back(QuantizedEntry{name, std::move(shape), {}});
     return &quantized_.back().tensor;
   };
-  if (first_stage() || last_stage()) {
-    if (quantized && cfg.quant_embedding)
-      wte_q_ = add_quantized(arch.token_embedding, {cfg.vocab_size, C});
+  // A [vocab, d_model] table: the token embedding, or an untied lm_head; quantized with quant.embedding.
+  const bool quantized_tables = quantized && cfg.quant_embedding;
+  auto table = [&](const std::string& name, TensorRef& ref, QuantizedTensor*& q, bool replica) {
+    if (quantized_tables)
+      q = add_quantized(name, {cfg.vocab_size, C});
     else
-      wte_ = add(arch.token_embedding, {cfg.vocab_size, C}, TensorRole::embedding, !first_stage());
-  }
+      ref = add(name, {cfg.vocab_size, C}, TensorRole::embedding, replica);
+  };
+  // A tied wte is on the first stage and, as the lm_head's copy, on the last; the first stage's is saved.
+  const bool tied = arch.output_head.empty();
+  if (first_stage() || (tied && last_stage())) table(arch.token_embedding, wte_, wte_q_, !first_stage());
   if (!cfg.trainable_tokens.empty() && (first_stage() || last_stage())) {
     // Trains whatever the base's wte is stored as (float32 or quantized): a delta over the chosen rows.
     TensorSplit whole;
@@ -89,7 +94,8 @@ Model::Model(const ModelConfig& cfg, Backend& backend, bool recompute, const Mod
     delta_row_.assign(cfg.vocab_size, -1);
     for (int32_t j = 0; j < k; ++j) delta_row_[cfg.trainable_tokens[j]] = j;
   }
-  if (first_stage()) wpe_ = add(arch.position_embedding, {cfg.seq_len, C}, TensorRole::embedding);
+  if (first_stage() && !arch.position_embedding.empty())
+    wpe_ = add(arch.position_embedding, {cfg.seq_len, C}, TensorRole::embedding);
   for (int l = first_layer_; l < end_layer_; ++l) {
     const std::string h = block_name(l);
     // Tensors are registered in the order the block applies them: a norm just before the site it feeds.
@@ -102,6 +108,12 @@ Model::Model(const ModelConfig& cfg, Backend& backend, bool recompute, const Mod
     blocks_.push_back(std::move(b));
   }
   if (last_stage()) lnf_ = norm("", arch.final_norm);
+  if (last_stage() && tied) {
+    head_ = wte_;
+    head_q_ = wte_q_;
+  } else if (last_stage()) {
+    table(arch.output_head, head_, head_q_, false);
+  }
   for (int s = 0; s < kNumSites; ++s) {
     max_rank_ = std::max({max_rank_, cfg.lowrank_rank[s], cfg.lora_rank[s]});
   }
@@ -296,6 +308,9 @@ void Model::reserve(int B, int slots) {
   const std::size_t N = static_cast<std::size_t>(B) * cfg_.seq_len;
   const std::size_t C = cfg_.d_model, T = cfg_.seq_len;
   const std::size_t Cl = C / tp_, Fl = cfg_.ff() / tp_, NHl = cfg_.n_head / tp_;
+  // The fused sites' outputs (this rank's slice): qkv, and fc (GPT-2's hidden layer, Llama's gate and up).
+  const std::size_t qkv_width = arch_.sites[static_cast<int>(LinearSite::qkv)].out / tp_;
+  const std::size_t fc_width = arch_.sites[static_cast<int>(LinearSite::fc)].out / tp_;
   const int local_layers = end_layer_ - first_layer_;
   auto f = [&](std::size_t n) {
     float* p = be_.alloc(n);
@@ -309,7 +324,7 @@ void Model::reserve(int B, int slots) {
     a->ln1 = f(N * C);
     a->ln1_mean = f(N);
     a->ln1_rstd = f(N);
-    a->qkv = f(N * 3 * Cl);
+    a->qkv = f(N * qkv_width);
     a->qkv_mid = f(N * std::max(1, cfg_.lowrank_rank[0]));
     a->attn = f(N * Cl);
     a->attn_lse = f(B * NHl * T);
@@ -318,7 +333,7 @@ void Model::reserve(int B, int slots) {
     a->ln2 = f(N * C);
     a->ln2_mean = f(N);
     a->ln2_rstd = f(N);
-    a->fc = f(N * Fl);
+    a->fc = f(N * fc_width);
     a->fc_mid = f(N * std::max(1, cfg_.lowrank_rank[2]));
     a->gelu = f(N * Fl);
     a->mlp_mid = f(N * std::max(1, cfg_.lowrank_rank[3]));
@@ -355,9 +370,9 @@ void Model::reserve(int B, int slots) {
   }
   residual_branch_ = f(N * C);
   ln1_out_grad_ = f(N * C);
-  qkv_grad_ = f(N * 3 * Cl);
+  qkv_grad_ = f(N * qkv_width);
   mlp_hidden_grad_ = f(N * Fl);
-  fc_out_grad_ = f(N * Fl);
+  fc_out_grad_ = f(N * fc_width);
   scratch_rank_ = f(N * std::max(1, max_rank_));
   if (cfg_.lora_dropout > 0) scratch_lora_x_ = f(N * std::max(C, Fl));
   acts_batch_ = B;
@@ -375,7 +390,39 @@ const float* Model::lora_mask(int l, int site, Acts& a, int in, int N) {
   return a.lora_mask[site];
 }
 
+void Model::norm_forward(float* out, float* mean, float* rstd, const float* x, const Norm& n, int N) {
+  const int C = cfg_.d_model;
+  if (arch_.rms_norm)
+    be_.rmsnorm_forward(out, rstd, x, at(n.w), N, C, static_cast<float>(cfg_.norm_eps));
+  else
+    be_.layernorm_forward(out, mean, rstd, x, at(n.w), at(n.b), N, C);
+}
+
+void Model::norm_backward(float* dx, const Norm& n, const float* dout, const float* x, const float* mean,
+                          const float* rstd, int N) {
+  const int C = cfg_.d_model;
+  if (arch_.rms_norm)
+    be_.rmsnorm_backward(dx, n.w.frozen ? nullptr : grads_ + n.w.offset, dout, x, at(n.w), rstd, N, C);
+  else
+    be_.layernorm_backward(dx, grad_or_sink(n.w, 0), grad_or_sink(n.b, 1), dout, x, at(n.w), mean, rstd, N,
+                           C);
+}
+
 void Model::block_forward(int l, Acts& a, const float* x, float* x_out, const Slot& s) {
+  if (cfg_.llama())
+    llama_block_forward(l, a, x, x_out, s);
+  else
+    gpt2_block_forward(l, a, x, x_out, s);
+}
+
+void Model::block_backward(int l, Acts& a, const float* x, float* dresid, const Slot& s) {
+  if (cfg_.llama())
+    llama_block_backward(l, a, x, dresid, s);
+  else
+    gpt2_block_backward(l, a, x, dresid, s);
+}
+
+void Model::gpt2_block_forward(int l, Acts& a, const float* x, float* x_out, const Slot& s) {
   const Block& blk = blocks_[l - first_layer_];
   const Norm &ln1 = blk.norms[0], &ln2 = blk.norms[1];
   const Linear &qkv = blk.site(LinearSite::qkv), &proj = blk.site(LinearSite::proj),
@@ -397,7 +444,7 @@ void Model::block_forward(int l, Acts& a, const float* x, float* x_out, const Sl
 }
 
 // dresid holds d(loss)/d(block output) on entry and d(loss)/d(block input) on return.
-void Model::block_backward(int l, Acts& a, const float* x, float* dresid, const Slot& s) {
+void Model::gpt2_block_backward(int l, Acts& a, const float* x, float* dresid, const Slot& s) {
   const Block& blk = blocks_[l - first_layer_];
   const Norm &ln1 = blk.norms[0], &ln2 = blk.norms[1];
   const Linear &qkv = blk.site(LinearSite::qkv), &proj = blk.site(LinearSite::proj),
@@ -418,6 +465,67 @@ void Model::block_backward(int l, Acts& a, const float* x, float* dresid, const 
   qkv.backward(be_, w, ls, a.ln1, a.qkv_mid, a.lora_mid[0], mask[0], qkv_grad_, ln1_out_grad_, N);
   be_.layernorm_backward(dresid, grad_or_sink(ln1.w, 0), grad_or_sink(ln1.b, 1), ln1_out_grad_, x, at(ln1.w),
                          a.ln1_mean, a.ln1_rstd, N, C);
+}
+
+void Model::rotate_qk(float* qkv, const Slot& s, bool backward) {
+  const int hd = cfg_.d_model / cfg_.n_head, NH = cfg_.n_head / tp_, NKV = cfg_.kv_heads() / tp_;
+  const int row = (NH + 2 * NKV) * hd;
+  const float theta = static_cast<float>(cfg_.rope_theta);
+  for (const auto& [first, heads] : {std::pair{0, NH}, std::pair{NH * hd, NKV}}) {
+    if (backward)
+      be_.rope_backward(qkv + first, s.B, s.T, heads, hd, row, s.positions, theta);
+    else
+      be_.rope_forward(qkv + first, s.B, s.T, heads, hd, row, s.positions, theta);
+  }
+}
+
+// modeling_llama.py's decoder layer: x + o(attention(rope(q), rope(k), v)) over RMSNorm(x), then
+// + down(silu(gate) * up) over RMSNorm of that. The activations kept: ln1/ln2 (the norms' outputs) and their
+// rstd, qkv after the rotation (what attention read), fc = [gate | up] and gelu = their SwiGLU product.
+void Model::llama_block_forward(int l, Acts& a, const float* x, float* x_out, const Slot& s) {
+  const Block& blk = blocks_[l - first_layer_];
+  const Norm &ln1 = blk.norms[0], &ln2 = blk.norms[1];
+  const Linear &qkv = blk.site(LinearSite::qkv), &proj = blk.site(LinearSite::proj),
+               &fc = blk.site(LinearSite::fc), &mlp_proj = blk.site(LinearSite::mlp_proj);
+  const int N = s.B * s.T, C = cfg_.d_model, F = cfg_.ff() / tp_, Cl = C / tp_, NHl = cfg_.n_head / tp_,
+            NKVl = cfg_.kv_heads() / tp_;
+  const WeightBuffers w = buffers();
+  const LinearScratch ls = linear_scratch();
+  norm_forward(a.ln1, a.ln1_mean, a.ln1_rstd, x, ln1, N);
+  qkv.forward(be_, w, ls, a.ln1, a.qkv, a.qkv_mid, a.lora_mid[0], lora_mask(l, 0, a, C, N), N);
+  rotate_qk(a.qkv, s, false);
+  be_.attention_forward(a.attn, a.attn_lse, a.qkv, s.B, s.T, Cl, NHl, NKVl, s.positions);
+  proj.forward(be_, w, ls, a.attn, residual_branch_, a.proj_mid, a.lora_mid[1], lora_mask(l, 1, a, Cl, N), N);
+  be_.add(a.x_mid, x, residual_branch_, static_cast<std::size_t>(N) * C);
+  norm_forward(a.ln2, a.ln2_mean, a.ln2_rstd, a.x_mid, ln2, N);
+  fc.forward(be_, w, ls, a.ln2, a.fc, a.fc_mid, a.lora_mid[2], lora_mask(l, 2, a, C, N), N);
+  be_.swiglu_forward(a.gelu, a.fc, N, F);
+  mlp_proj.forward(be_, w, ls, a.gelu, residual_branch_, a.mlp_mid, a.lora_mid[3], lora_mask(l, 3, a, F, N),
+                   N);
+  be_.add(x_out, a.x_mid, residual_branch_, static_cast<std::size_t>(N) * C);
+}
+
+void Model::llama_block_backward(int l, Acts& a, const float* x, float* dresid, const Slot& s) {
+  const Block& blk = blocks_[l - first_layer_];
+  const Norm &ln1 = blk.norms[0], &ln2 = blk.norms[1];
+  const Linear &qkv = blk.site(LinearSite::qkv), &proj = blk.site(LinearSite::proj),
+               &fc = blk.site(LinearSite::fc), &mlp_proj = blk.site(LinearSite::mlp_proj);
+  const int N = s.B * s.T, C = cfg_.d_model, F = cfg_.ff() / tp_, Cl = C / tp_, NHl = cfg_.n_head / tp_,
+            NKVl = cfg_.kv_heads() / tp_;
+  const WeightBuffers w = buffers();
+  const LinearScratch ls = linear_scratch();
+  const float* mask[kNumSites];
+  for (int site = 0; site < kNumSites; ++site) mask[site] = training_ ? a.lora_mask[site] : nullptr;
+  mlp_proj.backward(be_, w, ls, a.gelu, a.mlp_mid, a.lora_mid[3], mask[3], dresid, mlp_hidden_grad_, N);
+  be_.swiglu_backward(fc_out_grad_, a.fc, mlp_hidden_grad_, N, F);
+  fc.backward(be_, w, ls, a.ln2, a.fc_mid, a.lora_mid[2], mask[2], fc_out_grad_, residual_branch_, N);
+  norm_backward(dresid, ln2, residual_branch_, a.x_mid, a.ln2_mean, a.ln2_rstd, N);
+  proj.backward(be_, w, ls, a.attn, a.proj_mid, a.lora_mid[1], mask[1], dresid, residual_branch_, N);
+  be_.attention_backward(qkv_grad_, residual_branch_, a.qkv, a.attn, a.attn_lse, s.B, s.T, Cl, NHl, NKVl,
+                         s.positions);
+  rotate_qk(qkv_grad_, s, true);
+  qkv.backward(be_, w, ls, a.ln1, a.qkv_mid, a.lora_mid[0], mask[0], qkv_grad_, ln1_out_grad_, N);
+  norm_backward(dresid, ln1, ln1_out_grad_, x, a.ln1_mean, a.ln1_rstd, N);
 }
 
 std::vector<std::pair<int, int>> target_runs(const int32_t* targets, int N) {
@@ -441,7 +549,7 @@ double Model::classifier(const float* x, const int32_t* host_targets, float* dx,
                          int normalizer) {
   const int C = cfg_.d_model, V = cfg_.vocab_size;
   const std::size_t row = C;
-  be_.layernorm_forward(lnf_out_, lnf_mean_, lnf_rstd_, x, at(lnf_.w), at(lnf_.b), N, C);
+  norm_forward(lnf_out_, lnf_mean_, lnf_rstd_, x, lnf_, N);
   const std::vector<std::pair<int, int>> runs = target_runs(host_targets, N);
   int M = 0;
   for (const auto& [begin, end] : runs) M += end - begin;
@@ -487,8 +595,7 @@ double Model::classifier(const float* x, const int32_t* host_targets, float* dx,
       }
     }
     be_.fill(dx, N * row, 0.0f);
-    be_.layernorm_backward(dx, grad_or_sink(lnf_.w, 0), grad_or_sink(lnf_.b, 1), residual_branch_, x,
-                           at(lnf_.w), lnf_mean_, lnf_rstd_, N, C);
+    norm_backward(dx, lnf_, residual_branch_, x, lnf_mean_, lnf_rstd_, N);
   }
   return normalizer > 0 ? sum / normalizer : 0.0;
 }
@@ -505,7 +612,7 @@ void Model::embed(float* out, const Slot& s, const int32_t* host_tokens) {
 void Model::embed_base(float* out, const Slot& s, const int32_t* host_tokens) {
   const int T = s.T, C = cfg_.d_model;
   if (!wte_q_) {
-    be_.embedding_forward(out, s.tokens, at(wte_), at(wpe_), s.B, T, C, s.positions);
+    be_.embedding_forward(out, s.tokens, at(wte_), position_table(), s.B, T, C, s.positions);
     return;
   }
   // The rows the tokens pick, dequantized into the tile, are embedded with the ids 0, 1, 2, ... of the tile.
@@ -516,8 +623,9 @@ void Model::embed_base(float* out, const Slot& s, const int32_t* host_tokens) {
       const std::size_t first = static_cast<std::size_t>(b) * T + t0;
       be_.dequantize_rows(tile_, *wte_q_, host_tokens + first, rows);
       // Without positions the tile's rows sit at positions t0 .. t0 + rows - 1.
-      be_.embedding_forward(out + first * C, tile_ids_, tile_,
-                            s.positions ? at(wpe_) : at(wpe_) + static_cast<std::size_t>(t0) * C, 1, rows, C,
+      const float* wpe = position_table();
+      if (wpe != nullptr && s.positions == nullptr) wpe += static_cast<std::size_t>(t0) * C;
+      be_.embedding_forward(out + first * C, tile_ids_, tile_, wpe, 1, rows, C,
                             s.positions ? s.positions + first : nullptr);
     }
 }
@@ -526,10 +634,10 @@ void Model::embed_base(float* out, const Slot& s, const int32_t* host_tokens) {
 // column.
 void Model::lm_head(float* logits, const float* x, int N) {
   const int C = cfg_.d_model, V = cfg_.vocab_size;
-  if (wte_q_)
-    quantized_matmul(be_, *wte_q_, tile_, tile_floats_, x, logits, N);
+  if (head_q_)
+    quantized_matmul(be_, *head_q_, tile_, tile_floats_, x, logits, N);
   else
-    be_.matmul(logits, x, at(wte_), N, V, C, false, true, 1.0f, 0.0f);
+    be_.matmul(logits, x, at(head_), N, V, C, false, true, 1.0f, 0.0f);
   for (std::size_t j = 0; j < cfg_.trainable_tokens.size(); ++j)
     be_.matmul_strided(logits + cfg_.trainable_tokens[j], x, at(wte_delta_) + j * C, N, 1, C, false, true,
                        1.0f, 1.0f, C, C, V);
@@ -537,10 +645,10 @@ void Model::lm_head(float* logits, const float* x, int N) {
 
 void Model::lm_head_input_grad(float* dx, const float* dlogits, int N) {
   const int C = cfg_.d_model, V = cfg_.vocab_size;
-  if (wte_q_)
-    quantized_matmul_input_grad(be_, *wte_q_, tile_, tile_floats_, dlogits, dx, N);
+  if (head_q_)
+    quantized_matmul_input_grad(be_, *head_q_, tile_, tile_floats_, dlogits, dx, N);
   else
-    be_.matmul(dx, dlogits, at(wte_), N, C, V, false, false, 1.0f, 0.0f);
+    be_.matmul(dx, dlogits, at(head_), N, C, V, false, false, 1.0f, 0.0f);
   for (std::size_t j = 0; j < cfg_.trainable_tokens.size(); ++j)
     be_.matmul_strided(dx, dlogits + cfg_.trainable_tokens[j], at(wte_delta_) + j * C, N, C, 1, false, false,
                        1.0f, 1.0f, V, C, C);
@@ -548,7 +656,8 @@ void Model::lm_head_input_grad(float* dx, const float* dlogits, int N) {
 
 void Model::lm_head_weight_grad(const float* dlogits, const float* x, int N) {
   const int C = cfg_.d_model, V = cfg_.vocab_size;
-  if (!wte_q_ && !wte_.frozen) be_.matmul(grads_ + wte_.offset, dlogits, x, V, C, N, true, false, 1.0f, 1.0f);
+  if (!head_q_ && !head_.frozen)
+    be_.matmul(grads_ + head_.offset, dlogits, x, V, C, N, true, false, 1.0f, 1.0f);
   for (std::size_t j = 0; j < cfg_.trainable_tokens.size(); ++j)
     be_.matmul_strided(grads_ + wte_delta_.offset + j * C, dlogits + cfg_.trainable_tokens[j], x, 1, C, N,
                        true, false, 1.0f, 1.0f, V, C, C);
@@ -569,7 +678,7 @@ void Model::logits_at(const int32_t* tokens, int position, float* out) {
   embed(s.resid[0], s, tokens);
   for (int l = 0; l < cfg_.n_layer; ++l) block_forward(l, acts_for(0, l), s.resid[l], s.resid[l + 1], s);
   const float* x = s.resid[cfg_.n_layer] + static_cast<std::size_t>(position) * C;
-  be_.layernorm_forward(lnf_out_, lnf_mean_, lnf_rstd_, x, at(lnf_.w), at(lnf_.b), 1, C);
+  norm_forward(lnf_out_, lnf_mean_, lnf_rstd_, x, lnf_, 1);
   lm_head(logits_, lnf_out_, 1);
   be_.to_host(out, logits_, cfg_.vocab_size * sizeof(float));
 }
@@ -646,7 +755,7 @@ void Model::backward(int slot) {
   // A frozen model stops here: nothing below the first block has a gradient.
   if (!first_stage()) return;
   float* dwte = !wte_q_ && !wte_.frozen ? grads_ + wte_.offset : nullptr;
-  float* dwpe = !wpe_.frozen ? grads_ + wpe_.offset : nullptr;
+  float* dwpe = position_table() != nullptr && !wpe_.frozen ? grads_ + wpe_.offset : nullptr;
   if (dwte != nullptr || dwpe != nullptr)
     be_.embedding_backward(dwte, dwpe, s.dresid, s.tokens, s.B, s.T, cfg_.d_model, s.positions);
   const std::size_t C = cfg_.d_model;
@@ -671,7 +780,7 @@ float* Model::stage_grad(int slot) {
 
 std::pair<std::size_t, std::size_t> Model::block_range(int l) const {
   // A block's trainable tensors are registered together, so they are one contiguous range.
-  const std::string prefix = "h." + std::to_string(l) + "/";
+  const std::string prefix = block_name(l) + "/";
   std::size_t begin = table_.total(), end = 0;
   for (const TensorInfo& t : table_.tensors()) {
     if (!t.name.starts_with(prefix)) continue;

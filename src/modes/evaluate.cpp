@@ -104,8 +104,7 @@ int run_instruction_eval(const Config& cfg, const MpiWorld& comm) {
       label_sets.push_back(given.empty() ? label_set(tasks.back()) : given);
       check_labels(tasks.back(), label_sets.back(), path);
     }
-    tok = std::make_unique<Tokenizer>(
-        Tokenizer::load(cfg.data.tokenizer_dir + "/encoder.json", cfg.data.tokenizer_dir + "/vocab.bpe"));
+    tok = std::make_unique<Tokenizer>(Tokenizer::load_dir(tokenizer_dir_for(cfg)));
     loaded = load_model(cfg, cfg.device, comm.local_rank());
     prompt_template = choose_template(cfg.data.prompt_template, loaded.model->config().prompt_template);
     prepare_run_dir(cfg, comm);
@@ -164,7 +163,7 @@ int run_instruction_eval(const Config& cfg, const MpiWorld& comm) {
 
 int run_eval(const Config& cfg, const MpiWorld& comm) {
   if (!cfg.eval.tasks.empty()) return run_instruction_eval(cfg, comm);
-  std::unique_ptr<TokenFile> file;
+  std::unique_ptr<TokenStream> file;
   std::unique_ptr<Batcher> batcher;
   LoadedModel loaded;
   std::string data;
@@ -173,7 +172,7 @@ int run_eval(const Config& cfg, const MpiWorld& comm) {
       throw InputError("--mode eval needs --model.init (a checkpoint or model file)");
     data = !cfg.data.val.empty() ? cfg.data.val : cfg.data.train;
     if (data.empty()) throw InputError("--mode eval needs --data.val (or --data.train): a token file");
-    file = std::make_unique<TokenFile>(data);
+    file = std::make_unique<TokenStream>(data);
     loaded = load_model(cfg, cfg.device, comm.local_rank());
     file->check_vocab(loaded.model->config().vocab_size);
     batcher = std::make_unique<Batcher>(*file, loaded.model->config().seq_len, false, cfg.seed);

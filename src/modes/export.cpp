@@ -3,14 +3,20 @@
 #include <algorithm>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <vector>
 
 #include "lrllm/backend/backend.h"
 #include "lrllm/core/common.h"
 #include "lrllm/io/checkpoint.h"
 #include "lrllm/io/hdf5.h"
+#include "lrllm/io/hf_gpt2.h"
+#include "lrllm/io/safetensors.h"
+#include "lrllm/io/tokenizer.h"
 #include "lrllm/model/model.h"
 #include "lrllm/train/train.h"
+
+namespace fs = std::filesystem;
 
 namespace lrllm {
 namespace {
@@ -90,13 +96,139 @@ int export_adapters(const Config& cfg, const ModelConfig& in_cfg) {
   return 0;
 }
 
+void copy_into(const fs::path& from, const fs::path& to) {
+  std::error_code ec;
+  fs::copy_file(from, to, fs::copy_options::overwrite_existing, ec);
+  if (ec) throw RuntimeError("cannot copy " + from.string() + " to " + to.string() + ": " + ec.message());
+}
+
+// What an interrupted hf export leaves in OUTPUT.tmp/, which the next one may remove.
+bool is_partial_export(const fs::path& dir) {
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec)) return false;
+  for (const auto& entry : fs::directory_iterator(dir, ec)) {
+    const std::string name = entry.path().filename().string();
+    if (name != "config.json" && name != "model.safetensors" && name != "model.safetensors.tmp" &&
+        name != "vocab.json" && name != "merges.txt")
+      return false;
+  }
+  return true;
+}
+
+// --export.format hf: a folder transformers loads as GPT2LMHeadModel (docs/design.md, safetensors and Hugging
+// Face folders). Its linear layers are dense, so adapters are always merged and a low-rank site is written as
+// its product W = B A.
+int export_hf(const Config& cfg, const ModelConfig& in_cfg, bool random) {
+  if (cfg.finetune.lora_only)
+    throw InputError("--lora.only writes an lrllm adapter file; --export.format hf writes whole models");
+  if (cfg.finetune.quant_bits != 0)
+    throw InputError(
+        "--quant.bits stores lrllm's quantized layers; --export.format hf stores --export.dtype");
+  const fs::path out = cfg.data.output, tmp = cfg.data.output + ".tmp";
+  std::error_code ec;
+  if (fs::exists(out, ec))
+    throw InputError("--data.output " + cfg.data.output +
+                     " exists; --export.format hf writes a new folder there (give another path)");
+  const fs::path parent = out.parent_path().empty() ? fs::path(".") : out.parent_path();
+  if (!fs::is_directory(parent, ec))
+    throw InputError("--data.output " + cfg.data.output + ": the folder " + parent.string() +
+                     " does not exist");
+  if (fs::exists(tmp, ec) && !is_partial_export(tmp))
+    throw InputError(tmp.string() +
+                     " exists and is not what an interrupted export leaves; move it away first");
+  const SafetensorsDtype dtype = parse_export_dtype(cfg.exporting.dtype);
+  const std::string torch_dtype = dtype == SafetensorsDtype::f32    ? "float32"
+                                  : dtype == SafetensorsDtype::bf16 ? "bfloat16"
+                                                                    : "float16";
+  // The tokenizer goes with the model where it fits the vocabulary (a small random model's may not).
+  const fs::path tok = random ? fs::path(cfg.data.tokenizer_dir) : fs::path(tokenizer_dir_for(cfg));
+  bool tokenizer = fs::exists(tok / "encoder.json", ec) && fs::exists(tok / "vocab.bpe", ec);
+  if (!tokenizer && cfg.was_given("data.tokenizer_dir"))
+    throw InputError("--data.tokenizer_dir " + tok.string() + " has no encoder.json and vocab.bpe");
+  if (tokenizer) {
+    const int tokens =
+        Tokenizer::load((tok / "encoder.json").string(), (tok / "vocab.bpe").string()).vocab_size();
+    if (tokens > in_cfg.vocab_size && cfg.was_given("data.tokenizer_dir"))
+      throw InputError(
+          strprintf("--data.tokenizer_dir %s has %d tokens, more than the model's vocabulary of %d",
+                    tok.c_str(), tokens, in_cfg.vocab_size));
+    tokenizer = tokens <= in_cfg.vocab_size;
+  }
+
+  auto backend = make_cpu_backend();
+  Model src(in_cfg, *backend, false);
+  if (random)
+    src.init_random(cfg.seed);
+  else
+    load_input_weights(cfg, src);
+  const bool merge = in_cfg.any_lora();
+  ModelConfig dense = in_cfg;
+  for (int s = 0; s < kNumSites; ++s) dense.lowrank_rank[s] = dense.lora_rank[s] = 0;
+  std::vector<SafetensorsEntry> entries;
+  for (const HfTensor& t : gpt2_hf_tensors(dense)) {
+    entries.push_back(
+        {"transformer." + t.hf, dtype, t.hf_shape, [&src, &backend, merge, t]() {
+           std::vector<float> v;
+           const std::size_t slash = t.lrllm.rfind('/');
+           const std::string site = t.lrllm.substr(0, slash);
+           if (t.transposed && src.table().find(site + "/W") == nullptr &&
+               src.frozen_table().find(site + "/W") == nullptr &&
+               src.find_quantized(site + "/W") == nullptr) {
+             // A low-rank site: W = B A, [out, r] [r, in].
+             const std::vector<float> A = export_values(src, *backend, merge, site + "/A");
+             const std::vector<float> B = export_values(src, *backend, merge, site + "/B");
+             const int in = static_cast<int>(t.hf_shape[0]), out = static_cast<int>(t.hf_shape[1]);
+             const int r = static_cast<int>(A.size() / in);
+             v.assign(static_cast<std::size_t>(out) * in, 0.0f);
+             backend->matmul(v.data(), B.data(), A.data(), out, in, r, false, false, 1.0f, 0.0f);
+           } else {
+             v = export_values(src, *backend, merge, t.lrllm);
+           }
+           if (!t.transposed) return v;
+           std::vector<float> w(v.size());
+           transpose(v.data(), w.data(), t.hf_shape[1], t.hf_shape[0]);
+           return w;
+         }});
+  }
+  fs::remove_all(tmp, ec);
+  try {
+    fs::create_directory(tmp);
+    {
+      std::ofstream config(tmp / "config.json");
+      config << gpt2_hf_config_json(dense, torch_dtype);
+      config.flush();
+      if (!config) throw RuntimeError("cannot write " + (tmp / "config.json").string());
+    }
+    // transformers refuses a safetensors file whose metadata does not name its framework.
+    write_safetensors((tmp / "model.safetensors").string(), entries, {{"format", "pt"}});
+    if (tokenizer) {
+      copy_into(tok / "encoder.json", tmp / "vocab.json");
+      copy_into(tok / "vocab.bpe", tmp / "merges.txt");
+    }
+  } catch (...) {
+    fs::remove_all(tmp, ec);
+    throw;
+  }
+  fs::rename(tmp, out, ec);
+  if (ec) throw RuntimeError("cannot rename " + tmp.string() + " to " + out.string() + ": " + ec.message());
+  std::printf("exported %s -> %s (Hugging Face GPT2LMHeadModel, %s%s%s): %.2f MB; tokenizer %s\n",
+              random ? "(random weights)" : cfg.model.init.c_str(), cfg.data.output.c_str(),
+              safetensors_dtype_name(dtype), merge ? ", adapters merged" : "",
+              in_cfg.any_lowrank() ? ", low-rank layers as W = B A" : "",
+              static_cast<double>(fs::file_size(out / "model.safetensors", ec)) / 1e6,
+              tokenizer ? "vocab.json, merges.txt" : "none (no GPT-2 tokenizer that fits the vocabulary)");
+  return 0;
+}
+
 }  // namespace
 
 int run_export(const Config& cfg) {
   if (cfg.data.output.empty()) throw InputError("--mode export needs --data.output (the file to write)");
-  H5File::check_output(cfg.data.output, "data.output");
   // Without a model to read, the model options describe one with random weights: enough to size an export.
   const bool random = cfg.model.init.empty();
+  if (cfg.exporting.format == "hf")
+    return export_hf(cfg, random ? resolve_model_config(cfg, "") : read_input_model_config(cfg), random);
+  H5File::check_output(cfg.data.output, "data.output");
   const ModelConfig in_cfg = random ? resolve_model_config(cfg, "") : read_input_model_config(cfg);
   if (cfg.finetune.lora_only) return export_adapters(cfg, in_cfg);
   const bool merge = cfg.finetune.lora_merge && in_cfg.any_lora();

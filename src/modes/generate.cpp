@@ -60,8 +60,7 @@ std::vector<int32_t> continue_tokens(Model& model, std::vector<int32_t> context,
 int run_generate(const Config& cfg) {
   if (cfg.model.init.empty())
     throw InputError("--mode generate needs --model.init (a checkpoint or an exported model)");
-  const Tokenizer tok =
-      Tokenizer::load(cfg.data.tokenizer_dir + "/encoder.json", cfg.data.tokenizer_dir + "/vocab.bpe");
+  const Tokenizer tok = Tokenizer::load_dir(tokenizer_dir_for(cfg));
   const LoadedModel loaded = load_model(cfg, cfg.device, 0);
   Model& model = *loaded.model;
   const ModelConfig& mc = model.config();

@@ -63,7 +63,8 @@ void DataParallel::finish_gradients() {
   float* grads = model_.grads();
   // The tied embedding, and the trainable tokens' rows of it: the first stage's gradient (input side) plus
   // the last stage's (lm_head side).
-  if (topo_.pp() > 1)
+  const bool tied_embedding = describe_architecture(model_.config()).output_head.empty();
+  if (topo_.pp() > 1 && tied_embedding)
     for (const char* tied : {"wte", kTokenDeltaName})
       if (const TensorInfo* t = model_.table().find(tied))
         topo_.sum_tied_embedding(grads + t->offset, t->size);

@@ -37,6 +37,10 @@ void validate_layout(const ParallelConfig& p, int world_size, const ModelConfig&
           strprintf("--parallel.micro_batches %d does not divide train.batch_size %d", p.micro_batches,
                     batch_size));
   require(
+      p.tp == 1 || !m.llama(),
+      "--parallel.tp above 1 is GPT-2's only so far: a llama model runs under data and pipeline parallelism "
+      "(parallel.pp, parallel.zero)");
+  require(
       p.tp == 1 || (!m.any_lora() && m.quant == QuantKind::none),
       "--parallel.tp above 1 with LoRA adapters or a quantized base is not supported yet: finetune with data "
       "and pipeline parallelism (parallel.pp, parallel.zero)");

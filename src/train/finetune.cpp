@@ -123,8 +123,7 @@ int run_finetune(const Config& cfg, const MpiWorld& comm) {
       throw InputError(
           "--data.packing runs on the CPU backend only: the GPU attention kernels have no "
           "example mask yet (use --data.padding longest)");
-    const Tokenizer tok =
-        Tokenizer::load(cfg.data.tokenizer_dir + "/encoder.json", cfg.data.tokenizer_dir + "/vocab.bpe");
+    const Tokenizer tok = Tokenizer::load_dir(tokenizer_dir_for(cfg));
     const std::vector<Example> train_examples = read_jsonl(cfg.data.train);
     const std::string& tokens_spec = cfg.finetune.trainable_tokens;
     PromptTemplate prompt_template = PromptTemplate::fingpt;

@@ -191,11 +191,13 @@ int run_pretrain(const Config& cfg, const MpiWorld& comm) {
     if (cfg.data.train.empty()) throw InputError("--mode pretrain needs --data.train (a token file)");
     if (!cfg.checkpoint.resume.empty()) setup.resume = resolve_resume(cfg.checkpoint.resume, cfg.run.dir);
     setup.mc = resolve_model_config(cfg, setup.resume);
-    auto train_file = std::make_shared<TokenFile>(cfg.data.train);
-    auto val_file = std::make_shared<TokenFile>(cfg.data.val.empty() ? cfg.data.train : cfg.data.val);
+    // data.train and data.val name token files, globs or comma lists (docs/design.md, Token files).
+    auto train_file = std::make_shared<TokenStream>(cfg.data.train);
+    auto val_file = cfg.data.val.empty() ? train_file : std::make_shared<TokenStream>(cfg.data.val);
     train_file->check_vocab(setup.mc.vocab_size);
     val_file->check_vocab(setup.mc.vocab_size);
-    setup.data_summary = strprintf("train %zu tokens, val %zu tokens", train_file->size(), val_file->size());
+    setup.data_summary =
+        strprintf("train %s, val %s", train_file->summary().c_str(), val_file->summary().c_str());
     setup.train = std::make_unique<Batcher>(*train_file, setup.mc.seq_len, cfg.data.shuffle, cfg.seed);
     setup.val = std::make_unique<Batcher>(*val_file, setup.mc.seq_len, false, cfg.seed);
     setup.data_files = {train_file, val_file};

@@ -323,6 +323,86 @@ def test_bad_files():
                "--run.dir", tmpdir("empty")], "no checkpoint")
 
 
+# -------------------------------------------------------------------------------------------- shards
+
+SHARD_SOURCE = os.path.abspath("input/data/pretrain_val.bin")
+
+
+def split_tokens(name, cuts, n=64 * 20 + 1):
+    """Cuts the first n tokens of SHARD_SOURCE at the positions in cuts into NAME_000.bin, NAME_001.bin, ...;
+    returns the shards' paths and a file of those n tokens, their concatenation."""
+    header = np.fromfile(SHARD_SOURCE, np.int32, count=256)
+    tokens = np.fromfile(SHARD_SOURCE, np.uint16, offset=1024)[:n]
+    bounds = [0, *cuts, n]
+
+    def write(path, part):
+        h = header.copy()
+        h[2] = len(part)
+        with open(path, "wb") as f:
+            f.write(h.tobytes() + part.tobytes())
+        return path
+
+    shards = [write(os.path.join(TMP, f"{name}_{k:03d}.bin"), tokens[a:b]) for k, (a, b) in
+              enumerate(zip(bounds, bounds[1:]))]
+    return shards, write(os.path.join(TMP, f"{name}_whole.bin"), tokens)
+
+
+def shard_run(run_dir, train, val, extra=()):
+    """6 steps of 4 sequences of 64 tokens: 24 sequences of a 20-sequence stream, so the run wraps an epoch."""
+    return run(["--mode", "pretrain", *GPT2_SMALL, "--data.train", train, "--data.val", val, "--run.dir", run_dir,
+                "--train.steps", "6", "--train.eval_every", "3", "--train.eval_batches", "2",
+                "--checkpoint.every", "3", *extra])
+
+
+def test_shards_equal_their_concatenation_and_resume_across_a_boundary():
+    # Train shards end inside sequences 10 (tokens 640..704) and 15 (960..1024); the resume at step 3 starts at
+    # sequence 12, in the second shard. The validation list is in reverse name order (the order given counts),
+    # and ends inside its sequence 4.
+    train, whole = split_tokens("train", [700, 1000])
+    (val_head, val_tail), _ = split_tokens("val", [300])
+    renamed = os.path.join(TMP, "val_002.bin")
+    os.rename(val_head, renamed)
+    val_list = renamed + "," + val_tail
+    pattern = os.path.join(TMP, "train_0*.bin")
+    for shuffle in ["false", "true"]:
+        option = ["--data.shuffle", shuffle]
+        one = tmpdir(f"shards-one-{shuffle}")
+        p = shard_run(one, whole, whole, option)
+        assert "1281 tokens" in p.stdout, p.stdout
+        many = tmpdir(f"shards-many-{shuffle}")
+        p = shard_run(many, pattern, val_list, option)
+        assert "train 1281 tokens in 3 shards, val 1281 tokens in 2 shards" in p.stdout, p.stdout
+        for name in ["loss", "val_loss"]:
+            a, b = metric(one, name), metric(many, name)
+            assert np.array_equal(a, b, equal_nan=True), f"{name} with shuffle {shuffle}: {a} vs {b}"
+        resumed = tmpdir(f"shards-resumed-{shuffle}")
+        shutil.copytree(many, resumed)
+        os.remove(os.path.join(resumed, "ckpt_000006.h5"))
+        p = shard_run(resumed, ",".join(train), val_list, [*option, "--checkpoint.resume", "latest"])
+        assert "resuming" in p.stdout, p.stdout
+        assert list(metric(resumed, "step")) == [1, 2, 3, 4, 5, 6]
+        for name in ["loss", "val_loss"]:
+            a, b = metric(many, name), metric(resumed, name)
+            assert np.array_equal(a, b, equal_nan=True), f"resumed {name} with shuffle {shuffle}: {a} vs {b}"
+    ckpt = os.path.join(TMP, "shards-many-true", "ckpt_000006.h5")
+    evals = [run(["--mode", "eval", "--model.init", ckpt, "--data.val", data]).stdout for data in [whole, pattern]]
+    losses = [re.search(r"loss (\S+), ppl", e).group(1) for e in evals]
+    assert losses[0] == losses[1], evals
+
+
+def test_shards_bad_shard_is_one_line_and_exit_2():
+    shards, _ = split_tokens("bad", [700, 1000])
+    pattern = os.path.join(TMP, "bad_0*.bin")
+    base = ["--mode", "pretrain", *GPT2_SMALL, "--run.dir", tmpdir("shards-bad"), "--train.steps", "1"]
+    with open(shards[1], "r+b") as f:
+        f.truncate(os.path.getsize(shards[1]) - 100)
+    bad_input([*base, "--data.train", pattern], shards[1] + ": header says 300 tokens")
+    bad_input([*base, "--data.train", pattern], "bad_001.bin", np_=2)
+    bad_input([*base, "--data.train", shards[0] + "," + os.path.join(TMP, "bad_009.bin")], "bad_009.bin")
+    bad_input([*base, "--data.train", shards[0], "--data.val", os.path.join(TMP, "nothing_*.bin")],
+              "nothing_*.bin: the pattern matches no file")
+
+
 # ------------------------------------------------------------------------------------------ finetuning
 
 GPT2_SMALL = ["--model.vocab_size", "50257", "--model.n_layer", "2", "--model.n_head", "2", "--model.d_model",

@@ -1,16 +1,19 @@
 #!/usr/bin/env node
 // The reference side of tests/tokenizer/compare.sh: encodes with the npm package gpt-3-encoder, a port
-// of OpenAI's GPT-2 encoder.
+// of OpenAI's GPT-2 encoder, or with llama-tokenizer-js (Llama-2's tokenizer), whichever PACKAGE_DIR holds.
 //
 // usage: node reference.js PACKAGE_DIR strings FILE
-//          FILE holds one JSON string a line; prints each one's token ids as a JSON array, a line each.
+//          FILE holds one JSON string a line; prints each one's token ids as a JSON array, a line each
+//          (Llama: encode(text) with its defaults, so <s> first).
 //        node reference.js PACKAGE_DIR corpus DOC_DIR TOKEN_FILE
-//          checks that TOKEN_FILE (llm.c format) holds, for each file of DOC_DIR in name order,
-//          <|endoftext|> followed by the file's tokens; prints a summary, or the first mismatch and exits 1.
+//          checks that TOKEN_FILE (llm.c format) holds, for each file of DOC_DIR in name order, the
+//          document as lrllm writes it: <|endoftext|> and the file's tokens (GPT-2), or the reference's
+//          encode(text), which starts with <s> (Llama); prints a summary, or the first mismatch and exits 1.
 'use strict';
 
 const fs = require('fs');
 const path = require('path');
+const { pathToFileURL } = require('url');
 
 const TOKEN_FILE_MAGIC = 20240520;
 const TOKEN_FILE_VERSION = 1;
@@ -21,7 +24,7 @@ function usage() {
   process.exit(2);
 }
 
-// The package's encode() grows its result with Array.concat per pre-token, quadratic in the text's
+// gpt-3-encoder's encode() grows its result with Array.concat per pre-token, quadratic in the text's
 // length, so long documents are encoded in pieces. A piece may end only where a non-space character is
 // followed by a space and a letter: the pre-tokenization pattern has no look-behind, and no alternative
 // can match across that point (a match holding the non-space character cannot take the space, and the
@@ -61,7 +64,7 @@ function strings(encode, file) {
   process.stdout.write(out.map((line) => line + '\n').join(''));
 }
 
-function corpus({ encode, decode }, eot, docDir, tokenFile) {
+function corpus({ document, decode }, docDir, tokenFile) {
   const buf = fs.readFileSync(tokenFile);
   if (buf.length < HEADER_BYTES) throw new Error(`${tokenFile}: shorter than the header`);
   const [magic, version, count] = [0, 4, 8].map((offset) => buf.readInt32LE(offset));
@@ -80,7 +83,7 @@ function corpus({ encode, decode }, eot, docDir, tokenFile) {
   let cursor = 0;
   for (const name of names) {
     const text = fs.readFileSync(path.join(docDir, name), 'utf8');
-    const expected = [eot, ...encodeLong(encode, text)];
+    const expected = document(text);
     for (let i = 0; i < expected.length; ++i) {
       const at = cursor + i;
       if (at >= count || tokenAt(at) !== expected[i]) {
@@ -104,16 +107,41 @@ function corpus({ encode, decode }, eot, docDir, tokenFile) {
   console.log(`${tokenFile}: ${names.length} documents, ${count} tokens equal`);
 }
 
-function main() {
+// gpt-3-encoder's Encoder.js is the package itself (index.js only re-exports it); it has no dependencies.
+function gpt2(packageDir) {
+  const encoder = require(path.join(packageDir, 'Encoder.js'));
+  const eot = JSON.parse(fs.readFileSync(path.join(packageDir, 'encoder.json'), 'utf8'))['<|endoftext|>'];
+  return {
+    encode: encoder.encode,
+    document: (text) => [eot, ...encodeLong(encoder.encode, text)],
+    decode: encoder.decode,
+  };
+}
+
+// llama-tokenizer-js is an ES module whose default export is the Llama-2 tokenizer.
+async function llama(file) {
+  const tokenizer = (await import(pathToFileURL(file).href)).default;
+  const BOS = 1;
+  return {
+    encode: (text) => tokenizer.encode(text),
+    // The reference gives empty text no tokens at all, where lrllm still starts the document with <s>.
+    document: (text) => (text.length === 0 ? [BOS] : tokenizer.encode(text)),
+    decode: (ids) => tokenizer.decode(ids, false, false),
+  };
+}
+
+async function main() {
   const args = process.argv.slice(2);
   if (args.length < 2) usage();
   const packageDir = path.resolve(args[0]);
-  // Encoder.js is the package itself (index.js only re-exports it); it has no dependencies.
-  const encoder = require(path.join(packageDir, 'Encoder.js'));
-  const eot = JSON.parse(fs.readFileSync(path.join(packageDir, 'encoder.json'), 'utf8'))['<|endoftext|>'];
-  if (args[1] === 'strings' && args.length === 3) strings(encoder.encode, args[2]);
-  else if (args[1] === 'corpus' && args.length === 4) corpus(encoder, eot, args[2], args[3]);
+  const llamaFile = path.join(packageDir, 'llama-tokenizer.js');
+  const reference = fs.existsSync(llamaFile) ? await llama(llamaFile) : gpt2(packageDir);
+  if (args[1] === 'strings' && args.length === 3) strings(reference.encode, args[2]);
+  else if (args[1] === 'corpus' && args.length === 4) corpus(reference, args[2], args[3]);
   else usage();
 }
 
-main();
+main().catch((e) => {
+  console.error(`reference.js: ${e.stack}`);
+  process.exit(1);
+});

@@ -75,11 +75,11 @@ class Backend {
   virtual void rope_backward(float* dx, int B, int T, int n_heads, int head_dim, int row_stride,
                              const int32_t* positions, float theta) = 0;
 
-  // SwiGLU's product: out = silu(gate) * up, silu(g) = g / (1 + e^-g).
-  virtual void swiglu_forward(float* out, const float* gate, const float* up, std::size_t n) = 0;
-  // dgate and dup are overwritten.
-  virtual void swiglu_backward(float* dgate, float* dup, const float* gate, const float* up,
-                               const float* dout, std::size_t n) = 0;
+  // SwiGLU over the fused gate and up projections: gate_up [N, 2F] holds gate in each row's first F values
+  // and up in its last F (one GEMM makes both); out [N, F] = silu(gate) * up, silu(g) = g / (1 + e^-g).
+  virtual void swiglu_forward(float* out, const float* gate_up, int N, int F) = 0;
+  // dgate_up [N, 2F] is overwritten.
+  virtual void swiglu_backward(float* dgate_up, const float* gate_up, const float* dout, int N, int F) = 0;
 
   // GPT-2's tanh approximation of GELU.
   virtual void gelu_forward(float* out, const float* inp, std::size_t n) = 0;
@@ -104,7 +104,8 @@ class Backend {
                                   const float* lse, int B, int T, int C, int NH, int NKV,
                                   const int32_t* positions) = 0;
 
-  // out[b,t,:] = wte[tokens[b,t],:] + wpe[p,:], p = positions[b,t] (null: p = t)
+  // out[b,t,:] = wte[tokens[b,t],:] + wpe[p,:], p = positions[b,t] (null: p = t); wpe null: no position
+  // table (rotary models), out = wte[tokens].
   virtual void embedding_forward(float* out, const int32_t* tokens, const float* wte, const float* wpe, int B,
                                  int T, int C, const int32_t* positions) = 0;
   // dwte, dwpe accumulate; either may be null, for a table that does not train (a finetuning base's).

@@ -32,10 +32,16 @@ enum class LinearSite { qkv = 0, proj = 1, fc = 2, mlp_proj = 3 };
 inline constexpr int kNumSites = 4;
 const char* site_name(LinearSite site);
 
+// The architectures (model/architecture.h describes each): the /config arch of a model file.
+bool is_arch(const std::string& name);  // "gpt2" or "llama"
+
 struct ModelConfig {
   std::string arch = "gpt2";
   int n_layer = 4;
   int n_head = 4;
+  int n_kv_head = 0;            // llama's key/value heads, dividing n_head (0: n_head, as GPT-2 always has)
+  double rope_theta = 10000.0;  // llama's rotary base
+  double norm_eps = 1e-5;       // llama's RMSNorm eps (GPT-2's LayerNorm eps is 1e-5)
   int d_model = 128;
   int d_ff = 0;  // 0 means 4 * d_model
   int seq_len = 128;
@@ -58,6 +64,10 @@ struct ModelConfig {
   // The prompt template (instruct.h) the adapters were finetuned with: /config prompt_template, empty when
   // none is recorded (a base, or a file from before lrllm recorded it). Eval uses it unless told otherwise.
   std::string prompt_template;
+  // The folder of the model's own tokenizer (encoder.json, vocab.bpe), as /config tokenizer_dir records it:
+  // written by --mode import beside the model file; empty when none is recorded. Held as a path from the
+  // working directory; a file stores it relative to its own folder.
+  std::string tokenizer_dir;
   // Dropout on the adapters' input while training (a training setting: not stored in checkpoints).
   double lora_dropout = 0.0;
   QuantKind quant = QuantKind::none;  // storage of the frozen base's dense linear weights
@@ -66,6 +76,8 @@ struct ModelConfig {
   bool quant_embedding = false;  // with quant: the tied wte (embedding and lm_head) is stored quantized too
 
   int ff() const { return d_ff > 0 ? d_ff : 4 * d_model; }
+  int kv_heads() const { return n_kv_head > 0 ? n_kv_head : n_head; }
+  bool llama() const { return arch == "llama"; }
   bool any_lowrank() const;
   bool any_lora() const;
   std::string lora_targets() const;
@@ -143,6 +155,11 @@ struct EvalConfig {
   int max_new_tokens = 8;
 };
 
+struct ExportConfig {
+  std::string format = "lrllm";  // lrllm: a model file; hf: a Hugging Face folder (docs/design.md)
+  std::string dtype = "f32";     // hf: f32 | bf16 | f16
+};
+
 struct GenerateConfig {
   std::string prompt;
   int max_new_tokens = 64;
@@ -176,6 +193,7 @@ struct Config {
   std::string command_line;
   FinetuneConfig finetune;
   EvalConfig eval;
+  ExportConfig exporting;  // [export] (export is a C++ keyword)
   GenerateConfig generate;
   TrainConfig train;
   DataConfig data;

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -19,7 +20,7 @@ namespace lrllm {
 // every other file stays version 1, readable by older lrllm (docs/design.md, Checkpoint format). Version 3
 // adds /config trainable_tokens (the token ids of /model/trainable_tokens/delta's rows), written only by
 // files that have them: a version-2 reader would drop the delta and run another model.
-inline constexpr int64_t kFormatVersion = 3;
+inline constexpr int64_t kFormatVersion = 4;
 int64_t format_version_of(const ModelConfig& m);
 
 // Everything beyond weights and moments that an exact resume needs.
@@ -46,6 +47,17 @@ void load_base_weights(const std::string& path, Model& model);
 // command_line).
 void save_checkpoint(const std::string& path, const std::string& mode, Model& model, AdamW* optimizer,
                      const TrainState* state, const Config* run = nullptr);
+
+// Writes a model file of shape c from tensors given one at a time (name under /model and shape, in the order
+// listed; values(name) returns each), atomically, never holding more than one tensor: how a converted model
+// is written (--mode import).
+void save_model_file(const std::string& path, const std::string& mode, const ModelConfig& c,
+                     const std::vector<std::pair<std::string, std::vector<int64_t>>>& tensors,
+                     const std::function<std::vector<float>(const std::string&)>& values, const Config* run);
+
+// The tokenizer folder of a mode that reads model.init: --data.tokenizer_dir when given, else the one the
+// model file records (/config tokenizer_dir), else data.tokenizer_dir's default.
+std::string tokenizer_dir_for(const Config& cfg);
 
 // The same from a training run under any parallel layout, called by every rank: the full tensors are
 // assembled on world rank 0 from each stage's and tensor slice's parts (and ZeRO's optimizer shards), which

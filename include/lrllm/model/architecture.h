@@ -35,8 +35,10 @@ struct LinearSpec {
 };
 
 struct Architecture {
-  std::string token_embedding;        // [vocab_size, d_model], also the tied lm_head's weight
-  std::string position_embedding;     // [seq_len, d_model]; empty: none
+  std::string token_embedding;     // [vocab_size, d_model], also the lm_head's weight when tied
+  std::string position_embedding;  // [seq_len, d_model]; empty: none (rotary positions)
+  std::string output_head;         // an untied lm_head [vocab_size, d_model]; empty: tied to token_embedding
+  bool rms_norm = false;           // RMSNorm (no shift) instead of LayerNorm
   std::vector<NormSpec> block_norms;  // in the order a block applies them
   std::vector<LinearSpec> sites;      // indexed by LinearSite, the order a block applies them
   NormSpec final_norm;

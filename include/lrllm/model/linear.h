@@ -78,9 +78,10 @@ class Linear {
   // in and out are the full layer's; tp slices them (adapters and quantization need tp.parts == 1).
   // bias_trains: a frozen base's bias trains in full beside the adapters (lora.modules_to_save).
   // residual: the layer projects into the residual stream (its weights' TensorRole, hence their init).
+  // has_bias: false for architectures without biases (Llama).
   Linear(ParamTable& trainable, ParamTable& base, bool base_frozen, const std::string& prefix, int in,
          int out, int rank, int lora_rank, double lora_alpha, bool quantized, bool bias_trains = false,
-         const LinearTp& tp = {}, bool residual = false);
+         const LinearTp& tp = {}, bool residual = false, bool has_bias = true);
 
   // This rank's widths.
   int in() const { return in_; }
@@ -88,6 +89,7 @@ class Linear {
   int rank() const { return rank_; }
   int lora_rank() const { return lora_rank_; }
   bool lowrank() const { return rank_ > 0; }
+  bool has_bias() const { return has_bias_; }
   const std::string& prefix() const { return prefix_; }
   std::size_t weight_count()
       const;  // parameters in W or A and B of the full layer, without bias and adapters
@@ -116,6 +118,7 @@ class Linear {
   LinearTp tp_;
   float lora_scale_ = 0.0f;
   bool quantized_ = false;
+  bool has_bias_ = true;
   const QuantizedTensor* qw_ = nullptr;  // W, or A of a low-rank base
   const QuantizedTensor* qb_ = nullptr;  // B of a low-rank base
 };

@@ -183,14 +183,30 @@ class Model {
     return r.frozen ? sink_ + static_cast<std::size_t>(slot) * cfg_.d_model : grads_ + r.offset;
   }
 
+  // The residual stream's norm (LayerNorm or RMSNorm, as the architecture has) of N rows: out, and mean
+  // (unused by RMSNorm) and rstd for backward; backward accumulates into dx and the norm's gradients.
+  void norm_forward(float* out, float* mean, float* rstd, const float* x, const Norm& n, int N);
+  void norm_backward(float* dx, const Norm& n, const float* dout, const float* x, const float* mean,
+                     const float* rstd, int N);
+  void gpt2_block_forward(int l, Acts& a, const float* x, float* x_out, const Slot& s);
+  void gpt2_block_backward(int l, Acts& a, const float* x, float* dresid, const Slot& s);
+  void llama_block_forward(int l, Acts& a, const float* x, float* x_out, const Slot& s);
+  void llama_block_backward(int l, Acts& a, const float* x, float* dresid, const Slot& s);
+  // Rotary embeddings of the q and k heads in a [N, qkv width] buffer, or (backward) their transpose.
+  void rotate_qk(float* qkv, const Slot& s, bool backward);
+  // The position table, or null where the architecture has none.
+  const float* position_table() const { return arch_.position_embedding.empty() ? nullptr : at(wpe_); }
+
   ModelConfig cfg_;
   Backend& be_;
   bool recompute_;
   int first_layer_ = 0, end_layer_ = 0;
   int tp_ = 1;  // attention heads and the MLP's width are split tp ways
+  Architecture arch_;
   ParamTable table_;
   ParamTable frozen_table_;
   TensorRef wte_, wpe_;
+  TensorRef head_;  // the lm_head's weight on the last stage: the tied wte, or an untied lm_head
   Norm lnf_;
   TensorRef wte_delta_;             // [k, C]: the trainable tokens' deltas, in the trainable table
   std::vector<int32_t> delta_row_;  // [vocab]: a token's row in wte_delta_, or -1
@@ -201,6 +217,7 @@ class Model {
   float* sink_ = nullptr;                 // [d_model] x 2: LayerNorm gradients of a frozen model, discarded
   std::deque<QuantizedEntry> quantized_;  // a deque: layers keep pointers to its elements
   QuantizedTensor* wte_q_ = nullptr;
+  QuantizedTensor* head_q_ = nullptr;  // the lm_head's weight when quantized: wte_q_ when tied
   float* tile_ = nullptr;
   int32_t* tile_ids_ = nullptr;  // 0, 1, 2, ...: token ids of the embedding rows dequantized into the tile
   std::size_t tile_floats_ = 0;
