@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# `make bench`: lrllm against PyTorch on the CPU, side by side, for two GPT-2 shapes, dense and low-rank.
+# `make bench`: lrllm against PyTorch on the CPU, side by side, for two shapes: GPT-2 dense and low-rank, and
+# Llama.
 # Usage: tools/bench.sh [BUILD_DIR]   (default build). Writes the table to bench-out/bench.md.
 # Knobs (environment): BENCH_STEPS (default 10 steps per run), BENCH_THREADS (default 2), BENCH_SHAPES
 # (a subset of the labels below, space-separated), BENCH_TIMEOUT (seconds per run, default 300).
@@ -115,12 +116,19 @@ manifest="$OUT/raw/manifest.txt"
 for s in "${SHAPES[@]}"; do
   read -r label L H D T B <<<"$s"
   if [[ -n "${BENCH_SHAPES:-}" && " $BENCH_SHAPES " != *" $label "* ]]; then continue; fi
-  for kind in dense lowrank; do
+  # Llama at the same width: half as many key/value heads, SwiGLU width 8d/3 (rounded to 16) as Llama's own.
+  for kind in dense lowrank llama; do
     rank=0
     lr_opts=()
+    arch_opts=()
+    torch_arch=()
     if [[ $kind == lowrank ]]; then
       rank=$((D / 4))
       lr_opts=(--lowrank.rank "$rank" --lowrank.targets all)
+    elif [[ $kind == llama ]]; then
+      ff=$(((8 * D / 3 + 15) / 16 * 16))
+      arch_opts=(--model.arch llama --model.n_kv_head $((H / 2)) --model.d_ff "$ff")
+      torch_arch=(--arch llama --n_kv_head $((H / 2)) --d_ff "$ff")
     fi
     tag="$label-$kind"
     run_dir="$tmp/run-$tag"
@@ -129,7 +137,7 @@ for s in "${SHAPES[@]}"; do
       --model.n_layer "$L" --model.n_head "$H" --model.d_model "$D" --model.seq_len "$T" \
       --model.vocab_size "$VOCAB" --train.batch_size "$B" --train.steps "$STEPS" --train.eval_every 0 \
       --train.eval_batches 1 --checkpoint.every 0 \
-      --run.dir "$run_dir" --data.train "$data" --data.val "$data" "${lr_opts[@]}" >"$OUT/raw/$tag-lrllm.log" 2>&1; then
+      --run.dir "$run_dir" --data.train "$data" --data.val "$data" "${lr_opts[@]}" "${arch_opts[@]}" >"$OUT/raw/$tag-lrllm.log" 2>&1; then
       echo "bench: lrllm failed on $tag; see $OUT/raw/$tag-lrllm.log" >&2
       tail -3 "$OUT/raw/$tag-lrllm.log" >&2
       exit 1
@@ -139,7 +147,7 @@ for s in "${SHAPES[@]}"; do
     echo "bench: $tag: pytorch"
     if ! watched "$OUT/raw/$tag-torch.other" "${torch_env[@]}" timeout "$TIMEOUT" "$PY" tools/bench_torch.py \
       --n_layer "$L" --n_head "$H" --d_model "$D" --seq_len "$T" --vocab "$VOCAB" --batch "$B" --rank "$rank" \
-      --steps "$STEPS" --threads "$THREADS" --data "$data" \
+      --steps "$STEPS" --threads "$THREADS" --data "$data" "${torch_arch[@]}" \
       >"$OUT/raw/$tag-torch.json" 2>"$OUT/raw/$tag-torch.err"; then
       echo "bench: PyTorch failed on $tag; see $OUT/raw/$tag-torch.err" >&2
       tail -3 "$OUT/raw/$tag-torch.err" >&2

@@ -124,9 +124,11 @@ def report(out, threads, steps):
         if params is not None and params != pt["params"]:
             notes.append(f"{tag}: parameter counts differ (lrllm {params}, PyTorch {pt['params']})")
         flops, _ = model_flops_per_token(L, D, T, V, rank)
+        if kind == "llama":  # its widths differ from GPT-2's: count its linear weights as PyTorch holds them
+            flops = 6 * (pt["linear_weights"] + V * D) + 12 * L * T * D
         gflops = flops * lr["tokens_per_s"] / 1e9
         cls = sgemm.get(f"cls-{label}", (None, float("nan")))[1]
-        kind_name = f"lowrank r{rank}" if rank else "dense"
+        kind_name = "llama dense" if kind == "llama" else f"lowrank r{rank}" if rank else "dense"
         rows.append([label, kind_name, f"{(params or pt['params']) / 1e6:.2f}M", f"{lr['tokens_per_s']:.0f}",
                      f"{pt['tokens_per_s']:.0f}", f"{lr['tokens_per_s'] / pt['tokens_per_s']:.2f}x",
                      f"{gflops:.1f}", f"{100 * gflops / square:.0f}%", f"{100 * gflops / cls:.0f}%",

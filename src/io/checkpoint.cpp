@@ -768,8 +768,8 @@ void print_info(const std::string& path) {
   std::printf("config: arch %s, vocab_size %d, seq_len %d, n_layer %d, n_head %d, d_model %d, d_ff %d\n",
               m.arch.c_str(), m.vocab_size, m.seq_len, m.n_layer, m.n_head, m.d_model, m.d_ff);
   if (m.llama())
-    std::printf("llama: n_kv_head %d, rope_theta %g, norm_eps %g, untied lm_head\n", m.kv_heads(), m.rope_theta,
-                m.norm_eps);
+    std::printf("llama: n_kv_head %d, rope_theta %g, norm_eps %g, untied lm_head\n", m.kv_heads(),
+                m.rope_theta, m.norm_eps);
   if (m.any_lora())
     std::printf("LoRA: alpha %g, frozen base stored as %s\n", m.lora_alpha, storage_name(m.quant));
   std::printf("linear layers:");

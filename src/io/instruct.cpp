@@ -81,11 +81,17 @@ std::string prompt_of(const Example& e, PromptTemplate t) {
 
 std::vector<int> prompt_tokens_of(const Tokenizer& tok, const Example& e, PromptTemplate t) {
   const std::string prompt = prompt_of(e, t);
-  return tok.encode(std::string_view(prompt).substr(0, prompt.size() - (answer_takes_space(t) ? 1 : 0)));
+  std::vector<int> ids;
+  // A tokenizer with a sequence start (Llama's <s>) begins every example with it, as its models were trained.
+  if (tok.bos() >= 0) ids.push_back(tok.bos());
+  for (int id :
+       tok.encode(std::string_view(prompt).substr(0, prompt.size() - (answer_takes_space(t) ? 1 : 0))))
+    ids.push_back(id);
+  return ids;
 }
 
 std::vector<int> answer_tokens_of(const Tokenizer& tok, const std::string& answer, PromptTemplate t) {
-  return tok.encode(answer_takes_space(t) ? " " + answer : answer);
+  return tok.encode(answer_takes_space(t) && !tok.adds_space_first() ? " " + answer : answer);
 }
 
 Encoded encode_example(const Tokenizer& tok, const Example& e, int seq_len, PromptTemplate t) {
@@ -99,8 +105,11 @@ Encoded encode_example(const Tokenizer& tok, const Example& e, int seq_len, Prom
     throw InputError("an answer of " + std::to_string(answer.size() - 1) + " tokens does not fit seq_len " +
                      std::to_string(seq_len) + " (answer starts \"" + e.output.substr(0, 40) + "\")");
   }
+  // A prompt too long for the row loses its start, but keeps the sequence start token before what is left.
+  const std::size_t bos = tok.bos() >= 0 ? 1 : 0;
   const std::size_t keep = std::min(prompt.size(), len + 1 - answer.size());
-  std::vector<int32_t> full(prompt.end() - static_cast<std::ptrdiff_t>(keep), prompt.end());
+  std::vector<int32_t> full(prompt.begin(), prompt.begin() + static_cast<std::ptrdiff_t>(bos));
+  full.insert(full.end(), prompt.end() - static_cast<std::ptrdiff_t>(keep - bos), prompt.end());
   full.insert(full.end(), answer.begin(), answer.end());
 
   Encoded out;

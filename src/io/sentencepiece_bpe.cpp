@@ -83,6 +83,7 @@ class SentencePieceBpe final : public Tokenizer::Impl {
   std::vector<int> encode(std::string_view text) const override;
   std::string decode(std::span<const int> tokens) const override;
   int bos() const override { return bos_; }
+  bool adds_space_first() const override { return true; }
   int eot() const override { return eos_; }
   int vocab_size() const override { return static_cast<int>(pieces_.size()); }
 

@@ -187,6 +187,7 @@ class Gpt2Bpe final : public Tokenizer::Impl {
   std::vector<int> encode(std::string_view text) const override;
   std::string decode(std::span<const int> tokens) const override;
   int bos() const override { return -1; }
+  bool adds_space_first() const override { return false; }
   int eot() const override { return eot_; }
   int vocab_size() const override { return static_cast<int>(id_bytes.size()); }
 
@@ -462,6 +463,17 @@ std::string Tokenizer::decode(std::span<const int> tokens) const {
 }
 int Tokenizer::bos() const {
   return impl_->bos();
+}
+void check_tokenizer_fits(const Tokenizer& tok, int model_vocab, const std::string& dir) {
+  if (tok.vocab_size() > model_vocab)
+    throw InputError(
+        strprintf("the tokenizer in %s has %d tokens but the model's vocabulary is %d: give the "
+                  "model's own tokenizer (--data.tokenizer_dir)",
+                  dir.c_str(), tok.vocab_size(), model_vocab));
+}
+
+bool Tokenizer::adds_space_first() const {
+  return impl_->adds_space_first();
 }
 int Tokenizer::eot() const {
   return impl_->eot();

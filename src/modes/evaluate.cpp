@@ -37,7 +37,11 @@ std::vector<int32_t> prompt_tokens(const Tokenizer& tok, const Example& e, Promp
   const std::vector<int> ids = prompt_tokens_of(tok, e, t);
   const std::size_t keep =
       std::min<std::size_t>(ids.size(), static_cast<std::size_t>(std::max(1, seq_len - room)));
-  return std::vector<int32_t>(ids.end() - static_cast<std::ptrdiff_t>(keep), ids.end());
+  // As in training (encode_example): a sequence start token stays first when the prompt loses its start.
+  const std::size_t bos = tok.bos() >= 0 ? 1 : 0;
+  std::vector<int32_t> out(ids.begin(), ids.begin() + static_cast<std::ptrdiff_t>(bos));
+  out.insert(out.end(), ids.end() - static_cast<std::ptrdiff_t>(keep - bos), ids.end());
+  return out;
 }
 
 // FinGPT's protocol: the greedy answer, up to max_new tokens or <|endoftext|>.
@@ -106,6 +110,7 @@ int run_instruction_eval(const Config& cfg, const MpiWorld& comm) {
     }
     tok = std::make_unique<Tokenizer>(Tokenizer::load_dir(tokenizer_dir_for(cfg)));
     loaded = load_model(cfg, cfg.device, comm.local_rank());
+    check_tokenizer_fits(*tok, loaded.model->config().vocab_size, tokenizer_dir_for(cfg));
     prompt_template = choose_template(cfg.data.prompt_template, loaded.model->config().prompt_template);
     prepare_run_dir(cfg, comm);
     check_metrics_file((std::filesystem::path(cfg.run.dir) / "metrics.h5").string());

@@ -64,9 +64,7 @@ int run_generate(const Config& cfg) {
   const LoadedModel loaded = load_model(cfg, cfg.device, 0);
   Model& model = *loaded.model;
   const ModelConfig& mc = model.config();
-  if (mc.vocab_size <= tok.eot())
-    throw InputError(strprintf("%s has a vocabulary of %d tokens: generate needs the GPT-2 tokenizer's %d",
-                               cfg.model.init.c_str(), mc.vocab_size, tok.eot() + 1));
+  check_tokenizer_fits(tok, mc.vocab_size, tokenizer_dir_for(cfg));
 
   std::vector<int32_t> context;
   for (int id : tok.encode(cfg.generate.prompt)) context.push_back(id);

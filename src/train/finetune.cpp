@@ -169,9 +169,7 @@ int run_finetune(const Config& cfg, const MpiWorld& comm) {
     setup.mc.prompt_template = template_name(prompt_template);
     validate_model_config(setup.mc);
     validate_saved_modules(setup.mc);
-    if (tok.vocab_size() > setup.mc.vocab_size)
-      throw InputError(strprintf("the GPT-2 tokenizer has %d tokens but the model's vocabulary is %d",
-                                 tok.vocab_size(), setup.mc.vocab_size));
+    check_tokenizer_fits(tok, setup.mc.vocab_size, tokenizer_dir_for(cfg));
 
     // Rows: --model.seq_len when given (check_options_agree refused one above the position table).
     setup.row_len = cfg.was_given("model.seq_len") ? cfg.model.seq_len : setup.mc.seq_len;

@@ -895,6 +895,88 @@ def test_help_and_version():
     assert p.stdout.startswith("lrllm ") and ("CPU-only" in p.stdout or "CUDA" in p.stdout), p.stdout
 
 
+LLAMA_TOKENIZER = os.path.abspath("input/data/tokenizer-llama")
+TINY_LLAMA = ["--model.arch", "llama", "--model.vocab_size", "32000", "--model.n_layer", "2", "--model.n_head",
+              "4", "--model.n_kv_head", "2", "--model.d_model", "32", "--model.d_ff", "64", "--model.seq_len", "64",
+              "--device", "cpu"]
+
+
+def test_llama_in_every_mode():
+    """A tiny Llama over the Llama-2 tokenizer: tokenize, pretrain (and resume exactly), info, NF4 + LoRA
+    finetuning with recomputation, task evaluation by score and by generation, generate, a merged int8 export
+    that evaluates, and decompose."""
+    corpus = os.path.join(TMP, "llama-corpus")
+    os.makedirs(corpus, exist_ok=True)
+    with open(os.path.join(corpus, "a.txt"), "w") as f:
+        f.write("Profits rose and the market rallied. " * 300 + "Shares fell sharply as losses widened. " * 300)
+    tokens = os.path.join(TMP, "llama.bin")
+    p = run(["--mode", "tokenize", "--data.input", corpus, "--data.output", tokens, "--data.tokenizer_dir",
+             LLAMA_TOKENIZER])
+    with open(tokens, "rb") as f:
+        header = np.frombuffer(f.read(1024), np.int32)
+        first = np.frombuffer(f.read(4), np.uint16)
+    assert header[2] > 1000 and first[0] == 1, (header[:3], first)  # each document starts with <s>
+    full, part = tmpdir("llama-pre"), tmpdir("llama-pre-part")
+    common = ["--mode", "pretrain", *TINY_LLAMA, "--data.train", tokens, "--train.eval_batches", "1",
+              "--train.batch_size", "2", "--checkpoint.every", "2"]
+    run([*common, "--run.dir", full, "--train.steps", "4"])
+    run([*common, "--run.dir", part, "--train.steps", "2"])
+    run([*common, "--run.dir", part, "--train.steps", "4", "--checkpoint.resume", "latest"])
+    assert np.array_equal(metric(part, "loss"), metric(full, "loss")), (metric(part, "loss"), metric(full, "loss"))
+    base = os.path.join(full, "ckpt_000004.h5")
+    info = run(["--mode", "info", "--model.init", base]).stdout
+    assert "arch llama" in info and "n_kv_head 2" in info and "/model/lm_head" in info and "wpe" not in info, info
+    ft = tmpdir("llama-ft")
+    train_rows = write_jsonl(os.path.join(TMP, "llama_train.jsonl"), sentiment_rows(24, 1))
+    run(["--mode", "finetune", "--model.init", base, "--data.train", train_rows, "--data.tokenizer_dir",
+         LLAMA_TOKENIZER, "--lora.rank", "4", "--quant.bits", "4", "--train.recompute", "block", "--run.dir", ft,
+         "--train.steps", "6", "--train.batch_size", "4", "--train.lr", "1e-2", "--train.warmup", "0",
+         "--train.eval_batches", "1"])
+    losses = metric(ft, "loss")
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+    adapters = model_tensors(os.path.join(ft, "ckpt_000006.h5"))
+    # The fused sites carry one adapter each: qkv over q (32), k and v (2 kv heads of 8), fc over gate and up.
+    assert adapters["h.0/attn/qkv/lora_B"].shape == (64, 4) and adapters["h.0/mlp/fc/lora_B"].shape == (128, 4), \
+        {k: v.shape for k, v in adapters.items() if "lora" in k}
+    test_rows = write_jsonl(os.path.join(TMP, "llama_test.jsonl"), sentiment_rows(8, 3))
+    for method in ["score", "generate"]:
+        out = run(["--mode", "eval", "--model.init", os.path.join(ft, "ckpt_000006.h5"), "--eval.tasks", test_rows,
+                   "--eval.method", method, "--data.tokenizer_dir", LLAMA_TOKENIZER, "--run.dir", ft,
+                   "--eval.max_new_tokens", "3"]).stdout
+        assert "| llama_test | 8 |" in out, out
+    gen = run(["--mode", "generate", "--model.init", base, "--generate.prompt", "Profits", "--data.tokenizer_dir",
+               LLAMA_TOKENIZER, "--generate.max_new_tokens", "4"])
+    assert gen.stdout.startswith("Profits"), gen.stdout
+    merged = os.path.join(TMP, "llama-merged.h5")
+    run(["--mode", "export", "--model.init", os.path.join(ft, "ckpt_000006.h5"), "--lora.merge", "true",
+         "--quant.bits", "8", "--data.output", merged])
+    assert "loss" in run(["--mode", "eval", "--model.init", merged, "--data.val", tokens]).stdout
+    low = os.path.join(TMP, "llama-low.h5")
+    run(["--mode", "decompose", "--model.init", base, "--lowrank.rank", "8", "--data.output", low])
+    assert "h.1/mlp/fc/A" in model_tensors(low) and "lm_head" in model_tensors(low)
+
+
+def test_llama_bad_configs_exit_2():
+    d = tmpdir("llama-bad")
+    base = ["--mode", "pretrain", "--data.train", TRAIN, "--run.dir", d, "--train.steps", "1"]
+    shape = [a for a in TINY_LLAMA]
+    shape[shape.index("--model.vocab_size") + 1] = "512"
+    kv = [*shape]
+    kv[kv.index("--model.n_kv_head") + 1] = "3"
+    bad_input([*base, *kv], "--model.n_kv_head 3 must divide n_head 4")
+    odd = [*shape]
+    odd[odd.index("--model.d_model") + 1] = "12"
+    bad_input([*base, *odd], "must be even")
+    bad_input([*base, *SMALL, "--model.n_kv_head", "1"], "--model.n_kv_head is llama's")
+    bad_input([*base, *SMALL, "--model.arch", "mamba"], "--model.arch must be gpt2 or llama")
+    # A Llama of 512 tokens cannot read the Llama-2 tokenizer's 32000.
+    run([*base, *shape])
+    rows = write_jsonl(os.path.join(TMP, "llama_bad.jsonl"), sentiment_rows(4, 1))
+    bad_input(["--mode", "finetune", "--model.init", os.path.join(d, "ckpt_000001.h5"), "--data.train", rows,
+               "--data.tokenizer_dir", LLAMA_TOKENIZER, "--lora.rank", "4", "--run.dir", tmpdir("llama-bad-ft")],
+              "has 32000 tokens but the model's vocabulary is 512")
+
+
 def main(namespace=None):
     """Runs the test_* functions of namespace (this module's by default)."""
     tests = [(n, f) for n, f in (namespace or globals()).items() if n.startswith("test_") and callable(f)]

@@ -57,7 +57,10 @@ class Tokenizer {
   // wants a whole sequence, not one token at a time. Special tokens elsewhere decode as their text
   // ("<|endoftext|>", "</s>"). Throws std::out_of_range on an id outside the vocabulary.
   std::string decode(std::span<const int> tokens) const;
-  int bos() const;         // Llama's <s> (1); -1 for GPT-2, which has none
+  int bos() const;  // Llama's <s> (1); -1 for GPT-2, which has none
+  // Whether encode puts a space before the text (Llama's SentencePiece rule): a continuation encoded on its
+  // own then needs no space of its own.
+  bool adds_space_first() const;
   int eot() const;         // <|endoftext|> (50256) for GPT-2, </s> (2) for Llama
   int vocab_size() const;  // 50257 for GPT-2, 32000 for Llama-2
 
@@ -69,6 +72,10 @@ class Tokenizer {
   explicit Tokenizer(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };
+
+// A model of model_vocab tokens can read every id of tok (from dir): else an InputError naming both, e.g. a
+// Llama model of 32000 tokens given GPT-2's tokenizer.
+void check_tokenizer_fits(const Tokenizer& tok, int model_vocab, const std::string& dir);
 
 // Writes an llm.c token file (header of 256 int32: magic, version, token count; then uint16 tokens) to
 // path + ".tmp" and renames it to path, so a reader never sees a half-written file. Throws RuntimeError

@@ -20,6 +20,7 @@ class Tokenizer::Impl {
   virtual std::vector<int> encode(std::string_view text) const = 0;
   virtual std::string decode(std::span<const int> tokens) const = 0;
   virtual int bos() const = 0;
+  virtual bool adds_space_first() const = 0;
   virtual int eot() const = 0;
   virtual int vocab_size() const = 0;
 };
