@@ -197,11 +197,11 @@ def load_checkpoint(path: str):
     return cfg, params, attrs
 
 
-def load_model(path: str):
+def load_model(path: str, read_config_fn=None):
     """(Config, params) with every quantized tensor (a W, A or B, or the tied wte) replaced by its
-    float32 dequantization."""
+    float32 dequantization. read_config_fn: /config's reader (default this GPT-2's)."""
     with h5py.File(path, "r") as f:
-        cfg = read_config(f)
+        cfg = (read_config_fn or read_config)(f)
         params = read_group_tensors(f, "model")
         stems = sorted(k[:-len("_q")] for k in params if k.endswith("_q") and not k.endswith("_absmax_q"))
         for stem in stems:

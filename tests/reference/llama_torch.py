@@ -22,6 +22,7 @@ Token files, batches, quantizers, `to_torch` and the AdamW loop are gpt2_torch's
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -154,6 +155,17 @@ def save_checkpoint(path: str, cfg: Config, params: dict[str, np.ndarray], mode:
                 ref.write_quantized(m, name, quantize(arr, cfg))
             else:
                 m.create_dataset(name, data=np.ascontiguousarray(arr, dtype=np.float32))
+
+
+def read_config(f: h5py.File) -> Config:
+    """gpt2_torch.read_config's fields plus Llama's."""
+    c = f["config"].attrs
+    return Config(**dataclasses.asdict(ref.read_config(f)), n_kv_head=int(c["n_kv_head"]),
+                  rope_theta=float(c["rope_theta"]), norm_eps=float(c["norm_eps"]))
+
+
+# (Config, params) of a Llama file, its quantized tensors (lm_head's too) dequantized.
+load_model = functools.partial(ref.load_model, read_config_fn=read_config)
 
 
 def quantize(w: np.ndarray, cfg: Config) -> dict:

@@ -50,6 +50,10 @@ Checks
                            (block 100) or double-quantized NF4 base (nf4_mixed: low-rank qkv and fc,
                            A and B stored NF4), the checkpoint written here: the loss, and
                            exactly the adapters' gradients, vs torch over the numpy dequantization
+  llama_finetune_{nf4,int8_mixed}_{loss,grads,base}   as lora_*, for `lrllm --mode finetune` of a
+                           Llama base (Llama-2 tokenizer, V 32000): NF4 with adapters on every site,
+                           int8 (block 100) of a mixed base with adapters on qkv,mlp_proj; wte and
+                           the untied lm_head are stored quantized as well
   llama_train_{dense,mixed}_{loss,lr,grad_norm,weights,moments}   as train_*, for GQA Llama models
                            (weight decay on wte, lm_head, W, A, B; not on the RMSNorm weights)
 
@@ -515,6 +519,7 @@ def saved_module(patterns: str):
         return any(match(p, "/".join(parts[:n])) for p in pats for n in range(1, len(parts) + 1))
     return saved
 LORA_RANK, LORA_ALPHA = 4, 8.0
+TOKENIZER_DIR = {ref: "tokenizer", llama: "tokenizer-llama"}  # under input/data
 INSTRUCTIONS = [
     {"instruction": "Classify the sentiment of this headline.",
      "input": "Quarterly profits rose sharply on strong demand.", "output": "positive"},
@@ -566,16 +571,18 @@ def adapter_checks(run):
     return [("loss", check_loss), ("grads", check_grads)]
 
 
-def run_lora_case(build, work, name, seed):
-    base_cfg, bits, qblock, targets, modules = LORA_CASES[name][:5]
-    tokens_case = len(LORA_CASES[name]) > 5
+def run_lora_case(build, work, name, case, seed, model=ref):
+    """Checks of `lrllm --mode finetune` over a base of model (gpt2_torch or llama_torch); case: an
+    entry of LORA_CASES or LLAMA_FINETUNE_CASES."""
+    base_cfg, bits, qblock, targets, modules = case[:5]
+    tokens_case = len(case) > 5
     saved = saved_module(modules)
     trainable = lambda k: ref.is_lora(k) or saved(k) or k == "trainable_tokens/delta"  # noqa: E731
     @once
     def run():
-        base_params = ref.init_params(base_cfg, seed=seed)
+        base_params = model.init_params(base_cfg, seed=seed)
         base = os.path.join(work, f"lora_{name}_base.h5")
-        ref.save_checkpoint(base, base_cfg, base_params)
+        model.save_checkpoint(base, base_cfg, base_params)
         jsonl = os.path.join(work, f"lora_{name}.jsonl")
         with open(jsonl, "w") as f:
             for ex in INSTRUCTIONS:
@@ -587,7 +594,7 @@ def run_lora_case(build, work, name, seed):
         token_ids = sorted({int(t) for t in toks[:3]} | {base_cfg.vocab_size - 1}) if tokens_case else []
         run_cmd([os.path.join(build, "lrllm"), "--mode", "finetune", "--model.init", base,
                  "--data.train", jsonl, "--data.val", jsonl,
-                 "--data.tokenizer_dir", os.path.join(REPO, "input", "data", "tokenizer"),
+                 "--data.tokenizer_dir", os.path.join(REPO, "input", "data", TOKENIZER_DIR[model]),
                  "--lora.rank", str(LORA_RANK), "--lora.alpha", repr(LORA_ALPHA),
                  "--lora.targets", targets, "--quant.bits", str(bits),
                  "--quant.block", str(qblock), "--train.steps", str(steps),
@@ -600,7 +607,7 @@ def run_lora_case(build, work, name, seed):
         data = os.path.join(work, f"lora_{name}.bin")
         ref.write_tokens(data, toks)
         got_loss, got = grad_dump(build, ckpt, data, os.path.join(work, f"lora_{name}_out.h5"))
-        cfg, params = ref.load_model(ckpt)
+        cfg, params = model.load_model(ckpt)
         want_sites = [ref.site_path(i, s) for i in range(cfg.n_layer) for s in
                       (ref.LINEAR_SITES if targets == "all" else targets.split(","))]
         if (cfg.lora_rank, cfg.lora_alpha) != (LORA_RANK, LORA_ALPHA):
@@ -617,11 +624,11 @@ def run_lora_case(build, work, name, seed):
             raise CheckFailed(f"trainable_tokens/delta has shape {params['trainable_tokens/delta'].shape}")
         if modules and not any(saved(k) for k in params):
             raise CheckFailed(f"no tensor of the checkpoint matches lora.modules_to_save {modules!r}")
-        loss, grads = ref.loss_and_grads(params, cfg, x, y, trainable=trainable)
+        loss, grads = model.loss_and_grads(params, cfg, x, y, trainable=trainable)
         frozen = ref.to_torch(params, requires_grad=False)
         with torch.no_grad():
-            _, l0 = ref.forward({k: v for k, v in frozen.items() if not ref.is_lora(k)},
-                                cfg, x, y)
+            _, l0 = model.forward({k: v for k, v in frozen.items() if not ref.is_lora(k)},
+                                  cfg, x, y)
         return dict(ckpt=ckpt, base=base, cfg=cfg, got_loss=got_loss, loss=loss,
                     loss_no_lora=l0.item(), got=got, grads=grads, bits=bits)
 
@@ -635,7 +642,7 @@ def run_lora_case(build, work, name, seed):
             if qattr != (kind or "none"):
                 raise CheckFailed(f"/config quant is {qattr!r}, expected {kind or 'none'!r}")
             for k, v in base_p.items():
-                if k.rsplit("/", 1)[-1] in ("W", "A", "B", "wte") and kind is not None:
+                if k.rsplit("/", 1)[-1] in ("W", "A", "B", "wte", "lm_head") and kind is not None:
                     if k in stored:
                         raise CheckFailed(f"{k} stored as float under quant {kind}")
                     if k + "_q" not in stored:
@@ -715,6 +722,14 @@ LLAMA_VARIANTS = {
 # blocks of 100 (short last blocks), NF4 double-quantized (nf4_mixed: its A and B too).
 LLAMA_LORA_CASES = {"float": ("none", 64, ()), "int8": ("int8", 100, ()), "nf4": ("nf4", 64, ()),
                     "nf4_mixed": ("nf4", 64, ("qkv", "fc"))}
+# As LORA_CASES, for `lrllm --mode finetune` of a Llama base over the Llama-2 tokenizer's vocabulary: NF4
+# (wte and lm_head quantized too) with adapters on every site, and int8 of a mixed base with adapters on two.
+LLAMA_FINETUNE = dict(vocab_size=32000, seq_len=32, n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=80)
+LLAMA_FINETUNE_CASES = {
+    "nf4": (llama.Config(**LLAMA_FINETUNE), 4, 64, "all", ""),
+    "int8_mixed": (llama.Config(**LLAMA_FINETUNE, lowrank_rank=4, lowrank_targets=("qkv", "fc")), 8, 100,
+                   "qkv,mlp_proj", ""),
+}
 
 
 def check_llama_selftest():
@@ -1038,8 +1053,8 @@ def main():
     for v, seed, n_seq in (("dense", 20, 40), ("lowrank", 21, 26)):
         for suffix, fn in run_train_case(build, work, f"train_{v}", VARIANTS[v], seed, n_seq):
             checks.append((f"train_{v}_{suffix}", fn))
-    for i, name in enumerate(LORA_CASES):
-        for suffix, fn in run_lora_case(build, work, name, seed=30 + i):
+    for i, (name, case) in enumerate(LORA_CASES.items()):
+        for suffix, fn in run_lora_case(build, work, name, case, seed=30 + i):
             checks.append((f"lora_{name}_{suffix}", fn))
 
     for i, v in enumerate(("dense", "lowrank")):
@@ -1055,6 +1070,9 @@ def main():
     for i, name in enumerate(LLAMA_LORA_CASES):
         for suffix, fn in run_llama_lora_case(build, work, name, seed=60 + i):
             checks.append((f"llama_lora_{name}_{suffix}", fn))
+    for i, (name, case) in enumerate(LLAMA_FINETUNE_CASES.items()):
+        for suffix, fn in run_lora_case(build, work, f"llama_{name}", case, seed=65 + i, model=llama):
+            checks.append((f"llama_finetune_{name}_{suffix}", fn))
     # GQA dense: 40 sequences, no wrap-around; mixed: 26 sequences, so step 7 wraps to 0.
     for v, cfg, seed, n_seq in (("dense", LLAMA_VARIANTS["packed"], 70, 40),
                                 ("mixed", LLAMA_VARIANTS["mixed"], 71, 26)):
