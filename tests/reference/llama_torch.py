@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from dataclasses import dataclass
 
 import h5py
 import numpy as np
@@ -36,7 +35,7 @@ import gpt2_torch as ref
 FORMAT_VERSION = 4  # the checkpoint format version that introduces arch = llama
 
 
-@dataclass
+@dataclasses.dataclass
 class Config(ref.Config):
     """GPT-2's Config (shape, low-rank, LoRA and quantization fields) plus Llama's own. d_ff is the
     SwiGLU hidden width F (HF's intermediate_size)."""
