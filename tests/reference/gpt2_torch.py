@@ -197,11 +197,11 @@ def load_checkpoint(path: str):
     return cfg, params, attrs
 
 
-def load_model(path: str):
+def load_model(path: str, read_config_fn=None):
     """(Config, params) with every quantized tensor (a W, A or B, or the tied wte) replaced by its
-    float32 dequantization."""
+    float32 dequantization. read_config_fn: /config's reader (default this GPT-2's)."""
     with h5py.File(path, "r") as f:
-        cfg = read_config(f)
+        cfg = (read_config_fn or read_config)(f)
         params = read_group_tensors(f, "model")
         stems = sorted(k[:-len("_q")] for k in params if k.endswith("_q") and not k.endswith("_absmax_q"))
         for stem in stems:
@@ -334,11 +334,13 @@ def is_lora(name: str) -> bool:
     return name.split("/")[-1] in ("lora_A", "lora_B")
 
 
-def loss_and_grads(params, cfg: Config, x, y, dtype=torch.float64, trainable=None, positions=None):
+def loss_and_grads(params, cfg: Config, x, y, dtype=torch.float64, trainable=None, positions=None,
+                   forward_fn=None):
     """Mean loss (float) and gradients (numpy, float64) of every parameter, or only of those
-    for which the predicate `trainable` holds (the rest are frozen constants)."""
+    for which the predicate `trainable` holds (the rest are frozen constants). forward_fn: the
+    model (default this GPT-2's forward; llama_torch passes its own)."""
     P = to_torch(params, dtype, True if trainable is None else trainable)
-    _, loss = forward(P, cfg, x, y, positions)
+    _, loss = (forward_fn or forward)(P, cfg, x, y, positions)
     loss.backward()
     return loss.item(), {k: t.grad.detach().numpy().astype(np.float64) for k, t in P.items()
                          if t.requires_grad}
@@ -477,6 +479,22 @@ def read_quantized(g: h5py.Group, stem: str = "W") -> dict:
     return q
 
 
+def write_quantized(g: h5py.Group, stem: str, q: dict):
+    """q (as quantize returns it) stored beside the float path `stem` under group g, in the layout
+    read_quantized reads (docs/design.md, Quantized tensors)."""
+    d = g.create_dataset(stem + "_q", data=np.asarray(q["codes"]))
+    d.attrs["quant"] = q["kind"]
+    d.attrs["block_size"] = np.int64(q["block"])
+    d.attrs["shape"] = np.asarray(q["shape"], dtype=np.int64)
+    if q["double_quant"]:
+        d.attrs["absmax_mean"] = np.float64(q["absmax_mean"])
+        d.attrs["absmax_block_size"] = np.int64(NF4_ABSMAX_BLOCK)
+        g.create_dataset(stem + "_absmax_q", data=np.asarray(q["absmax_q"], np.int8))
+        g.create_dataset(stem + "_absmax_scale", data=np.asarray(q["absmax_scale"], np.float32))
+    else:
+        g.create_dataset(stem + "_absmax", data=np.asarray(q["absmax"], np.float32))
+
+
 # ----------------------------------------------------------------------------------------------
 # Training (what `lrllm --mode pretrain` does on one rank with grad_accum 1)
 
@@ -503,18 +521,22 @@ def lr_at(tc: TrainConfig, k: int) -> float:
     return tc.min_lr + 0.5 * (tc.lr - tc.min_lr) * (1.0 + math.cos(math.pi * frac))
 
 
-def train(params, cfg: Config, tokens: np.ndarray, tc: TrainConfig, dtype=torch.float64):
+def train(params, cfg: Config, tokens: np.ndarray, tc: TrainConfig, dtype=torch.float64,
+          forward_fn=None, is_decayed_fn=None):
     """Run tc.steps AdamW steps; returns (history, final params, optimizer state).
 
     history: dict of lists 'loss' (before the step's update), 'lr', 'grad_norm' (before
     clipping). Step k uses sequences k*B .. k*B+B-1, modulo the number of sequences.
+    forward_fn / is_decayed_fn: the model and its weight-decay rule (default this GPT-2's).
     """
+    forward_fn = forward_fn or forward
+    is_decayed_fn = is_decayed_fn or is_decayed
     T = cfg.seq_len
     n_seq = (len(tokens) - 1) // T
     P = to_torch(params, dtype)
     names = list(P.keys())
-    decay = [P[n] for n in names if is_decayed(n)]
-    no_decay = [P[n] for n in names if not is_decayed(n)]
+    decay = [P[n] for n in names if is_decayed_fn(n)]
+    no_decay = [P[n] for n in names if not is_decayed_fn(n)]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": tc.weight_decay},
          {"params": no_decay, "weight_decay": 0.0}],
@@ -528,7 +550,7 @@ def train(params, cfg: Config, tokens: np.ndarray, tc: TrainConfig, dtype=torch.
         for g in opt.param_groups:
             g["lr"] = lr
         opt.zero_grad(set_to_none=True)
-        _, loss = forward(P, cfg, x, y)
+        _, loss = forward_fn(P, cfg, x, y)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_([P[n] for n in names], tc.grad_clip)
         opt.step()

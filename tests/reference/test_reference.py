@@ -36,12 +36,34 @@ Checks
                            (decoded with OpenAI's byte-level table); each step's top-2 logit gap is
                            checked to be far above float32 rounding, so the comparison is decisive
 
+  llama_reference_selftest  llama_torch.py itself: RMSNorm against its formula, silu and the
+                           cross-entropy over targets >= 0 against torch's, rope at position 0 the
+                           identity and rotate_half's pairing on basis vectors, attention with
+                           NKV = NH against gpt2_torch's over pre-rotated q, k (causal and packed),
+                           GQA == MHA with repeated kv heads, low-rank == dense(B@A), LoRA == merged
+                           W, the file layout, and autograd against central differences
+  llama_{dense,lowrank,mixed,gqa_kv2,gqa_kv1,packed}_{loss,grads}   grad_dump on arch = llama
+                           checkpoints vs llama_torch.py (rel <= 1e-5 / 1e-4): dense with NKV = NH,
+                           NKV 2 of NH 4 (lowrank, mixed, packed), 2 of 8 and 1 of 4 (gqa_*), packed
+                           rows via --segments, rope_theta and norm_eps off Llama-2's in some
+  llama_lora_{float,int8,nf4,nf4_mixed}_{loss,grads}   adapters on every site over a float32, int8
+                           (block 100) or double-quantized NF4 base (nf4_mixed: low-rank qkv and fc,
+                           A and B stored NF4), the checkpoint written here: the loss, and
+                           exactly the adapters' gradients, vs torch over the numpy dequantization
+  llama_finetune_{nf4,int8_mixed}_{loss,grads,base}   as lora_*, for `lrllm --mode finetune` of a
+                           Llama base (Llama-2 tokenizer, V 32000): NF4 with adapters on every site,
+                           int8 (block 100) of a mixed base with adapters on qkv,mlp_proj; wte and
+                           the untied lm_head are stored quantized as well
+  llama_train_{dense,mixed}_{loss,lr,grad_norm,weights,moments}   as train_*, for GQA Llama models
+                           (weight decay on wte, lm_head, W, A, B; not on the RMSNorm weights)
+
 The torch side runs in float64 throughout (model, gradients and the AdamW loop).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -59,6 +81,7 @@ import torch.nn.functional as Fn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gpt2_torch as ref  # noqa: E402
+import llama_torch as llama  # noqa: E402
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
@@ -276,20 +299,33 @@ def packed_positions(segments: list[int], T: int, rows: int) -> torch.Tensor:
     return torch.tensor([row] * rows, dtype=torch.long)
 
 
-def prepare_grad_case(work, variant, seed, segments=None):
-    cfg = VARIANTS[variant]
-    params = ref.init_params(cfg, seed=seed)
-    name = f"grad_{variant}{'_packed' if segments else ''}"
+def prepare_grad_case(work, name, cfg, seed, segments=None, model=ref):
+    """Checkpoint and token file of check `name`, and the torch loss and gradients of their first
+    BATCH sequences; model: the reference module (gpt2_torch or llama_torch)."""
+    params = model.init_params(cfg, seed=seed)
     ckpt = os.path.join(work, f"{name}.h5")
-    ref.save_checkpoint(ckpt, cfg, params)
+    model.save_checkpoint(ckpt, cfg, params)
     rng = np.random.default_rng(seed + 1000)
     toks = rng.integers(0, cfg.vocab_size, size=(BATCH + 2) * cfg.seq_len + 3)
     data = os.path.join(work, f"{name}.bin")
     ref.write_tokens(data, toks)
     x, y = ref.batch(toks, cfg.seq_len, range(BATCH))
     positions = packed_positions(segments, cfg.seq_len, BATCH) if segments else None
-    loss, grads = ref.loss_and_grads(params, cfg, x, y, positions=positions)
+    loss, grads = model.loss_and_grads(params, cfg, x, y, positions=positions)
     return ckpt, data, loss, grads
+
+
+def grad_dump(build, ckpt, data, out, segments=None):
+    """build/tests/grad_dump on the first BATCH sequences of `data`: (loss, gradients by name)."""
+    exe = os.path.join(build, "tests", "grad_dump")
+    packing = ["--segments", ",".join(map(str, segments))] if segments else []
+    run_cmd([exe, "--init", ckpt, "--data", data, "--batch", str(BATCH), "--out", out] + packing)
+    if not os.path.exists(out):
+        raise CheckFailed(f"grad_dump exited 0 but wrote no {os.path.basename(out)}")
+    with h5py.File(out, "r") as f:
+        if "loss" not in f.attrs:
+            raise CheckFailed("grad_dump output has no root attr 'loss'")
+        return float(f.attrs["loss"]), ref.read_group_tensors(f, "grads")
 
 
 def once(fn):
@@ -310,23 +346,13 @@ def once(fn):
     return wrapper
 
 
-def run_grad_case(build, work, variant, seed, segments=None):
+def run_grad_case(build, work, name, cfg, seed, segments=None, model=ref):
     """Returns a pair of check functions (loss, grads) sharing one grad_dump run; with segments,
     every row packs examples of those lengths (and one of the rest)."""
     @once
     def run():
-        ckpt, data, loss, grads = prepare_grad_case(work, variant, seed, segments)
-        out = os.path.join(work, f"grad_{variant}{'_packed' if segments else ''}_out.h5")
-        exe = os.path.join(build, "tests", "grad_dump")
-        packing = ["--segments", ",".join(map(str, segments))] if segments else []
-        run_cmd([exe, "--init", ckpt, "--data", data, "--batch", str(BATCH), "--out", out] + packing)
-        if not os.path.exists(out):
-            raise CheckFailed(f"grad_dump exited 0 but wrote no {os.path.basename(out)}")
-        with h5py.File(out, "r") as f:
-            if "loss" not in f.attrs:
-                raise CheckFailed("grad_dump output has no root attr 'loss'")
-            got_loss = float(f.attrs["loss"])
-            got = ref.read_group_tensors(f, "grads")
+        ckpt, data, loss, grads = prepare_grad_case(work, name, cfg, seed, segments, model)
+        got_loss, got = grad_dump(build, ckpt, data, os.path.join(work, f"{name}_out.h5"), segments)
         return (got_loss, loss, got, grads)
 
     def check_loss():
@@ -357,19 +383,19 @@ def find_final_checkpoint(run_dir, steps):
                       f"{', '.join(have) or 'nothing'})")
 
 
-def run_train_case(build, work, variant, seed, n_seq):
-    cfg = VARIANTS[variant]
+def run_train_case(build, work, name, cfg, seed, n_seq, model=ref):
+    """Checks of `lrllm --mode pretrain` from a checkpoint of model (gpt2_torch or llama_torch)."""
     tc = ref.TrainConfig(steps=10, batch_size=BATCH)
     @once
     def run():
-        params = ref.init_params(cfg, seed=seed)
-        ckpt = os.path.join(work, f"train_{variant}.h5")
-        ref.save_checkpoint(ckpt, cfg, params)
+        params = model.init_params(cfg, seed=seed)
+        ckpt = os.path.join(work, f"{name}.h5")
+        model.save_checkpoint(ckpt, cfg, params)
         rng = np.random.default_rng(seed + 1000)
         toks = rng.integers(0, cfg.vocab_size, size=n_seq * cfg.seq_len + 1 + 5)
-        data = os.path.join(work, f"train_{variant}.bin")
+        data = os.path.join(work, f"{name}.bin")
         ref.write_tokens(data, toks)
-        run_dir = os.path.join(work, f"run_{variant}")
+        run_dir = os.path.join(work, f"run_{name}")
         exe = os.path.join(build, "lrllm")
         cmd = [exe, "--mode", "pretrain", "--model.init", ckpt, "--data.train", data,
                "--data.val", data, "--data.shuffle", "false",
@@ -380,7 +406,7 @@ def run_train_case(build, work, variant, seed, n_seq):
                "--train.grad_clip", repr(tc.grad_clip), "--train.eval_every", "0",
                "--run.dir", run_dir, "--device", "cpu"]
         run_cmd(cmd)
-        hist, final, opt = ref.train(params, cfg, toks, tc)
+        hist, final, opt = model.train(params, cfg, toks, tc)
         return (run_dir, hist, final, opt, tc)
 
     def metrics(run_dir):
@@ -421,7 +447,8 @@ def run_train_case(build, work, variant, seed, n_seq):
         # of a row does not change the softmax), so in float32 Adam turns round-off into moves
         # of up to ~lr a step there (lrllm: ~4e-4 in all), while float64 torch leaves it in place.
         # Those rows only get a sanity bound, sum(lr), the most Adam can move a parameter in
-        # these steps; the q and v rows are compared relatively like every other tensor.
+        # these steps; the q and v rows are compared relatively like every other tensor. (Llama
+        # has no biases: nothing to set apart there.)
         C = cfg.d_model
         got, want = dict(got), dict(final)
         kbound = sum(hist["lr"])
@@ -492,6 +519,7 @@ def saved_module(patterns: str):
         return any(match(p, "/".join(parts[:n])) for p in pats for n in range(1, len(parts) + 1))
     return saved
 LORA_RANK, LORA_ALPHA = 4, 8.0
+TOKENIZER_DIR = {ref: "tokenizer", llama: "tokenizer-llama"}  # under input/data
 INSTRUCTIONS = [
     {"instruction": "Classify the sentiment of this headline.",
      "input": "Quarterly profits rose sharply on strong demand.", "output": "positive"},
@@ -509,72 +537,9 @@ def bits_equal(a, b) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
 
 
-def run_lora_case(build, work, name, seed):
-    base_cfg, bits, qblock, targets, modules = LORA_CASES[name][:5]
-    tokens_case = len(LORA_CASES[name]) > 5
-    saved = saved_module(modules)
-    trainable = lambda k: ref.is_lora(k) or saved(k) or k == "trainable_tokens/delta"  # noqa: E731
-    @once
-    def run():
-        base_params = ref.init_params(base_cfg, seed=seed)
-        base = os.path.join(work, f"lora_{name}_base.h5")
-        ref.save_checkpoint(base, base_cfg, base_params)
-        jsonl = os.path.join(work, f"lora_{name}.jsonl")
-        with open(jsonl, "w") as f:
-            for ex in INSTRUCTIONS:
-                f.write(json.dumps(ex) + "\n")
-        run_dir = os.path.join(work, f"run_lora_{name}")
-        steps = 2
-        rng = np.random.default_rng(seed + 1000)
-        toks = rng.integers(0, base_cfg.vocab_size, size=(BATCH + 1) * base_cfg.seq_len + 3)
-        token_ids = sorted({int(t) for t in toks[:3]} | {base_cfg.vocab_size - 1}) if tokens_case else []
-        run_cmd([os.path.join(build, "lrllm"), "--mode", "finetune", "--model.init", base,
-                 "--data.train", jsonl, "--data.val", jsonl,
-                 "--data.tokenizer_dir", os.path.join(REPO, "input", "data", "tokenizer"),
-                 "--lora.rank", str(LORA_RANK), "--lora.alpha", repr(LORA_ALPHA),
-                 "--lora.targets", targets, "--quant.bits", str(bits),
-                 "--quant.block", str(qblock), "--train.steps", str(steps),
-                 *(["--quant.embedding", "false"] if "wte" in modules else []),
-                 *(["--lora.modules_to_save", modules] if modules else []),
-                 *(["--lora.trainable_tokens", ",".join(map(str, token_ids))] if token_ids else []),
-                 "--train.batch_size", "2", "--train.lr", "1e-2", "--train.warmup", "0",
-                 "--train.eval_batches", "1", "--run.dir", run_dir, "--device", "cpu"])
-        ckpt = find_final_checkpoint(run_dir, steps)
-        data = os.path.join(work, f"lora_{name}.bin")
-        ref.write_tokens(data, toks)
-        out = os.path.join(work, f"lora_{name}_out.h5")
-        run_cmd([os.path.join(build, "tests", "grad_dump"), "--init", ckpt, "--data", data,
-                 "--batch", str(BATCH), "--out", out])
-        with h5py.File(out, "r") as f:
-            if "loss" not in f.attrs:
-                raise CheckFailed("grad_dump output has no root attr 'loss'")
-            got_loss = float(f.attrs["loss"])
-            got = ref.read_group_tensors(f, "grads")
-        cfg, params = ref.load_model(ckpt)
-        want_sites = [ref.site_path(i, s) for i in range(cfg.n_layer) for s in
-                      (ref.LINEAR_SITES if targets == "all" else targets.split(","))]
-        if (cfg.lora_rank, cfg.lora_alpha) != (LORA_RANK, LORA_ALPHA):
-            raise CheckFailed(f"checkpoint /config lora_rank {cfg.lora_rank}, lora_alpha "
-                              f"{cfg.lora_alpha}; expected {LORA_RANK}, {LORA_ALPHA}")
-        have = sorted(k for k in params if ref.is_lora(k))
-        expect = sorted(f"{sp}/{t}" for sp in want_sites for t in ("lora_A", "lora_B"))
-        if have != expect:
-            raise CheckFailed(f"checkpoint adapters {have} != expected {expect}")
-        x, y = ref.batch(toks, cfg.seq_len, range(BATCH))
-        if list(cfg.trainable_tokens) != token_ids:
-            raise CheckFailed(f"/config trainable_tokens {cfg.trainable_tokens}, expected {token_ids}")
-        if token_ids and params["trainable_tokens/delta"].shape != (len(token_ids), cfg.d_model):
-            raise CheckFailed(f"trainable_tokens/delta has shape {params['trainable_tokens/delta'].shape}")
-        if modules and not any(saved(k) for k in params):
-            raise CheckFailed(f"no tensor of the checkpoint matches lora.modules_to_save {modules!r}")
-        loss, grads = ref.loss_and_grads(params, cfg, x, y, trainable=trainable)
-        frozen = ref.to_torch(params, requires_grad=False)
-        with torch.no_grad():
-            _, l0 = ref.forward({k: v for k, v in frozen.items() if not ref.is_lora(k)},
-                                cfg, x, y)
-        return dict(ckpt=ckpt, base=base, cfg=cfg, got_loss=got_loss, loss=loss,
-                    loss_no_lora=l0.item(), got=got, grads=grads, bits=bits)
-
+def adapter_checks(run):
+    """The (loss, grads) checks of a LoRA model, over run() -> dict of got_loss, got (grad_dump's),
+    loss, grads (torch's, of the adapters only) and loss_no_lora (torch's without the adapters)."""
     def check_loss():
         r = run()
         got_loss, loss = r["got_loss"], r["loss"]
@@ -603,6 +568,70 @@ def run_lora_case(build, work, name, seed):
                 raise CheckFailed(f"reference gradient of {k} is zero")
         compare_tensors(got, grads, GRAD_RTOL, "adapter gradients")
 
+    return [("loss", check_loss), ("grads", check_grads)]
+
+
+def run_lora_case(build, work, name, case, seed, model=ref):
+    """Checks of `lrllm --mode finetune` over a base of model (gpt2_torch or llama_torch); case: an
+    entry of LORA_CASES or LLAMA_FINETUNE_CASES."""
+    base_cfg, bits, qblock, targets, modules = case[:5]
+    tokens_case = len(case) > 5
+    saved = saved_module(modules)
+    trainable = lambda k: ref.is_lora(k) or saved(k) or k == "trainable_tokens/delta"  # noqa: E731
+    @once
+    def run():
+        base_params = model.init_params(base_cfg, seed=seed)
+        base = os.path.join(work, f"lora_{name}_base.h5")
+        model.save_checkpoint(base, base_cfg, base_params)
+        jsonl = os.path.join(work, f"lora_{name}.jsonl")
+        with open(jsonl, "w") as f:
+            for ex in INSTRUCTIONS:
+                f.write(json.dumps(ex) + "\n")
+        run_dir = os.path.join(work, f"run_lora_{name}")
+        steps = 2
+        rng = np.random.default_rng(seed + 1000)
+        toks = rng.integers(0, base_cfg.vocab_size, size=(BATCH + 1) * base_cfg.seq_len + 3)
+        token_ids = sorted({int(t) for t in toks[:3]} | {base_cfg.vocab_size - 1}) if tokens_case else []
+        run_cmd([os.path.join(build, "lrllm"), "--mode", "finetune", "--model.init", base,
+                 "--data.train", jsonl, "--data.val", jsonl,
+                 "--data.tokenizer_dir", os.path.join(REPO, "input", "data", TOKENIZER_DIR[model]),
+                 "--lora.rank", str(LORA_RANK), "--lora.alpha", repr(LORA_ALPHA),
+                 "--lora.targets", targets, "--quant.bits", str(bits),
+                 "--quant.block", str(qblock), "--train.steps", str(steps),
+                 *(["--quant.embedding", "false"] if "wte" in modules else []),
+                 *(["--lora.modules_to_save", modules] if modules else []),
+                 *(["--lora.trainable_tokens", ",".join(map(str, token_ids))] if token_ids else []),
+                 "--train.batch_size", "2", "--train.lr", "1e-2", "--train.warmup", "0",
+                 "--train.eval_batches", "1", "--run.dir", run_dir, "--device", "cpu"])
+        ckpt = find_final_checkpoint(run_dir, steps)
+        data = os.path.join(work, f"lora_{name}.bin")
+        ref.write_tokens(data, toks)
+        got_loss, got = grad_dump(build, ckpt, data, os.path.join(work, f"lora_{name}_out.h5"))
+        cfg, params = model.load_model(ckpt)
+        want_sites = [ref.site_path(i, s) for i in range(cfg.n_layer) for s in
+                      (ref.LINEAR_SITES if targets == "all" else targets.split(","))]
+        if (cfg.lora_rank, cfg.lora_alpha) != (LORA_RANK, LORA_ALPHA):
+            raise CheckFailed(f"checkpoint /config lora_rank {cfg.lora_rank}, lora_alpha "
+                              f"{cfg.lora_alpha}; expected {LORA_RANK}, {LORA_ALPHA}")
+        have = sorted(k for k in params if ref.is_lora(k))
+        expect = sorted(f"{sp}/{t}" for sp in want_sites for t in ("lora_A", "lora_B"))
+        if have != expect:
+            raise CheckFailed(f"checkpoint adapters {have} != expected {expect}")
+        x, y = ref.batch(toks, cfg.seq_len, range(BATCH))
+        if list(cfg.trainable_tokens) != token_ids:
+            raise CheckFailed(f"/config trainable_tokens {cfg.trainable_tokens}, expected {token_ids}")
+        if token_ids and params["trainable_tokens/delta"].shape != (len(token_ids), cfg.d_model):
+            raise CheckFailed(f"trainable_tokens/delta has shape {params['trainable_tokens/delta'].shape}")
+        if modules and not any(saved(k) for k in params):
+            raise CheckFailed(f"no tensor of the checkpoint matches lora.modules_to_save {modules!r}")
+        loss, grads = model.loss_and_grads(params, cfg, x, y, trainable=trainable)
+        frozen = ref.to_torch(params, requires_grad=False)
+        with torch.no_grad():
+            _, l0 = model.forward({k: v for k, v in frozen.items() if not ref.is_lora(k)},
+                                  cfg, x, y)
+        return dict(ckpt=ckpt, base=base, cfg=cfg, got_loss=got_loss, loss=loss,
+                    loss_no_lora=l0.item(), got=got, grads=grads, bits=bits)
+
     def check_base():
         r = run()
         _, base_p, _ = ref.load_checkpoint(r["base"])
@@ -613,7 +642,7 @@ def run_lora_case(build, work, name, seed):
             if qattr != (kind or "none"):
                 raise CheckFailed(f"/config quant is {qattr!r}, expected {kind or 'none'!r}")
             for k, v in base_p.items():
-                if k.rsplit("/", 1)[-1] in ("W", "A", "B", "wte") and kind is not None:
+                if k.rsplit("/", 1)[-1] in ("W", "A", "B", "wte", "lm_head") and kind is not None:
                     if k in stored:
                         raise CheckFailed(f"{k} stored as float under quant {kind}")
                     if k + "_q" not in stored:
@@ -636,7 +665,7 @@ def run_lora_case(build, work, name, seed):
                 if ref.is_lora(k) and k.endswith("lora_B") and not np.any(v != 0):
                     raise CheckFailed(f"{k} is all zero after 2 finetuning steps")
 
-    return [("loss", check_loss), ("grads", check_grads), ("base", check_base)]
+    return adapter_checks(run) + [("base", check_base)]
 
 
 def check_quantized(site, w, q, kind, block):
@@ -671,6 +700,253 @@ def check_quantized(site, w, q, kind, block):
         i = int(np.argmax(err - bound))
         raise CheckFailed(f"{site} dequantized W off by {err[i]:.3g} at [{i}] (bound "
                           f"{bound[i]:.3g})")
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Llama (arch = llama) against llama_torch.py
+
+LLAMA_SMALL = dict(vocab_size=512, seq_len=32, n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=160)
+# Some variants move rope_theta and norm_eps off Llama-2's 10000 and 1e-5, so that a model that does not
+# take them from the file fails there.
+LLAMA_VARIANTS = {
+    "dense": llama.Config(**{**LLAMA_SMALL, "n_kv_head": 4}),  # NKV = NH: the multi-head path
+    "lowrank": llama.Config(**LLAMA_SMALL, lowrank_rank=8, lowrank_targets=tuple(ref.LINEAR_SITES)),
+    "mixed": llama.Config(**LLAMA_SMALL, lowrank_rank=8, lowrank_targets=("qkv", "fc"),
+                          rope_theta=500000.0, norm_eps=1e-6),
+    "gqa_kv2": llama.Config(**{**LLAMA_SMALL, "n_head": 8}, rope_theta=100.0),  # 4 query heads a kv head
+    "gqa_kv1": llama.Config(**{**LLAMA_SMALL, "n_kv_head": 1}, norm_eps=1e-4),  # one kv head for all
+    "packed": llama.Config(**LLAMA_SMALL),
+}
+# name: (quant, quant_block, low-rank sites) of a frozen base under adapters on every site, written directly
+# (not by `lrllm --mode finetune`, whose instruction data needs the GPT-2 tokenizer's vocabulary); int8 with
+# blocks of 100 (short last blocks), NF4 double-quantized (nf4_mixed: its A and B too).
+LLAMA_LORA_CASES = {"float": ("none", 64, ()), "int8": ("int8", 100, ()), "nf4": ("nf4", 64, ()),
+                    "nf4_mixed": ("nf4", 64, ("qkv", "fc"))}
+# As LORA_CASES, for `lrllm --mode finetune` of a Llama base over the Llama-2 tokenizer's vocabulary: NF4
+# (wte and lm_head quantized too) with adapters on every site, and int8 of a mixed base with adapters on two.
+LLAMA_FINETUNE = dict(vocab_size=32000, seq_len=32, n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=80)
+LLAMA_FINETUNE_CASES = {
+    "nf4": (llama.Config(**LLAMA_FINETUNE), 4, 64, "all", ""),
+    "int8_mixed": (llama.Config(**LLAMA_FINETUNE, lowrank_rank=4, lowrank_targets=("qkv", "fc")), 8, 100,
+                   "qkv,mlp_proj", ""),
+}
+
+
+def check_llama_selftest():
+    """llama_torch's pieces against direct formulas and torch's, and its gradients against finite
+    differences."""
+    torch.manual_seed(0)
+    d = torch.float64
+    x = torch.randn(3, 7, 16, dtype=d)
+    w = 1 + 0.1 * torch.randn(16, dtype=d)
+    xn, wn = x.numpy(), w.numpy()
+    direct = np.empty_like(xn)
+    for idx in np.ndindex(*xn.shape[:-1]):
+        row = xn[idx]
+        direct[idx] = row / math.sqrt(sum(float(v) ** 2 for v in row) / row.size + 1e-5) * wn
+    e = np.abs(llama.rms_norm(x, w, 1e-5).numpy() - direct).max()
+    if e > 1e-12:
+        raise CheckFailed(f"rms_norm differs from x / sqrt(mean(x^2) + eps) * w by {e:.2e}")
+    e = (llama.silu(x) - Fn.silu(x)).abs().max().item()
+    if e > 1e-12:
+        raise CheckFailed(f"silu differs from F.silu by {e:.2e}")
+    logits, tgt = torch.randn(2, 5, 11, dtype=d), torch.randint(0, 11, (2, 5))
+    tgt[0, 1] = tgt[1, 3] = -1
+    e = abs(llama.cross_entropy(logits, tgt).item() -
+            Fn.cross_entropy(logits.reshape(-1, 11), tgt.reshape(-1), ignore_index=-1).item())
+    if e > 1e-12:
+        raise CheckFailed(f"cross-entropy over targets >= 0 differs from F.cross_entropy by {e:.2e}")
+    selftest_llama_rope()
+    selftest_llama_attention()
+    selftest_llama_model()
+    selftest_llama_finite_differences()
+
+
+def selftest_llama_rope():
+    """Position 0 is the identity; the basis vector e_i (i < hd/2) at position p turns into
+    cos(p f_i) e_i + sin(p f_i) e_(i+hd/2), f_i = theta^(-2i/hd) (rotate_half's pairing); q.k after
+    rotation depends on the positions' difference only."""
+    d, hd, theta = torch.float64, 8, 10000.0
+    x = torch.randn(2, 3, 5, hd, dtype=d)
+    cos, sin = llama.rope_cos_sin(torch.zeros(2, 5, dtype=torch.long), hd, theta, d)
+    if not torch.equal(llama.apply_rope(x, cos, sin), x):
+        raise CheckFailed("rope at position 0 is not the identity")
+    p = 7
+    cos, sin = llama.rope_cos_sin(torch.full((1, 1), p), hd, theta, d)
+    for i in range(hd // 2):
+        e = torch.zeros(1, 1, 1, hd, dtype=d)
+        e[..., i] = 1
+        want = torch.zeros(hd, dtype=d)
+        want[i], want[i + hd // 2] = math.cos(p * theta ** (-2 * i / hd)), math.sin(p * theta ** (-2 * i / hd))
+        err = (llama.apply_rope(e, cos, sin).reshape(-1) - want).abs().max().item()
+        if err > 1e-15:
+            raise CheckFailed(f"rope of e_{i} at position {p} is off the rotate_half rotation by {err:.2e}")
+    q, k = torch.randn(1, 1, 1, hd, dtype=d), torch.randn(1, 1, 1, hd, dtype=d)
+
+    def score(m, n):
+        cq, sq = llama.rope_cos_sin(torch.full((1, 1), m), hd, theta, d)
+        ck, sk = llama.rope_cos_sin(torch.full((1, 1), n), hd, theta, d)
+        return (llama.apply_rope(q, cq, sq) * llama.apply_rope(k, ck, sk)).sum().item()
+
+    if abs(score(9, 4) - score(25, 20)) > 1e-12 or abs(score(9, 4) - score(4, 9)) < 1e-6:
+        raise CheckFailed("rotated q.k does not depend on the position difference alone")
+
+
+def selftest_llama_attention():
+    """With NKV = NH, attention equals gpt2_torch's (checked against nn.MultiheadAttention) of q and k
+    rotated beforehand, causal and packed alike."""
+    cfg = llama.Config(**{**LLAMA_SMALL, "n_kv_head": 4, "d_model": 32})
+    C, T = cfg.d_model, 9
+    qkv = torch.randn(2, T, 3 * C, dtype=torch.float64)
+    for positions in (None, packed_positions([4, 2], T, 2)):
+        pos = torch.arange(T).expand(2, T) if positions is None else positions
+        cos, sin = llama.rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, qkv.dtype)
+
+        def rotated(t):
+            h = t.reshape(2, T, cfg.n_head, cfg.head_dim).transpose(1, 2)
+            return llama.apply_rope(h, cos, sin).transpose(1, 2).reshape(2, T, C)
+
+        q, k, v = qkv.split(C, dim=-1)
+        want = ref.attention(torch.cat([rotated(q), rotated(k), v], dim=-1), cfg.n_head, positions)
+        e = (llama.attention(qkv, cfg, positions) - want).abs().max().item()
+        if e > 1e-12:
+            raise CheckFailed(f"attention (positions {'packed' if positions is not None else 'None'}) "
+                              f"differs from gpt2_torch's over pre-rotated q, k by {e:.2e}")
+
+
+def selftest_llama_model():
+    """GQA == MHA with each kv head's rows repeated for its query heads; low-rank == dense with
+    W = B@A; LoRA == dense with W + (alpha/r) lora_B@lora_A; the first loss near ln V; the checkpoint
+    written as the layout says, its NF4 weights dequantizing to as_stored's."""
+    rng = np.random.default_rng(3)
+    gqa = LLAMA_VARIANTS["gqa_kv2"]
+    p = llama.init_params(gqa, seed=4)
+    mha = llama.Config(**{**LLAMA_SMALL, "n_head": 8, "n_kv_head": 8}, rope_theta=gqa.rope_theta)
+    hd, NH, NKV = gqa.head_dim, gqa.n_head, gqa.n_kv_head
+    rep = dict(p)
+    for i in range(gqa.n_layer):
+        W = p[f"h.{i}/attn/qkv/W"]
+        q, k, v = W[:NH * hd], W[NH * hd:(NH + NKV) * hd], W[(NH + NKV) * hd:]
+        heads = [h // (NH // NKV) for h in range(NH)]
+        rep[f"h.{i}/attn/qkv/W"] = np.concatenate(
+            [q] + [k[j * hd:(j + 1) * hd] for j in heads] + [v[j * hd:(j + 1) * hd] for j in heads])
+    toks = rng.integers(0, gqa.vocab_size, size=2 * gqa.seq_len + 1)
+    xb, yb = ref.batch(toks, gqa.seq_len, range(2))
+    l1, _ = llama.loss_and_grads(p, gqa, xb, yb)
+    l2, _ = llama.loss_and_grads(rep, mha, xb, yb)
+    if abs(l1 - l2) > 1e-12 * abs(l2):
+        raise CheckFailed(f"GQA loss {l1!r} != MHA loss with repeated kv heads {l2!r}")
+    lr_cfg = LLAMA_VARIANTS["lowrank"]
+    p = llama.init_params(lr_cfg, seed=5)
+    dense = {}
+    for k, v in p.items():
+        if k.endswith("/B"):
+            dense[k[:-2] + "/W"] = v.astype(np.float64) @ p[k[:-2] + "/A"].astype(np.float64)
+        elif not k.endswith("/A"):
+            dense[k] = v
+    l1, _ = llama.loss_and_grads(p, lr_cfg, xb, yb)
+    l2, _ = llama.loss_and_grads(dense, llama.Config(**LLAMA_SMALL), xb, yb)
+    if abs(l1 - l2) > 1e-12 * abs(l2):
+        raise CheckFailed(f"low-rank loss {l1!r} != dense(B@A) loss {l2!r}")
+    if not (5.5 < l1 < 7.5):
+        raise CheckFailed(f"initial loss {l1} is not near ln(V) = {math.log(lr_cfg.vocab_size):.3f}")
+    base = llama.Config(**LLAMA_SMALL)
+    cfg = llama.Config(**LLAMA_SMALL, lora_rank=4, lora_alpha=6.0, lora_targets=("qkv", "fc"))
+    p = llama.add_adapters(llama.init_params(base, seed=6), cfg, seed=7)
+    merged = {k: v for k, v in p.items() if not ref.is_lora(k)}
+    for i in range(cfg.n_layer):
+        for site in cfg.lora_targets:
+            sp = ref.site_path(i, site)
+            merged[sp + "/W"] = p[sp + "/W"].astype(np.float64) + cfg.lora_scale * (
+                p[sp + "/lora_B"].astype(np.float64) @ p[sp + "/lora_A"].astype(np.float64))
+    l1, g1 = llama.loss_and_grads(p, cfg, xb, yb, trainable=ref.is_lora)
+    l2, _ = llama.loss_and_grads(merged, base, xb, yb)
+    if abs(l1 - l2) > 1e-12 * abs(l2):
+        raise CheckFailed(f"LoRA loss {l1!r} != merged-W loss {l2!r}")
+    if sorted(g1) != sorted(k for k in p if ref.is_lora(k)):
+        raise CheckFailed(f"trainable=is_lora gave gradients for {sorted(g1)}")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "llama.h5")
+        qcfg = dataclasses.replace(cfg, quant="nf4")
+        llama.save_checkpoint(path, qcfg, p, mode="finetune")
+        stored = llama.as_stored(p, qcfg)
+        with h5py.File(path, "r") as f:
+            c = f["config"].attrs
+            got = (ref._attr_str(c["arch"]), int(f.attrs["format_version"]), int(c["n_kv_head"]),
+                   int(c["tied_embeddings"]), ref._attr_str(c["quant"]))
+            if got != ("llama", 4, cfg.n_kv_head, 0, "nf4"):
+                raise CheckFailed(f"checkpoint (arch, format_version, n_kv_head, tied, quant) = {got}")
+            for k, v in p.items():
+                if llama.is_quantizable(k):
+                    if k in f["model"] or not np.array_equal(
+                            ref.dequantize(ref.read_quantized(f["model"], k)), stored[k]):
+                        raise CheckFailed(f"{k}: not stored as the NF4 codes of as_stored's")
+                elif not bits_equal(f["model"][k][()], v):
+                    raise CheckFailed(f"{k} not stored as given")
+    if np.array_equal(stored["h.0/attn/qkv/W"], p["h.0/attn/qkv/W"]):
+        raise CheckFailed("as_stored left an NF4 weight unquantized")
+
+
+def selftest_llama_finite_differences():
+    """Autograd gradients of a tiny float64 model (GQA, packed rows, a low-rank site, an adapter)
+    against central differences, three entries of every tensor."""
+    cfg = llama.Config(vocab_size=13, seq_len=6, n_layer=2, n_head=4, n_kv_head=2, d_model=16, d_ff=12,
+                       lowrank_rank=3, lowrank_targets=("qkv",), lora_rank=2, lora_alpha=3.0,
+                       lora_targets=("fc",), rope_theta=50.0)
+    params = llama.add_adapters(llama.init_params(cfg, seed=8), cfg, seed=9)
+    rng = np.random.default_rng(10)
+    toks = rng.integers(0, cfg.vocab_size, size=2 * cfg.seq_len + 1)
+    xb, yb = ref.batch(toks, cfg.seq_len, range(2))
+    pos = packed_positions([2], cfg.seq_len, 2)
+    _, grads = llama.loss_and_grads(params, cfg, xb, yb, positions=pos)
+    P = ref.to_torch(params, requires_grad=False)
+    h = 1e-5
+
+    def loss():
+        return llama.forward(P, cfg, xb, yb, pos)[1].item()
+
+    worst = (0.0, "")
+    for name, g in grads.items():
+        flat, gflat = P[name].view(-1), g.reshape(-1)
+        for j in rng.choice(flat.numel(), size=min(3, flat.numel()), replace=False):
+            orig = flat[j].item()
+            flat[j] = orig + h
+            lp = loss()
+            flat[j] = orig - h
+            lm = loss()
+            flat[j] = orig
+            fd = (lp - lm) / (2 * h)
+            err = abs(fd - gflat[j]) / (1e-6 + abs(fd))
+            worst = max(worst, (err, f"{name}[{j}]: autograd {gflat[j]:.10g}, differences {fd:.10g}"))
+    if worst[0] > 1e-5:
+        raise CheckFailed(f"gradient off the central differences by rel {worst[0]:.1e} at {worst[1]}")
+
+
+def run_llama_lora_case(build, work, name, seed):
+    """grad_dump over a LoRA checkpoint written here (adapters on every site over a float, int8 or NF4
+    base, dense or mixed) vs the torch model of the dequantized base plus the adapters."""
+    quant, block, lowrank = LLAMA_LORA_CASES[name]
+    cfg = llama.Config(**LLAMA_SMALL, lowrank_rank=8 if lowrank else 0, lowrank_targets=lowrank, lora_rank=4,
+                       lora_alpha=8.0, lora_targets=tuple(ref.LINEAR_SITES), quant=quant, quant_block=block)
+    @once
+    def run():
+        params = llama.add_adapters(llama.init_params(cfg, seed=seed), cfg, seed=seed + 1)
+        ckpt = os.path.join(work, f"llama_lora_{name}.h5")
+        llama.save_checkpoint(ckpt, cfg, params, mode="finetune")
+        rng = np.random.default_rng(seed + 1000)
+        toks = rng.integers(0, cfg.vocab_size, size=(BATCH + 1) * cfg.seq_len + 3)
+        data = os.path.join(work, f"llama_lora_{name}.bin")
+        ref.write_tokens(data, toks)
+        got_loss, got = grad_dump(build, ckpt, data, os.path.join(work, f"llama_lora_{name}_out.h5"))
+        stored = llama.as_stored(params, cfg)
+        x, y = ref.batch(toks, cfg.seq_len, range(BATCH))
+        loss, grads = llama.loss_and_grads(stored, cfg, x, y, trainable=ref.is_lora)
+        frozen = ref.to_torch({k: v for k, v in stored.items() if not ref.is_lora(k)}, requires_grad=False)
+        with torch.no_grad():
+            _, l0 = llama.forward(frozen, cfg, x, y)
+        return dict(got_loss=got_loss, got=got, loss=loss, grads=grads, loss_no_lora=l0.item())
+
+    return adapter_checks(run)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -768,21 +1044,40 @@ def main():
 
     checks = [("reference_selftest", check_selftest)]
     for i, v in enumerate(("dense", "lowrank", "mixed")):
-        cl, cg = run_grad_case(build, work, v, seed=10 + i)
+        cl, cg = run_grad_case(build, work, f"grad_{v}", VARIANTS[v], seed=10 + i)
         checks += [(f"grad_{v}_loss", cl), (f"grad_{v}_grads", cg)]
     # Packed rows (data.packing): positions restart per example and attention stays inside each.
-    cl, cg = run_grad_case(build, work, "mixed", seed=13, segments=[5, 3])
+    cl, cg = run_grad_case(build, work, "grad_packed", VARIANTS["mixed"], seed=13, segments=[5, 3])
     checks += [("grad_packed_loss", cl), ("grad_packed_grads", cg)]
     # dense: 40 sequences, no wrap-around; lowrank: 26 sequences, so step 7 wraps to 0.
     for v, seed, n_seq in (("dense", 20, 40), ("lowrank", 21, 26)):
-        for suffix, fn in run_train_case(build, work, v, seed, n_seq):
+        for suffix, fn in run_train_case(build, work, f"train_{v}", VARIANTS[v], seed, n_seq):
             checks.append((f"train_{v}_{suffix}", fn))
-    for i, name in enumerate(LORA_CASES):
-        for suffix, fn in run_lora_case(build, work, name, seed=30 + i):
+    for i, (name, case) in enumerate(LORA_CASES.items()):
+        for suffix, fn in run_lora_case(build, work, name, case, seed=30 + i):
             checks.append((f"lora_{name}_{suffix}", fn))
 
     for i, v in enumerate(("dense", "lowrank")):
         checks.append((f"generate_{v}", run_generate_case(build, work, v, seed=43 + i)))
+
+    checks.append(("llama_reference_selftest", check_llama_selftest))
+    for i, v in enumerate(("dense", "lowrank", "mixed", "gqa_kv2", "gqa_kv1")):
+        cl, cg = run_grad_case(build, work, f"llama_{v}", LLAMA_VARIANTS[v], seed=50 + i, model=llama)
+        checks += [(f"llama_{v}_loss", cl), (f"llama_{v}_grads", cg)]
+    cl, cg = run_grad_case(build, work, "llama_packed", LLAMA_VARIANTS["packed"], seed=55, segments=[5, 3],
+                           model=llama)
+    checks += [("llama_packed_loss", cl), ("llama_packed_grads", cg)]
+    for i, name in enumerate(LLAMA_LORA_CASES):
+        for suffix, fn in run_llama_lora_case(build, work, name, seed=60 + i):
+            checks.append((f"llama_lora_{name}_{suffix}", fn))
+    for i, (name, case) in enumerate(LLAMA_FINETUNE_CASES.items()):
+        for suffix, fn in run_lora_case(build, work, f"llama_{name}", case, seed=65 + i, model=llama):
+            checks.append((f"llama_finetune_{name}_{suffix}", fn))
+    # GQA dense: 40 sequences, no wrap-around; mixed: 26 sequences, so step 7 wraps to 0.
+    for v, cfg, seed, n_seq in (("dense", LLAMA_VARIANTS["packed"], 70, 40),
+                                ("mixed", LLAMA_VARIANTS["mixed"], 71, 26)):
+        for suffix, fn in run_train_case(build, work, f"llama_train_{v}", cfg, seed, n_seq, model=llama):
+            checks.append((f"llama_train_{v}_{suffix}", fn))
 
     for name, fn in checks:
         if args.only and args.only not in name:
