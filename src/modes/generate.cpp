@@ -67,8 +67,10 @@ int run_generate(const Config& cfg) {
   check_tokenizer_fits(tok, mc.vocab_size, tokenizer_dir_for(cfg));
 
   std::vector<int32_t> context;
+  // A document starts with the tokenizer's <s> (Llama); GPT-2's has none and starts one after <|endoftext|>,
+  // which an empty prompt continues from.
+  if (tok.bos() >= 0) context.push_back(tok.bos());
   for (int id : tok.encode(cfg.generate.prompt)) context.push_back(id);
-  // GPT-2 starts a document after <|endoftext|>: an empty prompt continues from it.
   if (context.empty()) context.push_back(tok.eot());
 
   Rng rng(derive_seed(cfg.seed, "generate"));
@@ -76,13 +78,17 @@ int run_generate(const Config& cfg) {
   std::fputs(cfg.generate.prompt.c_str(), stdout);
   std::fflush(stdout);
   const auto start = std::chrono::steady_clock::now();
-  // Tokens are printed as they come: each one's bytes, which may end inside a UTF-8 character that the
-  // next token completes.
+  // Tokens are printed as they come: what each adds to the decoded sequence (its bytes may end inside a UTF-8
+  // character that the next token completes). The whole sequence is decoded, not the token alone: Llama's
+  // decode drops the space its encoder put first, which a lone token's "▁word" would lose.
+  std::vector<int> sequence(context.begin(), context.end());
+  std::size_t shown = tok.decode(sequence).size();
   const std::vector<int32_t> generated =
       continue_tokens(model, context, cfg.generate.max_new_tokens, tok.eot(), sampling, rng, [&](int32_t id) {
-        const int one[1] = {id};
-        const std::string bytes = tok.decode(one);
-        std::fwrite(bytes.data(), 1, bytes.size(), stdout);
+        sequence.push_back(id);
+        const std::string text = tok.decode(sequence);
+        if (text.size() > shown) std::fwrite(text.data() + shown, 1, text.size() - shown, stdout);
+        shown = std::max(shown, text.size());
         std::fflush(stdout);
       });
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();

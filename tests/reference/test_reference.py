@@ -56,6 +56,9 @@ Checks
                            the untied lm_head are stored quantized as well
   llama_train_{dense,mixed}_{loss,lr,grad_norm,weights,moments}   as train_*, for GQA Llama models
                            (weight decay on wte, lm_head, W, A, B; not on the RMSNorm weights)
+  llama_generate_{gqa_kv2,lowrank}   greedy `lrllm --mode generate` of a Llama over the Llama-2
+                           tokenizer vs llama_torch's argmax, token for token (the prompt after <s>;
+                           the continuation decoded from tokenizer.json's pieces), as generate_*
 
 The torch side runs in float64 throughout (model, gradients and the AdamW loop).
 """
@@ -1030,6 +1033,70 @@ def run_generate_case(build, work, variant, seed):
     return check
 
 
+def llama_piece_bytes(piece: str) -> bytes:
+    """A SentencePiece piece as bytes: <0xXX> is its byte, "▁" a space (tokenizer.json's convention)."""
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        return bytes([int(piece[3:5], 16)])
+    return piece.replace("\u2581", " ").encode()
+
+
+def run_llama_generate_case(build, work, variant, seed):
+    """Greedy `lrllm --mode generate` of a Llama (GQA, the Llama-2 tokenizer) against llama_torch's argmax,
+    token for token: the prompt after <s>, as lrllm's tokenize encodes a document."""
+    cfg = dataclasses.replace(LLAMA_VARIANTS[variant], vocab_size=32000)
+    tokenizer = os.path.join(REPO, "input", "data", "tokenizer-llama")
+
+    def check():
+        params = llama.init_params(cfg, seed=seed)
+        params["ln_f/w"] = params["ln_f/w"] * GENERATE_LOGIT_SCALE
+        model = os.path.join(work, f"llama_generate_{variant}.h5")
+        llama.save_checkpoint(model, cfg, params)
+        prompt_file = os.path.join(work, "llama_generate_prompt.txt")
+        with open(prompt_file, "w") as f:
+            f.write(GENERATE_PROMPT)
+        prompt_bin = os.path.join(work, "llama_generate_prompt.bin")
+        run_cmd([os.path.join(build, "lrllm"), "--mode", "tokenize", "--data.input", prompt_file,
+                 "--data.output", prompt_bin, "--data.tokenizer_dir", tokenizer])
+        context = [int(t) for t in ref.read_tokens(prompt_bin)]
+        if context[0] != 1:
+            raise CheckFailed(f"the tokenized prompt does not start with <s>: {context[:4]}")
+        cmd = [os.path.join(build, "lrllm"), "--mode", "generate", "--model.init", model, "--generate.prompt",
+               GENERATE_PROMPT, "--generate.max_new_tokens", str(GENERATE_TOKENS), "--data.tokenizer_dir",
+               tokenizer, "--device", "cpu"]
+        p = subprocess.run(cmd, capture_output=True, timeout=300, cwd=REPO)
+        if p.returncode != 0:
+            raise CheckFailed(f"lrllm --mode generate exited {p.returncode}: {p.stderr.decode(errors='replace')}")
+        P = ref.to_torch(params, requires_grad=False)
+        eos = 2
+        want = []
+        with torch.no_grad():
+            for _ in range(GENERATE_TOKENS):
+                logits, _ = llama.forward(P, cfg, torch.tensor([context[-cfg.seq_len:]]))
+                top2 = torch.topk(logits[0, -1], 2)
+                gap = float(top2.values[0] - top2.values[1])
+                if gap < 1e-3:
+                    raise CheckFailed(f"test setup: a near tie (gap {gap:.1e}) after {len(want)} tokens")
+                nxt = int(top2.indices[0])
+                if nxt == eos:
+                    break
+                want.append(nxt)
+                context.append(nxt)
+        with open(os.path.join(tokenizer, "tokenizer.json")) as f:
+            piece_of = {i: t for t, i in json.load(f)["model"]["vocab"].items()}
+        want_bytes = b"".join(llama_piece_bytes(piece_of[t]) for t in want)
+        prompt = GENERATE_PROMPT.encode()
+        got = p.stdout
+        if not got.startswith(prompt) or not got.endswith(b"\n"):
+            raise CheckFailed(f"output is not prompt + continuation + newline: {got[:100]!r}")
+        got = got[len(prompt):-1]
+        if got != want_bytes:
+            raise CheckFailed(f"lrllm continued {got[:80]!r}, torch {want_bytes[:80]!r}")
+        if len(want) < GENERATE_TOKENS // 2:
+            raise CheckFailed(f"only {len(want)} tokens before </s>: too short to compare")
+
+    return check
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--build", default=os.path.join(REPO, "build"),
@@ -1061,6 +1128,8 @@ def main():
         checks.append((f"generate_{v}", run_generate_case(build, work, v, seed=43 + i)))
 
     checks.append(("llama_reference_selftest", check_llama_selftest))
+    for i, v in enumerate(("gqa_kv2", "lowrank")):
+        checks.append((f"llama_generate_{v}", run_llama_generate_case(build, work, v, seed=70 + i)))
     for i, v in enumerate(("dense", "lowrank", "mixed", "gqa_kv2", "gqa_kv1")):
         cl, cg = run_grad_case(build, work, f"llama_{v}", LLAMA_VARIANTS[v], seed=50 + i, model=llama)
         checks += [(f"llama_{v}_loss", cl), (f"llama_{v}_grads", cg)]
