@@ -15,7 +15,7 @@ namespace {
 TEST(TensorSplit, FusedQkvPartHoldsTheSameHeadsOfQKAndV) {
   // Full [6, 2]: rows q0 q1 k0 k1 v0 v1; part 1 of 2 in 3 groups takes q1, k1, v1.
   ParamTable table;
-  table.add("qkv/W", {3, 2}, TensorRole::weight, TensorSplit{0, 3, 1, 2, false});
+  table.add("qkv/W", {3, 2}, TensorRole::weight, TensorSplit{0, {2, 2, 2}, 1, 2, false});
   const TensorInfo& t = table.tensors()[0];
   EXPECT_EQ(t.full_shape, (std::vector<int64_t>{6, 2}));
   std::vector<float> full(12);
@@ -28,9 +28,26 @@ TEST(TensorSplit, FusedQkvPartHoldsTheSameHeadsOfQKAndV) {
   EXPECT_EQ(back, (std::vector<float>{-1, -1, 2, 3, -1, -1, 6, 7, -1, -1, 10, 11}));
 }
 
+TEST(TensorSplit, GroupedQueryQkvPartHoldsItsQueryHeadsAndTheirKeyValueHead) {
+  // Full [8, 1]: rows q0 q1 q2 q3 k0 k1 v0 v1 (4 query heads sharing 2 key/value heads, head size 1); part 1
+  // of 2 takes q2 q3, k1, v1: the query heads that read its key/value head.
+  ParamTable table;
+  table.add("qkv/W", {4, 1}, TensorRole::weight, TensorSplit{0, {4, 2, 2}, 1, 2, false});
+  const TensorInfo& t = table.tensors()[0];
+  EXPECT_EQ(t.full_shape, (std::vector<int64_t>{8, 1}));
+  std::vector<float> full(8);
+  std::iota(full.begin(), full.end(), 0.0f);
+  std::vector<float> part(4);
+  extract_part(t, full.data(), part.data());
+  EXPECT_EQ(part, (std::vector<float>{2, 3, 5, 7}));
+  std::vector<float> back(8, -1.0f);
+  insert_part(t, part.data(), back.data());
+  EXPECT_EQ(back, (std::vector<float>{-1, -1, 2, 3, -1, 5, -1, 7}));
+}
+
 TEST(TensorSplit, RowParallelPartHoldsColumns) {
   ParamTable table;
-  table.add("proj/W", {2, 2}, TensorRole::weight, TensorSplit{1, 1, 0, 2, false});
+  table.add("proj/W", {2, 2}, TensorRole::weight, TensorSplit{1, {}, 0, 2, false});
   const TensorInfo& t = table.tensors()[0];
   EXPECT_EQ(t.full_shape, (std::vector<int64_t>{2, 4}));
   const std::vector<float> full = {0, 1, 2, 3, 4, 5, 6, 7};
@@ -46,7 +63,7 @@ TEST(TensorSplit, PartsReassembleTheFullTensor) {
   std::vector<float> rebuilt(full.size(), 0.0f);
   for (int p = 0; p < parts; ++p) {
     ParamTable table;
-    table.add("x", {8 * 3 / parts, 5}, TensorRole::weight, TensorSplit{0, 3, p, parts, false});
+    table.add("x", {8 * 3 / parts, 5}, TensorRole::weight, TensorSplit{0, {8, 8, 8}, p, parts, false});
     const TensorInfo& t = table.tensors()[0];
     std::vector<float> part(t.size);
     extract_part(t, full.data(), part.data());

@@ -379,9 +379,11 @@ namespace {
 std::string describe(const ParamTable& table) {
   std::string out;
   for (const TensorInfo& t : table.tensors()) {
-    out += strprintf("%s %d %d %d %zu", t.name.c_str(), t.split.axis, t.split.groups, t.split.replica ? 1 : 0,
-                     t.full_shape.size());
+    out +=
+        strprintf("%s %d %d %zu", t.name.c_str(), t.split.axis, t.split.replica ? 1 : 0, t.full_shape.size());
     for (int64_t d : t.full_shape) out += " " + std::to_string(d);
+    out += " " + std::to_string(t.split.groups.size());
+    for (int64_t g : t.split.groups) out += " " + std::to_string(g);
     out += "\n";
   }
   return out;
@@ -396,11 +398,15 @@ std::vector<TensorInfo> parse_description(const std::string& text, int parts) {
     TensorInfo t;
     int replica = 0;
     std::size_t dims = 0;
-    fields >> t.name >> t.split.axis >> t.split.groups >> replica >> dims;
+    fields >> t.name >> t.split.axis >> replica >> dims;
     t.split.replica = replica != 0;
     t.split.parts = t.split.axis >= 0 ? parts : 1;
     t.full_shape.resize(dims);
     for (int64_t& d : t.full_shape) fields >> d;
+    std::size_t groups = 0;
+    fields >> groups;
+    t.split.groups.resize(groups);
+    for (int64_t& g : t.split.groups) fields >> g;
     t.shape = t.full_shape;
     if (t.split.axis >= 0) t.shape[t.split.axis] /= parts;
     t.size = 1;

@@ -43,18 +43,18 @@ Architecture describe_architecture(const ModelConfig& cfg) {
     a.output_head = "lm_head";
     a.rms_norm = true;
     a.block_norms = {{"ln_1", false, LinearSite::qkv}, {"ln_2", false, LinearSite::fc}};
-    a.sites = {{LinearSite::qkv, "attn/qkv", C, C + 2 * kv, true, 3, false},
-               {LinearSite::proj, "attn/proj", C, C, false, 1, false},
-               {LinearSite::fc, "mlp/fc", C, 2 * F, true, 2, false},
-               {LinearSite::mlp_proj, "mlp/proj", F, C, false, 1, false}};
+    a.sites = {{LinearSite::qkv, "attn/qkv", C, C + 2 * kv, true, {C, kv, kv}, false},
+               {LinearSite::proj, "attn/proj", C, C, false, {}, false},
+               {LinearSite::fc, "mlp/fc", C, 2 * F, true, {F, F}, false},
+               {LinearSite::mlp_proj, "mlp/proj", F, C, false, {}, false}};
     a.final_norm = {"ln_f", false};
   } else {
     a.position_embedding = "wpe";
     a.block_norms = {{"ln_1", true, LinearSite::qkv}, {"ln_2", true, LinearSite::fc}};
-    a.sites = {{LinearSite::qkv, "attn/qkv", C, 3 * C, true, 3},
-               {LinearSite::proj, "attn/proj", C, C, false},
-               {LinearSite::fc, "mlp/fc", C, F, true},
-               {LinearSite::mlp_proj, "mlp/proj", F, C, false}};
+    a.sites = {{LinearSite::qkv, "attn/qkv", C, 3 * C, true, {C, C, C}},
+               {LinearSite::proj, "attn/proj", C, C, false, {}},
+               {LinearSite::fc, "mlp/fc", C, F, true, {}},
+               {LinearSite::mlp_proj, "mlp/proj", F, C, false, {}}};
     a.final_norm = {"ln_f"};
   }
   // 6 FLOPs a weight (forward 2, backward 4), and causal attention's 6 T C (scores and their use).

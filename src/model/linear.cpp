@@ -28,9 +28,9 @@ Linear::Linear(ParamTable& trainable, ParamTable& base, bool base_frozen, const 
   const TensorRole factor_role = residual ? TensorRole::residual_factor : TensorRole::factor;
   // Column-parallel: the out axis of W, B and b is split (in groups); row-parallel: the in axis of W and A.
   const bool split = tp.parts > 1;
-  const TensorSplit whole{-1, 1, 0, 1, split && tp.part > 0};
+  const TensorSplit whole{-1, {}, 0, 1, split && tp.part > 0};
   const TensorSplit outs{0, tp.groups, tp.part, tp.parts, false};
-  const TensorSplit ins{1, 1, tp.part, tp.parts, false};
+  const TensorSplit ins{1, {}, tp.part, tp.parts, false};
   const bool column = tp.mode == TpMode::column, row = tp.mode == TpMode::row;
   // A quantized base's W, or A and B, live in the model's quantized storage.
   if (!quantized && rank > 0) {

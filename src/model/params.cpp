@@ -70,17 +70,24 @@ void for_each_run(const TensorInfo& t, Copy copy) {
     copy(std::size_t{0}, std::size_t{0}, t.size);
     return;
   }
-  // View the tensor as [outer, D, inner] around the split axis; the local D is groups x s rows of inner.
+  // View the tensor as [outer, D, inner] around the split axis; the local D is each group's share, in order.
   const int axis = t.split.axis;
   std::size_t outer = 1, inner = 1;
   for (int i = 0; i < axis; ++i) outer *= t.shape[i];
   for (std::size_t i = axis + 1; i < t.shape.size(); ++i) inner *= t.shape[i];
   const std::size_t local_d = t.shape[axis], full_d = t.full_shape[axis];
-  const std::size_t s = local_d / t.split.groups;
-  for (std::size_t o = 0; o < outer; ++o)
-    for (int g = 0; g < t.split.groups; ++g)
-      copy((o * local_d + g * s) * inner, (o * full_d + g * s * t.split.parts + t.split.part * s) * inner,
-           s * inner);
+  const std::vector<int64_t> groups =
+      t.split.groups.empty() ? std::vector<int64_t>{static_cast<int64_t>(full_d)} : t.split.groups;
+  for (std::size_t o = 0; o < outer; ++o) {
+    std::size_t local = 0, global = 0;
+    for (int64_t width : groups) {
+      const std::size_t share = static_cast<std::size_t>(width) / t.split.parts;
+      copy((o * local_d + local) * inner, (o * full_d + global + t.split.part * share) * inner,
+           share * inner);
+      local += share;
+      global += static_cast<std::size_t>(width);
+    }
+  }
 }
 
 }  // namespace

@@ -36,10 +36,8 @@ void validate_layout(const ParallelConfig& p, int world_size, const ModelConfig&
   require(batch_size % p.micro_batches == 0,
           strprintf("--parallel.micro_batches %d does not divide train.batch_size %d", p.micro_batches,
                     batch_size));
-  require(
-      p.tp == 1 || !m.llama(),
-      "--parallel.tp above 1 is GPT-2's only so far: a llama model runs under data and pipeline parallelism "
-      "(parallel.pp, parallel.zero)");
+  require(m.kv_heads() % p.tp == 0,
+          strprintf("--parallel.tp %d does not divide the model's %d key/value heads", p.tp, m.kv_heads()));
   require(
       p.tp == 1 || (!m.any_lora() && m.quant == QuantKind::none),
       "--parallel.tp above 1 with LoRA adapters or a quantized base is not supported yet: finetune with data "

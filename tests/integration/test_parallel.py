@@ -60,10 +60,11 @@ def test_every_layout_gives_the_single_rank_loss_curve():
             assert f"layout: {layout[0]} ranks" in p.stdout, p.stdout
 
 
-# Llama (grouped-query attention, untied lm_head) under every layout without tensor parallelism, which is
-# GPT-2's only so far; its pipeline's last stage holds the lm_head, not a copy of wte.
+# Llama (4 query heads sharing 2 key/value heads, an untied lm_head): its tensor-parallel slices hold the
+# query heads of their key/value heads, and its pipeline's last stage holds the lm_head, not a copy of wte.
 LLAMA = ["--model.arch", "llama", "--model.n_kv_head", "2"]
-LLAMA_LAYOUTS = [(2, 1, 1, 1, 0), (2, 1, 1, 1, 1), (2, 1, 2, 4, 0), (4, 1, 4, 2, 0), (4, 1, 2, 2, 1)]
+LLAMA_LAYOUTS = [(2, 1, 1, 1, 0), (2, 1, 1, 1, 1), (2, 2, 1, 1, 0), (2, 1, 2, 4, 0), (4, 1, 4, 2, 0),
+                 (4, 2, 2, 2, 0), (4, 2, 1, 1, 1), (4, 1, 2, 2, 1)]
 
 
 def test_llama_layouts_give_the_single_rank_loss_curve():
@@ -84,7 +85,7 @@ def test_llama_layouts_give_the_single_rank_loss_curve():
         for k in a:
             assert np.linalg.norm(a[k] - b[k]) <= 1e-3 * np.linalg.norm(a[k]) + 1e-6, f"llama {kind}: {k} differs"
     bad_input(["--mode", "pretrain", *MODEL, *LLAMA, "--data.train", TRAIN, "--run.dir", tmpdir("llama-tp"),
-               "--parallel.tp", "2"], "--parallel.tp above 1 is GPT-2's only so far", np_=2)
+               "--parallel.tp", "4"], "--parallel.tp 4 does not divide the model's 2 key/value heads", np_=4)
 
 
 def resume_across(first, second, name):

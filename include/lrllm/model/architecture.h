@@ -30,7 +30,7 @@ struct LinearSpec {
   // Tensor parallelism splits the output (column) or the input (row: a projection into the residual
   // stream, whose partial sums the group adds, and which GPT-2 initialises scaled).
   bool column = true;
-  int groups = 1;  // column groups split separately: the fused qkv's q, k and v
+  std::vector<int64_t> groups;  // the widths of column groups split separately (the fused qkv's q, k, v)
   bool bias = true;
 };
 

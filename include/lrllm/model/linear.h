@@ -13,6 +13,7 @@
 
 #include <cstddef>
 #include <string>
+#include <vector>
 
 #include "lrllm/backend/backend.h"
 #include "lrllm/model/params.h"
@@ -29,11 +30,12 @@ class TensorReducer {
 
 enum class TpMode { none, column, row };
 
-// A layer's tensor-parallel slice: part `part` of `parts`; groups: the output splits in that many equal
-// groups (3 for the fused qkv, so each rank gets the same heads of q, k and v).
+// A layer's tensor-parallel slice: part `part` of `parts`; groups: the full widths of the output's groups,
+// each split alike (the fused qkv's q, k and v, so each rank gets the same heads of each; empty: one).
 struct LinearTp {
   TpMode mode = TpMode::none;
-  int part = 0, parts = 1, groups = 1;
+  int part = 0, parts = 1;
+  std::vector<int64_t> groups;
   const TensorReducer* group = nullptr;
 };
 

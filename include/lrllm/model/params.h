@@ -11,11 +11,12 @@
 namespace lrllm {
 
 // How a rank's tensor relates to the full tensor of the checkpoint under tensor parallelism: part `part` of
-// `parts` along `axis`, which is cut into `groups` equal groups first (the fused qkv splits q, k and v
-// alike). axis -1: the rank holds the whole tensor.
+// `parts` along `axis`, which is cut into consecutive groups first, each split alike (the fused qkv's q, k
+// and v: so each rank holds the same heads of each, and under grouped-query attention k's and v's groups are
+// narrower than q's). axis -1: the rank holds the whole tensor.
 struct TensorSplit {
   int axis = -1;
-  int groups = 1;
+  std::vector<int64_t> groups;  // the groups' full widths along axis (their sum is its extent); empty: one
   int part = 0;
   int parts = 1;
   // Another rank holds the copy that counts: it alone is saved and enters the gradient norm (the replicas of
