@@ -52,7 +52,7 @@ void hf_require_flag(const std::string& path, const nlohmann::json& j, const cha
 
 void hf_validate(const std::string& path, const ModelConfig& m) {
   try {
-    validate_model_config(m);
+    validate_model_config(m, false);
   } catch (const InputError& e) {
     throw InputError(path + ": describes no model lrllm can run: " + e.what());
   }

@@ -70,7 +70,7 @@ const HfArch& hf_arch_of_config(const std::string& path, nlohmann::json& j);
 int hf_positive_field(const std::string& path, const nlohmann::json& j, const char* name);
 void hf_require_flag(const std::string& path, const nlohmann::json& j, const char* name, bool expected,
                      const char* model);
-// Checks m as validate_model_config does, naming path: "describes no model lrllm can run".
+// Checks m as validate_model_config does but for the memory (an import streams the model), naming path.
 void hf_validate(const std::string& path, const ModelConfig& m);
 
 // The values of an lrllm tensor of set (its HF parts read, transposed and stacked row by row), and the values
