@@ -187,23 +187,42 @@ int export_hf(const Config& cfg, const ModelConfig& in_cfg, bool random) {
     tokenizer = tokens <= in_cfg.vocab_size;
   }
 
+  // A dense float model file is read tensor by tensor, as an import writes one: a 7B export never holds the
+  // model. Adapters, low-rank sites and quantized layers need the model built (merging, B A, dequantizing).
+  const bool stream = !random && cfg.finetune.lora_init.empty() && !in_cfg.any_lora() &&
+                      !in_cfg.any_lowrank() && in_cfg.quant == QuantKind::none && !in_cfg.quant_embedding;
   auto backend = make_cpu_backend();
-  Model src(in_cfg, *backend, false);
-  if (random)
-    src.init_random(cfg.seed);
-  else
-    load_input_weights(cfg, src);
+  std::unique_ptr<Model> model;
+  std::unique_ptr<H5File> file;
+  if (stream) {
+    file = std::make_unique<H5File>(H5File::open_read(cfg.model.init));
+  } else {
+    model = std::make_unique<Model>(in_cfg, *backend, false);
+    if (random)
+      model->init_random(cfg.seed);
+    else
+      load_input_weights(cfg, *model);
+  }
   const bool merge = in_cfg.any_lora();
   ModelConfig dense = in_cfg;
   for (int s = 0; s < kNumSites; ++s) dense.lowrank_rank[s] = dense.lora_rank[s] = 0;
   // The lrllm tensor last computed: the HF tensors of one fused site are written one after the other, and
   // compute it (a merge, a product B A) once.
   auto last = std::make_shared<std::pair<std::string, std::vector<float>>>();
-  auto lrllm_tensor = [&src, &backend, merge, last](const HfTensor& t) -> const std::vector<float>& {
+  auto lrllm_tensor = [&model, &file, &backend, merge, last](const HfTensor& t) -> const std::vector<float>& {
     if (last->first == t.lrllm) return last->second;
+    std::vector<float> v;
+    if (file) {
+      std::size_t n = 1;
+      for (int64_t d : t.lrllm_shape) n *= static_cast<std::size_t>(d);
+      v.resize(n);
+      file->read("/model/" + t.lrllm, v.data(), t.lrllm_shape);
+      *last = {t.lrllm, std::move(v)};
+      return last->second;
+    }
+    Model& src = *model;
     const std::size_t slash = t.lrllm.rfind('/');
     const std::string site = t.lrllm.substr(0, slash);
-    std::vector<float> v;
     if (t.lrllm.ends_with("/W") && src.table().find(t.lrllm) == nullptr &&
         src.frozen_table().find(t.lrllm) == nullptr && src.find_quantized(t.lrllm) == nullptr) {
       // A low-rank site: W = B A, [out, r] [r, in].
