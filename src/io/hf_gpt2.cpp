@@ -110,7 +110,7 @@ class Gpt2 final : public HfArch {
     return out;
   }
 
-  bool skip(const std::string& name, const SafetensorsSet& set, const ModelConfig& m) const override {
+  void check_extra(const std::string& name, const SafetensorsSet& set, const ModelConfig& m) const override {
     const std::string p = set.find("transformer.wte.weight") ? "transformer." : "";
     // The causal-mask buffers h.N.attn.bias and h.N.attn.masked_bias that files saved by older transformers
     // carry (modeling_gpt2.py registers them as buffers): no weights.
@@ -121,7 +121,7 @@ class Gpt2 final : public HfArch {
       const std::string layer = name.substr(head.size(), name.size() - head.size() - tail.size());
       if (layer.size() <= 6 && layer.find_first_not_of("0123456789") == std::string::npos &&
           std::stoi(layer) < m.n_layer)
-        return true;
+        return;
     }
     if (name != "lm_head.weight")
       throw InputError(set.file_of(name) + ": tensor " + name +
@@ -133,7 +133,6 @@ class Gpt2 final : public HfArch {
       throw InputError(set.file_of(name) +
                        ": lm_head.weight differs from wte.weight; lrllm ties the output layer to the "
                        "embedding, so an untied model cannot be imported");
-    return true;
   }
 
   std::string peft_block(int l) const override {

@@ -135,7 +135,7 @@ class Llama final : public HfArch {
     return out;
   }
 
-  bool skip(const std::string& name, const SafetensorsSet& set, const ModelConfig& m) const override {
+  void check_extra(const std::string& name, const SafetensorsSet& set, const ModelConfig& m) const override {
     // Older transformers saved each attention's rotary_emb.inv_freq buffer: computed from rope_theta, no
     // weight.
     const std::string head = "model.layers.", tail = ".self_attn.rotary_emb.inv_freq";
@@ -143,7 +143,7 @@ class Llama final : public HfArch {
       const std::string layer = name.substr(head.size(), name.size() - head.size() - tail.size());
       if (layer.size() <= 6 && layer.find_first_not_of("0123456789") == std::string::npos &&
           std::stoi(layer) < m.n_layer)
-        return true;
+        return;
     }
     // With tie_word_embeddings the lm_head is embed_tokens; a stored copy must be that matrix.
     if (name == "lm_head.weight") {
@@ -152,7 +152,7 @@ class Llama final : public HfArch {
         throw InputError(set.file_of(name) +
                          ": lm_head.weight differs from model.embed_tokens.weight, but config.json has "
                          "tie_word_embeddings true");
-      return true;
+      return;
     }
     throw InputError(set.file_of(name) + ": tensor " + name +
                      " is not part of the LlamaForCausalLM that config.json describes");

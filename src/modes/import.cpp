@@ -159,12 +159,13 @@ int run_import(const Config& cfg) {
     p.push_back(&t);
   }
   for (const std::string& name : set.names())
-    if (!known.count(name)) arch.skip(name, set, m);
+    if (!known.count(name)) arch.check_extra(name, set, m);
 
   const fs::path tok_dir = cfg.data.output + ".tokenizer", tok_tmp = cfg.data.output + ".tokenizer.tmp";
   if (fs::exists(tok_dir, ec) && !is_our_tokenizer_folder(tok_dir))
     throw InputError(tok_dir.string() +
-                     " exists and is not a tokenizer folder an import wrote (encoder.json, vocab.bpe): the "
+                     " exists and is not a tokenizer folder an import wrote (encoder.json, vocab.bpe or "
+                     "tokenizer.json): the "
                      "import writes the tokenizer there; move it away first");
   if (fs::exists(tok_tmp, ec) && !is_our_tokenizer_folder(tok_tmp))
     throw InputError(tok_tmp.string() +

@@ -49,9 +49,10 @@ class HfArch {
   // Every tensor of a dense model of shape m, named as in set (which prefix its names have; nullptr: as an
   // export writes them), in lrllm's order: a fused lrllm tensor's parts are consecutive.
   virtual std::vector<HfTensor> tensors(const ModelConfig& m, const SafetensorsSet* set, bool tied) const = 0;
-  // A tensor of the folder outside tensors(): true when it is no weight (a buffer) and is left out; an
-  // InputError when it is a weight lrllm cannot represent.
-  virtual bool skip(const std::string& name, const SafetensorsSet& set, const ModelConfig& m) const = 0;
+  // A tensor of the folder outside tensors(): returns when it is no weight lrllm lacks (a buffer, a stored
+  // copy of a tied lm_head), which the import leaves out; an InputError when it is one.
+  virtual void check_extra(const std::string& name, const SafetensorsSet& set,
+                           const ModelConfig& m) const = 0;
   // PEFT: the prefix of block l's modules in an adapter file, the modules of each site, and the layers'
   // orientation (PEFT's fan_in_fan_out: a Conv1D model's).
   virtual std::string peft_block(int l) const = 0;
