@@ -184,3 +184,8 @@ done
     echo "$row"
   done
 } | { echo "Exports of random weights, written on $cpu (sizes do not depend on it)"; echo; cat; } | tee "$OUT/export.md"
+
+# Hugging Face import and export at full size (tools/bench_hf.py): GPT-2 1.5B by default; BENCH_HF_SHAPES
+# adds llama2-7B (a 13.5 GB BF16 folder and a 27 GB imported file on disk).
+# shellcheck disable=SC2086
+"$PY" tools/bench_hf.py "$BUILD" ${BENCH_HF_SHAPES:-gpt2-1.5B}

@@ -181,8 +181,8 @@ po::options_description make_options(Config& c) {
       "lora.only", po::value(&ft.lora_only)->default_value(ft.lora_only),
       "export: write only the adapters and the tensors trained beside them, with the base's path and "
       "checksum")("lora.init", po::value(&ft.lora_init),
-                  "adapter file (export --lora.only) loaded over the base --model.init: eval, generate, "
-                  "export, finetune")(
+                  "adapter file (export --lora.only) or PEFT adapter folder loaded over the base "
+                  "--model.init: eval, generate, export, finetune")(
       "quant.bits", po::value(&ft.quant_bits)->default_value(ft.quant_bits),
       "storage of the frozen base's dense weights: 0 (float32), 8 (int8), 4 (NF4)")(
       "quant.block", po::value(&ft.quant_block)->default_value(ft.quant_block), "values per absmax block")(
@@ -202,10 +202,12 @@ po::options_description make_options(Config& c) {
       "answer length limit for generate");
 
   po::options_description exporting("Export [export]", kHelpWidth);
-  exporting.add_options()("export.format", po::value(&c.exporting.format)->default_value(c.exporting.format),
-                          "lrllm (a model file) | hf (a Hugging Face GPT2LMHeadModel folder)")(
-      "export.dtype", po::value(&c.exporting.dtype)->default_value(c.exporting.dtype),
-      "hf: the stored tensors' type, f32 | bf16 | f16");
+  exporting.add_options()(
+      "export.format", po::value(&c.exporting.format)->default_value(c.exporting.format),
+      "lrllm (a model file) | hf (a Hugging Face GPT2LMHeadModel or LlamaForCausalLM folder) | peft (the "
+      "LoRA adapters as a PEFT folder)")("export.dtype",
+                                         po::value(&c.exporting.dtype)->default_value(c.exporting.dtype),
+                                         "hf, peft: the stored tensors' type, f32 | bf16 | f16");
 
   po::options_description generate("Generation [generate]", kHelpWidth);
   GenerateConfig& g = c.generate;
@@ -430,13 +432,14 @@ void validate(const Config& c) {
   require(ft.lora_init.empty() || c.mode == "eval" || c.mode == "generate" || c.mode == "export" ||
               c.mode == "finetune",
           "--lora.init loads adapters for --mode eval, generate, export or finetune, not " + c.mode);
-  require(c.exporting.format == "lrllm" || c.exporting.format == "hf",
-          "--export.format must be lrllm or hf, not '" + c.exporting.format + "'");
+  require(c.exporting.format == "lrllm" || c.exporting.format == "hf" || c.exporting.format == "peft",
+          "--export.format must be lrllm, hf or peft, not '" + c.exporting.format + "'");
   require(c.exporting.dtype == "f32" || c.exporting.dtype == "bf16" || c.exporting.dtype == "f16",
           "--export.dtype must be f32, bf16 or f16, not '" + c.exporting.dtype + "'");
-  require(c.exporting.format == "hf" || !c.was_given("export.dtype"),
-          "--export.dtype is the tensor type of --export.format hf (an lrllm file stores float32, or "
-          "--quant.bits)");
+  require(
+      c.exporting.format != "lrllm" || !c.was_given("export.dtype"),
+      "--export.dtype is the tensor type of --export.format hf and peft (an lrllm file stores float32, or "
+      "--quant.bits)");
   require(c.eval.method == "generate" || c.eval.method == "score", "--eval.method must be generate or score");
   require(c.eval.max_new_tokens >= 1 && c.eval.max_new_tokens <= kMaxCount,
           strprintf("--eval.max_new_tokens must be between 1 and %d", kMaxCount));

@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <functional>
 #include <limits>
+#include <map>
 #include <sstream>
 #include <string_view>
 #include <vector>
@@ -18,6 +19,7 @@
 #include "lrllm/io/hdf5.h"
 #include "lrllm/io/instruct.h"
 #include "lrllm/io/metrics.h"
+#include "lrllm/io/peft.h"
 
 namespace fs = std::filesystem;
 
@@ -741,14 +743,27 @@ ModelConfig read_input_model_config(const Config& cfg) {
   if (base.any_lora())
     throw InputError("--lora.init " + adapters + ": --model.init " + cfg.model.init +
                      " has LoRA adapters already; give the base they were trained over");
-  return adapters_over(adapters, base);
+  return is_peft_folder(adapters) ? peft_adapters_over(adapters, base) : adapters_over(adapters, base);
 }
 
 void load_adapters(const std::string& path, Model& model) {
-  const H5File f = H5File::open_read(path);
   Backend& be = model.backend();
   std::vector<float> host = to_host(be, model.params(), model.table().total());
-  read_tensors(f, "/model", model.table(), host);
+  if (is_peft_folder(path)) {
+    // A PEFT folder holds the adapters alone: the model's trainable table is exactly them.
+    const std::map<std::string, std::vector<float>> tensors = read_peft_adapters(path, model.config());
+    for (const TensorInfo& t : model.table().tensors()) {
+      const auto it = tensors.find(t.name);
+      LRLLM_CHECK(it != tensors.end() && it->second.size() == t.size * t.split.parts, "load_adapters",
+                  path + " has no " + t.name);
+      if (t.split.axis < 0)
+        std::copy(it->second.begin(), it->second.end(), host.begin() + static_cast<std::ptrdiff_t>(t.offset));
+      else
+        extract_part(t, it->second.data(), host.data() + t.offset);
+    }
+  } else {
+    read_tensors(H5File::open_read(path), "/model", model.table(), host);
+  }
   be.to_device(model.params(), host.data(), host.size() * sizeof(float));
 }
 

@@ -247,6 +247,13 @@ std::vector<float> SafetensorsFile::read(const std::string& name) const {
   } else {
     bad(path_, "tensor " + name + " has dtype " + t->dtype + ": lrllm reads F32, F16 and BF16 tensors");
   }
+  // A streaming reader (--mode import) touches each tensor's pages once: they leave this process's resident
+  // set once converted, so a 7B import does not hold its 13.5 GB file mapped (the page cache keeps them, and
+  // a second read faults them back; the mapping is read-only, so nothing is lost).
+  const auto page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const auto first = reinterpret_cast<uintptr_t>(p) & ~(page - 1),
+             last = reinterpret_cast<uintptr_t>(p) + (t->end - t->begin);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);
   return out;
 }
 

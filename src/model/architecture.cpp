@@ -154,7 +154,7 @@ double model_memory_estimate(const ModelConfig& m) {
   return model_weight_bytes(m) + activations;
 }
 
-void validate_model_config(const ModelConfig& m) {
+void validate_model_config(const ModelConfig& m, bool must_fit_memory) {
   require(is_arch(m.arch), "--model.arch must be gpt2 or llama, not '" + m.arch + "'");
   require(m.n_layer >= 1, "--model.n_layer must be >= 1");
   require(m.n_head >= 1, "--model.n_head must be >= 1");
@@ -209,7 +209,7 @@ void validate_model_config(const ModelConfig& m) {
   const double need = model_memory_estimate(m);
   const double have = static_cast<double>(physical_memory_bytes());
   require(
-      need <= have,
+      !must_fit_memory || need <= have,
       strprintf("the model (n_layer %d, n_head %d, d_model %d, d_ff %lld, seq_len %d, vocab_size %d) needs "
                 "at least %.3g GB (its weights and one sequence's activations), more than this machine's "
                 "%.3g GB of memory",

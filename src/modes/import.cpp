@@ -11,7 +11,7 @@
 #include "lrllm/core/common.h"
 #include "lrllm/io/checkpoint.h"
 #include "lrllm/io/hdf5.h"
-#include "lrllm/io/hf_gpt2.h"
+#include "lrllm/io/hf_model.h"
 #include "lrllm/io/safetensors.h"
 #include "lrllm/io/tokenizer.h"
 #include "lrllm/model/params.h"
@@ -61,10 +61,30 @@ std::pair<std::string, std::string> from_tokenizer_json(const fs::path& path) {
   return {j["model"]["vocab"].dump(), merges};
 }
 
-// Writes the folder's GPT-2 tokenizer under OpenAI's names (vocab.json is encoder.json; merges.txt is
-// vocab.bpe, which has a #version first line; docs/design.md, Tokenizer) into `into`, and checks that it
-// loads and fits the model's vocabulary. False when the folder has no tokenizer.
-bool write_tokenizer(const fs::path& hf, const fs::path& into, int vocab_size) {
+// Checks that the tokenizer written into `into` (from source) loads and fits the model's vocabulary.
+void check_tokenizer(const fs::path& into, const std::string& source, int vocab_size) {
+  int tokens = 0;
+  try {
+    tokens = Tokenizer::load_dir(into.string()).vocab_size();
+  } catch (const InputError& e) {
+    throw InputError(source + ": the tokenizer does not load: " + e.what());
+  }
+  if (tokens > vocab_size)
+    throw InputError(strprintf("%s: the tokenizer has %d tokens, more than the model's vocab_size %d",
+                               source.c_str(), tokens, vocab_size));
+}
+
+// Writes the folder's tokenizer into `into` and checks it. GPT-2's goes under OpenAI's names (vocab.json is
+// encoder.json; merges.txt is vocab.bpe, which has a #version first line; docs/design.md, Tokenizer); a
+// Llama's tokenizer.json is copied as it is, which Tokenizer::load_dir reads. False when the folder has none.
+bool write_tokenizer(const fs::path& hf, const fs::path& into, const ModelConfig& m) {
+  if (m.llama()) {
+    if (!fs::exists(hf / "tokenizer.json")) return false;
+    fs::create_directory(into);
+    write_text(into / "tokenizer.json", read_text(hf / "tokenizer.json"));
+    check_tokenizer(into, (hf / "tokenizer.json").string(), m.vocab_size);
+    return true;
+  }
   std::string encoder, bpe;
   std::string source;
   if (fs::exists(hf / "vocab.json") && fs::exists(hf / "merges.txt")) {
@@ -81,31 +101,8 @@ bool write_tokenizer(const fs::path& hf, const fs::path& into, int vocab_size) {
   fs::create_directory(into);
   write_text(into / "encoder.json", encoder);
   write_text(into / "vocab.bpe", bpe);
-  int tokens = 0;
-  try {
-    tokens = Tokenizer::load((into / "encoder.json").string(), (into / "vocab.bpe").string()).vocab_size();
-  } catch (const InputError& e) {
-    throw InputError(source + ": the tokenizer does not load: " + e.what());
-  }
-  if (tokens > vocab_size)
-    throw InputError(strprintf("%s: the tokenizer has %d tokens, more than the model's vocab_size %d",
-                               source.c_str(), tokens, vocab_size));
+  check_tokenizer(into, source, m.vocab_size);
   return true;
-}
-
-// The causal-mask buffers h.N.attn.bias and h.N.attn.masked_bias that files saved by older transformers
-// carry (modeling_gpt2.py registers them as buffers): no weights, so the import leaves them out.
-bool is_mask_buffer(const std::string& name, const std::string& prefix, int n_layer) {
-  const std::string head = prefix + "h.";
-  for (const std::string tail : {".attn.bias", ".attn.masked_bias"}) {
-    if (!name.starts_with(head) || !name.ends_with(tail) || name.size() <= head.size() + tail.size())
-      continue;
-    const std::string layer = name.substr(head.size(), name.size() - head.size() - tail.size());
-    if (layer.size() <= 6 && layer.find_first_not_of("0123456789") == std::string::npos &&
-        std::stoi(layer) < n_layer)
-      return true;
-  }
-  return false;
 }
 
 // A tokenizer folder that an earlier import wrote, which this one may replace.
@@ -114,7 +111,7 @@ bool is_our_tokenizer_folder(const fs::path& dir) {
   if (!fs::is_directory(dir, ec)) return false;
   for (const auto& entry : fs::directory_iterator(dir, ec)) {
     const std::string name = entry.path().filename().string();
-    if (name != "encoder.json" && name != "vocab.bpe") return false;
+    if (name != "encoder.json" && name != "vocab.bpe" && name != "tokenizer.json") return false;
   }
   return true;
 }
@@ -133,56 +130,42 @@ int run_import(const Config& cfg) {
     throw InputError(
         "--data.input " + cfg.data.input +
         " is not a folder (a Hugging Face model folder, with config.json and model.safetensors)");
-  ModelConfig m = gpt2_config_from_hf((hf / "config.json").string());
+  nlohmann::json config;
+  const HfArch& arch = hf_arch_of_config((hf / "config.json").string(), config);
+  bool tied = false;
+  ModelConfig m = arch.read_config((hf / "config.json").string(), config, tied);
   const SafetensorsSet set(hf.string());
-  // Saved from GPT2LMHeadModel the names start with "transformer.", from GPT2Model they do not.
-  const std::string prefix = set.find("transformer.wte.weight") ? "transformer." : "";
-  if (set.find(prefix + "wte.weight") == nullptr)
-    throw InputError(cfg.data.input +
-                     ": has no tensor transformer.wte.weight or wte.weight: not a GPT-2 model");
 
-  const std::vector<HfTensor> tensors = gpt2_hf_tensors(m);
-  std::map<std::string, const HfTensor*> by_name;
+  // Every tensor is checked before anything is written; an lrllm tensor is the HF tensors that hold its rows.
+  const std::vector<HfTensor> tensors = arch.tensors(m, &set, tied);
+  std::map<std::string, std::vector<const HfTensor*>> parts;
   std::vector<std::pair<std::string, std::vector<int64_t>>> layout;
-  std::set<std::string> dtypes;
+  std::set<std::string> dtypes, known;
   for (const HfTensor& t : tensors) {
-    const std::string name = prefix + t.hf;
-    const SafetensorsTensor* st = set.find(name);
+    const SafetensorsTensor* st = set.find(t.hf);
     if (st == nullptr)
-      throw InputError(cfg.data.input + ": tensor " + name + " is missing (config.json describes n_layer " +
-                       std::to_string(m.n_layer) + ")");
+      throw InputError(cfg.data.input + ": tensor " + t.hf + " is missing (config.json describes " +
+                       std::to_string(m.n_layer) + " layers)");
     if (st->shape != t.hf_shape)
-      throw InputError(set.file_of(name) + ": tensor " + name + " has shape " + shape_string(st->shape) +
+      throw InputError(set.file_of(t.hf) + ": tensor " + t.hf + " has shape " + shape_string(st->shape) +
                        ", but config.json's model needs " + shape_string(t.hf_shape));
     if (st->dtype != "F32" && st->dtype != "F16" && st->dtype != "BF16")
-      throw InputError(set.file_of(name) + ": tensor " + name + " has dtype " + st->dtype +
+      throw InputError(set.file_of(t.hf) + ": tensor " + t.hf + " has dtype " + st->dtype +
                        ": lrllm reads F32, F16 and BF16 tensors");
     dtypes.insert(st->dtype);
-    by_name[t.lrllm] = &t;
-    layout.emplace_back(t.lrllm,
-                        t.transposed ? std::vector<int64_t>{t.hf_shape[1], t.hf_shape[0]} : t.hf_shape);
+    known.insert(t.hf);
+    std::vector<const HfTensor*>& p = parts[t.lrllm];
+    if (p.empty()) layout.emplace_back(t.lrllm, t.lrllm_shape);
+    p.push_back(&t);
   }
-  std::set<std::string> known;
-  for (const HfTensor& t : tensors) known.insert(prefix + t.hf);
-  for (const std::string& name : set.names()) {
-    if (known.count(name) || is_mask_buffer(name, prefix, m.n_layer)) continue;
-    if (name != "lm_head.weight")
-      throw InputError(set.file_of(name) + ": tensor " + name +
-                       " is not part of the GPT2LMHeadModel that config.json describes");
-    // lrllm's output layer is the embedding, as in modeling_gpt2.py with tie_word_embeddings: a stored
-    // lm_head is accepted when it is that same matrix.
-    const SafetensorsTensor* head = set.find(name);
-    if (head->shape != std::vector<int64_t>{m.vocab_size, m.d_model} ||
-        set.read(name) != set.read(prefix + "wte.weight"))
-      throw InputError(set.file_of(name) +
-                       ": lm_head.weight differs from wte.weight; lrllm ties the output layer to the "
-                       "embedding, so an untied model cannot be imported");
-  }
+  for (const std::string& name : set.names())
+    if (!known.count(name)) arch.check_extra(name, set, m);
 
   const fs::path tok_dir = cfg.data.output + ".tokenizer", tok_tmp = cfg.data.output + ".tokenizer.tmp";
   if (fs::exists(tok_dir, ec) && !is_our_tokenizer_folder(tok_dir))
     throw InputError(tok_dir.string() +
-                     " exists and is not a tokenizer folder an import wrote (encoder.json, vocab.bpe): the "
+                     " exists and is not a tokenizer folder an import wrote (encoder.json, vocab.bpe or "
+                     "tokenizer.json): the "
                      "import writes the tokenizer there; move it away first");
   if (fs::exists(tok_tmp, ec) && !is_our_tokenizer_folder(tok_tmp))
     throw InputError(tok_tmp.string() +
@@ -190,19 +173,11 @@ int run_import(const Config& cfg) {
   fs::remove_all(tok_tmp, ec);
   bool tokenizer = false;
   try {
-    tokenizer = write_tokenizer(hf, tok_tmp, m.vocab_size);
+    tokenizer = write_tokenizer(hf, tok_tmp, m);
     if (tokenizer) m.tokenizer_dir = tok_dir.string();
     save_model_file(
         cfg.data.output, "import", m, layout,
-        [&](const std::string& name) {
-          const HfTensor& t = *by_name.at(name);
-          std::vector<float> v = set.read(prefix + t.hf);
-          if (!t.transposed) return v;
-          std::vector<float> w(v.size());
-          transpose(v.data(), w.data(), t.hf_shape[0], t.hf_shape[1]);
-          return w;
-        },
-        &cfg);
+        [&](const std::string& name) { return hf_gather(set, parts.at(name)); }, &cfg);
   } catch (...) {
     fs::remove_all(tok_tmp, ec);
     throw;
@@ -223,11 +198,13 @@ int run_import(const Config& cfg) {
     params += n;
   }
   std::printf(
-      "imported %s (GPT-2: n_layer %d, n_head %d, d_model %d, d_ff %d, seq_len %d, vocab_size %d; %s) -> %s: "
-      "%zu parameters; tokenizer %s\n",
-      cfg.data.input.c_str(), m.n_layer, m.n_head, m.d_model, m.ff(), m.seq_len, m.vocab_size, types.c_str(),
-      cfg.data.output.c_str(), params,
-      tokenizer ? tok_dir.c_str() : "none (the folder has no vocab.json + merges.txt or tokenizer.json)");
+      "imported %s (%s: n_layer %d, n_head %d, n_kv_head %d, d_model %d, d_ff %d, seq_len %d, vocab_size %d; "
+      "%s) -> %s: %zu parameters; tokenizer %s\n",
+      cfg.data.input.c_str(), arch.hf_class(), m.n_layer, m.n_head, m.kv_heads(), m.d_model, m.ff(),
+      m.seq_len, m.vocab_size, types.c_str(), cfg.data.output.c_str(), params,
+      tokenizer ? tok_dir.c_str()
+                : (m.llama() ? "none (the folder has no tokenizer.json)"
+                             : "none (the folder has no vocab.json + merges.txt or tokenizer.json)"));
   return 0;
 }
 

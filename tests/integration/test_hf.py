@@ -1,8 +1,10 @@
-"""Hugging Face GPT-2 folders in and out: --mode import and --mode export --export.format hf.
+"""Hugging Face GPT-2 and Llama folders in and out: --mode import, --mode export --export.format hf, and LoRA
+adapters as PEFT folders (--export.format peft, --lora.init PEFT_DIR).
 
-The folders are built here with torch (random weights, HF names and Conv1D orientation), their safetensors
-files written by the small spec-following writer below, independent of lrllm's C++. lrllm's eval loss on a
-token file is compared with a float64 GPT-2 forward written here from the HF tensors.
+The folders are built here with torch (random weights, HF names, GPT-2's Conv1D orientation, Llama's separate
+q/k/v and gate/up), their safetensors files written by the small spec-following writer below, independent of
+lrllm's C++. lrllm's eval loss on a token file is compared with float64 GPT-2 and Llama forwards written here
+from the HF tensors.
 
 Run as: /usr/bin/python3 tests/integration/test_hf.py BUILD_DIR
 Prints PASS/FAIL per test and exits non-zero if any failed.
@@ -213,29 +215,29 @@ def torch_logits(W, x, cfg=None):
     return ln(h, "ln_f") @ g["wte.weight"].T
 
 
-def sampled_tokens(W, sequences=8, seed=7):
+def sampled_tokens(W, sequences=8, seed=7, logits=None, T=None, V=None):
     """A token stream drawn from the reference model itself, sequence by sequence as lrllm's eval cuts it
     (seq_len + 1 tokens, each sequence starting at position 0): the loss then measures the model's own
     predictions, and any tensor in the wrong place or orientation raises it, where random tokens would give
     ~ln V for any weights."""
     g = torch.Generator().manual_seed(seed)
-    T = CFG["n_positions"]
-    tokens = [int(torch.randint(CFG["vocab_size"], (1,), generator=g))]
+    logits, T, V = logits or torch_logits, T or CFG["n_positions"], V or CFG["vocab_size"]
+    tokens = [int(torch.randint(V, (1,), generator=g))]
     for _ in range(sequences):
         ctx = [tokens[-1]]
         for _ in range(T):
-            probs = torch.softmax(torch_logits(W, torch.tensor([ctx]))[0, -1], -1)
+            probs = torch.softmax(logits(W, torch.tensor([ctx]))[0, -1], -1)
             ctx.append(int(torch.multinomial(probs, 1, generator=g)))
         tokens += ctx[1:]
     return np.array(tokens)
 
 
-def torch_loss(W, tokens):
-    T = CFG["n_positions"]
+def torch_loss(W, tokens, logits_fn=None, T=None):
+    T = T or CFG["n_positions"]
     n = (len(tokens) - 1) // T
     x = torch.tensor(np.stack([tokens[i * T:i * T + T] for i in range(n)]).astype(np.int64))
     y = torch.tensor(np.stack([tokens[i * T + 1:i * T + T + 1] for i in range(n)]).astype(np.int64))
-    logits = torch_logits(W, x)
+    logits = (logits_fn or torch_logits)(W, x)
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).item()
 
 
@@ -512,7 +514,7 @@ BAD = [
     ("config with more layers", lambda d: set_config(d, n_layer=3), "h.2.ln_1.weight is missing"),
     ("eps other than 1e-5", lambda d: set_config(d, layer_norm_epsilon=1e-6), "layer_norm_epsilon"),
     ("other activation", lambda d: set_config(d, activation_function="relu"), "gelu_new"),
-    ("another model", lambda d: set_config(d, model_type="llama"), "model_type \"llama\" is not supported"),
+    ("another model", lambda d: set_config(d, model_type="bert"), "model_type \"bert\" is not supported"),
     ("untied lm_head", untie, "lm_head.weight differs"),
     ("no weights", lambda d: os.remove(os.path.join(d, "model.safetensors")), "neither model.safetensors"),
     ("bad tokenizer", lambda d: open(os.path.join(d, "vocab.json"), "w").write("[1, 2"), "tokenizer does not load"),
@@ -584,6 +586,452 @@ def test_bad_options():
     open(path("y.tmp", "model.safetensors.tmp"), "wb").write(b"partial")
     run(["--mode", "export", "--export.format", "hf", "--model.vocab_size", "512", "--data.output", path("y")])
     assert sorted(os.listdir(path("y"))) == ["config.json", "model.safetensors"] and not os.path.exists(path("y.tmp"))
+
+
+# ------------------------------------------------------------------------------------------ Llama folders
+
+# Grouped-query attention (4 heads over 2 key/value heads), d_ff not 4 d_model, a small vocabulary; the
+# tokenizer tests use Llama-2's 32000 pieces.
+LCFG = {"vocab_size": 256, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 16, "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0}
+LLAMA_TOKENIZER = os.path.join(ROOT, "input", "data", "tokenizer-llama", "tokenizer.json")
+
+
+def llama_names(cfg, tied=False):
+    C, F, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    hd = C // cfg["num_attention_heads"]
+    kv = cfg.get("num_key_value_heads", cfg["num_attention_heads"]) * hd
+    shapes = {"model.embed_tokens.weight": (V, C)}
+    for l in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{l}."
+        shapes.update({p + "input_layernorm.weight": (C,), p + "self_attn.q_proj.weight": (C, C),
+                       p + "self_attn.k_proj.weight": (kv, C), p + "self_attn.v_proj.weight": (kv, C),
+                       p + "self_attn.o_proj.weight": (C, C), p + "post_attention_layernorm.weight": (C,),
+                       p + "mlp.gate_proj.weight": (F, C), p + "mlp.up_proj.weight": (F, C),
+                       p + "mlp.down_proj.weight": (C, F)})
+    shapes["model.norm.weight"] = (C,)
+    if not tied:
+        shapes["lm_head.weight"] = (V, C)
+    return shapes
+
+
+def llama_folder(name, dtype="F32", shards=1, seed=0, cfg=None, tied=False, tokenizer=False, extra=None,
+                 config=None):
+    """A LlamaForCausalLM folder; returns (folder, cfg, {HF name: float32 values as stored})."""
+    cfg = dict(LCFG, **(cfg or {}))
+    d = path(name)
+    shutil.rmtree(d, ignore_errors=True)
+    os.makedirs(d)
+    g = torch.Generator().manual_seed(seed)
+    weights = {}
+    for k, shape in llama_names(cfg, tied).items():
+        scale = 0.6 if k in ("model.embed_tokens.weight", "lm_head.weight") else 0.2
+        v = 1 + 0.2 * torch.randn(shape, generator=g) if k.endswith("norm.weight") else scale * torch.randn(shape, generator=g)
+        weights[k] = v.numpy().astype(np.float32)
+    stored = {k: decode(encode(v, dtype), dtype, v.shape) for k, v in weights.items()}
+    tensors = [(k, dtype, v.shape, encode(v, dtype)) for k, v in weights.items()] + (extra or [])
+    conf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+            "tie_word_embeddings": tied, "rope_scaling": None, "attention_bias": False, "mlp_bias": False,
+            "torch_dtype": "float32", **cfg}
+    conf.update(config or {})
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(conf, f)
+    if shards == 1:
+        st_write(os.path.join(d, "model.safetensors"), tensors, {"format": "pt"})
+    else:
+        weight_map = {}
+        for s in range(shards):
+            file = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+            st_write(os.path.join(d, file), tensors[s::shards], {"format": "pt"})
+            weight_map.update({t[0]: file for t in tensors[s::shards]})
+        with open(os.path.join(d, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": 0}, "weight_map": weight_map}, f)
+    if tokenizer:
+        shutil.copy(LLAMA_TOKENIZER, os.path.join(d, "tokenizer.json"))
+    if tied:
+        stored["lm_head.weight"] = stored["model.embed_tokens.weight"]
+    return d, cfg, stored
+
+
+def rotate_half(x):
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def llama_logits(W, x, cfg):
+    """LlamaForCausalLM's logits from HF tensors (modeling_llama.py): RMSNorm, rotate_half RoPE on q and k,
+    repeat_kv for grouped-query attention, SwiGLU (silu(gate) * up), an untied lm_head; in float64."""
+    g = {k: torch.tensor(v, dtype=torch.float64) for k, v in W.items()}
+    C, H = cfg["hidden_size"], cfg["num_attention_heads"]
+    KV, hd, eps = cfg["num_key_value_heads"], C // cfg["num_attention_heads"], cfg["rms_norm_eps"]
+    n, T = x.shape
+    rms = lambda h, w: h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * w
+    inv_freq = 1.0 / (cfg["rope_theta"] ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    freqs = torch.outer(torch.arange(T, dtype=torch.float64), inv_freq)
+    cos, sin = torch.cat((freqs, freqs), -1).cos(), torch.cat((freqs, freqs), -1).sin()
+    mask = torch.tril(torch.ones(T, T, dtype=torch.bool))
+    h = g["model.embed_tokens.weight"][x]
+    for l in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{l}."
+        a = rms(h, g[p + "input_layernorm.weight"])
+        q = (a @ g[p + "self_attn.q_proj.weight"].T).reshape(n, T, H, hd).transpose(1, 2)
+        k = (a @ g[p + "self_attn.k_proj.weight"].T).reshape(n, T, KV, hd).transpose(1, 2)
+        v = (a @ g[p + "self_attn.v_proj.weight"].T).reshape(n, T, KV, hd).transpose(1, 2)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        k, v = k.repeat_interleave(H // KV, dim=1), v.repeat_interleave(H // KV, dim=1)  # repeat_kv
+        att = ((q @ k.transpose(-1, -2)) / math.sqrt(hd)).masked_fill(~mask, float("-inf")).softmax(-1)
+        h = h + (att @ v).transpose(1, 2).reshape(n, T, C) @ g[p + "self_attn.o_proj.weight"].T
+        m = rms(h, g[p + "post_attention_layernorm.weight"])
+        gate, up = m @ g[p + "mlp.gate_proj.weight"].T, m @ g[p + "mlp.up_proj.weight"].T
+        h = h + (torch.nn.functional.silu(gate) * up) @ g[p + "mlp.down_proj.weight"].T
+    return rms(h, g["model.norm.weight"]) @ g["lm_head.weight"].T
+
+
+def llama_tokens(stored, cfg, name):
+    fn = lambda W, x: llama_logits(W, x, cfg)
+    return write_tokens(path(name + ".tokens.bin"),
+                        sampled_tokens(stored, logits=fn, T=cfg["max_position_embeddings"], V=cfg["vocab_size"]))
+
+
+def llama_check_loss(model, stored, cfg, rel=1e-5, tokens=None):
+    tokens = tokens or llama_tokens(stored, cfg, os.path.basename(model))
+    with open(tokens, "rb") as f:
+        ids = np.frombuffer(f.read()[1024:], np.uint16).astype(np.int64)
+    ours = eval_loss(model, tokens)
+    ref = torch_loss(stored, ids, lambda W, x: llama_logits(W, x, cfg), cfg["max_position_embeddings"])
+    assert ref < math.log(cfg["vocab_size"]) - 1.5, f"the reference loss {ref} is ~ln V: the test would not tell"
+    assert abs(ours - ref) <= rel * abs(ref), f"lrllm {ours} vs PyTorch {ref} (rel {abs(ours - ref) / ref:.2e})"
+    return ours
+
+
+def test_llama_import_f32_gqa_matches_torch_and_brings_tokenizer_json():
+    d, cfg, stored = llama_folder("l32", "F32", cfg={"vocab_size": 32000}, tokenizer=True)
+    out = path("l32.h5")
+    p = run(["--mode", "import", "--data.input", d, "--data.output", out])
+    assert "LlamaForCausalLM" in p.stdout and "n_kv_head 2" in p.stdout and out + ".tokenizer" in p.stdout, p.stdout
+    llama_check_loss(out, stored, cfg)
+    W = model_tensors(out)
+    L = "model.layers.1."
+    assert np.array_equal(W["h.1/attn/qkv/W"], np.concatenate([stored[L + "self_attn.q_proj.weight"],
+                                                               stored[L + "self_attn.k_proj.weight"],
+                                                               stored[L + "self_attn.v_proj.weight"]]))
+    assert np.array_equal(W["h.1/mlp/fc/W"], np.concatenate([stored[L + "mlp.gate_proj.weight"],
+                                                             stored[L + "mlp.up_proj.weight"]]))
+    assert np.array_equal(W["lm_head"], stored["lm_head.weight"]) and "wpe" not in W
+    with h5py.File(out, "r") as f:
+        c = f["config"].attrs
+        assert c["arch"] == "llama" and c["n_kv_head"] == 2 and c["d_ff"] == 48 and c["norm_eps"] == 1e-5, dict(c)
+        assert c["tokenizer_dir"] == "l32.h5.tokenizer" and f.attrs["format_version"] == 4
+    assert os.listdir(out + ".tokenizer") == ["tokenizer.json"]
+    with open(os.path.join(out + ".tokenizer", "tokenizer.json"), "rb") as a, open(LLAMA_TOKENIZER, "rb") as b:
+        assert a.read() == b.read()
+    here = path("elsewhere")
+    os.makedirs(here, exist_ok=True)
+    p = run(["--mode", "generate", "--model.init", out, "--generate.prompt", "The market", "--generate.max_new_tokens",
+             "3", "--device", "cpu"], cwd=here)
+    assert p.stdout.startswith("The market"), p.stdout
+
+
+def test_llama_import_bf16_sharded_tied_with_buffers_matches_torch():
+    inv = np.zeros(4, np.float32)
+    buffers = [(f"model.layers.{l}.self_attn.rotary_emb.inv_freq", "F32", (4,), encode(inv, "F32")) for l in range(2)]
+    d, cfg, stored = llama_folder("lbf", "BF16", shards=3, tied=True, cfg={"rope_theta": 500.0}, extra=buffers)
+    out = path("lbf.h5")
+    p = run(["--mode", "import", "--data.input", d, "--data.output", out])
+    assert "BF16" in p.stdout and "tokenizer none" in p.stdout, p.stdout
+    llama_check_loss(out, stored, cfg)
+    W = model_tensors(out)
+    assert np.array_equal(W["lm_head"], W["wte"])
+    # rope_theta is read: the same weights under the default base compute another loss.
+    set_config(d, rope_theta=10000.0)
+    other = path("lbf-theta.h5")
+    run(["--mode", "import", "--data.input", d, "--data.output", other])
+    tokens = path("lbf.h5.tokens.bin")
+    assert abs(eval_loss(other, tokens) - eval_loss(out, tokens)) > 1e-4
+
+
+def test_llama_export_then_import_is_bit_identical():
+    d, cfg, stored = llama_folder("lrt", "F32", tokenizer=True, cfg={"vocab_size": 32000})
+    first, hf, second = path("lrt1.h5"), path("lrt-hf"), path("lrt2.h5")
+    run(["--mode", "import", "--data.input", d, "--data.output", first])
+    p = run(["--mode", "export", "--export.format", "hf", "--model.init", first, "--data.output", hf])
+    assert "LlamaForCausalLM" in p.stdout, p.stdout
+    assert sorted(os.listdir(hf)) == ["config.json", "model.safetensors", "tokenizer.json"], os.listdir(hf)
+    with open(os.path.join(hf, "config.json")) as f:
+        conf = json.load(f)
+    assert conf["architectures"] == ["LlamaForCausalLM"] and conf["model_type"] == "llama", conf
+    for k, v in dict(LCFG, vocab_size=32000).items():
+        assert conf[k] == v, (k, conf[k], v)
+    assert conf["hidden_act"] == "silu" and conf["rope_scaling"] is None and conf["tie_word_embeddings"] is False
+    assert conf["torch_dtype"] == "float32"
+    _, metadata, tensors = st_read(os.path.join(hf, "model.safetensors"))
+    assert metadata == {"format": "pt"} and set(tensors) == set(stored), sorted(set(tensors) ^ set(stored))
+    for k, v in stored.items():
+        dtype, shape, raw = tensors[k]
+        assert dtype == "F32" and tuple(shape) == v.shape and raw == encode(v, "F32"), k
+    run(["--mode", "import", "--data.input", hf, "--data.output", second])
+    a, b = model_tensors(first), model_tensors(second)
+    assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    # BF16 in, bf16 out: the bytes come back.
+    d, _, stored = llama_folder("lrtb", "BF16", shards=2)
+    model, hfb = path("lrtb.h5"), path("lrtb-hf")
+    run(["--mode", "import", "--data.input", d, "--data.output", model])
+    run(["--mode", "export", "--export.format", "hf", "--export.dtype", "bf16", "--model.init", model,
+         "--data.output", hfb])
+    _, _, tensors = st_read(os.path.join(hfb, "model.safetensors"))
+    for k, v in stored.items():
+        assert tensors[k][0] == "BF16" and tensors[k][2] == encode(v, "BF16"), k
+
+
+FT_ROWS = [{"instruction": "Sentiment?", "input": t, "output": o} for t, o in
+           [("profits rose", "positive"), ("losses widened", "negative"), ("the board met", "neutral")] * 4]
+
+
+def finetune(base, name, extra=()):
+    train = path("ft.jsonl")
+    with open(train, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in FT_ROWS)
+    ft = path(name)
+    shutil.rmtree(ft, ignore_errors=True)
+    run(["--mode", "finetune", "--model.init", base, "--data.train", train, "--run.dir", ft, "--train.steps", "2",
+         "--train.batch_size", "4", "--train.lr", "1e-2", "--train.warmup", "0", "--train.eval_batches", "1",
+         "--lora.rank", "4", "--lora.alpha", "8", "--device", "cpu", *extra])
+    return os.path.join(ft, "ckpt_000002.h5")
+
+
+def peft_round_trip(base, ckpt, tokens, name, expect_keys, expect_targets, fan_in_fan_out):
+    """PEFT export of a finetuned checkpoint, then --lora.init of it: the same adapters bit for bit and the
+    same loss; returns the folder and its tensors."""
+    peft = path(name)
+    p = run(["--mode", "export", "--export.format", "peft", "--model.init", ckpt, "--data.output", peft])
+    assert "PEFT LoRA" in p.stdout, p.stdout
+    assert sorted(os.listdir(peft)) == ["adapter_config.json", "adapter_model.safetensors"], os.listdir(peft)
+    with open(os.path.join(peft, "adapter_config.json")) as f:
+        conf = json.load(f)
+    assert conf["peft_type"] == "LORA" and conf["r"] == 4 and conf["lora_alpha"] == 8, conf
+    assert conf["task_type"] == "CAUSAL_LM" and conf["bias"] == "none" and conf["base_model_name_or_path"] == base
+    assert conf["target_modules"] == expect_targets and conf["fan_in_fan_out"] is fan_in_fan_out, conf
+    _, meta, tensors = st_read(os.path.join(peft, "adapter_model.safetensors"))
+    assert meta["format"] == "pt" and meta["lrllm_base_checksum"].startswith("fnv1a64:"), meta
+    assert expect_keys <= set(tensors), sorted(expect_keys - set(tensors))
+    back = path(name + ".h5")
+    run(["--mode", "export", "--lora.only", "true", "--model.init", base, "--lora.init", peft, "--data.output", back])
+    a, b = model_tensors(ckpt), model_tensors(back)
+    lora = sorted(k for k in a if "lora_" in k)
+    assert lora and lora == sorted(b), (lora, sorted(b))
+    assert all(np.array_equal(a[k], b[k]) for k in lora), [k for k in lora if not np.array_equal(a[k], b[k])]
+    ours = run(["--mode", "eval", "--model.init", base, "--lora.init", peft, "--data.val", tokens, "--device", "cpu"])
+    assert float(ours.stdout.split("loss ")[1].split(",")[0]) == eval_loss(ckpt, tokens)
+    return peft, {k: decode(t[2], t[0], t[1]) for k, t in tensors.items()}, a
+
+
+def test_llama_lora_merged_export_and_peft_round_trip():
+    d, cfg, stored = llama_folder("lft", "F32", tokenizer=True, cfg={"vocab_size": 32000})
+    base = path("lft.h5")
+    run(["--mode", "import", "--data.input", d, "--data.output", base])
+    ckpt = finetune(base, "lft-run")
+    tokens = llama_tokens(stored, cfg, "lft")
+    # Merged into a dense LlamaForCausalLM, the model evaluates as the adapters do.
+    hf, back = path("lft-hf"), path("lft-back.h5")
+    p = run(["--mode", "export", "--export.format", "hf", "--model.init", ckpt, "--data.output", hf])
+    assert "adapters merged" in p.stdout and os.path.exists(os.path.join(hf, "tokenizer.json")), p.stdout
+    run(["--mode", "import", "--data.input", hf, "--data.output", back])
+    a, b, plain = eval_loss(ckpt, tokens), eval_loss(back, tokens), eval_loss(base, tokens)
+    assert abs(a - b) <= 1e-5 * abs(a) and abs(a - plain) > 1e-4, (a, b, plain)
+    L = "base_model.model.model.layers.1."
+    keys = {L + m + f for m in ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+            for f in [".lora_A.weight", ".lora_B.weight"]}
+    peft, t, W = peft_round_trip(base, ckpt, tokens, "lft-peft", keys,
+                                 ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], False)
+    # The fused site's A is each module's; its B's rows are q's, k's, v's (gate's, up's).
+    A, B = W["h.1/attn/qkv/lora_A"], W["h.1/attn/qkv/lora_B"]
+    assert np.array_equal(t[L + "self_attn.k_proj.lora_A.weight"], A)
+    assert np.array_equal(t[L + "self_attn.q_proj.lora_B.weight"], B[:32])
+    assert np.array_equal(t[L + "self_attn.k_proj.lora_B.weight"], B[32:48])
+    assert np.array_equal(t[L + "self_attn.v_proj.lora_B.weight"], B[48:])
+    assert np.array_equal(t[L + "mlp.up_proj.lora_B.weight"], W["h.1/mlp/fc/lora_B"][48:])
+    # The same adapters continue finetuning from the PEFT folder.
+    run(["--mode", "finetune", "--model.init", base, "--lora.init", peft, "--data.train", path("ft.jsonl"),
+         "--run.dir", path("lft-run2"), "--train.steps", "1", "--train.batch_size", "4", "--train.warmup", "0",
+         "--train.eval_batches", "1", "--lora.rank", "4", "--lora.alpha", "8", "--device", "cpu"])
+
+
+def test_gpt2_peft_round_trip():
+    d, stored = make_folder("gft", "F32")
+    base = path("gft.h5")
+    run(["--mode", "import", "--data.input", d, "--data.output", base])
+    ckpt = finetune(base, "gft-run", ["--lora.targets", "qkv,proj,fc"])
+    tokens = write_tokens(path("gft.tokens.bin"), sampled_tokens(stored))
+    L = "base_model.model.transformer.h.0."
+    keys = {L + m + f for m in ["attn.c_attn", "attn.c_proj", "mlp.c_fc"] for f in [".lora_A.weight", ".lora_B.weight"]}
+    # attn.c_proj has adapters and mlp.c_proj has none: "c_proj" would name both.
+    _, t, W = peft_round_trip(base, ckpt, tokens, "gft-peft", keys, ["c_attn", "attn.c_proj", "c_fc"], True)
+    assert not any("mlp.c_proj" in k for k in t)
+    assert np.array_equal(t[L + "attn.c_attn.lora_B.weight"], W["h.0/attn/qkv/lora_B"])
+
+
+def peft_folder(name, cfg, base_stored, seed=3, r=4, alpha=8.0, modules=("q_proj", "v_proj"), config=None):
+    """A PEFT folder as PEFT writes one for a LlamaForCausalLM: a separate lora_A per module; returns it and the
+    HF weights with each module's (alpha / r) B A added, in float64."""
+    d = path(name)
+    shutil.rmtree(d, ignore_errors=True)
+    os.makedirs(d)
+    g = torch.Generator().manual_seed(seed)
+    where = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+             "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+    merged = {k: v.astype(np.float64) for k, v in base_stored.items()}
+    tensors = []
+    for l in range(cfg["num_hidden_layers"]):
+        for m in modules:
+            w = f"model.layers.{l}.{where[m]}.{m}.weight"
+            out, inp = base_stored[w].shape
+            A = (0.3 * torch.randn(r, inp, generator=g)).numpy().astype(np.float32)
+            B = (0.3 * torch.randn(out, r, generator=g)).numpy().astype(np.float32)
+            merged[w] = merged[w] + (alpha / r) * (B.astype(np.float64) @ A.astype(np.float64))
+            k = f"base_model.model.model.layers.{l}.{where[m]}.{m}"
+            tensors += [(k + ".lora_A.weight", "F32", A.shape, encode(A, "F32")),
+                        (k + ".lora_B.weight", "F32", B.shape, encode(B, "F32"))]
+    st_write(os.path.join(d, "adapter_model.safetensors"), tensors, {"format": "pt"})
+    conf = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "lora_dropout": 0.05,
+            "target_modules": list(modules), "fan_in_fan_out": False, "bias": "none", "modules_to_save": None,
+            "use_dora": False, "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {},
+            "base_model_name_or_path": "meta-llama/Llama-2-7b-hf"}
+    conf.update(config or {})
+    with open(os.path.join(d, "adapter_config.json"), "w") as f:
+        json.dump(conf, f)
+    return d, merged
+
+
+def test_peft_layout_folder_evaluates_as_torch():
+    d, cfg, stored = llama_folder("lpe", "F32")
+    base = path("lpe.h5")
+    run(["--mode", "import", "--data.input", d, "--data.output", base])
+    tokens = llama_tokens(stored, cfg, "lpe")
+    for modules in [("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "gate_proj", "down_proj")]:
+        peft, merged = peft_folder("lpe-peft", cfg, stored, modules=modules)
+        p = run(["--mode", "eval", "--model.init", base, "--lora.init", peft, "--data.val", tokens, "--device", "cpu"])
+        ours = float(p.stdout.split("loss ")[1].split(",")[0])
+        with open(tokens, "rb") as f:
+            ids = np.frombuffer(f.read()[1024:], np.uint16).astype(np.int64)
+        ref = torch_loss(merged, ids, lambda W, x: llama_logits(W, x, cfg), cfg["max_position_embeddings"])
+        assert abs(ours - ref) <= 1e-5 * abs(ref) and abs(ours - eval_loss(base, tokens)) > 1e-3, (modules, ours, ref)
+    # q and v's separate A's stack into one rank-8 A over the fused qkv; k's rows of B are zero.
+    W = model_tensors(run_export_adapters(base, "lpe-peft", ("q_proj", "v_proj"), cfg, stored))
+    assert W["h.0/attn/qkv/lora_A"].shape == (8, 32) and not W["h.0/attn/qkv/lora_B"][32:48].any()
+    assert "h.0/mlp/fc/lora_A" not in W
+
+
+def run_export_adapters(base, name, modules, cfg, stored):
+    peft, _ = peft_folder(name, cfg, stored, modules=modules)
+    out = path(name + ".h5")
+    run(["--mode", "export", "--lora.only", "true", "--model.init", base, "--lora.init", peft, "--data.output", out])
+    return out
+
+
+def drop_key(d, name):
+    file = os.path.join(d, "adapter_model.safetensors")
+    _, meta, tensors = st_read(file)
+    st_write(file, [(k, *t) for k, t in tensors.items() if k != name], meta)
+
+
+def reshape_key(d, name):
+    file = os.path.join(d, "adapter_model.safetensors")
+    _, meta, tensors = st_read(file)
+    st_write(file, [(k, t[0], [t[1][1], t[1][0]] if k == name else t[1], t[2]) for k, t in tensors.items()], meta)
+
+
+def truncate_adapters(d):
+    file = os.path.join(d, "adapter_model.safetensors")
+    with open(file, "r+b") as f:
+        f.truncate(os.path.getsize(file) - 64)
+
+
+def set_peft(d, **fields):
+    file = os.path.join(d, "adapter_config.json")
+    with open(file) as f:
+        conf = json.load(f)
+    conf.update(fields)
+    with open(file, "w") as f:
+        json.dump(conf, f)
+
+
+Q = "base_model.model.model.layers.1.self_attn.q_proj"
+BAD_PEFT = [
+    ("truncated adapter file", truncate_adapters, "run past the end of the data"),
+    ("missing lora_B", lambda d: drop_key(d, Q + ".lora_B.weight"), "has no " + Q + ".lora_B.weight"),
+    ("wrong shape", lambda d: reshape_key(d, Q + ".lora_A.weight"), "needs [r, 32]"),
+    ("unknown target module", lambda d: set_peft(d, target_modules=["q_proj", "lm_head"]), "target module \"lm_head\""),
+    ("DoRA", lambda d: set_peft(d, use_dora=True), "use_dora"),
+    ("rsLoRA", lambda d: set_peft(d, use_rslora=True), "use_rslora"),
+    ("modules_to_save", lambda d: set_peft(d, modules_to_save=["lm_head"]), "modules_to_save"),
+    ("fan_in_fan_out", lambda d: set_peft(d, fan_in_fan_out=True), "fan_in_fan_out is true"),
+    ("rank against r", lambda d: set_peft(d, r=8), "has rank 4, but adapter_config.json has r 8"),
+    ("no config", lambda d: os.remove(os.path.join(d, "adapter_config.json")), "adapter_config.json: cannot open"),
+    ("another base", lambda d: set_metadata(d, lrllm_base_checksum="fnv1a64:0123456789abcdef"),
+     "were exported over a base of checksum fnv1a64:0123456789abcdef"),
+]
+
+
+def set_metadata(d, **fields):
+    file = os.path.join(d, "adapter_model.safetensors")
+    _, meta, tensors = st_read(file)
+    st_write(file, [(k, *t) for k, t in tensors.items()], dict(meta, **fields))
+
+
+def test_bad_peft_folders_exit_2_with_one_line():
+    d, cfg, stored = llama_folder("lbp", "F32")
+    base = path("lbp.h5")
+    run(["--mode", "import", "--data.input", d, "--data.output", base])
+    tokens = write_tokens(path("lbp.tokens.bin"), list(range(40)))
+    failures = []
+    for what, edit, expect in BAD_PEFT:
+        peft, _ = peft_folder("lbp-peft", cfg, stored)
+        edit(peft)
+        p = run(["--mode", "eval", "--model.init", base, "--lora.init", peft, "--data.val", tokens, "--device", "cpu"],
+                check=False)
+        lines = [l for l in p.stderr.splitlines() if l.strip()]
+        if p.returncode != 2 or len(lines) != 1 or expect not in lines[0]:
+            failures.append(f"{what}: exit {p.returncode}, stderr {p.stderr!r}")
+    assert not failures, "\n".join(failures)
+
+
+def test_bad_llama_folders_exit_2_with_one_line_and_no_output():
+    extra = ("model.layers.0.self_attn.q_proj.bias", "F32", (32,), encode(np.zeros(32, np.float32), "F32"))
+    cases = [
+        ("missing tensor", {}, lambda d: rewrite(d, drop_and_compact("model.layers.1.mlp.up_proj.weight")),
+         "model.layers.1.mlp.up_proj.weight is missing"),
+        ("wrong shape", {}, lambda d: rewrite(d, change("model.layers.0.self_attn.k_proj.weight", "shape", [32, 16])),
+         "has shape [32, 16], but config.json's model needs [16, 32]"),
+        ("rope_scaling", {"rope_scaling": {"type": "linear", "factor": 2.0}}, None, "rope_scaling"),
+        ("hidden_act", {"hidden_act": "gelu"}, None, "hidden_act is \"gelu\""),
+        ("attention_bias", {"attention_bias": True}, None, "attention_bias"),
+        ("heads against kv heads", {"num_key_value_heads": 3}, None, "must divide n_head"),
+        ("a tensor lrllm has no place for", {"extra": [extra]}, None,
+         "model.layers.0.self_attn.q_proj.bias is not part of the LlamaForCausalLM"),
+        ("tied but different", {"tie": True}, None, "lm_head.weight differs from model.embed_tokens.weight"),
+        # Larger than this machine's memory: the import streams it, so it is checked by its tensors, not refused.
+        ("larger than memory", {"hidden_size": 8192, "intermediate_size": 65536, "num_hidden_layers": 64}, None,
+         "model.embed_tokens.weight has shape [256, 32], but config.json's model needs [256, 8192]"),
+    ]
+    failures = []
+    for i, (what, config, edit, expect) in enumerate(cases):
+        config = dict(config)
+        kw = {"extra": config.pop("extra")} if "extra" in config else {}
+        tie = config.pop("tie", False)
+        d, _, _ = llama_folder(f"lbad{i}", "F32", config=config, **kw)
+        if tie:
+            set_config(d, tie_word_embeddings=True)
+        if edit:
+            edit(d)
+        out = path(f"lbad{i}.h5")
+        p = run(["--mode", "import", "--data.input", d, "--data.output", out], check=False)
+        lines = [l for l in p.stderr.splitlines() if l.strip()]
+        left = [n for n in os.listdir(TMP) if n.startswith(f"lbad{i}.h5")]
+        if p.returncode != 2 or len(lines) != 1 or expect not in lines[0] or left:
+            failures.append(f"{what}: exit {p.returncode}, stderr {p.stderr!r}, left {left}")
+    assert not failures, "\n".join(failures)
 
 
 def main():

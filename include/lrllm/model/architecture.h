@@ -75,8 +75,9 @@ void print_param_counts(const ParamCounts& counts, const ModelConfig& cfg);
 // Checks a model shape (sizes, head split, ranks against layer widths) and that the memory it needs at the
 // least (its weights and one sequence's activations) fits in this machine's. Every size is checked in 64-bit
 // arithmetic before the model's own int arithmetic sees it. Throws InputError; a shape read from a file goes
-// through the same checks as one given as options.
-void validate_model_config(const ModelConfig& m);
+// through the same checks as one given as options. Without must_fit_memory the memory is not checked: a
+// conversion (--mode import) streams a model it never holds, for a machine that will run it.
+void validate_model_config(const ModelConfig& m, bool must_fit_memory = true);
 
 // The bytes of the model's weights as stored (float32, or int8 / NF4 codes for a quantized base), and those
 // it needs at the least to run: the weights and one sequence's activations.

@@ -1,6 +1,6 @@
-// --mode import: a Hugging Face GPT2LMHeadModel folder (config.json, model.safetensors or shards with
-// model.safetensors.index.json, the tokenizer) into an lrllm model file that every other mode reads, with its
-// tokenizer beside it (docs/design.md, safetensors and Hugging Face folders).
+// --mode import: a Hugging Face GPT2LMHeadModel or LlamaForCausalLM folder (config.json, model.safetensors or
+// shards with model.safetensors.index.json, the tokenizer) into an lrllm model file that every other mode
+// reads, with its tokenizer beside it (docs/design.md, safetensors and Hugging Face folders).
 #pragma once
 
 #include "lrllm/core/config.h"
