@@ -21,6 +21,7 @@ linear-layer parameters are 1/X of the dense model's. Exit status 2, with one li
 or a missing file; a failed run stops the study with its stderr's last lines.
 """
 import argparse
+import glob
 import math
 import os
 import shutil
@@ -141,7 +142,8 @@ def parse_args(argv):
     ap.add_argument("--refactor_every", type=int, default=0, help="refactor's period (0: a tenth of the run)")
     ap.add_argument("--evals", type=int, default=5, help="validations per run")
     ap.add_argument("--eval_batches", type=int, default=8)
-    ap.add_argument("--train", default=os.path.join(REPO, "input/data/pretrain_train.bin"))
+    ap.add_argument("--train", default=os.path.join(REPO, "input/data/pretrain_train.bin"),
+                    help="token files: a file, a glob or a comma list (lrllm's data.train)")
     ap.add_argument("--val", default=os.path.join(REPO, "input/data/pretrain_val.bin"))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=1337)
@@ -163,9 +165,12 @@ def parse_args(argv):
         raise StudyError(f"--lrs must be a comma list of numbers, not '{args.lrs}'") from None
     if args.tokens <= 0 or args.ratio <= 1 or args.ranks < 0 or not 0 < args.sweep_fraction <= 1:
         raise StudyError("--tokens must be > 0, --ratio > 1, --ranks >= 0 and --sweep_fraction in (0, 1]")
-    for path in (args.train, args.val, args.lrllm):
-        if not os.path.isfile(path):
-            raise StudyError(f"{path}: no such file")
+    if not os.path.isfile(args.lrllm):
+        raise StudyError(f"{args.lrllm}: no such file")
+    # data.train and data.val take a file, a glob or a comma list of either, as lrllm does.
+    for entry in [e for spec in (args.train, args.val) for e in spec.split(",")]:
+        if not glob.glob(entry):
+            raise StudyError(f"{entry}: no such token file")
     return args
 
 
