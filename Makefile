@@ -157,7 +157,8 @@ bench: data
 
 # Dense against the low-rank variants at one shape, each at its own tuned lr (tools/lowrank_study.py). The
 # default is a CPU-sized check of minutes; README "Low-rank study" has the GPT-2 124M command for a GPU.
-LOWRANK_STUDY ?= --n_layer 2 --d_model 64 --n_head 2 --seq_len 64 --tokens 262144 --batch_size 8 --device cpu
+LOWRANK_STUDY ?= --n_layer 2 --d_model 64 --n_head 2 --seq_len 32 --tokens 8192 --batch_size 4 --eval_batches 2 \
+                 --lrs 3e-3,1e-2,3e-2 --device cpu
 lowrank-study: data
 	@/usr/bin/python3 tools/lowrank_study.py --lrllm $(BUILD)/lrllm --out runs/lowrank-study $(LOWRANK_STUDY)
 
