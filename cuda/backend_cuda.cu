@@ -194,6 +194,13 @@ class CudaBackend final : public Backend {
     launch_over(n, "swiglu_backward_kernel", swiglu_backward_kernel, dgate_up, gate_up, dout, n, F);
   }
 
+  void silu_forward(float* out, const float* inp, std::size_t n) override {
+    launch_over(n, "silu_forward_kernel", silu_forward_kernel, out, inp, n);
+  }
+  void silu_backward(float* dinp, const float* inp, const float* dout, std::size_t n) override {
+    launch_over(n, "silu_backward_kernel", silu_backward_kernel, dinp, inp, dout, n);
+  }
+
   void gelu_forward(float* out, const float* inp, std::size_t n) override {
     launch_over(n, "gelu_forward_kernel", gelu_forward_kernel, out, inp, n);
   }

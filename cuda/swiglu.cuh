@@ -1,4 +1,5 @@
-// SwiGLU's product silu(gate) * up over the fused [N, 2F] gate and up projections, forward and backward.
+// SwiGLU's product silu(gate) * up over the fused [N, 2F] gate and up projections, forward and backward,
+// and silu alone (the nonlinearity between low-rank factors, lowrank.activation silu).
 // Part of the CUDA backend's translation unit (cuda/backend_cuda.cu includes it once; docs/design.md, Backend
 // seam), as llm.c keeps one header per layer.
 #pragma once
@@ -30,6 +31,24 @@ __global__ void swiglu_backward_kernel(float* dgate_up, const float* gate_up, co
     const float sig = 1.0f / (1.0f + expf(-g));
     dgate_up[g_at] = dout[i] * up * (sig * (1.0f + g * (1.0f - sig)));
     dgate_up[g_at + F] = dout[i] * (g * sig);
+  }
+}
+
+__global__ void silu_forward_kernel(float* out, const float* inp, std::size_t n) {
+  for (std::size_t i = blockIdx.x * std::size_t{blockDim.x} + threadIdx.x; i < n;
+       i += std::size_t{gridDim.x} * blockDim.x) {
+    const float x = inp[i];
+    out[i] = x / (1.0f + expf(-x));
+  }
+}
+
+// dinp may alias dout: each thread reads its dout before writing the same index.
+__global__ void silu_backward_kernel(float* dinp, const float* inp, const float* dout, std::size_t n) {
+  for (std::size_t i = blockIdx.x * std::size_t{blockDim.x} + threadIdx.x; i < n;
+       i += std::size_t{gridDim.x} * blockDim.x) {
+    const float x = inp[i];
+    const float sig = 1.0f / (1.0f + expf(-x));
+    dinp[i] = dout[i] * (sig * (1.0f + x * (1.0f - sig)));
   }
 }
 

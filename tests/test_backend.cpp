@@ -605,6 +605,27 @@ TEST_F(BackendTest, SwigluForwardAndBackward) {
   EXPECT_LT(rel_error(dgate_up, fd), kGradTol);
 }
 
+// The nonlinearity between low-rank factors (lowrank.activation silu); backward in place, as Linear runs it.
+TEST_F(BackendTest, SiluForwardAndBackward) {
+  constexpr std::size_t n = 64;
+  const std::vector<float> x = random_floats(n, 210, 4.0);
+  const std::vector<float> R = random_floats(n, 212);
+  std::vector<double> want(n);
+  for (std::size_t i = 0; i < n; ++i) want[i] = silu_ref(x[i]);
+  std::vector<float> out(n);
+  be->silu_forward(out.data(), x.data(), n);
+  EXPECT_LT(rel_error(out, want), kForwardTol);
+
+  std::vector<float> d = R;
+  be->silu_backward(d.data(), x.data(), d.data(), n);
+  const auto fd = numeric_grad(to_double(x), [&](const auto& v) {
+    double s = 0;
+    for (std::size_t i = 0; i < n; ++i) s += silu_ref(v[i]) * R[i];
+    return s;
+  });
+  EXPECT_LT(rel_error(d, fd), kGradTol);
+}
+
 TEST_F(BackendTest, EmbeddingAtPackedPositions) {
   constexpr int B = 1, T = 5, C = 3, V = 4;
   const std::vector<int32_t> tokens = {3, 1, 2, 0, 1}, positions = {0, 1, 0, 1, 2};

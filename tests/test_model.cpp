@@ -68,6 +68,7 @@ struct GradCase {
   const char* name;
   std::array<int, kNumSites> ranks;
   bool llama = false;
+  bool silu = false;  // lowrank.activation silu
 };
 
 class ModelGradTest : public ::testing::TestWithParam<GradCase> {};
@@ -78,8 +79,9 @@ class ModelGradTest : public ::testing::TestWithParam<GradCase> {};
 // with h = 1e-2 has O(h^4) ~ 1e-8 truncation error and ~1e-5 noise, far below the gradients of these
 // O(1)-scaled parameters, so a tight relative tolerance still holds while a wrong gradient term fails.
 TEST_P(ModelGradTest, GradientsMatchFiniteDifferences) {
-  const ModelConfig cfg =
+  ModelConfig cfg =
       GetParam().llama ? test::tiny_llama_config(GetParam().ranks) : tiny_config(GetParam().ranks);
+  cfg.lowrank_silu = GetParam().silu;
   auto be = make_cpu_backend();
   Model model(cfg, *be, false);
   set_test_params(model, 7);
@@ -128,7 +130,10 @@ INSTANTIATE_TEST_SUITE_P(Kinds, ModelGradTest,
                                            GradCase{"mixed", {3, 0, 4, 0}},
                                            GradCase{"llama_dense", {0, 0, 0, 0}, true},
                                            GradCase{"llama_lowrank", {3, 3, 3, 3}, true},
-                                           GradCase{"llama_mixed", {3, 0, 4, 0}, true}),
+                                           GradCase{"llama_mixed", {3, 0, 4, 0}, true},
+                                           GradCase{"lowrank_silu", {3, 3, 3, 3}, false, true},
+                                           GradCase{"mixed_silu", {3, 0, 4, 0}, false, true},
+                                           GradCase{"llama_lowrank_silu", {3, 3, 3, 3}, true, true}),
                          [](const ::testing::TestParamInfo<GradCase>& info) { return info.param.name; });
 
 TEST(Model, IgnoredTargetsDropOutOfLossAndGradient) {
@@ -354,6 +359,89 @@ TEST(Model, InitRandomScalesOfDenseAndLowRankLayers) {
   EXPECT_NEAR(dense("h.1/attn/proj/W"), resid, 0.1 * resid);
   EXPECT_NEAR(product("h.0/attn/qkv"), 0.02, 0.002);
   EXPECT_NEAR(product("h.1/mlp/proj"), resid, 0.1 * resid);
+}
+
+// lowrank.init product_std: CoLA's factors, each N(0, r^-1/4 (in+out)^-1/4), residual projections alike.
+TEST(Model, InitRandomProductStdFollowsColasRule) {
+  ModelConfig cfg = tiny_config({16, 0, 0, 16});
+  cfg.d_model = 64;
+  cfg.d_ff = 256;
+  cfg.n_head = 4;
+  cfg.lowrank_product_std = true;
+  auto be = make_cpu_backend();
+  Model model(cfg, *be, false);
+  model.init_random(3);
+  const auto rms = [&](const std::string& name) {
+    double s = 0;
+    const std::vector<float> v = tensor_values(model, name);
+    for (float x : v) s += static_cast<double>(x) * x;
+    return std::sqrt(s / v.size());
+  };
+  const auto rule = [](double r, double in, double out) {
+    return std::pow(r, -0.25) * std::pow(in + out, -0.25);
+  };
+  for (const char* f : {"h.0/attn/qkv/A", "h.0/attn/qkv/B"})
+    EXPECT_NEAR(rms(f), rule(16, 64, 192), 0.05 * rule(16, 64, 192)) << f;
+  for (const char* f : {"h.1/mlp/proj/A", "h.1/mlp/proj/B"})
+    EXPECT_NEAR(rms(f), rule(16, 256, 64), 0.05 * rule(16, 256, 64)) << f;
+  EXPECT_NEAR(rms("h.0/mlp/fc/W"), 0.02, 0.002) << "dense sites keep GPT-2's init";
+}
+
+// lowrank.refactor_every's step: the product B A is kept (to float rounding) and the factors come out
+// balanced, B^T B = A A^T diagonal, whatever their scales were before.
+TEST(Model, RefactorFactorsKeepsTheProductAndBalancesTheFactors) {
+  ModelConfig cfg = tiny_config({3, 0, 4, 0});
+  auto be = make_cpu_backend();
+  Model model(cfg, *be, false);
+  set_test_params(model, 5);
+  // Unbalance one site by a factor of 10: A x 10, B / 10 has the same product.
+  float* p = model.params();
+  const TensorInfo& a0 = model.table().at("h.0/attn/qkv/A");
+  const TensorInfo& b0 = model.table().at("h.0/attn/qkv/B");
+  for (std::size_t i = 0; i < a0.size; ++i) p[a0.offset + i] *= 10.0f;
+  for (std::size_t i = 0; i < b0.size; ++i) p[b0.offset + i] /= 10.0f;
+  const auto product = [&](const std::string& site) {
+    const TensorInfo& a = model.table().at(site + "/A");
+    const TensorInfo& b = model.table().at(site + "/B");
+    const std::size_t r = a.shape[0], in = a.shape[1], out = b.shape[0];
+    std::vector<double> W(out * in, 0.0);
+    for (std::size_t o = 0; o < out; ++o)
+      for (std::size_t k = 0; k < r; ++k)
+        for (std::size_t i = 0; i < in; ++i)
+          W[o * in + i] += static_cast<double>(p[b.offset + o * r + k]) * p[a.offset + k * in + i];
+    return W;
+  };
+  const std::vector<std::string> sites = {"h.0/attn/qkv", "h.1/attn/qkv", "h.0/mlp/fc", "h.1/mlp/fc"};
+  std::vector<std::vector<double>> before;
+  for (const std::string& s : sites) before.push_back(product(s));
+  const std::vector<float> dense_before = tensor_values(model, "h.0/attn/proj/W");
+  EXPECT_EQ(refactor_factors(*be, model.table(), model.params()), 4);
+  for (std::size_t k = 0; k < sites.size(); ++k) {
+    const std::vector<double> after = product(sites[k]);
+    double err = 0, norm = 0;
+    for (std::size_t i = 0; i < after.size(); ++i) {
+      err = std::max(err, std::abs(after[i] - before[k][i]));
+      norm = std::max(norm, std::abs(before[k][i]));
+    }
+    EXPECT_LT(err, 1e-5 * norm) << sites[k];
+    const TensorInfo& a = model.table().at(sites[k] + "/A");
+    const TensorInfo& b = model.table().at(sites[k] + "/B");
+    const std::size_t r = a.shape[0], in = a.shape[1], out = b.shape[0];
+    for (std::size_t i = 0; i < r; ++i)
+      for (std::size_t j = 0; j < r; ++j) {
+        double aa = 0, bb = 0;
+        for (std::size_t c = 0; c < in; ++c)
+          aa += static_cast<double>(p[a.offset + i * in + c]) * p[a.offset + j * in + c];
+        for (std::size_t o = 0; o < out; ++o)
+          bb += static_cast<double>(p[b.offset + o * r + i]) * p[b.offset + o * r + j];
+        EXPECT_NEAR(aa, bb, 1e-4 * (std::abs(aa) + 1e-3))
+            << sites[k] << " A A^T vs B^T B at " << i << "," << j;
+        if (i != j) {
+          EXPECT_NEAR(aa, 0.0, 1e-4) << sites[k] << " off-diagonal " << i << "," << j;
+        }
+      }
+  }
+  EXPECT_EQ(tensor_values(model, "h.0/attn/proj/W"), dense_before) << "dense sites are left alone";
 }
 
 TEST(Model, ParamCountsMatchHandComputedNumbers) {

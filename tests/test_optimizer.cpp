@@ -107,5 +107,61 @@ TEST(AdamW, DecaysOnlyMatricesAndMatchesHandComputedSteps) {
   be->release(grads);
 }
 
+// lowrank.lr_mult scales the factors' step only; lowrank.refactor_every restarts their moments (and bias
+// correction) after every K-th step, leaving the other tensors' moments alone.
+TEST(AdamW, FactorsTakeTheirLrMultAndRestartTheirMomentsAfterARefactorStep) {
+  auto be = make_cpu_backend();
+  ParamTable table;
+  table.add("w", {3, 4}, TensorRole::weight);
+  table.add("s/A", {2, 4}, TensorRole::factor);
+  table.add("s/B", {3, 2}, TensorRole::residual_factor);
+  TrainConfig cfg;
+  cfg.weight_decay = 0.0;
+  cfg.beta1 = 0.8;
+  cfg.beta2 = 0.9;
+  cfg.eps = 1e-6;
+  cfg.lowrank_lr_mult = 3.0;
+  cfg.lowrank_refactor_every = 2;
+  AdamW opt(*be, table, cfg);
+  float* params = be->alloc(table.total());
+  float* grads = be->alloc(table.total());
+  const std::vector<float> p0 = random_floats(table.total(), 1);
+  be->to_device(params, p0.data(), p0.size() * sizeof(float));
+  std::vector<double> ref(p0.begin(), p0.end()), m(table.total(), 0.0), v(table.total(), 0.0);
+  constexpr double lr = 0.01;
+  for (int step = 1; step <= 3; ++step) {
+    const std::vector<float> g = random_floats(table.total(), 20 + step);
+    be->to_device(grads, g.data(), g.size() * sizeof(float));
+    opt.update(params, grads, static_cast<float>(lr));
+    for (const TensorInfo& t : table.tensors()) {
+      const bool factor = t.name != "w";
+      const int bias_step = factor && step == 3 ? 1 : step;  // restarted after step 2
+      for (std::size_t i = t.offset; i < t.offset + t.size; ++i) {
+        m[i] = 0.8 * m[i] + 0.2 * g[i];
+        v[i] = 0.9 * v[i] + 0.1 * g[i] * g[i];
+        const double mhat = m[i] / (1 - std::pow(0.8, bias_step)),
+                     vhat = v[i] / (1 - std::pow(0.9, bias_step));
+        ref[i] -= (factor ? 3 * lr : lr) * mhat / (std::sqrt(vhat) + 1e-6);
+      }
+    }
+    EXPECT_EQ(opt.refactor_due(), step == 2) << "step " << step;
+    if (opt.refactor_due()) {
+      opt.reset_factor_moments();
+      for (const TensorInfo& t : table.tensors())
+        if (t.name != "w")
+          std::fill(m.begin() + t.offset, m.begin() + t.offset + t.size, 0.0),
+              std::fill(v.begin() + t.offset, v.begin() + t.offset + t.size, 0.0);
+    }
+  }
+  EXPECT_EQ(opt.factor_step(), 1);
+  std::vector<float> got(table.total());
+  be->to_host(got.data(), params, got.size() * sizeof(float));
+  for (const TensorInfo& t : table.tensors())
+    for (std::size_t i = t.offset; i < t.offset + t.size; ++i)
+      EXPECT_NEAR(got[i], ref[i], 1e-6) << t.name << " element " << i - t.offset;
+  be->release(params);
+  be->release(grads);
+}
+
 }  // namespace
 }  // namespace lrllm

@@ -286,6 +286,21 @@ class CpuBackend final : public Backend {
     }
   }
 
+  void silu_forward(float* out, const float* inp, std::size_t n) override {
+#pragma omp parallel for simd schedule(static)
+    for (std::size_t i = 0; i < n; ++i) out[i] = inp[i] / (1.0f + exp_approx(-inp[i]));
+  }
+
+  // silu'(x) = s * (1 + x * (1 - s)), s = sigmoid(x), as swiglu_backward's gate.
+  void silu_backward(float* dinp, const float* inp, const float* dout, std::size_t n) override {
+#pragma omp parallel for simd schedule(static)
+    for (std::size_t i = 0; i < n; ++i) {
+      const float x = inp[i];
+      const float sig = 1.0f / (1.0f + exp_approx(-x));
+      dinp[i] = dout[i] * (sig * (1.0f + x * (1.0f - sig)));
+    }
+  }
+
   void gelu_forward(float* out, const float* inp, std::size_t n) override {
 #pragma omp parallel for simd schedule(static)
     for (std::size_t i = 0; i < n; ++i) {

@@ -158,7 +158,16 @@ po::options_description make_options(Config& c) {
       "lowrank.rank_qkv", po::value(&c.lowrank_site_rank[0]), "rank of qkv, overriding lowrank.rank")(
       "lowrank.rank_proj", po::value(&c.lowrank_site_rank[1]), "rank of attn proj")(
       "lowrank.rank_fc", po::value(&c.lowrank_site_rank[2]), "rank of mlp fc")(
-      "lowrank.rank_mlp_proj", po::value(&c.lowrank_site_rank[3]), "rank of mlp proj");
+      "lowrank.rank_mlp_proj", po::value(&c.lowrank_site_rank[3]), "rank of mlp proj")(
+      "lowrank.activation", po::value(&c.lowrank_activation)->default_value(c.lowrank_activation),
+      "none: y = B A x + b; silu: y = B silu(A x) + b (CoLA)")(
+      "lowrank.init", po::value(&c.lowrank_init)->default_value(c.lowrank_init),
+      "default: B A at the dense std; product_std: CoLA's r^-1/4 (in+out)^-1/4 per factor")(
+      "lowrank.lr_mult", po::value(&c.train.lowrank_lr_mult)->default_value(c.train.lowrank_lr_mult),
+      "learning-rate multiplier of the factors A and B")(
+      "lowrank.refactor_every",
+      po::value(&c.train.lowrank_refactor_every)->default_value(c.train.lowrank_refactor_every),
+      "every K steps rebalance each B A into factors of equal norms, restarting their moments (0: never)");
 
   po::options_description finetune("Finetuning [lora], [quant]", kHelpWidth);
   FinetuneConfig& ft = c.finetune;
@@ -418,6 +427,20 @@ void validate(const Config& c) {
   require(t.eval_batches >= 1 && t.eval_batches <= kMaxCount,
           strprintf("--train.eval_batches must be between 1 and %d", kMaxCount));
   require(t.recompute == "none" || t.recompute == "block", "--train.recompute must be none or block");
+  require(c.lowrank_activation == "none" || c.lowrank_activation == "silu",
+          "--lowrank.activation must be none or silu, not '" + c.lowrank_activation + "'");
+  require(c.lowrank_init == "default" || c.lowrank_init == "product_std",
+          "--lowrank.init must be default or product_std, not '" + c.lowrank_init + "'");
+  require(t.lowrank_lr_mult > 0 && std::isfinite(t.lowrank_lr_mult), "--lowrank.lr_mult must be > 0");
+  require(t.lowrank_refactor_every >= 0, "--lowrank.refactor_every must be >= 0 (0: never)");
+  // Refactoring keeps B A; under silu the layer is B silu(A x), which another pair of factors with the same
+  // product does not compute.
+  require(t.lowrank_refactor_every == 0 || c.lowrank_activation == "none",
+          "--lowrank.refactor_every keeps B A, which a silu site does not compute: use it with "
+          "--lowrank.activation none");
+  // The refactoring's QR and SVD need each factor whole; under tensor parallelism a rank holds a slice.
+  require(t.lowrank_refactor_every == 0 || c.parallel.tp == 1,
+          "--lowrank.refactor_every needs --parallel.tp 1 (it refactors whole factors)");
   require(c.run.log_every >= 1, "--run.log_every must be >= 1");
   const FinetuneConfig& ft = c.finetune;
   quant_from_bits(ft.quant_bits);
@@ -510,6 +533,10 @@ void apply_lowrank(const Config& c, ModelConfig& m) {
                            " must be >= 1 (leave it out for a dense site)");
     m.lowrank_rank[s] = over > 0 ? over : (site_on[s] ? c.lowrank_rank : 0);
   }
+  m.lowrank_silu = c.lowrank_activation == "silu";
+  m.lowrank_product_std = c.lowrank_init == "product_std";
+  require(!m.lowrank_silu || m.any_lowrank(),
+          "--lowrank.activation silu needs a low-rank site (--lowrank.rank >= 1)");
 }
 
 bool parse_config(int argc, const char* const* argv, Config& c, bool print_help_and_version) {

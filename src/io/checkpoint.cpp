@@ -110,7 +110,9 @@ std::vector<int32_t> trainable_tokens_of(const H5File& f) {
 
 }  // namespace
 
+// The highest feature present names the version (docs/design.md, Versions).
 int64_t format_version_of(const ModelConfig& m) {
+  if (m.lowrank_silu) return 5;
   if (m.llama()) return 4;
   if (m.any_lora() && !m.trainable_tokens.empty()) return 3;
   return m.any_lora() && !m.lora_modules.empty() ? 2 : 1;
@@ -148,6 +150,15 @@ ModelConfig read_model_config(const std::string& path) {
                                                   : 0;
     m.lora_rank[s] = f.exists(site + "/lora_A") ? leading_dim(f, site + "/lora_A", false) : 0;
   }
+  // Version 5: a silu site computes B silu(A x); older files are all B A x.
+  if (version >= 5 && f.has_attr("/config", "lowrank_activation")) {
+    const std::string act = f.attr_string("/config", "lowrank_activation");
+    if (act != "none" && act != "silu")
+      throw InputError(path + ": /config lowrank_activation is '" + act + "', not none or silu");
+    m.lowrank_silu = act == "silu";
+  }
+  if (f.has_attr("/config", "lowrank_init"))
+    m.lowrank_product_std = f.attr_string("/config", "lowrank_init") == "product_std";
   if (f.has_attr("/config", "lora_alpha")) m.lora_alpha = f.attr_double("/config", "lora_alpha");
   if (f.has_attr("/config", "quant")) m.quant = quant_of(f);
   if (f.has_attr("/config", "quant_block")) {
@@ -259,6 +270,16 @@ void write_header(H5File& f, const std::string& mode, const ModelConfig& c, cons
   }
   f.set_attr("/config", "lowrank_rank", int64_t{c.lowrank_rank_attr()});
   f.set_attr("/config", "lowrank_targets", c.lowrank_targets());
+  if (c.any_lowrank()) {
+    // lowrank_activation changes what the model computes, hence version 5 when silu; the rest are training
+    // settings that a reader of any version may ignore, recorded so that a resume can repeat them.
+    f.set_attr("/config", "lowrank_activation", std::string(c.lowrank_silu ? "silu" : "none"));
+    f.set_attr("/config", "lowrank_init", std::string(c.lowrank_product_std ? "product_std" : "default"));
+    if (run != nullptr && mode == "pretrain") {
+      f.set_attr("/config", "lowrank_lr_mult", run->train.lowrank_lr_mult);
+      f.set_attr("/config", "lowrank_refactor_every", int64_t{run->train.lowrank_refactor_every});
+    }
+  }
   int lora_rank = 0;
   for (int r : c.lora_rank) lora_rank = std::max(lora_rank, r);
   f.set_attr("/config", "lora_rank", int64_t{lora_rank});
@@ -802,6 +823,7 @@ void print_info(const std::string& path) {
                 m.lowrank_rank[s] ? std::to_string(m.lowrank_rank[s]).c_str() : "");
     if (m.lora_rank[s] > 0) std::printf(" + LoRA r=%d", m.lora_rank[s]);
   }
+  if (m.lowrank_silu) std::printf("; low-rank sites compute B silu(A x)");
   std::printf("\n");
 
   std::size_t total_bytes = 0;

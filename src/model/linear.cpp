@@ -1,6 +1,10 @@
 #include "lrllm/model/linear.h"
 
+#include <lapacke.h>
+
 #include <algorithm>
+#include <cmath>
+#include <vector>
 
 #include "lrllm/core/common.h"
 
@@ -8,7 +12,7 @@ namespace lrllm {
 
 Linear::Linear(ParamTable& trainable, ParamTable& base, bool base_frozen, const std::string& prefix, int in,
                int out, int rank, int lora_rank, double lora_alpha, bool quantized, bool bias_trains,
-               const LinearTp& tp, bool residual, bool has_bias)
+               const LinearTp& tp, bool residual, bool has_bias, bool silu)
     : prefix_(prefix),
       in_(tp.mode == TpMode::row ? in / tp.parts : in),
       out_(tp.mode == TpMode::column ? out / tp.parts : out),
@@ -18,7 +22,8 @@ Linear::Linear(ParamTable& trainable, ParamTable& base, bool base_frozen, const 
       lora_rank_(lora_rank),
       tp_(tp),
       quantized_(quantized),
-      has_bias_(has_bias) {
+      has_bias_(has_bias),
+      silu_(silu && rank > 0) {
   LRLLM_CHECK(tp.parts == 1 || (lora_rank == 0 && !quantized), "Linear", "tensor parallelism of " + prefix);
   auto add = [&](ParamTable& table, bool frozen, const std::string& name, std::vector<int64_t> shape,
                  TensorRole role, TensorSplit split) {
@@ -92,15 +97,22 @@ void quantized_matmul_input_grad(Backend& be, const QuantizedTensor& w, float* t
 
 void Linear::forward(Backend& be, const WeightBuffers& wb, const LinearScratch& s, const float* x, float* y,
                      float* mid, float* lora_mid, const float* lora_mask, int N) const {
+  // mid keeps A x, before silu: backward needs it for silu' and recomputes silu(mid) from it, so a silu site
+  // keeps no more activations than a plain one.
+  const std::size_t n_mid = static_cast<std::size_t>(N) * rank_;
+  const float* b_in = mid;
+  if (silu_) b_in = s.act;
   if (quantized_ && rank_ > 0) {
     quantized_matmul(be, *qw_, s.tile, s.tile_floats, x, mid, N);
-    quantized_matmul(be, *qb_, s.tile, s.tile_floats, mid, y, N);
+    if (silu_) be.silu_forward(s.act, mid, n_mid);
+    quantized_matmul(be, *qb_, s.tile, s.tile_floats, b_in, y, N);
   } else if (quantized_) {
     quantized_matmul(be, *qw_, s.tile, s.tile_floats, x, y, N);
   } else if (rank_ > 0) {
     be.matmul(mid, x, wb.at(a), N, rank_, in_, false, true, 1.0f, 0.0f);
-    if (tp_.mode == TpMode::row) reduce(mid, static_cast<std::size_t>(N) * rank_);
-    be.matmul(y, mid, wb.at(b_mat), N, out_, rank_, false, true, 1.0f, 0.0f);
+    if (tp_.mode == TpMode::row) reduce(mid, n_mid);
+    if (silu_) be.silu_forward(s.act, mid, n_mid);
+    be.matmul(y, b_in, wb.at(b_mat), N, out_, rank_, false, true, 1.0f, 0.0f);
   } else {
     be.matmul(y, x, wb.at(w), N, out_, in_, false, true, 1.0f, 0.0f);
     if (tp_.mode == TpMode::row) reduce(y, static_cast<std::size_t>(N) * out_);
@@ -121,16 +133,26 @@ void Linear::backward(Backend& be, const WeightBuffers& wb, const LinearScratch&
                       const float* mid, const float* lora_mid, const float* lora_mask, const float* dy,
                       float* dx, int N) const {
   if (float* g = has_bias_ ? wb.grad(bias) : nullptr) be.bias_backward(g, dy, N, out_);
+  const std::size_t n_mid = static_cast<std::size_t>(N) * rank_;
   if (quantized_ && rank_ > 0) {
     quantized_matmul_input_grad(be, *qb_, s.tile, s.tile_floats, dy, s.dmid, N);  // dmid = dy B
+    if (silu_) be.silu_backward(s.dmid, mid, s.dmid, n_mid);                      // through silu(A x)
     quantized_matmul_input_grad(be, *qw_, s.tile, s.tile_floats, s.dmid, dx, N);  // dx = dmid A
   } else if (quantized_) {
     quantized_matmul_input_grad(be, *qw_, s.tile, s.tile_floats, dy, dx, N);
   } else if (rank_ > 0) {
+    // B's input: A x, or silu(A x) recomputed from the kept pre-activation.
+    const float* b_in = mid;
+    if (silu_) {
+      be.silu_forward(s.act, mid, n_mid);
+      b_in = s.act;
+    }
     if (float* g = wb.grad(b_mat))
-      be.matmul(g, dy, mid, out_, rank_, N, true, false, 1.0f, 1.0f);               // dB += dy^T mid
+      be.matmul(g, dy, b_in, out_, rank_, N, true, false, 1.0f, 1.0f);              // dB += dy^T b_in
     be.matmul(s.dmid, dy, wb.at(b_mat), N, rank_, out_, false, false, 1.0f, 0.0f);  // dmid = dy B
-    if (tp_.mode == TpMode::column) reduce(s.dmid, static_cast<std::size_t>(N) * rank_);
+    if (tp_.mode == TpMode::column) reduce(s.dmid, n_mid);
+    // After the column-parallel sum: silu' applies to the whole gradient of silu(A x), not to a part.
+    if (silu_) be.silu_backward(s.dmid, mid, s.dmid, n_mid);
     if (float* g = wb.grad(a))
       be.matmul(g, s.dmid, x, rank_, in_, N, true, false, 1.0f, 1.0f);         // dA += dmid^T x
     be.matmul(dx, s.dmid, wb.at(a), N, in_, rank_, false, false, 1.0f, 0.0f);  // dx = dmid A
@@ -156,6 +178,74 @@ void Linear::backward(Backend& be, const WeightBuffers& wb, const LinearScratch&
       be.add(dx, dx, s.lora_x, n);
     }
   }
+}
+
+namespace {
+
+// Q [rows, r] (row-major, in place of m) and R [r, r] of m = Q R, by Householder (LAPACK dgeqrf, dorgqr).
+void thin_qr(std::vector<double>& m, int rows, int r, std::vector<double>& R) {
+  std::vector<double> tau(r);
+  lapack_int info = LAPACKE_dgeqrf(LAPACK_ROW_MAJOR, rows, r, m.data(), r, tau.data());
+  if (info != 0)
+    fail_call("LAPACKE_dgeqrf", strprintf("info %d on %d x %d", info, rows, r), __FILE__, __LINE__);
+  R.assign(static_cast<std::size_t>(r) * r, 0.0);
+  for (int i = 0; i < r; ++i)
+    for (int j = i; j < r; ++j) R[i * r + j] = m[static_cast<std::size_t>(i) * r + j];
+  info = LAPACKE_dorgqr(LAPACK_ROW_MAJOR, rows, r, r, m.data(), r, tau.data());
+  if (info != 0)
+    fail_call("LAPACKE_dorgqr", strprintf("info %d on %d x %d", info, rows, r), __FILE__, __LINE__);
+}
+
+}  // namespace
+
+int refactor_factors(Backend& be, const ParamTable& table, float* params) {
+  int sites = 0;
+  for (const TensorInfo& ta : table.tensors()) {
+    if ((ta.role != TensorRole::factor && ta.role != TensorRole::residual_factor) || !ta.name.ends_with("/A"))
+      continue;
+    const TensorInfo& tb = table.at(ta.name.substr(0, ta.name.size() - 1) + "B");
+    LRLLM_CHECK(ta.split.parts == 1 && tb.split.parts == 1, "refactor_factors",
+                "a tensor-parallel " + ta.name);
+    const int r = static_cast<int>(ta.shape[0]), in = static_cast<int>(ta.shape[1]);
+    const int out = static_cast<int>(tb.shape[0]);
+    std::vector<float> a(ta.size), b(tb.size);
+    be.to_host(a.data(), params + ta.offset, a.size() * sizeof(float));
+    be.to_host(b.data(), params + tb.offset, b.size() * sizeof(float));
+    // B = Qb Rb and A^T = Qa Ra, so B A = Qb (Rb Ra^T) Qa^T; the r x r core Rb Ra^T = U S V^T gives
+    // B' = Qb U S^1/2 and A' = S^1/2 V^T Qa^T: the same product (to rounding), with B'^T B' = A' A'^T = S.
+    std::vector<double> qb(b.begin(), b.end()), qa(static_cast<std::size_t>(in) * r), rb, ra;
+    for (int k = 0; k < r; ++k)
+      for (int i = 0; i < in; ++i)
+        qa[static_cast<std::size_t>(i) * r + k] = a[static_cast<std::size_t>(k) * in + i];
+    thin_qr(qb, out, r, rb);
+    thin_qr(qa, in, r, ra);
+    std::vector<double> core(static_cast<std::size_t>(r) * r, 0.0);
+    for (int i = 0; i < r; ++i)
+      for (int j = 0; j < r; ++j)
+        for (int k = 0; k < r; ++k) core[i * r + j] += rb[i * r + k] * ra[j * r + k];
+    std::vector<double> sv(r), u(static_cast<std::size_t>(r) * r), vt(static_cast<std::size_t>(r) * r);
+    const lapack_int info =
+        LAPACKE_dgesdd(LAPACK_ROW_MAJOR, 'S', r, r, core.data(), r, sv.data(), u.data(), r, vt.data(), r);
+    if (info != 0)
+      fail_call("LAPACKE_dgesdd", strprintf("info %d on %d x %d", info, r, r), __FILE__, __LINE__);
+    for (int k = 0; k < r; ++k) {
+      const double root = std::sqrt(sv[k]);
+      for (int o = 0; o < out; ++o) {
+        double v = 0;
+        for (int j = 0; j < r; ++j) v += qb[static_cast<std::size_t>(o) * r + j] * u[j * r + k];
+        b[static_cast<std::size_t>(o) * r + k] = static_cast<float>(v * root);
+      }
+      for (int i = 0; i < in; ++i) {
+        double v = 0;
+        for (int j = 0; j < r; ++j) v += vt[k * r + j] * qa[static_cast<std::size_t>(i) * r + j];
+        a[static_cast<std::size_t>(k) * in + i] = static_cast<float>(v * root);
+      }
+    }
+    be.to_device(params + ta.offset, a.data(), a.size() * sizeof(float));
+    be.to_device(params + tb.offset, b.data(), b.size() * sizeof(float));
+    ++sites;
+  }
+  return sites;
 }
 
 }  // namespace lrllm

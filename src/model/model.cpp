@@ -62,7 +62,7 @@ Model::Model(const ModelConfig& cfg, Backend& backend, bool recompute, const Mod
       tp = {s.column ? TpMode::column : TpMode::row, shard.tp_part, shard.tp, s.groups, shard.tp_group};
     return Linear(table_, base, frozen, prefix, static_cast<int>(s.in), static_cast<int>(s.out),
                   cfg.lowrank_rank[site], cfg.lora_rank[site], cfg.lora_alpha, quantized,
-                  trains(prefix + "/b"), tp, !s.column, s.bias);
+                  trains(prefix + "/b"), tp, !s.column, s.bias, cfg.lowrank_silu);
   };
   auto norm = [&](const std::string& prefix, const NormSpec& n) {
     Norm out;
@@ -195,7 +195,17 @@ void Model::init_tables(uint64_t seed, bool frozen_too) {
       } else {
         const bool residual = role == TensorRole::residual_weight || role == TensorRole::residual_factor;
         double std_dev = residual ? resid_std : 0.02;
-        if (role == TensorRole::factor || role == TensorRole::residual_factor) {
+        if ((role == TensorRole::factor || role == TensorRole::residual_factor) && cfg_.lowrank_product_std) {
+          // CoLA's rule (its reference code, ColaM*ProjLayer): each factor N(0, r^-1/4 (in+out)^-1/4), so
+          // B A has variance r * (r^-1/2 (in+out)^-1/2) = 1/(in+out), half of Xavier's 2/(in+out), for
+          // residual projections as for the others. A [r, in] finds out from its B [out, r], and B in from A.
+          const std::string site = t.name.substr(0, t.name.rfind('/'));
+          const bool is_a = t.name.ends_with("/A");
+          const int64_t r = t.full_shape[is_a ? 0 : 1];
+          const int64_t in = is_a ? t.full_shape[1] : table.at(site + "/A").full_shape[1];
+          const int64_t out = is_a ? table.at(site + "/B").full_shape[0] : t.full_shape[0];
+          std_dev = std::pow(static_cast<double>(r), -0.25) * std::pow(static_cast<double>(in + out), -0.25);
+        } else if (role == TensorRole::factor || role == TensorRole::residual_factor) {
           // A product of two factors of rank r has variance r * sa^2 * sb^2; match the dense layer's. A is
           // [r, in] and B [out, r], and r is below in and out (validate_model_config).
           const double r = static_cast<double>(std::min(t.full_shape[0], t.full_shape[1]));
@@ -375,6 +385,7 @@ void Model::reserve(int B, int slots) {
   fc_out_grad_ = f(N * fc_width);
   scratch_rank_ = f(N * std::max(1, max_rank_));
   if (cfg_.lora_dropout > 0) scratch_lora_x_ = f(N * std::max(C, Fl));
+  if (cfg_.lowrank_silu) scratch_act_ = f(N * std::max(1, max_rank_));
   acts_batch_ = B;
 }
 

@@ -57,6 +57,9 @@ int run_decompose(const Config& cfg) {
         "--mode decompose: " + cfg.model.init +
         " has LoRA adapters or a quantized base; export it merged to float32 first (--mode export "
         "--lora.merge true --quant.bits 0) and decompose that");
+  // The SVD's factors reproduce W as B A; a silu site computes B silu(A x), which they do not.
+  if (dense_cfg.lowrank_silu || cfg.lowrank_activation == "silu")
+    throw InputError("--mode decompose: W = B A does not hold for lowrank.activation silu");
   ModelConfig low_cfg = dense_cfg;
   apply_lowrank(cfg, low_cfg);
   for (int s = 0; s < kNumSites; ++s) {

@@ -309,14 +309,24 @@ int run_export(const Config& cfg) {
   if (cfg.data.output.empty()) throw InputError("--mode export needs --data.output (the file to write)");
   // Without a model to read, the model options describe one with random weights: enough to size an export.
   const bool random = cfg.model.init.empty();
-  if (cfg.exporting.format == "hf")
-    return export_hf(cfg, random ? resolve_model_config(cfg, "") : read_input_model_config(cfg), random);
+  if (cfg.exporting.format == "hf") {
+    const ModelConfig hf_cfg = random ? resolve_model_config(cfg, "") : read_input_model_config(cfg);
+    // GPT2LMHeadModel has dense layers, written as W = B A, which a silu site does not compute.
+    if (hf_cfg.lowrank_silu)
+      throw InputError("--export.format hf: W = B A does not hold for lowrank.activation silu");
+    return export_hf(cfg, hf_cfg, random);
+  }
   if (cfg.exporting.format == "peft")
     return export_peft(cfg, random ? ModelConfig{} : read_input_model_config(cfg));
   H5File::check_output(cfg.data.output, "data.output");
   const ModelConfig in_cfg = random ? resolve_model_config(cfg, "") : read_input_model_config(cfg);
   if (cfg.finetune.lora_only) return export_adapters(cfg, in_cfg);
   const bool merge = cfg.finetune.lora_merge && in_cfg.any_lora();
+  // Merging appends the adapters to a low-rank site's factors (B A + B_l A_l = [B B_l] [A; A_l]), which
+  // silu(A x) would pass through silu too.
+  if (merge && in_cfg.lowrank_silu)
+    throw InputError(
+        "--lora.merge: W = B A does not hold for lowrank.activation silu, so adapters cannot be merged");
   ModelConfig out_cfg = in_cfg;
   if (merge) {
     for (int s = 0; s < kNumSites; ++s) {

@@ -15,7 +15,9 @@
 #include "lrllm/core/signals.h"
 #include "lrllm/io/checkpoint.h"
 #include "lrllm/io/data.h"
+#include "lrllm/io/hdf5.h"
 #include "lrllm/io/metrics.h"
+#include "lrllm/model/linear.h"
 #include "lrllm/model/model.h"
 #include "lrllm/model/optimizer.h"
 #include "lrllm/parallel/data_parallel.h"
@@ -72,6 +74,22 @@ ModelConfig finetune_options_over(const Config& cfg, const ModelConfig& file) {
   return want;
 }
 
+// A resume repeats the uninterrupted run only with the factors' learning rate and refactoring period it was
+// trained with (the checkpoint's /config records them); another value is refused rather than silently
+// giving another run.
+void check_lowrank_settings_agree(const TrainConfig& tc, const std::string& path) {
+  const H5File f = H5File::open_read(path);
+  if (f.has_attr("/config", "lowrank_lr_mult") &&
+      f.attr_double("/config", "lowrank_lr_mult") != tc.lowrank_lr_mult)
+    throw InputError(strprintf("--lowrank.lr_mult %g contradicts %s, trained with %g", tc.lowrank_lr_mult,
+                               path.c_str(), f.attr_double("/config", "lowrank_lr_mult")));
+  if (f.has_attr("/config", "lowrank_refactor_every") &&
+      f.attr_int("/config", "lowrank_refactor_every") != tc.lowrank_refactor_every)
+    throw InputError(strprintf("--lowrank.refactor_every %d contradicts %s, trained with %lld",
+                               tc.lowrank_refactor_every, path.c_str(),
+                               static_cast<long long>(f.attr_int("/config", "lowrank_refactor_every"))));
+}
+
 }  // namespace
 
 void check_options_agree(const Config& cfg, const ModelConfig& file, const std::string& path) {
@@ -91,6 +109,9 @@ void check_options_agree(const Config& cfg, const ModelConfig& file, const std::
           site_ranks(file.lowrank_rank) +
           (file.any_lowrank() ? "" : "; turn a dense checkpoint low-rank with --mode decompose"));
   }
+  if (cfg.was_given("lowrank.activation") && (cfg.lowrank_activation == "silu") != file.lowrank_silu)
+    throw InputError("--lowrank.activation " + cfg.lowrank_activation + " contradicts " + path +
+                     ", whose low-rank sites compute " + (file.lowrank_silu ? "silu" : "none"));
   if (!file.any_lora() || !any_given(cfg, {"lora.rank", "lora.targets", "lora.alpha", "lora.modules_to_save",
                                            "quant.bits", "quant.block", "quant.embedding"}))
     return;
@@ -126,6 +147,7 @@ ModelConfig resolve_model_config(const Config& cfg, const std::string& resume_pa
   }
   ModelConfig m = read_model_config(from);
   check_options_agree(cfg, m, from);
+  if (!resume_path.empty()) check_lowrank_settings_agree(cfg.train, resume_path);
   if (m.any_lora() || m.quant != QuantKind::none)
     throw InputError(from +
                      " has LoRA adapters or a quantized base: continue it with --mode finetune, or "
@@ -302,6 +324,12 @@ StepStats train_step(TrainLoop& loop, int64_t step) {
   s.grad_norm = loop.data_parallel.clip(tc.grad_clip);
   s.lr = lr_at(tc, static_cast<int>(step));
   loop.data_parallel.update(loop.optimizer, static_cast<float>(s.lr));
+  // After the update (and ZeRO-1's allgather), every rank holds the same whole factors and refactors them
+  // alike; each restarts the moments of its own shard.
+  if (loop.optimizer.refactor_due()) {
+    refactor_factors(loop.model.backend(), loop.model.table(), loop.model.params());
+    loop.optimizer.reset_factor_moments();
+  }
   loop.state.step = step + 1;
   loop.state.data_cursor += loop.sequences_per_step;
   loop.state.tokens_seen += static_cast<int64_t>(s.tokens);

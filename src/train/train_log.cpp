@@ -48,6 +48,7 @@ void print_banner(const Config& cfg, const TrainSetup& setup, const std::string&
       if (mc.lora_rank[s] > 0) std::printf("+lora%d", mc.lora_rank[s]);
     }
     if (mc.any_lora()) std::printf(", frozen base stored as %s", storage_name(mc.quant));
+    if (mc.lowrank_silu) std::printf(", low-rank sites B silu(A x)");
     std::printf("\n");
     print_param_counts(setup.model->param_counts(), mc);
     std::printf(

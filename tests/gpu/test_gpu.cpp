@@ -287,6 +287,18 @@ TEST_F(Gpu, Swiglu) {
   EXPECT_LT(dgate_up.error(), kFloatTol);
 }
 
+// lowrank.activation silu's primitive, backward in place as Linear runs it.
+TEST_F(Gpu, Silu) {
+  const std::size_t n = 37 * 1376;
+  Pair x = pair(n, 1, 4.0), out = pair(n, 2), d = pair(n, 3);
+  cpu_->silu_forward(out.c, x.c, n);
+  gpu_->silu_forward(out.g, x.g, n);
+  EXPECT_LT(out.error(), kFloatTol);
+  cpu_->silu_backward(d.c, x.c, d.c, n);
+  gpu_->silu_backward(d.g, x.g, d.g, n);
+  EXPECT_LT(d.error(), kFloatTol);
+}
+
 TEST_F(Gpu, EmbeddingForwardAndBackward) {
   const int B = 3, T = 50, C = 96, V = 20;  // a small vocabulary: every id repeats
   const std::vector<int32_t> ids = random_ids(static_cast<std::size_t>(B) * T, V, 1);
@@ -391,6 +403,7 @@ struct ModelCase {
   std::array<int, kNumSites> lowrank, lora;
   const char* quant;
   bool recompute;
+  bool silu = false;  // lowrank.activation silu
 };
 
 class GpuModel : public Gpu, public ::testing::WithParamInterface<ModelCase> {};
@@ -401,6 +414,7 @@ TEST_P(GpuModel, LossAndGradientsFollowTheCpu) {
   std::copy(c.lora.begin(), c.lora.end(), cfg.lora_rank);
   cfg.quant = quant_from_name(c.quant);
   cfg.quant_embedding = cfg.quant != QuantKind::none;
+  cfg.lowrank_silu = c.silu;
   ModelPair models(cfg, *cpu_, *gpu_, c.recompute);
   const int B = 3, n = B * cfg.seq_len;
   std::vector<int32_t> tokens = random_ids(n, cfg.vocab_size, 11),
@@ -420,7 +434,10 @@ INSTANTIATE_TEST_SUITE_P(
                       ModelCase{"lowrank", {16, 16, 24, 24}, {0, 0, 0, 0}, "none", false},
                       ModelCase{"recompute", {16, 0, 24, 0}, {0, 0, 0, 0}, "none", true},
                       ModelCase{"lora_nf4", {0, 0, 0, 0}, {8, 8, 8, 8}, "nf4", true},
-                      ModelCase{"lora_int8_lowrank", {16, 16, 24, 24}, {8, 0, 8, 0}, "int8", true}),
+                      ModelCase{"lora_int8_lowrank", {16, 16, 24, 24}, {8, 0, 8, 0}, "int8", true},
+                      ModelCase{"lowrank_silu", {16, 16, 24, 24}, {0, 0, 0, 0}, "none", true, true},
+                      ModelCase{
+                          "lora_int8_lowrank_silu", {16, 16, 24, 24}, {8, 0, 8, 0}, "int8", true, true}),
     [](const auto& info) { return std::string(info.param.name); });
 
 // 20 AdamW steps on a fixed batch sequence: the GPU's losses follow the CPU's.

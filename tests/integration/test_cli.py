@@ -977,6 +977,77 @@ def test_llama_bad_configs_exit_2():
               "has 32000 tokens but the model's vocabulary is 512")
 
 
+LOWRANK_OPTIONS = {"silu": ["--lowrank.activation", "silu"], "product_std": ["--lowrank.init", "product_std"],
+                   "lr_mult": ["--lowrank.lr_mult", "2.5"], "refactor": ["--lowrank.refactor_every", "2"]}
+
+
+def test_lowrank_options_change_the_run_are_recorded_and_resume_exactly():
+    base = ["--checkpoint.every", "3", "--lowrank.rank", "8"]
+    naive = tmpdir("lr-naive")
+    pretrain(naive, base)
+    for name, opts in LOWRANK_OPTIONS.items():
+        full, part = tmpdir(f"lr-{name}-full"), tmpdir(f"lr-{name}-part")
+        pretrain(full, [*base, *opts])
+        pretrain(part, [*base, *opts])
+        os.remove(os.path.join(part, "ckpt_000006.h5"))
+        pretrain(part, [*base, *opts, "--checkpoint.resume", "latest"])
+        assert np.array_equal(metric(full, "loss"), metric(part, "loss")), (name, metric(full, "loss"),
+                                                                            metric(part, "loss"))
+        a, b = model_tensors(os.path.join(full, "ckpt_000006.h5")), model_tensors(os.path.join(part, "ckpt_000006.h5"))
+        for k in a:
+            assert np.array_equal(a[k], b[k]), f"{name}: {k} differs after resume"
+        assert not np.array_equal(metric(full, "loss"), metric(naive, "loss")), f"{name} changed nothing"
+        with h5py.File(os.path.join(full, "ckpt_000006.h5"), "r") as f:
+            c = f["config"].attrs
+            assert f.attrs["format_version"] == (5 if name == "silu" else 1), (name, f.attrs["format_version"])
+            assert c["lowrank_activation"] == ("silu" if name == "silu" else "none")
+            assert c["lowrank_init"] == ("product_std" if name == "product_std" else "default")
+            assert c["lowrank_lr_mult"] == (2.5 if name == "lr_mult" else 1.0)
+            assert c["lowrank_refactor_every"] == (2 if name == "refactor" else 0)
+            if name == "refactor":  # refactored after step 6: the factors' moments restart, the rest keep theirs
+                assert not f["optimizer/m/h.0/attn/qkv/A"][()].any() and not f["optimizer/v/h.1/mlp/proj/B"][()].any()
+                assert f["optimizer/m/h.0/ln_1/w"][()].any()
+        if name == "silu":
+            p = run(["--mode", "info", "--model.init", os.path.join(full, "ckpt_000006.h5")])
+            assert "silu" in p.stdout, p.stdout
+            # A resume that names another option value than the checkpoint's is refused, not silently run.
+            bad_input(["--mode", "pretrain", *SMALL, "--data.train", TRAIN, "--run.dir", full, "--lowrank.rank", "8",
+                       "--lowrank.activation", "none", "--checkpoint.resume", "latest", "--train.steps", "7"],
+                      "--lowrank.activation none contradicts")
+        if name == "lr_mult":
+            bad_input(["--mode", "pretrain", *SMALL, "--data.train", TRAIN, "--run.dir", full, "--lowrank.rank", "8",
+                       "--checkpoint.resume", "latest", "--train.steps", "7"], "--lowrank.lr_mult 1 contradicts")
+
+
+def test_lowrank_option_refusals():
+    base = ["--mode", "pretrain", *SMALL, "--data.train", TRAIN, "--lowrank.rank", "8"]
+    bad_input([*base, "--lowrank.activation", "relu"], "--lowrank.activation must be none or silu")
+    bad_input([*base, "--lowrank.init", "xavier"], "--lowrank.init must be default or product_std")
+    bad_input([*base, "--lowrank.lr_mult", "0"], "--lowrank.lr_mult must be > 0")
+    bad_input([*base, "--lowrank.refactor_every", "-1"], "--lowrank.refactor_every must be >= 0")
+    bad_input([*base, "--lowrank.refactor_every", "2", "--lowrank.activation", "silu"], "a silu site does not compute")
+    bad_input([*base, "--lowrank.refactor_every", "2", "--parallel.tp", "2"], "needs --parallel.tp 1")
+    bad_input(["--mode", "pretrain", *SMALL, "--data.train", TRAIN, "--lowrank.activation", "silu"],
+              "needs a low-rank site")
+    # W = B A does not hold for a silu site: decompose into one, export it as dense, or merge adapters into it.
+    dense = tmpdir("lr-refuse-dense")
+    pretrain(dense, ["--train.steps", "1"])
+    bad_input(["--mode", "decompose", "--model.init", os.path.join(dense, "ckpt_000001.h5"), "--lowrank.rank", "8",
+               "--lowrank.activation", "silu", "--data.output", os.path.join(TMP, "silu-dec.h5")],
+              "W = B A does not hold")
+    silu = tmpdir("lr-refuse-silu")
+    gpt2_tokens = write_tokens(os.path.join(TMP, "gpt2-silu.bin"), 20000, vocab=50257, seed=5)
+    run(["--mode", "pretrain", *GPT2_SMALL, "--data.train", gpt2_tokens, "--run.dir", silu, "--train.steps", "1",
+         "--train.eval_batches", "1", "--lowrank.rank", "8", "--lowrank.activation", "silu"])
+    ckpt = os.path.join(silu, "ckpt_000001.h5")
+    bad_input(["--mode", "export", "--model.init", ckpt, "--export.format", "hf", "--data.output",
+               os.path.join(TMP, "silu-hf")], "W = B A does not hold")
+    ft = tmpdir("lr-refuse-ft")
+    finetune(ft, ckpt, steps=1)
+    bad_input(["--mode", "export", "--model.init", os.path.join(ft, "ckpt_000001.h5"), "--lora.merge", "true",
+               "--data.output", os.path.join(TMP, "silu-merged.h5")], "W = B A does not hold")
+
+
 def main(namespace=None):
     """Runs the test_* functions of namespace (this module's by default)."""
     tests = [(n, f) for n, f in (namespace or globals()).items() if n.startswith("test_") and callable(f)]

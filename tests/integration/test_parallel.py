@@ -60,6 +60,24 @@ def test_every_layout_gives_the_single_rank_loss_curve():
             assert f"layout: {layout[0]} ranks" in p.stdout, p.stdout
 
 
+def test_lowrank_silu_and_refactoring_give_the_single_rank_loss_curve():
+    """silu under tensor parallelism (its derivative after the column-parallel sum), ZeRO and pipelines;
+    refactoring (every 2 steps) under ZeRO-1's sharded moments and pipeline stages, each refactoring its own."""
+    cases = [("silu", ["--lowrank.rank", "8", "--lowrank.activation", "silu"],
+              [(2, 2, 1, 1, 0), (4, 2, 2, 2, 1), (2, 1, 2, 2, 1)]),
+             ("refactor", ["--lowrank.rank", "8", "--lowrank.refactor_every", "2", "--lowrank.lr_mult", "2"],
+              [(2, 1, 1, 1, 1), (2, 1, 2, 2, 0), (4, 1, 2, 2, 1)])]
+    for kind, extra, layouts in cases:
+        base = tmpdir(f"layout-{kind}-np1")
+        train(base, 1, [*extra, *layout_args(1, 1, 1, 1, 0)])
+        want = metric(base, "loss")
+        for layout in layouts:
+            d = tmpdir(f"layout-{kind}-{name_of(layout)}")
+            train(d, layout[0], [*extra, *layout_args(*layout)])
+            got = metric(d, "loss")
+            assert len(got) == 5 and rel(got, want) < 1e-5, f"{kind} {name_of(layout)}: {got} vs {want}"
+
+
 # Llama (4 query heads sharing 2 key/value heads, an untied lm_head): its tensor-parallel slices hold the
 # query heads of their key/value heads, and its pipeline's last stage holds the lm_head, not a copy of wte.
 LLAMA = ["--model.arch", "llama", "--model.n_kv_head", "2"]

@@ -273,5 +273,38 @@ def test_bad_run_directories_give_one_line_and_exit_2():
     expect_bad([truncated], "ckpt_000005.h5")
 
 
+STUDY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tools", "lowrank_study.py")
+
+
+def test_lowrank_study_end_to_end():
+    """tools/lowrank_study.py at a toy shape: every variant swept and trained, the table's compression (rank 9
+    at 2.64x: 12288 dense weights a block against 9 x 512), dense's own gap of zero, the plot; a bad variant is
+    one line and exit 2."""
+    out = tmpdir("study")
+    shape = ["--n_layer", "1", "--d_model", "32", "--n_head", "2", "--seq_len", "16", "--vocab_size", "512",
+             "--batch_size", "4", "--train", cli.TRAIN, "--val", cli.VAL, "--lrllm", cli.LRLLM, "--eval_batches", "1"]
+    p = subprocess.run([sys.executable, STUDY, *shape, "--tokens", "512", "--variants", "dense,naive,all",
+                        "--lrs", "1e-3,3e-3,1e-2", "--sweep_fraction", "0.5", "--out", out],
+                       capture_output=True, text=True, timeout=600, env=cli.ENV)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "rank 9; 8 steps" in p.stdout, p.stdout
+    with open(os.path.join(out, "study.md")) as f:
+        rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+                for line in f if line.startswith("| ") and not line.startswith(("| variant", "| ---"))}
+    assert set(rows) == {"dense", "naive", "all"}, rows
+    assert rows["dense"][1] == "1.00x" and rows["dense"][4] == "+0.0000", rows["dense"]
+    assert rows["naive"][0] == "4,608" and rows["naive"][1] == "2.67x", rows["naive"]
+    for v, r in rows.items():
+        assert r[2].rstrip("*") in ("0.001", "0.003", "0.01"), (v, r)
+        assert float(r[3]) < 6.3, f"{v} diverged (uniform tokens: ln 512 = 6.24 is the floor): {r}"
+    with open(os.path.join(out, "loss_vs_time.png"), "rb") as f:
+        assert f.read(8) == PNG_MAGIC
+    for v in ("dense", "naive", "all"):
+        assert len([d for d in os.listdir(os.path.join(out, "runs")) if d.startswith(v + "-")]) == 4, v
+    bad = subprocess.run([sys.executable, STUDY, *shape, "--tokens", "512", "--variants", "dense,wide"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "wide" in bad.stderr, bad.stderr
+
+
 if __name__ == "__main__":
     cli.main(globals())

@@ -41,6 +41,7 @@ class Config:
     d_ff: int = 256
     lowrank_rank: int = 0
     lowrank_targets: tuple = field(default_factory=tuple)  # subset of LINEAR_SITES
+    lowrank_activation: str = "none"  # silu: a low-rank site is B silu(A x) + b (CoLA's form)
     lora_rank: int = 0
     lora_alpha: float = 0.0
     lora_targets: tuple = field(default_factory=tuple)  # sites with adapters
@@ -125,7 +126,8 @@ def is_decayed(name: str) -> bool:
 def save_checkpoint(path: str, cfg: Config, params: dict[str, np.ndarray], mode: str = "pretrain"):
     with h5py.File(path, "w") as f:
         f.attrs["format"] = "lrllm"
-        f.attrs["format_version"] = np.int64(1)
+        # lrllm's version rule: a silu model is version 5, as an older reader would run it as B A x.
+        f.attrs["format_version"] = np.int64(5 if cfg.lowrank_activation == "silu" else 1)
         f.attrs["lrllm_version"] = "tests/reference"
         f.attrs["mode"] = mode
         f.attrs["created"] = "1970-01-01T00:00:00Z"
@@ -136,6 +138,8 @@ def save_checkpoint(path: str, cfg: Config, params: dict[str, np.ndarray], mode:
         c.attrs["tied_embeddings"] = np.int64(1)
         c.attrs["lowrank_rank"] = np.int64(cfg.lowrank_rank)
         c.attrs["lowrank_targets"] = ",".join(cfg.lowrank_targets) if cfg.lowrank_rank else ""
+        if cfg.lowrank_rank:
+            c.attrs["lowrank_activation"] = cfg.lowrank_activation
         c.attrs["lora_rank"] = np.int64(cfg.lora_rank)
         c.attrs["lora_alpha"] = np.float64(cfg.lora_alpha)
         c.attrs["lora_targets"] = ",".join(cfg.lora_targets) if cfg.lora_rank else ""
@@ -176,6 +180,7 @@ def read_config(f: h5py.File) -> Config:
                   d_model=int(c["d_model"]), d_ff=int(c["d_ff"]),
                   lowrank_rank=int(c.get("lowrank_rank", 0)),
                   lowrank_targets=targets("lowrank_targets"),
+                  lowrank_activation=_attr_str(c.get("lowrank_activation", "none")),
                   lora_rank=int(c.get("lora_rank", 0)),
                   lora_alpha=float(c.get("lora_alpha", 0.0)),
                   lora_targets=targets("lora_targets"),
@@ -253,13 +258,17 @@ def gelu_tanh(x):
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
 
 
-def linear(P, base, x, lora_scale=0.0):
+def linear(P, base, x, lora_scale=0.0, silu=False):
     """Dense (W) or low-rank (A, B) linear layer, decided by which tensors exist, plus the LoRA
-    term lora_scale * (x lora_A^T) lora_B^T where the site has adapters."""
+    term lora_scale * (x lora_A^T) lora_B^T where the site has adapters. silu: a low-rank site is
+    B silu(A x) + b."""
     if base + "/W" in P:
         y = x @ P[base + "/W"].T + P[base + "/b"]
     else:
-        y = (x @ P[base + "/A"].T) @ P[base + "/B"].T + P[base + "/b"]
+        mid = x @ P[base + "/A"].T
+        if silu:
+            mid = mid / (1.0 + torch.exp(-mid))
+        y = mid @ P[base + "/B"].T + P[base + "/b"]
     if base + "/lora_A" in P:
         y = y + lora_scale * ((x @ P[base + "/lora_A"].T) @ P[base + "/lora_B"].T)
     return y
@@ -306,13 +315,14 @@ def forward(P, cfg: Config, idx, targets=None, positions=None):
         ids = torch.tensor(cfg.trainable_tokens, dtype=torch.long)
         E = E.index_add(0, ids, P["trainable_tokens/delta"])
     x = E[idx] + (P["wpe"][:T] if positions is None else P["wpe"][positions])
+    u = cfg.lowrank_activation == "silu"
     for i in range(cfg.n_layer):
         h = layer_norm(x, P[f"h.{i}/ln_1/w"], P[f"h.{i}/ln_1/b"])
-        h = attention(linear(P, f"h.{i}/attn/qkv", h, s), cfg.n_head, positions)
-        x = x + linear(P, f"h.{i}/attn/proj", h, s)
+        h = attention(linear(P, f"h.{i}/attn/qkv", h, s, u), cfg.n_head, positions)
+        x = x + linear(P, f"h.{i}/attn/proj", h, s, u)
         h = layer_norm(x, P[f"h.{i}/ln_2/w"], P[f"h.{i}/ln_2/b"])
-        h = gelu_tanh(linear(P, f"h.{i}/mlp/fc", h, s))
-        x = x + linear(P, f"h.{i}/mlp/proj", h, s)
+        h = gelu_tanh(linear(P, f"h.{i}/mlp/fc", h, s, u))
+        x = x + linear(P, f"h.{i}/mlp/proj", h, s, u)
     x = layer_norm(x, P["ln_f/w"], P["ln_f/b"])
     logits = x @ E.T
     if targets is None:

@@ -9,6 +9,8 @@ Checks
                            dense layer W = B@A.
   grad_{dense,lowrank,mixed}_loss   build/tests/grad_dump's loss vs float64 torch (rel <= 1e-5)
   grad_{dense,lowrank,mixed}_grads  every gradient tensor: |g - g_ref| / |g_ref| <= 1e-4
+  grad_lowrank_silu{,_mixed}_{loss,grads}  the same with lowrank.activation silu (B silu(A x) + b)
+                           on every site and on qkv and fc
   grad_packed_{loss,grads} the same for rows that pack three examples each (grad_dump
                            --segments): positions restart, attention masked to each example
   train_{dense,lowrank}_{loss,lr,grad_norm}   10 AdamW steps of `lrllm --mode pretrain`
@@ -100,6 +102,11 @@ VARIANTS = {
     "dense": ref.Config(**SMALL),
     "lowrank": ref.Config(**SMALL, lowrank_rank=8, lowrank_targets=tuple(ref.LINEAR_SITES)),
     "mixed": ref.Config(**SMALL, lowrank_rank=8, lowrank_targets=("qkv", "fc")),
+    # lowrank.activation silu (CoLA's B silu(A x) + b), on every site and on a mixed model.
+    "lowrank_silu": ref.Config(**SMALL, lowrank_rank=8, lowrank_targets=tuple(ref.LINEAR_SITES),
+                               lowrank_activation="silu"),
+    "lowrank_silu_mixed": ref.Config(**SMALL, lowrank_rank=8, lowrank_targets=("qkv", "fc"),
+                                     lowrank_activation="silu"),
 }
 BATCH = 4
 
@@ -1110,8 +1117,8 @@ def main():
     t0 = time.time()
 
     checks = [("reference_selftest", check_selftest)]
-    for i, v in enumerate(("dense", "lowrank", "mixed")):
-        cl, cg = run_grad_case(build, work, f"grad_{v}", VARIANTS[v], seed=10 + i)
+    for i, v in enumerate(("dense", "lowrank", "mixed", "lowrank_silu", "lowrank_silu_mixed")):
+        cl, cg = run_grad_case(build, work, f"grad_{v}", VARIANTS[v], seed=10 + i if i < 3 else 50 + i)
         checks += [(f"grad_{v}_loss", cl), (f"grad_{v}_grads", cg)]
     # Packed rows (data.packing): positions restart per example and attention stays inside each.
     cl, cg = run_grad_case(build, work, "grad_packed", VARIANTS["mixed"], seed=13, segments=[5, 3])

@@ -81,6 +81,12 @@ class Backend {
   // dgate_up [N, 2F] is overwritten.
   virtual void swiglu_backward(float* dgate_up, const float* gate_up, const float* dout, int N, int F) = 0;
 
+  // silu(x) = x / (1 + e^-x) elementwise: the nonlinearity between a low-rank layer's factors
+  // (lowrank.activation silu). out may be inp.
+  virtual void silu_forward(float* out, const float* inp, std::size_t n) = 0;
+  // dinp = silu'(inp) * dout; dinp may be dout (in place).
+  virtual void silu_backward(float* dinp, const float* inp, const float* dout, std::size_t n) = 0;
+
   // GPT-2's tanh approximation of GELU.
   virtual void gelu_forward(float* out, const float* inp, std::size_t n) = 0;
   // dinp = gelu'(inp) * dout (overwrites dinp).

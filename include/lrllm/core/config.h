@@ -53,6 +53,12 @@ struct ModelConfig {
   std::string base_checksum;
   // Low-rank factorization per site; 0 means dense.
   int lowrank_rank[kNumSites] = {0, 0, 0, 0};
+  // lowrank.activation silu: every low-rank site computes y = B silu(A x) + b (CoLA's form), so W = B A no
+  // longer describes it (docs/design.md, Linear layers). Part of the model: /config lowrank_activation.
+  bool lowrank_silu = false;
+  // lowrank.init product_std: factors drawn as CoLA's (each N(0, r^-1/4 (in+out)^-1/4)) instead of at the
+  // dense layer's product std. A training setting, recorded as /config lowrank_init.
+  bool lowrank_product_std = false;
   // LoRA adapters per site (0: none). A model with any adapter has a frozen base: only adapters train.
   int lora_rank[kNumSites] = {0, 0, 0, 0};
   double lora_alpha = 16.0;
@@ -102,6 +108,11 @@ struct TrainConfig {
   int eval_every = 50;
   int eval_batches = 8;
   std::string recompute = "none";
+  // lowrank.lr_mult: AdamW's learning rate times this for low-rank factors (A, B).
+  double lowrank_lr_mult = 1.0;
+  // lowrank.refactor_every: every K optimizer steps, each trainable B A is refactored into balanced factors
+  // of the same product and their AdamW moments restart (0: never). docs/design.md, Linear layers.
+  int lowrank_refactor_every = 0;
 };
 
 struct DataConfig {
@@ -184,6 +195,8 @@ struct Config {
   std::string lowrank_targets = "all";
   int lowrank_rank = 0;
   int lowrank_site_rank[kNumSites] = {-1, -1, -1, -1};  // per-site overrides; -1: lowrank.rank
+  std::string lowrank_activation = "none";              // none | silu
+  std::string lowrank_init = "default";                 // default | product_std
   // Options the user gave (file or command line), as "section.option".
   std::set<std::string> given;
   bool was_given(const std::string& option) const { return given.count(option) > 0; }

@@ -19,8 +19,10 @@ namespace lrllm {
 // lora_modules (base tensors trained beside the adapters) and is written only by files that have them, so
 // every other file stays version 1, readable by older lrllm (docs/design.md, Checkpoint format). Version 3
 // adds /config trainable_tokens (the token ids of /model/trainable_tokens/delta's rows), written only by
-// files that have them: a version-2 reader would drop the delta and run another model.
-inline constexpr int64_t kFormatVersion = 4;
+// files that have them: a version-2 reader would drop the delta and run another model. Version 4 is every
+// Llama file, version 5 every file whose low-rank sites compute B silu(A x) (/config lowrank_activation
+// silu), which an older reader would run as B A x; a file takes the version of the highest feature it has.
+inline constexpr int64_t kFormatVersion = 5;
 int64_t format_version_of(const ModelConfig& m);
 
 // Everything beyond weights and moments that an exact resume needs.

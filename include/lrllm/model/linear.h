@@ -1,8 +1,8 @@
 // One linear layer (docs/design.md, Linear layers): a base, dense W[out,in] + b or low-rank A[r,in],
-// B[out,r] + b with y = B(Ax) + b, and optional LoRA adapters lora_A[rl,in], lora_B[out,rl] adding
-// (alpha/rl) * lora_B lora_A x. A base can be frozen (finetuning), and a frozen base (W, or A and B) can be
-// stored quantized (int8 or NF4), in which case forward and the input gradient dequantize one tile of rows
-// at a time.
+// B[out,r] + b with y = B(Ax) + b (or B silu(Ax) + b, CoLA's form), and optional LoRA adapters lora_A[rl,in],
+// lora_B[out,rl] adding (alpha/rl) * lora_B lora_A x. A base can be frozen (finetuning), and a frozen base
+// (W, or A and B) can be stored quantized (int8 or NF4), in which case forward and the input gradient
+// dequantize one tile of rows at a time.
 //
 // Under tensor parallelism (Megatron) a layer is column-parallel (each rank computes a slice of the outputs
 // from the full input) or row-parallel (each rank holds a slice of the inputs and the outputs are summed).
@@ -61,6 +61,7 @@ struct LinearScratch {
   float* tile = nullptr;  // dequantized rows of a quantized W, A or B
   std::size_t tile_floats = 0;
   float* lora_x = nullptr;  // [N, in]: the adapters' dropped-out input, then their input gradient
+  float* act = nullptr;     // [N, r]: silu(A x) of a silu site (recomputed in backward)
 };
 
 // y[N, out] = x[N, in] W^T and dx[N, in] = dy[N, out] W for a quantized W [out, in], dequantizing as many
@@ -81,9 +82,10 @@ class Linear {
   // bias_trains: a frozen base's bias trains in full beside the adapters (lora.modules_to_save).
   // residual: the layer projects into the residual stream (its weights' TensorRole, hence their init).
   // has_bias: false for architectures without biases (Llama).
+  // silu: a low-rank base computes y = B silu(A x) + b (lowrank.activation silu); no effect on a dense one.
   Linear(ParamTable& trainable, ParamTable& base, bool base_frozen, const std::string& prefix, int in,
          int out, int rank, int lora_rank, double lora_alpha, bool quantized, bool bias_trains = false,
-         const LinearTp& tp = {}, bool residual = false, bool has_bias = true);
+         const LinearTp& tp = {}, bool residual = false, bool has_bias = true, bool silu = false);
 
   // This rank's widths.
   int in() const { return in_; }
@@ -92,6 +94,7 @@ class Linear {
   int lora_rank() const { return lora_rank_; }
   bool lowrank() const { return rank_ > 0; }
   bool has_bias() const { return has_bias_; }
+  bool silu() const { return silu_; }
   const std::string& prefix() const { return prefix_; }
   std::size_t weight_count()
       const;  // parameters in W or A and B of the full layer, without bias and adapters
@@ -101,8 +104,9 @@ class Linear {
     qb_ = b;
   }
 
-  // y[N,out] = base(x) + adapters(x * lora_mask). mid[N,r] (low-rank base) and lora_mid[N,rl] are kept for
-  // backward. lora_mask [N,in] is LoRA dropout's mask (0 or 1/(1-p)), or nullptr for none.
+  // y[N,out] = base(x) + adapters(x * lora_mask). mid[N,r] (low-rank base: A x, before silu) and
+  // lora_mid[N,rl] are kept for backward; a silu site needs s.act. lora_mask [N,in] is LoRA dropout's mask (0
+  // or 1/(1-p)), or nullptr for none.
   void forward(Backend& be, const WeightBuffers& w, const LinearScratch& s, const float* x, float* y,
                float* mid, float* lora_mid, const float* lora_mask, int N) const;
   // Accumulates gradients of the trainable tensors and writes dx[N,in]; lora_mask as in forward.
@@ -121,8 +125,16 @@ class Linear {
   float lora_scale_ = 0.0f;
   bool quantized_ = false;
   bool has_bias_ = true;
+  bool silu_ = false;
   const QuantizedTensor* qw_ = nullptr;  // W, or A of a low-rank base
   const QuantizedTensor* qb_ = nullptr;  // B of a low-rank base
 };
+
+// lowrank.refactor_every's anti-drift step (docs/design.md, Linear layers): every low-rank site of the table
+// (the A and B of TensorRole factor or residual_factor) is replaced by balanced factors of the same product,
+// B' = Qb U S^1/2 and A' = S^1/2 V^T Qa^T from thin QRs of B and A^T and the SVD of the r x r core, in
+// double on the host. Deterministic: the same parameters give the same factors on every rank. Needs whole
+// tensors (no tensor parallelism). Returns the number of sites refactored.
+int refactor_factors(Backend& be, const ParamTable& table, float* params);
 
 }  // namespace lrllm

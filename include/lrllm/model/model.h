@@ -175,7 +175,9 @@ class Model {
   // nullptr when dropout is off.
   const float* lora_mask(int l, int site, Acts& a, int in, int N);
   WeightBuffers buffers() const { return {params_, grads_, frozen_}; }
-  LinearScratch linear_scratch() const { return {scratch_rank_, tile_, tile_floats_, scratch_lora_x_}; }
+  LinearScratch linear_scratch() const {
+    return {scratch_rank_, tile_, tile_floats_, scratch_lora_x_, scratch_act_};
+  }
   const float* at(TensorRef r) const { return (r.frozen ? frozen_ : params_) + r.offset; }
   // The gradient of a LayerNorm tensor r, or when r is frozen one of two discarded [d_model] sinks (the
   // primitive always produces both gradients).
@@ -245,6 +247,7 @@ class Model {
   float* fc_out_grad_ = nullptr;      // [N, F]: the gradient at fc's output
   float* scratch_rank_ = nullptr;
   float* scratch_lora_x_ = nullptr;  // [N, max(C, F)], with LoRA dropout
+  float* scratch_act_ = nullptr;     // [N, max rank], with lowrank.activation silu
   bool training_ = false;
   uint64_t dropout_seed_ = 0;
   std::vector<void*> act_allocs_;

@@ -20,8 +20,15 @@ class AdamW {
   AdamW& operator=(const AdamW&) = delete;
 
   // One update of params[begin, end) with learning rate lr; grads holds the gradients of [begin, end)
-  // (grads[0] is params[begin]'s). Increments step().
+  // (grads[0] is params[begin]'s). Increments step(). Low-rank factors (TensorRole::factor,
+  // residual_factor) take lr * lowrank.lr_mult and count their bias correction from their last restart.
   void update(float* params, const float* grads, float lr);
+  // Whether the step just taken ends a lowrank.refactor_every period: the factors are refactored
+  // (refactor_factors, linear.h) and reset_factor_moments restarts their moments.
+  bool refactor_due() const;
+  void reset_factor_moments();
+  // The step the factors' bias correction uses.
+  int factor_step() const;
   std::size_t begin() const { return begin_; }
   std::size_t end() const { return end_; }
   bool whole() const { return begin_ == 0 && end_ == table_.total(); }
