@@ -1,5 +1,6 @@
 // Incremental decoding with the key/value cache (Model::decode) against the full forward (Model::logits_at)
-// at every position, for GPT-2 and Llama with dense, low-rank and LoRA-over-NF4 sites.
+// at every position, for GPT-2 and Llama with dense, low-rank and LoRA-over-NF4 sites; and generation with
+// the cache against generation without it, past the window too.
 #include <gtest/gtest.h>
 
 #include <array>
@@ -11,6 +12,7 @@
 #include "lrllm/core/rng.h"
 #include "lrllm/model/model.h"
 #include "lrllm/model/quant.h"
+#include "lrllm/modes/generate.h"
 #include "test_util.h"
 
 namespace lrllm {
@@ -107,6 +109,21 @@ TEST_P(KvCacheTest, DecodeEqualsLogitsAtEveryPosition) {
   EXPECT_LT(rel_error(cached, to_double(full)), kTol) << "whole window";
   // The cache is full: one more position is outside the model.
   EXPECT_THROW(model.decode(tokens.data(), 1, cached.data()), RuntimeError);
+}
+
+// Greedy generation from a 4-token prompt for 30 tokens: the window of 12 fills after 8 and then slides,
+// where the cached path reruns it from position 0 as logits_at does.
+TEST_P(KvCacheTest, GenerateGivesTheSameTokensWithAndWithoutTheCache) {
+  const ModelConfig cfg = case_config(GetParam());
+  auto be = make_cpu_backend();
+  Model model(cfg, *be, false);
+  fill(model, 7);
+  const std::vector<int32_t> prompt = random_tokens(4, cfg.vocab_size, 9);
+  Rng unused(0);
+  const std::vector<int32_t> without = continue_tokens(model, prompt, 30, -1, Sampling{}, unused, false);
+  const std::vector<int32_t> with = continue_tokens(model, prompt, 30, -1, Sampling{}, unused, true);
+  ASSERT_EQ(without.size(), 30u);
+  EXPECT_EQ(with, without);
 }
 
 INSTANTIATE_TEST_SUITE_P(
