@@ -3,6 +3,7 @@
 // (i, j < 4), so the 16 threads sharing a row form one half-warp and reduce it with shuffles. Operand tiles
 // are staged in shared memory, zero-filled past T and past the head size, so padded rows and columns add
 // exact zeros and never carry a NaN into a product.
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -513,6 +514,85 @@ void backward(float* dqkv, const float* dout, const float* qkv, const float* lse
   LRLLM_CUDA_LAUNCH("attention_backward_dkdv_kernel");
 }
 
+// Decoding: one block per (new query, head) of kDecodeWarps warps. Warp w visits the keys w, w +
+// kDecodeWarps,
+// ... in order with an online softmax (running max, sum and P V), its lanes splitting the head's values; the
+// warps then merge in a fixed order, so the result is deterministic. The cache rows are read directly: a
+// decoding step reads each key and value once, so staging them in shared memory would not pay.
+constexpr int kDecodeWarps = 4;
+constexpr int kDecodeValues = kMaxHead / 32;  // head values per lane
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+// kv rows past .. past + n - 1 = the k and v tails of the n qkv rows.
+__global__ void kv_append_kernel(float* kv, const float* qkv, int n, int past, int C, int kv_row) {
+  const std::size_t total = static_cast<std::size_t>(n) * kv_row;
+  for (std::size_t idx = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<std::size_t>(gridDim.x) * blockDim.x) {
+    const std::size_t i = idx / kv_row, j = idx % kv_row;
+    kv[(past + i) * kv_row + j] = qkv[i * (C + kv_row) + C + j];
+  }
+}
+
+__global__ void __launch_bounds__(kDecodeWarps * 32)
+    attention_decode_kernel(float* out, const float* kv, const float* qkv, int past, int C, int NH, int group,
+                            int hs, float scale) {
+  const int h = static_cast<int>(blockIdx.x), i = static_cast<int>(blockIdx.y);
+  const int lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
+  const std::size_t width = static_cast<std::size_t>(NH / group) * hs, kv_row = 2 * width;
+  const float* q = qkv + static_cast<std::size_t>(i) * (C + kv_row) + static_cast<std::size_t>(h) * hs;
+  const float* k = kv + static_cast<std::size_t>(h / group) * hs;
+  float qv[kDecodeValues], acc[kDecodeValues];
+#pragma unroll
+  for (int c = 0; c < kDecodeValues; ++c) {
+    const int d = lane + 32 * c;
+    qv[c] = d < hs ? q[d] : 0.0f;
+    acc[c] = 0.0f;
+  }
+  float m = -INFINITY, l = 0.0f;
+  for (int s = warp; s <= past + i; s += kDecodeWarps) {
+    const float* ks = k + static_cast<std::size_t>(s) * kv_row;
+    float part = 0.0f;
+#pragma unroll
+    for (int c = 0; c < kDecodeValues; ++c)
+      if (lane + 32 * c < hs) part = fmaf(qv[c], ks[lane + 32 * c], part);
+    const float score = warp_sum(part) * scale;
+    const float m_new = fmaxf(m, score);
+    const float correction = expf(m - m_new);  // 0 at the first key (m = -inf)
+    const float p = expf(score - m_new);
+    l = l * correction + p;
+    const float* vs = ks + width;
+#pragma unroll
+    for (int c = 0; c < kDecodeValues; ++c)
+      if (lane + 32 * c < hs) acc[c] = fmaf(p, vs[lane + 32 * c], acc[c] * correction);
+    m = m_new;
+  }
+  __shared__ float warp_m[kDecodeWarps], warp_l[kDecodeWarps], warp_acc[kDecodeWarps][kMaxHead];
+  if (lane == 0) {
+    warp_m[warp] = m;
+    warp_l[warp] = l;
+  }
+#pragma unroll
+  for (int c = 0; c < kDecodeValues; ++c)
+    if (lane + 32 * c < hs) warp_acc[warp][lane + 32 * c] = acc[c];
+  __syncthreads();
+  if (warp != 0) return;
+  // Warp 0 always has key 0, so the maximum is finite; a warp without keys (m = -inf) weighs 0.
+  float top = warp_m[0];
+  for (int w = 1; w < kDecodeWarps; ++w) top = fmaxf(top, warp_m[w]);
+  float weight[kDecodeWarps], sum = 0.0f;
+  for (int w = 0; w < kDecodeWarps; ++w) sum += warp_l[w] * (weight[w] = expf(warp_m[w] - top));
+  float* o = out + static_cast<std::size_t>(i) * C + static_cast<std::size_t>(h) * hs;
+  for (int d = lane; d < hs; d += 32) {
+    float v = 0.0f;
+    for (int w = 0; w < kDecodeWarps; ++w) v = fmaf(warp_acc[w][d], weight[w], v);
+    o[d] = v / sum;
+  }
+}
+
 }  // namespace
 
 void attention_forward(float* out, float* lse, const float* qkv, int B, int T, int C, int NH, int NKV,
@@ -539,6 +619,23 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
     backward<64>(dqkv, dout, qkv, lse, dot_scratch, T, C, NH, NKV, s, stream);
   else
     backward<128>(dqkv, dout, qkv, lse, dot_scratch, T, C, NH, NKV, s, stream);
+}
+
+void attention_decode(float* out, float* kv, const float* qkv, int n, int past, int C, int NH, int NKV,
+                      cudaStream_t stream) {
+  if (n < 0 || n > 65535 || past < 0)
+    throw RuntimeError(strprintf("attention_decode: bad rows n=%d past=%d", n, past));
+  const Shape s = shape_of(1, n, C, NH, NKV, {});
+  if (n == 0) return;
+  const int kv_row = 2 * NKV * s.hs;
+  const std::size_t values = static_cast<std::size_t>(n) * kv_row;
+  const int threads = 256;
+  const int blocks = static_cast<int>(std::min<std::size_t>((values + threads - 1) / threads, 65535));
+  kv_append_kernel<<<blocks, threads, 0, stream>>>(kv, qkv, n, past, C, kv_row);
+  LRLLM_CUDA_LAUNCH("kv_append_kernel");
+  attention_decode_kernel<<<dim3(NH, n), kDecodeWarps * 32, 0, stream>>>(out, kv, qkv, past, C, NH, NH / NKV,
+                                                                         s.hs, s.scale);
+  LRLLM_CUDA_LAUNCH("attention_decode_kernel");
 }
 
 }  // namespace lrllm::cuda

@@ -16,4 +16,9 @@ void attention_forward(float* out, float* lse, const float* qkv, int B, int T, i
 void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* out, const float* lse,
                         float* dot_scratch, int B, int T, int C, int NH, int NKV, cudaStream_t stream);
 
+// Decoding: the n new qkv rows' keys and values go to rows past .. past + n - 1 of kv [positions, 2 NKV hs],
+// then row i of out [n, C] attends over cache rows 0 .. past + i (Backend::attention_decode).
+void attention_decode(float* out, float* kv, const float* qkv, int n, int past, int C, int NH, int NKV,
+                      cudaStream_t stream);
+
 }  // namespace lrllm::cuda

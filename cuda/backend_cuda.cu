@@ -227,6 +227,11 @@ class CudaBackend final : public Backend {
     cuda::attention_backward(dqkv, dout, qkv, out, lse, dots, B, T, C, NH, NKV, 0);
   }
 
+  void attention_decode(float* out, float* kv, const float* qkv, int n, int past, int C, int NH,
+                        int NKV) override {
+    cuda::attention_decode(out, kv, qkv, n, past, C, NH, NKV, 0);
+  }
+
   void embedding_forward(float* out, const int32_t* tokens, const float* wte, const float* wpe, int B, int T,
                          int C, const int32_t* positions) override {
     const std::size_t n = static_cast<std::size_t>(B) * T * C;

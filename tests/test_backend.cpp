@@ -429,6 +429,33 @@ TEST_F(BackendTest, AttentionRefusesKvHeadsThatDoNotDivideTheHeads) {
                RuntimeError);
 }
 
+// Decoding over a key/value cache, fed in chunks of 5, 1, 1 and 6 new tokens, equals the full causal
+// attention row for row, for multi-head and grouped-query heads; the cache rows are the qkv rows' k and v
+// tails, and rows past the fed positions are untouched.
+TEST_F(BackendTest, AttentionDecodeOverTheCacheEqualsFullAttention) {
+  constexpr int T = 13, hs = 4, Tmax = 16;
+  for (const auto& [NH, NKV] : {std::pair{4, 4}, std::pair{4, 2}, std::pair{4, 1}}) {
+    SCOPED_TRACE(::testing::Message() << "NH " << NH << " NKV " << NKV);
+    const int C = NH * hs, kv_row = 2 * NKV * hs, row = C + kv_row;
+    const std::vector<float> qkv = random_floats(static_cast<std::size_t>(T) * row, 160 + NKV);
+    std::vector<float> full(static_cast<std::size_t>(T) * C), lse(static_cast<std::size_t>(NH) * T);
+    be->attention_forward(full.data(), lse.data(), qkv.data(), 1, T, C, NH, NKV, nullptr);
+    std::vector<float> kv(static_cast<std::size_t>(Tmax) * kv_row, 7.0f), out(full.size(), 0.0f);
+    int past = 0;
+    for (const int n : {5, 1, 1, 6}) {
+      be->attention_decode(out.data() + static_cast<std::size_t>(past) * C, kv.data(),
+                           qkv.data() + static_cast<std::size_t>(past) * row, n, past, C, NH, NKV);
+      past += n;
+    }
+    ASSERT_EQ(past, T);
+    EXPECT_LT(rel_error(out, to_double(full)), 1e-6);
+    for (int t = 0; t < Tmax; ++t)
+      for (int j = 0; j < kv_row; ++j)
+        ASSERT_EQ(kv[t * kv_row + j], t < T ? qkv[t * row + C + j] : 7.0f)
+            << "position " << t << " value " << j;
+  }
+}
+
 struct RmsNormRef {
   std::vector<double> out, rstd;
 };

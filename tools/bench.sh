@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make bench`: lrllm against PyTorch on the CPU, side by side, for two shapes: GPT-2 dense and low-rank, and
-# Llama.
+# Llama; then finetuning memory, parallel training, generation with and without the KV cache, and export sizes.
 # Usage: tools/bench.sh [BUILD_DIR]   (default build). Writes the table to bench-out/bench.md.
 # Knobs (environment): BENCH_STEPS (default 10 steps per run), BENCH_THREADS (default 2), BENCH_SHAPES
 # (a subset of the labels below, space-separated), BENCH_TIMEOUT (seconds per run, default 300).
@@ -165,6 +165,9 @@ done
 
 # Parallel training: data-parallel scaling against PyTorch DDP, the pipeline bubble, tensor-parallel traffic.
 "$PY" tools/bench_parallel.py "$BUILD"
+
+# Generation: tokens/s with and without the key/value cache, GPT-2 and Llama.
+bash tools/bench_generate.sh "$BUILD"
 
 # Inference files (the paper's bar: under 0.59 GB): exports of GPT-2 124M and 1.5B shapes with random weights,
 # dense and low-rank (rank at 2.64x compression), float32 and NF4. Export holds the source model in float32

@@ -444,6 +444,48 @@ class CpuBackend final : public Backend {
     }
   }
 
+  // attention_forward's arithmetic on the rows of the new queries: the scores as one GEMM per head, the
+  // softmax with the same exponential, then P V.
+  void attention_decode(float* out, float* kv, const float* qkv, int n, int past, int C, int NH,
+                        int NKV) override {
+    check_heads("attention_decode", C, NH, NKV);
+    LRLLM_CHECK(n > 0 && past >= 0, "attention_decode", strprintf("bad rows: n=%d past=%d", n, past));
+    const int hs = C / NH, group = NH / NKV, S = past + n;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(hs));
+    const std::size_t width = static_cast<std::size_t>(NKV) * hs;
+    const std::size_t row = C + 2 * width, kv_row = 2 * width;
+    for (int i = 0; i < n; ++i)
+      std::copy_n(qkv + i * row + C, kv_row, kv + (static_cast<std::size_t>(past) + i) * kv_row);
+#pragma omp parallel
+    {
+      std::vector<float> p(static_cast<std::size_t>(n) * S);
+#pragma omp for schedule(static)
+      for (int h = 0; h < NH; ++h) {
+        const float* k = kv + (h / group) * hs;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, S, hs, scale, qkv + h * hs, row, k, kv_row,
+                    0.0f, p.data(), S);
+        for (int i = 0; i < n; ++i) {
+          float* pr = p.data() + static_cast<std::size_t>(i) * S;
+          const int last = past + i;
+          float mx = pr[0];
+#pragma omp simd reduction(max : mx)
+          for (int s = 1; s <= last; ++s) mx = pr[s] > mx ? pr[s] : mx;
+          float sum = 0;
+#pragma omp simd reduction(+ : sum)
+          for (int s = 0; s <= last; ++s) {
+            pr[s] = exp_approx(pr[s] - mx);
+            sum += pr[s];
+          }
+          const float inv = 1.0f / sum;
+          for (int s = 0; s <= last; ++s) pr[s] *= inv;
+          for (int s = last + 1; s < S; ++s) pr[s] = 0.0f;
+        }
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, hs, S, 1.0f, p.data(), S, k + width, kv_row,
+                    0.0f, out + h * hs, C);
+      }
+    }
+  }
+
   void embedding_forward(float* out, const int32_t* tokens, const float* wte, const float* wpe, int B, int T,
                          int C, const int32_t* positions) override {
 #pragma omp parallel for schedule(static)

@@ -226,7 +226,9 @@ po::options_description make_options(Config& c) {
       "generate.temperature", po::value(&g.temperature)->default_value(g.temperature, text(g.temperature)),
       "sampling temperature; 0: greedy (the most likely token)")(
       "generate.top_k", po::value(&g.top_k)->default_value(g.top_k),
-      "sample among the k most likely tokens (0: all); the draws follow --seed");
+      "sample among the k most likely tokens (0: all); the draws follow --seed")(
+      "generate.kv_cache", po::value(&g.kv_cache)->default_value(g.kv_cache),
+      "decode with a key/value cache (also eval.method generate); false: rerun the window per token");
 
   po::options_description train("Training [train]", kHelpWidth);
   TrainConfig& t = c.train;

@@ -149,6 +149,7 @@ Model::~Model() {
   for (Acts* a : all_acts_) delete a;
   for (float* p : {params_, grads_, frozen_, sink_, tile_})
     if (p != nullptr) be_.release(p);
+  for (float* p : kv_cache_) be_.release(p);
   if (tile_ids_ != nullptr) be_.release(tile_ids_);
 }
 
@@ -438,12 +439,12 @@ void Model::gpt2_block_forward(int l, Acts& a, const float* x, float* x_out, con
   const Norm &ln1 = blk.norms[0], &ln2 = blk.norms[1];
   const Linear &qkv = blk.site(LinearSite::qkv), &proj = blk.site(LinearSite::proj),
                &fc = blk.site(LinearSite::fc), &mlp_proj = blk.site(LinearSite::mlp_proj);
-  const int N = s.B * s.T, C = cfg_.d_model, F = cfg_.ff() / tp_, Cl = C / tp_, NHl = cfg_.n_head / tp_;
+  const int N = s.B * s.T, C = cfg_.d_model, F = cfg_.ff() / tp_, Cl = C / tp_;
   const WeightBuffers w = buffers();
   const LinearScratch ls = linear_scratch();
   be_.layernorm_forward(a.ln1, a.ln1_mean, a.ln1_rstd, x, at(ln1.w), at(ln1.b), N, C);
   qkv.forward(be_, w, ls, a.ln1, a.qkv, a.qkv_mid, a.lora_mid[0], lora_mask(l, 0, a, C, N), N);
-  be_.attention_forward(a.attn, a.attn_lse, a.qkv, s.B, s.T, Cl, NHl, NHl, s.positions);
+  attend(l, a, s);
   proj.forward(be_, w, ls, a.attn, residual_branch_, a.proj_mid, a.lora_mid[1], lora_mask(l, 1, a, Cl, N), N);
   be_.add(a.x_mid, x, residual_branch_, static_cast<std::size_t>(N) * C);
   be_.layernorm_forward(a.ln2, a.ln2_mean, a.ln2_rstd, a.x_mid, at(ln2.w), at(ln2.b), N, C);
@@ -478,6 +479,14 @@ void Model::gpt2_block_backward(int l, Acts& a, const float* x, float* dresid, c
                          a.ln1_mean, a.ln1_rstd, N, C);
 }
 
+void Model::attend(int l, Acts& a, const Slot& s) {
+  const int Cl = cfg_.d_model / tp_, NHl = cfg_.n_head / tp_, NKVl = cfg_.kv_heads() / tp_;
+  if (s.past >= 0)
+    be_.attention_decode(a.attn, kv_cache_[l - first_layer_], a.qkv, s.T, s.past, Cl, NHl, NKVl);
+  else
+    be_.attention_forward(a.attn, a.attn_lse, a.qkv, s.B, s.T, Cl, NHl, NKVl, s.positions);
+}
+
 void Model::rotate_qk(float* qkv, const Slot& s, bool backward) {
   const int hd = cfg_.d_model / cfg_.n_head, NH = cfg_.n_head / tp_, NKV = cfg_.kv_heads() / tp_;
   const int row = (NH + 2 * NKV) * hd;
@@ -498,14 +507,13 @@ void Model::llama_block_forward(int l, Acts& a, const float* x, float* x_out, co
   const Norm &ln1 = blk.norms[0], &ln2 = blk.norms[1];
   const Linear &qkv = blk.site(LinearSite::qkv), &proj = blk.site(LinearSite::proj),
                &fc = blk.site(LinearSite::fc), &mlp_proj = blk.site(LinearSite::mlp_proj);
-  const int N = s.B * s.T, C = cfg_.d_model, F = cfg_.ff() / tp_, Cl = C / tp_, NHl = cfg_.n_head / tp_,
-            NKVl = cfg_.kv_heads() / tp_;
+  const int N = s.B * s.T, C = cfg_.d_model, F = cfg_.ff() / tp_, Cl = C / tp_;
   const WeightBuffers w = buffers();
   const LinearScratch ls = linear_scratch();
   norm_forward(a.ln1, a.ln1_mean, a.ln1_rstd, x, ln1, N);
   qkv.forward(be_, w, ls, a.ln1, a.qkv, a.qkv_mid, a.lora_mid[0], lora_mask(l, 0, a, C, N), N);
   rotate_qk(a.qkv, s, false);
-  be_.attention_forward(a.attn, a.attn_lse, a.qkv, s.B, s.T, Cl, NHl, NKVl, s.positions);
+  attend(l, a, s);
   proj.forward(be_, w, ls, a.attn, residual_branch_, a.proj_mid, a.lora_mid[1], lora_mask(l, 1, a, Cl, N), N);
   be_.add(a.x_mid, x, residual_branch_, static_cast<std::size_t>(N) * C);
   norm_forward(a.ln2, a.ln2_mean, a.ln2_rstd, a.x_mid, ln2, N);
@@ -688,10 +696,42 @@ void Model::logits_at(const int32_t* tokens, int position, float* out) {
   be_.to_device(s.tokens, tokens, T * sizeof(int32_t));
   embed(s.resid[0], s, tokens);
   for (int l = 0; l < cfg_.n_layer; ++l) block_forward(l, acts_for(0, l), s.resid[l], s.resid[l + 1], s);
-  const float* x = s.resid[cfg_.n_layer] + static_cast<std::size_t>(position) * C;
+  head_logits(s.resid[cfg_.n_layer] + static_cast<std::size_t>(position) * C, out);
+}
+
+void Model::head_logits(const float* x, float* out) {
   norm_forward(lnf_out_, lnf_mean_, lnf_rstd_, x, lnf_, 1);
   lm_head(logits_, lnf_out_, 1);
   be_.to_host(out, logits_, cfg_.vocab_size * sizeof(float));
+}
+
+// The block forward of the whole model on one row of the n new tokens, at their absolute positions (the
+// position table and the rotary embedding read them), with attention over the cache.
+void Model::decode(const int32_t* tokens, int n, float* out) {
+  LRLLM_CHECK(first_stage() && last_stage() && tp_ == 1, "Model::decode", "needs the whole model");
+  LRLLM_CHECK(n > 0 && cached_ + n <= cfg_.seq_len, "Model::decode", "tokens past the window");
+  count_valid(tokens, tokens, n);
+  reserve(1);
+  if (kv_cache_.empty()) {
+    const std::size_t width = 2 * static_cast<std::size_t>(cfg_.kv_heads()) * (cfg_.d_model / cfg_.n_head);
+    for (int l = 0; l < cfg_.n_layer; ++l) kv_cache_.push_back(be_.alloc(cfg_.seq_len * width));
+  }
+  std::vector<int32_t> positions(n);
+  for (int i = 0; i < n; ++i) positions[i] = cached_ + i;
+  Slot& s = slots_[0];
+  s.B = 1;
+  s.T = n;
+  be_.to_device(s.positions_buffer, positions.data(), n * sizeof(int32_t));
+  s.positions = s.positions_buffer;
+  s.past = cached_;
+  be_.to_device(s.tokens, tokens, n * sizeof(int32_t));
+  embed(s.resid[0], s, tokens);
+  for (int l = 0; l < cfg_.n_layer; ++l) block_forward(l, acts_for(0, l), s.resid[l], s.resid[l + 1], s);
+  // The slot serves full forwards again (forward and logits_at set only its rows and positions).
+  s.past = -1;
+  s.positions = nullptr;
+  cached_ += n;
+  head_logits(s.resid[cfg_.n_layer] + static_cast<std::size_t>(n - 1) * cfg_.d_model, out);
 }
 
 int Model::count_valid(const int32_t* tokens, const int32_t* targets, int N) const {

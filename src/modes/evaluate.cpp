@@ -46,11 +46,11 @@ std::vector<int32_t> prompt_tokens(const Tokenizer& tok, const Example& e, Promp
 
 // FinGPT's protocol: the greedy answer, up to max_new tokens or <|endoftext|>.
 std::string generate_answer(Model& model, const Tokenizer& tok, const Example& e, PromptTemplate t,
-                            int max_new) {
+                            int max_new, bool kv_cache) {
   Rng unused(0);  // greedy decoding draws nothing
   const std::vector<int32_t> answer =
       continue_tokens(model, prompt_tokens(tok, e, t, model.config().seq_len, max_new), max_new, tok.eot(),
-                      Sampling{}, unused);
+                      Sampling{}, unused, kv_cache);
   return tok.decode(std::vector<int>(answer.begin(), answer.end()));
 }
 
@@ -135,7 +135,8 @@ int run_instruction_eval(const Config& cfg, const MpiWorld& comm) {
       const std::string predicted =
           cfg.eval.method == "score"
               ? best_label(*loaded.model, *tok, e, prompt_template, labels)
-              : label_of(generate_answer(*loaded.model, *tok, e, prompt_template, cfg.eval.max_new_tokens),
+              : label_of(generate_answer(*loaded.model, *tok, e, prompt_template, cfg.eval.max_new_tokens,
+                                         cfg.generate.kv_cache),
                          labels);
       const std::size_t gold = std::lower_bound(labels.begin(), labels.end(), e.output) - labels.begin();
       const auto hit = std::find(labels.begin(), labels.end(), predicted);

@@ -35,19 +35,30 @@ int sample_token(const float* logits, int vocab, const Sampling& sampling, Rng& 
 }
 
 std::vector<int32_t> continue_tokens(Model& model, std::vector<int32_t> context, int max_new, int end_token,
-                                     const Sampling& sampling, Rng& rng,
+                                     const Sampling& sampling, Rng& rng, bool kv_cache,
                                      const std::function<void(int32_t)>& on_token) {
-  const int T = model.config().seq_len;
+  const std::size_t T = model.config().seq_len;
   const int V = model.config().vocab_size;
   // A position past the sequence's end has no effect on the earlier ones (causal attention): pad with
   // any valid token.
   std::vector<int32_t> window(T, 0);
   std::vector<float> logits(V);
   std::vector<int32_t> generated;
+  model.reset_cache();
   for (int k = 0; k < max_new; ++k) {
-    const std::size_t n = std::min<std::size_t>(context.size(), static_cast<std::size_t>(T));
-    std::copy(context.end() - static_cast<std::ptrdiff_t>(n), context.end(), window.begin());
-    model.logits_at(window.data(), static_cast<int>(n) - 1, logits.data());
+    const std::size_t n = std::min(context.size(), T);
+    const int32_t* last = context.data() + context.size() - n;
+    if (!kv_cache) {
+      std::copy(last, last + n, window.begin());
+      model.logits_at(window.data(), static_cast<int>(n) - 1, logits.data());
+    } else if (context.size() <= T && static_cast<std::size_t>(model.cached()) + 1 == n) {
+      model.decode(last + n - 1, 1, logits.data());
+    } else {
+      // The prompt, or a window that has slid: every token of it now sits at another position, and the
+      // dropped first token changed every later key and value, so the window runs again from position 0.
+      model.reset_cache();
+      model.decode(last, static_cast<int>(n), logits.data());
+    }
     const int32_t next = sample_token(logits.data(), V, sampling, rng);
     if (next == end_token) break;
     context.push_back(next);
@@ -84,13 +95,14 @@ int run_generate(const Config& cfg) {
   std::vector<int> sequence(context.begin(), context.end());
   std::size_t shown = tok.decode(sequence).size();
   const std::vector<int32_t> generated =
-      continue_tokens(model, context, cfg.generate.max_new_tokens, tok.eot(), sampling, rng, [&](int32_t id) {
-        sequence.push_back(id);
-        const std::string text = tok.decode(sequence);
-        if (text.size() > shown) std::fwrite(text.data() + shown, 1, text.size() - shown, stdout);
-        shown = std::max(shown, text.size());
-        std::fflush(stdout);
-      });
+      continue_tokens(model, context, cfg.generate.max_new_tokens, tok.eot(), sampling, rng,
+                      cfg.generate.kv_cache, [&](int32_t id) {
+                        sequence.push_back(id);
+                        const std::string text = tok.decode(sequence);
+                        if (text.size() > shown) std::fwrite(text.data() + shown, 1, text.size() - shown, stdout);
+                        shown = std::max(shown, text.size());
+                        std::fflush(stdout);
+                      });
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   std::fputc('\n', stdout);
   std::fprintf(stderr, "generated %zu tokens in %.2f s (%.1f tokens/s), %s, seed %llu\n", generated.size(),

@@ -236,6 +236,30 @@ TEST_F(Gpu, GroupedQueryAttentionForwardAndBackward) {
     }
 }
 
+// Decoding over a key/value cache (a prompt of 37, then single tokens, then a chunk of 70 reaching past the
+// kernels' tiles) against the CPU: the outputs and the cache rows, for multi-head, grouped-query and head
+// size 128.
+TEST_F(Gpu, AttentionDecodeOverTheCacheFollowsTheCpu) {
+  struct Heads {
+    int NH, NKV, hs;
+  };
+  for (const Heads hd : {Heads{4, 4, 64}, Heads{8, 2, 64}, Heads{4, 2, 128}, Heads{2, 1, 24}}) {
+    const int C = hd.NH * hd.hs, row = C + 2 * hd.NKV * hd.hs, Tmax = 160;
+    Pair qkv = pair(static_cast<std::size_t>(Tmax) * row, 1),
+         out = pair(static_cast<std::size_t>(Tmax) * C, 2),
+         kv = pair(static_cast<std::size_t>(Tmax) * 2 * hd.NKV * hd.hs, 3);
+    int past = 0;
+    for (const int n : {37, 1, 1, 70}) {
+      const std::size_t q = static_cast<std::size_t>(past) * row, o = static_cast<std::size_t>(past) * C;
+      cpu_->attention_decode(out.c + o, kv.c, qkv.c + q, n, past, C, hd.NH, hd.NKV);
+      gpu_->attention_decode(out.g + o, kv.g, qkv.g + q, n, past, C, hd.NH, hd.NKV);
+      past += n;
+    }
+    EXPECT_LT(out.error(), kFloatTol) << "NH " << hd.NH << " NKV " << hd.NKV << " hs " << hd.hs;
+    EXPECT_EQ(kv.host_gpu(), kv.host_cpu()) << "NH " << hd.NH << " NKV " << hd.NKV << " hs " << hd.hs;
+  }
+}
+
 // Llama-7B's width, more values per lane than lanes; the frozen case (dw null) too.
 TEST_F(Gpu, RmsNormForwardAndBackward) {
   const int N = 300, C = 4096;

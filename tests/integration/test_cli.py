@@ -762,6 +762,45 @@ def test_generate_is_seeded_and_reads_exports():
     bad_input(["--mode", "generate", "--model.init", small, "--data.tokenizer_dir", TOKENIZER], "vocabulary")
 
 
+def llama_checkpoint():
+    """A tiny Llama (grouped-query: 4 heads, 2 kv heads) pretrained for 2 steps, with GPT-2's vocabulary."""
+    d = tmpdir("llama-base")
+    gpt2_tokens = write_tokens(os.path.join(TMP, "gpt2.bin"), 20000, vocab=50257, seed=5)
+    shape = [*GPT2_SMALL]
+    shape[shape.index("--model.n_head") + 1] = "4"
+    run(["--mode", "pretrain", *shape, "--model.arch", "llama", "--model.n_kv_head", "2", "--data.train",
+         gpt2_tokens, "--run.dir", d, "--train.steps", "2", "--train.eval_batches", "1"])
+    return os.path.join(d, "ckpt_000002.h5")
+
+
+def test_generate_with_the_kv_cache_equals_rerunning_the_window():
+    task = write_jsonl(os.path.join(TMP, "senti-cache.jsonl"), sentiment_rows(6, 5))
+    for arch, model in [("gpt2", base_checkpoint()), ("llama", llama_checkpoint())]:
+        # 12 tokens stay inside the window of 64; 80 pass it, where the window slides.
+        for new in [12, 80]:
+            out = {}
+            for cache in ["true", "false"]:
+                # Bytes: a random model's tokens need not join into valid UTF-8.
+                p = subprocess.run([LRLLM, "--mode", "generate", "--model.init", model, "--data.tokenizer_dir",
+                                    TOKENIZER, "--generate.prompt", "Shares of", "--generate.max_new_tokens",
+                                    str(new), "--generate.kv_cache", cache], env=ENV, capture_output=True,
+                                   timeout=300)
+                err = p.stderr.decode(errors="replace")
+                assert p.returncode == 0, (arch, cache, err)
+                out[cache] = p.stdout
+                n = int(re.search(r"generated (\d+) tokens", err).group(1))
+                assert n == new, (arch, cache, err)
+            assert out["true"] == out["false"], (arch, new, out)
+        rows = {}
+        for cache in ["true", "false"]:
+            p = run(["--mode", "eval", "--model.init", model, "--eval.tasks", task, "--eval.method", "generate",
+                     "--data.tokenizer_dir", TOKENIZER, "--run.dir", tmpdir(f"eval-cache-{arch}-{cache}"),
+                     "--eval.max_new_tokens", "4", "--generate.kv_cache", cache])
+            rows[cache] = [l for l in p.stdout.splitlines() if l.startswith("| senti-cache |")]
+            assert len(rows[cache]) == 1, p.stdout
+        assert rows["true"] == rows["false"], (arch, rows)
+
+
 def test_logs_are_plain_lines_when_not_a_terminal():
     d = tmpdir("plain-log")
     p = pretrain(d)

@@ -110,6 +110,15 @@ class Backend {
                                   const float* lse, int B, int T, int C, int NH, int NKV,
                                   const int32_t* positions) = 0;
 
+  // Attention of n new tokens of one sequence over a key/value cache, for incremental decoding. qkv [n, C +
+  // 2*NKV*hs]: the new tokens' fused rows (attention_forward's layout) at positions past .. past + n - 1.
+  // Their keys and values are first written to rows past .. past + n - 1 of kv [max positions, 2*NKV*hs]
+  // (each row: k, then v, as a qkv row's tail); then query i attends over cache rows 0 .. past + i with
+  // attention_forward's scores, 1/sqrt(hs) scaling and softmax, so out [n, C] equals attention_forward's rows
+  // of the whole sequence to rounding. Saves no log-sum-exp: decoding has no backward.
+  virtual void attention_decode(float* out, float* kv, const float* qkv, int n, int past, int C, int NH,
+                                int NKV) = 0;
+
   // out[b,t,:] = wte[tokens[b,t],:] + wpe[p,:], p = positions[b,t] (null: p = t); wpe null: no position
   // table (rotary models), out = wte[tokens].
   virtual void embedding_forward(float* out, const int32_t* tokens, const float* wte, const float* wpe, int B,

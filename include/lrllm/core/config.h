@@ -176,6 +176,8 @@ struct GenerateConfig {
   int max_new_tokens = 64;
   double temperature = 0.0;  // 0: greedy
   int top_k = 0;             // sample among the k most likely tokens; 0: all
+  bool kv_cache = true;      // decode with the key/value cache (also eval's generate method); false: rerun
+                             // the window for every token, the reference the cache is tested against
 };
 
 struct ParallelConfig {

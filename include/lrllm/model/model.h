@@ -119,6 +119,14 @@ class Model {
   // The next-token logits [vocab] at `position` of one sequence of seq_len tokens (host memory; positions
   // after `position` do not matter: attention is causal). For generation.
   void logits_at(const int32_t* tokens, int position, float* out);
+  // Incremental decoding of one sequence with a key/value cache (generation): decode runs n new tokens (host
+  // memory) at positions cached() .. cached() + n - 1, attending over the cached ones, keeps their keys and
+  // values, and writes the next-token logits [vocab] after the last of them. The block math is the full
+  // forward's, so the logits are logits_at's to rounding. cached() + n must not pass seq_len; reset_cache
+  // starts a new sequence.
+  void decode(const int32_t* tokens, int n, float* out);
+  int cached() const { return cached_; }
+  void reset_cache() { cached_ = 0; }
 
   // Training mode turns LoRA dropout on (evaluation and generation run without it). Each micro-batch's masks
   // come from a seed the training loop sets, so a resumed or recomputed pass draws the same ones.
@@ -152,6 +160,7 @@ class Model {
     int B = 0, T = 0;                  // the micro-batch in this slot: B rows of T tokens
     int32_t* positions_buffer = nullptr;
     const int32_t* positions = nullptr;  // positions_buffer when the rows are packed, else null
+    int past = -1;                       // decoding (one row): the cached positions before its tokens
   };
   void init_tables(uint64_t seed, bool frozen_too);
   // out[B, T, C] = wte[tokens] + wpe: tokens on the device, and on the host for a quantized wte, whose rows
@@ -194,6 +203,11 @@ class Model {
   void gpt2_block_backward(int l, Acts& a, const float* x, float* dresid, const Slot& s);
   void llama_block_forward(int l, Acts& a, const float* x, float* x_out, const Slot& s);
   void llama_block_backward(int l, Acts& a, const float* x, float* dresid, const Slot& s);
+  // Block l's causal attention over a.qkv into a.attn: over the slot's rows, or when decoding over the
+  // key/value cache, which it extends.
+  void attend(int l, Acts& a, const Slot& s);
+  // The next-token logits [vocab] on the host from the final residual row x of the last stage.
+  void head_logits(const float* x, float* out);
   // Rotary embeddings of the q and k heads in a [N, qkv width] buffer, or (backward) their transpose.
   void rotate_qk(float* qkv, const Slot& s, bool backward);
   // The position table, or null where the architecture has none.
@@ -223,6 +237,10 @@ class Model {
   float* tile_ = nullptr;
   int32_t* tile_ids_ = nullptr;  // 0, 1, 2, ...: token ids of the embedding rows dequantized into the tile
   std::size_t tile_floats_ = 0;
+  // decode's cache, allocated on first use: per local block [seq_len, 2 * kv width], each row its position's
+  // k (after the rotary embedding) then v, this rank's kv heads only.
+  std::vector<float*> kv_cache_;
+  int cached_ = 0;
 
   // Activation storage for the current micro-batch size and slots.
   int acts_batch_ = 0;
