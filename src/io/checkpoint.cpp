@@ -350,14 +350,33 @@ void save_checkpoint(const std::string& path, const std::string& mode, Model& mo
 void save_model_file(const std::string& path, const std::string& mode, const ModelConfig& c,
                      const std::vector<std::pair<std::string, std::vector<int64_t>>>& tensors,
                      const std::function<std::vector<float>(const std::string&)>& values, const Config* run) {
+  std::vector<ModelFileTensor> floats;
+  for (const auto& [name, shape] : tensors) floats.push_back({name, shape, false});
+  save_model_file(path, mode, c, floats, values, run);
+}
+
+StoredBytes save_model_file(const std::string& path, const std::string& mode, const ModelConfig& c,
+                            const std::vector<ModelFileTensor>& tensors,
+                            const std::function<std::vector<float>(const std::string&)>& values,
+                            const Config* run) {
   const std::string tmp = path + ".tmp";
+  StoredBytes stored;
   set_partial_output(tmp);
   try {
     H5File f = H5File::create(tmp);
     write_header(f, mode, c, run);
-    for (const auto& [name, shape] : tensors) {
-      const std::vector<float> v = values(name);
-      f.write("/model/" + name, v.data(), shape);
+    for (const ModelFileTensor& t : tensors) {
+      std::vector<float> v = values(t.name);
+      if (!t.quantized) {
+        f.write("/model/" + t.name, v.data(), t.shape);
+        stored.float32 += v.size() * sizeof(float);
+        continue;
+      }
+      const QuantizedTensor q = quantize(c.quant, v.data(), t.shape, c.quant_double, c.quant_block);
+      // The float values go before the codes are written: one tensor's worth of memory at a time.
+      std::vector<float>().swap(v);
+      write_quantized(f, "/model/" + t.name, q);
+      stored.quantized += q.bytes();
     }
     f.close();
   } catch (...) {
@@ -368,6 +387,7 @@ void save_model_file(const std::string& path, const std::string& mode, const Mod
   }
   rename_into_place(tmp, path);
   clear_partial_output();
+  return stored;
 }
 
 namespace {

@@ -171,44 +171,50 @@ void Model::init_adapters(uint64_t seed) {
 }
 
 void Model::init_tables(uint64_t seed, bool frozen_too) {
-  const double resid_std = 0.02 / std::sqrt(2.0 * cfg_.n_layer);
   auto fill = [&](const ParamTable& table, float* device) {
     std::vector<float> host(table.total(), 0.0f);
-    std::vector<float> full;
     for (const TensorInfo& t : table.tensors()) {
-      float* dst = host.data() + t.offset;
-      const TensorRole role = t.role;
-      if (role == TensorRole::norm_gain) {
-        std::fill(dst, dst + t.size, 1.0f);
-        continue;
-      }
-      if (role == TensorRole::norm_shift || role == TensorRole::bias || role == TensorRole::lora_b ||
-          role == TensorRole::token_delta)
-        continue;  // zero
       // The full tensor is drawn and this rank's part taken, so every parallel layout starts from the same
       // weights.
-      full.resize(t.full_size());
-      Rng rng(derive_seed(seed, t.name));
-      if (role == TensorRole::lora_a) {
-        const double bound = 1.0 / std::sqrt(static_cast<double>(t.full_shape[1]));
-        for (float& v : full) v = static_cast<float>((2.0 * rng.uniform() - 1.0) * bound);
-      } else {
-        const bool residual = role == TensorRole::residual_weight || role == TensorRole::residual_factor;
-        double std_dev = residual ? resid_std : 0.02;
-        if (role == TensorRole::factor || role == TensorRole::residual_factor) {
-          // A product of two factors of rank r has variance r * sa^2 * sb^2; match the dense layer's. A is
-          // [r, in] and B [out, r], and r is below in and out (validate_model_config).
-          const double r = static_cast<double>(std::min(t.full_shape[0], t.full_shape[1]));
-          std_dev = std::sqrt(std_dev / std::sqrt(r));
-        }
-        for (float& v : full) v = static_cast<float>(rng.normal() * std_dev);
-      }
-      extract_part(t, full.data(), dst);
+      const std::vector<float> full = init_values(seed, t.name, t.role, t.full_shape, cfg_.n_layer);
+      extract_part(t, full.data(), host.data() + t.offset);
     }
     be_.to_device(device, host.data(), host.size() * sizeof(float));
   };
   fill(table_, params_);
   if (frozen_too) fill(frozen_table_, frozen_);
+}
+
+std::vector<float> init_values(uint64_t seed, const std::string& name, TensorRole role,
+                               const std::vector<int64_t>& full_shape, int n_layer) {
+  std::size_t n = full_shape.empty() ? 0 : 1;
+  for (int64_t d : full_shape) n *= static_cast<std::size_t>(d);
+  if (role == TensorRole::norm_gain) return std::vector<float>(n, 1.0f);
+  std::vector<float> v(n, 0.0f);
+  if (role == TensorRole::norm_shift || role == TensorRole::bias || role == TensorRole::lora_b ||
+      role == TensorRole::token_delta)
+    return v;
+  const uint64_t s = derive_seed(seed, name);
+  const std::ptrdiff_t count = static_cast<std::ptrdiff_t>(n);
+  if (role == TensorRole::lora_a) {
+    const double bound = 1.0 / std::sqrt(static_cast<double>(full_shape[1]));
+#pragma omp parallel for schedule(static)
+    for (std::ptrdiff_t i = 0; i < count; ++i)
+      v[i] = static_cast<float>((2.0 * uniform_of(splitmix64_at(s, i)) - 1.0) * bound);
+    return v;
+  }
+  const bool residual = role == TensorRole::residual_weight || role == TensorRole::residual_factor;
+  double std_dev = residual ? 0.02 / std::sqrt(2.0 * n_layer) : 0.02;
+  if (role == TensorRole::factor || role == TensorRole::residual_factor) {
+    // A product of two factors of rank r has variance r * sa^2 * sb^2; match the dense layer's. A is [r, in]
+    // and B [out, r], and r is below in and out (validate_model_config).
+    const double r = static_cast<double>(std::min(full_shape[0], full_shape[1]));
+    std_dev = std::sqrt(std_dev / std::sqrt(r));
+  }
+  // Each value from its own position of the sequence: a 7B model's 6.7e9 draws split over the threads.
+#pragma omp parallel for schedule(static)
+  for (std::ptrdiff_t i = 0; i < count; ++i) v[i] = static_cast<float>(normal_at(s, i) * std_dev);
+  return v;
 }
 
 float* Model::grads() {

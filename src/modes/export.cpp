@@ -14,6 +14,7 @@
 #include "lrllm/io/safetensors.h"
 #include "lrllm/io/tokenizer.h"
 #include "lrllm/model/model.h"
+#include "lrllm/modes/random_model.h"
 #include "lrllm/train/train.h"
 
 namespace fs = std::filesystem;
@@ -229,7 +230,12 @@ int run_export(const Config& cfg) {
   if (cfg.exporting.format == "hf")
     return export_hf(cfg, random ? resolve_model_config(cfg, "") : read_input_model_config(cfg), random);
   H5File::check_output(cfg.data.output, "data.output");
-  const ModelConfig in_cfg = random ? resolve_model_config(cfg, "") : read_input_model_config(cfg);
+  // Random weights are never built in float32 (save_random_model), so only the file's model is checked below.
+  ModelConfig in_cfg = cfg.model;
+  if (random)
+    apply_lowrank(cfg, in_cfg);
+  else
+    in_cfg = read_input_model_config(cfg);
   if (cfg.finetune.lora_only) return export_adapters(cfg, in_cfg);
   const bool merge = cfg.finetune.lora_merge && in_cfg.any_lora();
   ModelConfig out_cfg = in_cfg;
@@ -249,13 +255,20 @@ int run_export(const Config& cfg) {
   }
   validate_model_config(out_cfg);
   validate_saved_modules(out_cfg);
+  if (random) {
+    const StoredBytes stored = save_random_model(cfg.data.output, out_cfg, cfg.seed, &cfg);
+    std::printf(
+        "exported (random weights) -> %s, a tensor at a time: %s weights, %.2f MB of parameters "
+        "(float32 %.2f MB, quantized %.2f MB); file %.2f MB\n",
+        cfg.data.output.c_str(), storage_name(out_cfg.quant), (stored.float32 + stored.quantized) / 1e6,
+        stored.float32 / 1e6, stored.quantized / 1e6,
+        static_cast<double>(std::filesystem::file_size(cfg.data.output)) / 1e6);
+    return 0;
+  }
 
   auto backend = make_cpu_backend();
   Model src(in_cfg, *backend, false);
-  if (random)
-    src.init_random(cfg.seed);
-  else
-    load_input_weights(cfg, src);
+  load_input_weights(cfg, src);
   Model dst(out_cfg, *backend, false);
   for (const ParamTable* table : {&dst.table(), &dst.frozen_table()}) {
     float* base = table == &dst.table() ? dst.params() : dst.frozen();
@@ -274,8 +287,7 @@ int run_export(const Config& cfg) {
   std::printf(
       "exported %s -> %s: %s weights%s, %.2f MB of parameters (float32 %.2f MB, quantized %.2f MB); file "
       "%.2f MB\n",
-      random ? "(random weights)" : cfg.model.init.c_str(), cfg.data.output.c_str(),
-      storage_name(out_cfg.quant),
+      cfg.model.init.c_str(), cfg.data.output.c_str(), storage_name(out_cfg.quant),
       merge ? ", adapters merged" : (out_cfg.any_lora() ? ", adapters kept" : ""), mem.params / 1e6,
       (mem.params_trainable + mem.params_frozen) / 1e6, mem.params_quantized / 1e6,
       static_cast<double>(std::filesystem::file_size(cfg.data.output)) / 1e6);

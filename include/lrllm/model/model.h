@@ -252,6 +252,14 @@ class Model {
   int max_rank_ = 0;  // the widest low-rank or LoRA intermediate
 };
 
+// The values Model::init_random gives the full tensor `name` of a model of n_layer blocks, by its role:
+// GPT-2's normal 0.02 (residual projections 0.02 / sqrt(2 n_layer), low-rank factors scaled so that their
+// product has that std), norm gains 1, shifts and biases 0, lora_A uniform in +-1/sqrt(in), lora_B and deltas
+// 0. Drawn from a seed derived from the seed and the name, so a tensor's values depend on nothing else: a
+// model file written a tensor at a time (--mode export of random weights) holds what a built model would.
+std::vector<float> init_values(uint64_t seed, const std::string& name, TensorRole role,
+                               const std::vector<int64_t>& full_shape, int n_layer);
+
 // lora.modules_to_save: comma-separated patterns over the base's LayerNorms, biases and embeddings ("ln_f",
 // "h.*/ln_1", "h.0/mlp/fc/b", "wte"), '*' matching within one path component; a pattern names a tensor or a
 // module above it. Those tensors of a frozen base train in full beside the adapters (PEFT's modules_to_save).
