@@ -47,14 +47,13 @@ void write_tensors(H5File& f, const std::string& group, const ParamTable& table,
   for (const TensorInfo& t : table.tensors()) f.write(group + "/" + t.name, flat.data() + t.offset, t.shape);
 }
 
-// What finetuning adds to a base: the adapters and the trainable tokens' delta.
-// A tensor-parallel part reads the full tensor and keeps its slice. Without adapters: all but lora_A/lora_B
-// (a base file, whose saved modules are read and whose adapters do not exist yet).
+// Reads the tensors of the table's layout under group into a host copy of a flat buffer (the optimizer's
+// moments, of which a ZeRO shard keeps a range). A tensor-parallel part reads the full tensor and keeps its
+// slice.
 void read_tensors(const H5File& f, const std::string& group, const ParamTable& table,
-                  std::vector<float>& flat, bool adapters = true) {
+                  std::vector<float>& flat) {
   std::vector<float> full;
   for (const TensorInfo& t : table.tensors()) {
-    if (!adapters && is_adapter(t.role)) continue;
     if (t.split.axis < 0) {
       f.read(group + "/" + t.name, flat.data() + t.offset, t.shape);
       continue;
@@ -62,6 +61,27 @@ void read_tensors(const H5File& f, const std::string& group, const ParamTable& t
     full.resize(t.size * t.split.parts);
     f.read(group + "/" + t.name, full.data(), t.full_shape);
     extract_part(t, full.data(), flat.data() + t.offset);
+  }
+}
+
+// The same into a backend's buffer of the table's layout, a tensor at a time: a host copy of the whole table
+// would double a large frozen base's memory while it loads (Llama-2 7B's float32 embeddings: 1 GB). Without
+// adapters: all but lora_A, lora_B and the tokens' delta (a base file, whose saved modules are read and whose
+// adapters do not exist yet), which keep their values.
+void read_tensors_to_device(const H5File& f, const std::string& group, const ParamTable& table, Backend& be,
+                            float* device, bool adapters = true) {
+  std::vector<float> full, part;
+  for (const TensorInfo& t : table.tensors()) {
+    if (!adapters && is_adapter(t.role)) continue;
+    part.resize(t.size);
+    if (t.split.axis < 0) {
+      f.read(group + "/" + t.name, part.data(), t.shape);
+    } else {
+      full.resize(t.size * t.split.parts);
+      f.read(group + "/" + t.name, full.data(), t.full_shape);
+      extract_part(t, full.data(), part.data());
+    }
+    be.to_device(device + t.offset, part.data(), part.size() * sizeof(float));
   }
 }
 
@@ -207,17 +227,11 @@ void load_quantized(const H5File& f, const std::string& stem, const std::vector<
 void load_into(const std::string& path, Model& model, bool adapters_from_file) {
   const H5File f = H5File::open_read(path);
   Backend& be = model.backend();
-  std::vector<float> host(model.frozen_table().total(), 0.0f);
-  read_tensors(f, "/model", model.frozen_table(), host);
-  be.to_device(model.frozen(), host.data(), host.size() * sizeof(float));
+  read_tensors_to_device(f, "/model", model.frozen_table(), be, model.frozen());
   // A base file has no adapters yet, but has the saved modules that train beside them.
   const bool adapters = adapters_from_file || !model.config().any_lora();
-  if (adapters || !model.config().lora_modules.empty()) {
-    host.assign(model.table().total(), 0.0f);
-    if (!adapters) be.to_host(host.data(), model.params(), host.size() * sizeof(float));
-    read_tensors(f, "/model", model.table(), host, adapters);
-    be.to_device(model.params(), host.data(), host.size() * sizeof(float));
-  }
+  if (adapters || !model.config().lora_modules.empty())
+    read_tensors_to_device(f, "/model", model.table(), be, model.params(), adapters);
   for (QuantizedEntry& e : model.quantized_tensors())
     load_quantized(f, "/model/" + e.name, e.shape, model.config(), e.tensor);
 }
@@ -757,10 +771,7 @@ ModelConfig read_input_model_config(const Config& cfg) {
 
 void load_adapters(const std::string& path, Model& model) {
   const H5File f = H5File::open_read(path);
-  Backend& be = model.backend();
-  std::vector<float> host = to_host(be, model.params(), model.table().total());
-  read_tensors(f, "/model", model.table(), host);
-  be.to_device(model.params(), host.data(), host.size() * sizeof(float));
+  read_tensors_to_device(f, "/model", model.table(), model.backend(), model.params());
 }
 
 void load_input_weights(const Config& cfg, Model& model) {
@@ -788,8 +799,8 @@ void print_info(const std::string& path) {
   std::printf("config: arch %s, vocab_size %d, seq_len %d, n_layer %d, n_head %d, d_model %d, d_ff %d\n",
               m.arch.c_str(), m.vocab_size, m.seq_len, m.n_layer, m.n_head, m.d_model, m.d_ff);
   if (m.llama())
-    std::printf("llama: n_kv_head %d, rope_theta %g, norm_eps %g, untied lm_head\n", m.kv_heads(), m.rope_theta,
-                m.norm_eps);
+    std::printf("llama: n_kv_head %d, rope_theta %g, norm_eps %g, untied lm_head\n", m.kv_heads(),
+                m.rope_theta, m.norm_eps);
   if (m.any_lora())
     std::printf("LoRA: alpha %g, frozen base stored as %s\n", m.lora_alpha, storage_name(m.quant));
   std::printf("linear layers:");

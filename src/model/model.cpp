@@ -31,6 +31,7 @@ Model::Model(const ModelConfig& cfg, Backend& backend, bool recompute, const Mod
     : cfg_(cfg),
       be_(backend),
       recompute_(recompute),
+      row_len_(cfg.seq_len),
       first_layer_(shard.first_layer),
       end_layer_(shard.end_layer < 0 ? cfg.n_layer : shard.end_layer),
       tp_(shard.tp),
@@ -299,6 +300,12 @@ MemoryBytes Model::memory() const {
   return m;
 }
 
+void Model::limit_rows(int T) {
+  LRLLM_CHECK(T >= 1 && T <= cfg_.seq_len && acts_batch_ == 0, "Model::limit_rows",
+              "a row length outside 1..seq_len, or activations already reserved");
+  row_len_ = T;
+}
+
 void Model::reserve(int B, int slots) {
   if (B <= acts_batch_ && slots <= static_cast<int>(slots_.size())) return;
   B = std::max(B, acts_batch_);
@@ -311,8 +318,8 @@ void Model::reserve(int B, int slots) {
   act_bytes_ = 0;
 
   // Under tensor parallelism the attention and MLP inner widths are this rank's slice.
-  const std::size_t N = static_cast<std::size_t>(B) * cfg_.seq_len;
-  const std::size_t C = cfg_.d_model, T = cfg_.seq_len;
+  const std::size_t N = static_cast<std::size_t>(B) * row_len_;
+  const std::size_t C = cfg_.d_model, T = row_len_;
   const std::size_t Cl = C / tp_, Fl = cfg_.ff() / tp_, NHl = cfg_.n_head / tp_;
   // The fused sites' outputs (this rank's slice): qkv, and fc (GPT-2's hidden layer, Llama's gate and up).
   const std::size_t qkv_width = arch_.sites[static_cast<int>(LinearSite::qkv)].out / tp_;
@@ -674,7 +681,7 @@ void Model::logits_at(const int32_t* tokens, int position, float* out) {
   reserve(1);
   // Attention is causal: the positions after `position` cannot change its logits, so they are not run.
   const int T = position + 1, C = cfg_.d_model;
-  LRLLM_CHECK(position >= 0 && position < cfg_.seq_len, "Model::logits_at", "position outside the window");
+  LRLLM_CHECK(position >= 0 && position < row_len_, "Model::logits_at", "position outside the window");
   count_valid(tokens, tokens, T);
   Slot& s = slots_[0];
   s.B = 1;
@@ -723,8 +730,8 @@ double Model::forward_backward(const int32_t* tokens, const int32_t* targets, in
 
 double Model::forward(int slot, const int32_t* tokens, const int32_t* targets, const int32_t* positions,
                       int B, int T, float grad_scale, int normalizer) {
-  LRLLM_CHECK(T > 0 && T <= cfg_.seq_len && B <= acts_batch_, "Model::forward",
-              "rows longer than seq_len or more than reserved");
+  LRLLM_CHECK(T > 0 && T <= row_len_ && B <= acts_batch_, "Model::forward",
+              "rows longer than row_len or more than reserved");
   const int N = B * T;
   Slot& s = slots_.at(slot);
   s.B = B;

@@ -825,6 +825,24 @@ def test_export_of_random_weights_streams_what_a_built_model_holds():
                         assert f["config"].attrs[k] == g["config"].attrs[k], (name, bits, k)
 
 
+def test_tiny_llama_exported_by_streaming_finetunes():
+    # input/configs/tiny-llama.cfg's shape, its random NF4 file written a tensor at a time, finetuned with
+    # LoRA and recomputation on Llama-2's tokenizer at a shorter row length.
+    cfg = os.path.abspath("input/configs/tiny-llama.cfg")
+    nf4 = os.path.join(TMP, "tiny-llama-nf4.h5")
+    run(["--mode", "export", "--config", cfg, "--quant.bits", "4", "--data.output", nf4])
+    d = tmpdir("tiny-llama-ft")
+    train = write_jsonl(os.path.join(TMP, "llama_train.jsonl"), sentiment_rows(16, 3))
+    p = run(["--mode", "finetune", "--config", cfg, "--model.init", nf4, "--data.train", train, "--run.dir", d,
+             "--lora.rank", "8", "--quant.bits", "4", "--train.recompute", "block", "--model.seq_len", "48",
+             "--train.steps", "8", "--train.batch_size", "8", "--train.lr", "1e-2", "--train.warmup", "0",
+             "--train.eval_every", "0", "--train.eval_batches", "1", "--run.log_every", "1", "--device", "cpu"])
+    assert "frozen base stored as nf4" in p.stdout and "rows of at most 48 tokens" in p.stdout, p.stdout
+    loss = metric(d, "loss")
+    assert len(loss) == 8 and np.all(np.isfinite(loss)), loss
+    assert loss[-1] < 0.8 * loss[0], loss
+
+
 def stored_config(path, out):
     with h5py.File(path, "r") as f:
         text, argv = f.attrs["run_config"], f.attrs["command_line"]

@@ -100,8 +100,13 @@ class Model {
   float* stage_input(int slot);
   const float* stage_output(int slot);
   float* stage_grad(int slot);
-  // Activations for `slots` micro-batches of B sequences in flight.
+  // Activations for `slots` micro-batches of B sequences in flight, of at most row_len() tokens each.
   void reserve(int B, int slots = 1);
+  // Rows of at most T <= seq_len tokens from now on, before anything is reserved: finetuning's shorter
+  // --model.seq_len, so that activations are sized by the rows that run (Llama-2 7B's seq_len 4096 would
+  // reserve 8x a 512-token row's). seq_len otherwise.
+  void limit_rows(int T);
+  int row_len() const { return row_len_; }
   bool first_stage() const { return first_layer_ == 0; }
   bool last_stage() const { return end_layer_ == cfg_.n_layer; }
   int first_layer() const { return first_layer_; }
@@ -200,6 +205,7 @@ class Model {
   ModelConfig cfg_;
   Backend& be_;
   bool recompute_;
+  int row_len_;  // the longest row a micro-batch may have (limit_rows)
   int first_layer_ = 0, end_layer_ = 0;
   int tp_ = 1;  // attention heads and the MLP's width are split tp ways
   Architecture arch_;
