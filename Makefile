@@ -77,7 +77,7 @@ GPU_TEST_BIN := $(if $(filter 1,$(CUDA)),$(BUILD)/tests/gpu)
 TEST_SRCS := $(filter-out tests/tokenizer_dump.cpp tests/grad_dump.cpp,$(wildcard tests/*.cpp))
 TEST_OBJS := $(TEST_SRCS:tests/%.cpp=$(BUILD)/obj/tests/%.o)
 
-.PHONY: all build deps data run test test-gpu pack-device bench lowrank-study clean format
+.PHONY: all build deps data run test test-gpu pack-device bench bench-llama lowrank-study clean format
 .SECONDARY:
 all: $(BUILD)/lrllm $(BUILD)/tests/unit $(BUILD)/tests/tokenizer_dump $(BUILD)/tests/grad_dump \
      $(BUILD)/tools/bench_sgemm $(GPU_TEST_BIN)
@@ -161,6 +161,10 @@ LOWRANK_STUDY ?= --n_layer 2 --d_model 64 --n_head 2 --seq_len 32 --tokens 8192 
                  --lrs 3e-3,1e-2,3e-2 --device cpu
 lowrank-study: data
 	@/usr/bin/python3 tools/lowrank_study.py --lrllm $(BUILD)/lrllm --out runs/lowrank-study $(LOWRANK_STUDY)
+
+# Llama-2 finetuning memory alone (tools/bench_llama.py): BENCH_LLAMA="7b 13b" for both; minutes a step.
+bench-llama: data
+	@for size in $(or $(BENCH_LLAMA),7b); do /usr/bin/python3 tools/bench_llama.py $(BUILD) --size $$size || exit 1; done
 
 format:
 	clang-format -i include/lrllm/*/*.h src/*.cpp src/*/*.cpp tests/*.cpp tests/gpu/*.cpp cuda/*.cu cuda/*.cuh

@@ -325,6 +325,19 @@ TEST(Model, InitRandomIsDeterministicPerSeedAndIndependentOfLayout) {
   EXPECT_NEAR(stddev(tensor_values(a, "h.0/mlp/fc/W")), 0.02, 0.003);
 }
 
+// init_values draws value i from its own place in the sequence (threads split a tensor); it must be what one
+// generator drawing in order gives.
+TEST(Model, InitValuesAreOneGeneratorsSequenceInOrder) {
+  const uint64_t seed = derive_seed(11, "h.0/attn/qkv/W");
+  const std::vector<float> w = init_values(11, "h.0/attn/qkv/W", TensorRole::weight, {7, 9}, 2);
+  Rng rng(seed);
+  for (float v : w) ASSERT_EQ(v, static_cast<float>(rng.normal() * 0.02));
+  const std::vector<float> a = init_values(11, "h.0/attn/qkv/lora_A", TensorRole::lora_a, {3, 16}, 2);
+  Rng uniform(derive_seed(11, "h.0/attn/qkv/lora_A"));
+  for (float v : a) ASSERT_EQ(v, static_cast<float>((2.0 * uniform.uniform() - 1.0) * 0.25));
+  EXPECT_EQ(init_values(11, "ln_f/w", TensorRole::norm_gain, {4}, 2), std::vector<float>(4, 1.0f));
+}
+
 // GPT-2's scales, measured on a model wide enough for sample statistics: weights 0.02, residual projections
 // 0.02 / sqrt(2 n_layer), and for a low-rank layer the product B A (not A or B) at the dense layer's scale.
 TEST(Model, InitRandomScalesOfDenseAndLowRankLayers) {

@@ -5,7 +5,9 @@
 # Knobs (environment): BENCH_STEPS (default 10 steps per run), BENCH_THREADS (default 2), BENCH_SHAPES
 # (a subset of the labels below, space-separated), BENCH_TIMEOUT (seconds per run, default 300).
 # BENCH_CORETYPE: which OpenBLAS kernels PyTorch gets: auto (default: lrllm's), none (as installed), or a name
-# (then for every run).
+# (then for every run). BENCH_LLAMA (opt-in, default none): Llama-2 shapes whose finetuning memory to measure,
+# "7b" or "7b 13b" (tools/bench_llama.py; minutes a step on two cores, 3.6 GB of disk for the 7B file, `make
+# bench-llama` runs only these).
 set -euo pipefail
 
 BUILD=${1:-build}
@@ -163,6 +165,12 @@ done
 # quantized base.
 "$PY" tools/bench_finetune.py "$BUILD"
 
+# Llama-2 finetuning memory (opt-in, BENCH_LLAMA): NF4 + LoRA r16 + recompute at rows of 512 tokens, over
+# random weights exported a tensor at a time; writes bench-out/llama-SIZE.md.
+for size in ${BENCH_LLAMA:-}; do
+  "$PY" tools/bench_llama.py "$BUILD" --size "$size"
+done
+
 # Parallel training: data-parallel scaling against PyTorch DDP, the pipeline bubble, tensor-parallel traffic.
 "$PY" tools/bench_parallel.py "$BUILD"
 
@@ -170,9 +178,8 @@ done
 bash tools/bench_generate.sh "$BUILD"
 
 # Inference files (the paper's bar: under 0.59 GB): exports of GPT-2 124M and 1.5B shapes with random weights,
-# dense and low-rank (rank at 2.64x compression), float32 and NF4. Export holds the source model in float32
-# (and, while it initialises, a host copy of it): the low-rank 1.5B exports need about 10.5 GB of memory; the
-# dense 1.5B ones (about 19 GB for float32) are not written here.
+# dense and low-rank (rank at 2.64x compression), float32 and NF4. Random weights are written a tensor at a time
+# (memory: about one tensor); the dense 1.5B files are left out for their 6 GB of disk.
 {
   echo "| model | float32 MB | NF4 MB |"
   echo "|---|---|---|"

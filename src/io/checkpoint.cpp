@@ -49,14 +49,13 @@ void write_tensors(H5File& f, const std::string& group, const ParamTable& table,
   for (const TensorInfo& t : table.tensors()) f.write(group + "/" + t.name, flat.data() + t.offset, t.shape);
 }
 
-// What finetuning adds to a base: the adapters and the trainable tokens' delta.
-// A tensor-parallel part reads the full tensor and keeps its slice. Without adapters: all but lora_A/lora_B
-// (a base file, whose saved modules are read and whose adapters do not exist yet).
+// Reads the tensors of the table's layout under group into a host copy of a flat buffer (the optimizer's
+// moments, of which a ZeRO shard keeps a range). A tensor-parallel part reads the full tensor and keeps its
+// slice.
 void read_tensors(const H5File& f, const std::string& group, const ParamTable& table,
-                  std::vector<float>& flat, bool adapters = true) {
+                  std::vector<float>& flat) {
   std::vector<float> full;
   for (const TensorInfo& t : table.tensors()) {
-    if (!adapters && is_adapter(t.role)) continue;
     if (t.split.axis < 0) {
       f.read(group + "/" + t.name, flat.data() + t.offset, t.shape);
       continue;
@@ -64,6 +63,27 @@ void read_tensors(const H5File& f, const std::string& group, const ParamTable& t
     full.resize(t.size * t.split.parts);
     f.read(group + "/" + t.name, full.data(), t.full_shape);
     extract_part(t, full.data(), flat.data() + t.offset);
+  }
+}
+
+// The same into a backend's buffer of the table's layout, a tensor at a time: a host copy of the whole table
+// would double a large frozen base's memory while it loads (Llama-2 7B's float32 embeddings: 1 GB). Without
+// adapters: all but lora_A, lora_B and the tokens' delta (a base file, whose saved modules are read and whose
+// adapters do not exist yet), which keep their values.
+void read_tensors_to_device(const H5File& f, const std::string& group, const ParamTable& table, Backend& be,
+                            float* device, bool adapters = true) {
+  std::vector<float> full, part;
+  for (const TensorInfo& t : table.tensors()) {
+    if (!adapters && is_adapter(t.role)) continue;
+    part.resize(t.size);
+    if (t.split.axis < 0) {
+      f.read(group + "/" + t.name, part.data(), t.shape);
+    } else {
+      full.resize(t.size * t.split.parts);
+      f.read(group + "/" + t.name, full.data(), t.full_shape);
+      extract_part(t, full.data(), part.data());
+    }
+    be.to_device(device + t.offset, part.data(), part.size() * sizeof(float));
   }
 }
 
@@ -220,17 +240,11 @@ void load_quantized(const H5File& f, const std::string& stem, const std::vector<
 void load_into(const std::string& path, Model& model, bool adapters_from_file) {
   const H5File f = H5File::open_read(path);
   Backend& be = model.backend();
-  std::vector<float> host(model.frozen_table().total(), 0.0f);
-  read_tensors(f, "/model", model.frozen_table(), host);
-  be.to_device(model.frozen(), host.data(), host.size() * sizeof(float));
+  read_tensors_to_device(f, "/model", model.frozen_table(), be, model.frozen());
   // A base file has no adapters yet, but has the saved modules that train beside them.
   const bool adapters = adapters_from_file || !model.config().any_lora();
-  if (adapters || !model.config().lora_modules.empty()) {
-    host.assign(model.table().total(), 0.0f);
-    if (!adapters) be.to_host(host.data(), model.params(), host.size() * sizeof(float));
-    read_tensors(f, "/model", model.table(), host, adapters);
-    be.to_device(model.params(), host.data(), host.size() * sizeof(float));
-  }
+  if (adapters || !model.config().lora_modules.empty())
+    read_tensors_to_device(f, "/model", model.table(), be, model.params(), adapters);
   for (QuantizedEntry& e : model.quantized_tensors())
     load_quantized(f, "/model/" + e.name, e.shape, model.config(), e.tensor);
 }
@@ -376,14 +390,33 @@ void save_checkpoint(const std::string& path, const std::string& mode, Model& mo
 void save_model_file(const std::string& path, const std::string& mode, const ModelConfig& c,
                      const std::vector<std::pair<std::string, std::vector<int64_t>>>& tensors,
                      const std::function<std::vector<float>(const std::string&)>& values, const Config* run) {
+  std::vector<ModelFileTensor> floats;
+  for (const auto& [name, shape] : tensors) floats.push_back({name, shape, false});
+  save_model_file(path, mode, c, floats, values, run);
+}
+
+StoredBytes save_model_file(const std::string& path, const std::string& mode, const ModelConfig& c,
+                            const std::vector<ModelFileTensor>& tensors,
+                            const std::function<std::vector<float>(const std::string&)>& values,
+                            const Config* run) {
   const std::string tmp = path + ".tmp";
+  StoredBytes stored;
   set_partial_output(tmp);
   try {
     H5File f = H5File::create(tmp);
     write_header(f, mode, c, run);
-    for (const auto& [name, shape] : tensors) {
-      const std::vector<float> v = values(name);
-      f.write("/model/" + name, v.data(), shape);
+    for (const ModelFileTensor& t : tensors) {
+      std::vector<float> v = values(t.name);
+      if (!t.quantized) {
+        f.write("/model/" + t.name, v.data(), t.shape);
+        stored.float32 += v.size() * sizeof(float);
+        continue;
+      }
+      const QuantizedTensor q = quantize(c.quant, v.data(), t.shape, c.quant_double, c.quant_block);
+      // The float values go before the codes are written: one tensor's worth of memory at a time.
+      std::vector<float>().swap(v);
+      write_quantized(f, "/model/" + t.name, q);
+      stored.quantized += q.bytes();
     }
     f.close();
   } catch (...) {
@@ -394,6 +427,7 @@ void save_model_file(const std::string& path, const std::string& mode, const Mod
   }
   rename_into_place(tmp, path);
   clear_partial_output();
+  return stored;
 }
 
 namespace {
@@ -448,14 +482,9 @@ void save_checkpoint(const std::string& path, const std::string& mode, Model& mo
   Backend& be = model.backend();
   const ParamTable& table = model.table();
   const std::size_t n = table.total();
-  // The moments of the whole local layout, on data-parallel rank 0 (ZeRO gathers the shards).
+  // ZeRO's moment shards, gathered into the whole local layout on data-parallel rank 0.
   std::vector<float> m, v;
-  if (optimizer.whole()) {
-    if (topo.dp_rank() == 0) {
-      m = to_host(be, optimizer.m(), n);
-      v = to_host(be, optimizer.v(), n);
-    }
-  } else {
+  if (!optimizer.whole()) {
     m.resize(topo.dp_rank() == 0 ? n : 0);
     v.resize(m.size());
     const std::size_t shard = optimizer.end() - optimizer.begin();
@@ -463,8 +492,17 @@ void save_checkpoint(const std::string& path, const std::string& mode, Model& mo
     topo.gather_dp(to_host(be, optimizer.v(), shard).data(), v.data(), optimizer_bounds);
   }
   if (topo.dp_rank() != 0) return;
-  const std::vector<float> params = to_host(be, model.params(), n);
-  const std::vector<float>* const kinds[3] = {&params, &m, &v};
+  // A tensor's parameters and moments, copied from the device as it is sent or written: host copies of the
+  // whole table would add three times the trainable bytes to a finetuning's peak memory (400 MB for Llama-2
+  // 7B's adapters). Gathered moments are read where they are.
+  const float* const device[3] = {model.params(), optimizer.m(), optimizer.v()};
+  std::vector<float> staged[3];
+  auto values = [&](int k, const TensorInfo& t) -> const float* {
+    if (k > 0 && !optimizer.whole()) return (k == 1 ? m : v).data() + t.offset;
+    staged[k].resize(t.size);
+    be.to_host(staged[k].data(), device[k] + t.offset, t.size * sizeof(float));
+    return staged[k].data();
+  };
   const char* const groups[3] = {"/model", "/optimizer/m", "/optimizer/v"};
 
   const std::string tmp = path + ".tmp";
@@ -478,7 +516,7 @@ void save_checkpoint(const std::string& path, const std::string& mode, Model& mo
     if (topo.tp_rank() == 0) topo.send_text(0, describe(table));
     for (const TensorInfo& t : table.tensors()) {
       if (t.split.replica) continue;
-      for (const auto* kind : kinds) topo.send_host(0, kind->data() + t.offset, t.size);
+      for (int k = 0; k < 3; ++k) topo.send_host(0, values(k, t), t.size);
     }
     if (stages_write_base && topo.tp_rank() == 0) {
       topo.take_turn();
@@ -509,13 +547,13 @@ void save_checkpoint(const std::string& path, const std::string& mode, Model& mo
           t.split.part = p;
           const int source = topo.world_rank(0, stage, p);
           for (int k = 0; k < 3; ++k) {
-            const float* data = kinds[k]->data() + t.offset;
-            if (source != 0) {
-              part.resize(t.size);
-              topo.recv_host(source, part.data(), t.size);
-              data = part.data();
+            if (source == 0) {
+              insert_part(t, values(k, t), full[k].data());
+              continue;
             }
-            insert_part(t, data, full[k].data());
+            part.resize(t.size);
+            topo.recv_host(source, part.data(), t.size);
+            insert_part(t, part.data(), full[k].data());
           }
         }
         for (int k = 0; k < 3; ++k)
@@ -768,22 +806,22 @@ ModelConfig read_input_model_config(const Config& cfg) {
 }
 
 void load_adapters(const std::string& path, Model& model) {
+  if (!is_peft_folder(path)) {
+    read_tensors_to_device(H5File::open_read(path), "/model", model.table(), model.backend(), model.params());
+    return;
+  }
+  // A PEFT folder holds the adapters alone: the model's trainable table is exactly them.
   Backend& be = model.backend();
   std::vector<float> host = to_host(be, model.params(), model.table().total());
-  if (is_peft_folder(path)) {
-    // A PEFT folder holds the adapters alone: the model's trainable table is exactly them.
-    const std::map<std::string, std::vector<float>> tensors = read_peft_adapters(path, model.config());
-    for (const TensorInfo& t : model.table().tensors()) {
-      const auto it = tensors.find(t.name);
-      LRLLM_CHECK(it != tensors.end() && it->second.size() == t.size * t.split.parts, "load_adapters",
-                  path + " has no " + t.name);
-      if (t.split.axis < 0)
-        std::copy(it->second.begin(), it->second.end(), host.begin() + static_cast<std::ptrdiff_t>(t.offset));
-      else
-        extract_part(t, it->second.data(), host.data() + t.offset);
-    }
-  } else {
-    read_tensors(H5File::open_read(path), "/model", model.table(), host);
+  const std::map<std::string, std::vector<float>> tensors = read_peft_adapters(path, model.config());
+  for (const TensorInfo& t : model.table().tensors()) {
+    const auto it = tensors.find(t.name);
+    LRLLM_CHECK(it != tensors.end() && it->second.size() == t.size * t.split.parts, "load_adapters",
+                path + " has no " + t.name);
+    if (t.split.axis < 0)
+      std::copy(it->second.begin(), it->second.end(), host.begin() + static_cast<std::ptrdiff_t>(t.offset));
+    else
+      extract_part(t, it->second.data(), host.data() + t.offset);
   }
   be.to_device(model.params(), host.data(), host.size() * sizeof(float));
 }

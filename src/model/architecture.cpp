@@ -147,10 +147,16 @@ double model_weight_bytes(const ModelConfig& m) {
 }
 
 double model_memory_estimate(const ModelConfig& m) {
+  const Architecture a = describe_architecture(m);
   const double C = m.d_model, F = m.d_ff > 0 ? m.d_ff : 4.0 * m.d_model, T = m.seq_len, V = m.vocab_size,
-               H = m.n_head, L = m.n_layer;
-  // One sequence's forward pass: each block's inputs, qkv, MLP hidden and attention scores, then the logits.
-  const double activations = 4 * T * (L * (8 * C + 2 * F + 2 * H * T) + V);
+               L = m.n_layer;
+  const double qkv = static_cast<double>(a.sites[static_cast<int>(LinearSite::qkv)].out),
+               fc = static_cast<double>(a.sites[static_cast<int>(LinearSite::fc)].out);
+  // One sequence's activations the way that needs least (block recomputation; a forward pass alone keeps no
+  // more): each block's input, one block's working set (norm outputs, the fused qkv and MLP outputs, the MLP
+  // hidden layer), one T x T score buffer of attention, one row of logits. A lower bound, so that a model
+  // that runs with recomputation, as a 7B model's finetuning on 24 GB does, is never refused.
+  const double activations = 4 * (T * ((L + 1) * C + 4 * C + qkv + fc + F) + T * T + V);
   return model_weight_bytes(m) + activations;
 }
 

@@ -31,6 +31,7 @@ Model::Model(const ModelConfig& cfg, Backend& backend, bool recompute, const Mod
     : cfg_(cfg),
       be_(backend),
       recompute_(recompute),
+      row_len_(cfg.seq_len),
       first_layer_(shard.first_layer),
       end_layer_(shard.end_layer < 0 ? cfg.n_layer : shard.end_layer),
       tp_(shard.tp),
@@ -172,54 +173,66 @@ void Model::init_adapters(uint64_t seed) {
 }
 
 void Model::init_tables(uint64_t seed, bool frozen_too) {
-  const double resid_std = 0.02 / std::sqrt(2.0 * cfg_.n_layer);
+  // lowrank.init product_std draws a factor from its site's in + out (init_values): A [r, in] finds out from
+  // its B [out, r], and B in from A.
+  auto product_std_fan = [&](const ParamTable& table, const TensorInfo& t) -> int64_t {
+    const bool factor = t.role == TensorRole::factor || t.role == TensorRole::residual_factor;
+    if (!factor || !cfg_.lowrank_product_std) return 0;
+    const std::string site = t.name.substr(0, t.name.rfind('/'));
+    return table.at(site + "/A").full_shape[1] + table.at(site + "/B").full_shape[0];
+  };
   auto fill = [&](const ParamTable& table, float* device) {
     std::vector<float> host(table.total(), 0.0f);
-    std::vector<float> full;
     for (const TensorInfo& t : table.tensors()) {
-      float* dst = host.data() + t.offset;
-      const TensorRole role = t.role;
-      if (role == TensorRole::norm_gain) {
-        std::fill(dst, dst + t.size, 1.0f);
-        continue;
-      }
-      if (role == TensorRole::norm_shift || role == TensorRole::bias || role == TensorRole::lora_b ||
-          role == TensorRole::token_delta)
-        continue;  // zero
       // The full tensor is drawn and this rank's part taken, so every parallel layout starts from the same
       // weights.
-      full.resize(t.full_size());
-      Rng rng(derive_seed(seed, t.name));
-      if (role == TensorRole::lora_a) {
-        const double bound = 1.0 / std::sqrt(static_cast<double>(t.full_shape[1]));
-        for (float& v : full) v = static_cast<float>((2.0 * rng.uniform() - 1.0) * bound);
-      } else {
-        const bool residual = role == TensorRole::residual_weight || role == TensorRole::residual_factor;
-        double std_dev = residual ? resid_std : 0.02;
-        if ((role == TensorRole::factor || role == TensorRole::residual_factor) && cfg_.lowrank_product_std) {
-          // CoLA's rule (its reference code, ColaM*ProjLayer): each factor N(0, r^-1/4 (in+out)^-1/4), so
-          // B A has variance r * (r^-1/2 (in+out)^-1/2) = 1/(in+out), half of Xavier's 2/(in+out), for
-          // residual projections as for the others. A [r, in] finds out from its B [out, r], and B in from A.
-          const std::string site = t.name.substr(0, t.name.rfind('/'));
-          const bool is_a = t.name.ends_with("/A");
-          const int64_t r = t.full_shape[is_a ? 0 : 1];
-          const int64_t in = is_a ? t.full_shape[1] : table.at(site + "/A").full_shape[1];
-          const int64_t out = is_a ? table.at(site + "/B").full_shape[0] : t.full_shape[0];
-          std_dev = std::pow(static_cast<double>(r), -0.25) * std::pow(static_cast<double>(in + out), -0.25);
-        } else if (role == TensorRole::factor || role == TensorRole::residual_factor) {
-          // A product of two factors of rank r has variance r * sa^2 * sb^2; match the dense layer's. A is
-          // [r, in] and B [out, r], and r is below in and out (validate_model_config).
-          const double r = static_cast<double>(std::min(t.full_shape[0], t.full_shape[1]));
-          std_dev = std::sqrt(std_dev / std::sqrt(r));
-        }
-        for (float& v : full) v = static_cast<float>(rng.normal() * std_dev);
-      }
-      extract_part(t, full.data(), dst);
+      const std::vector<float> full =
+          init_values(seed, t.name, t.role, t.full_shape, cfg_.n_layer, product_std_fan(table, t));
+      extract_part(t, full.data(), host.data() + t.offset);
     }
     be_.to_device(device, host.data(), host.size() * sizeof(float));
   };
   fill(table_, params_);
   if (frozen_too) fill(frozen_table_, frozen_);
+}
+
+std::vector<float> init_values(uint64_t seed, const std::string& name, TensorRole role,
+                               const std::vector<int64_t>& full_shape, int n_layer, int64_t product_std_fan) {
+  std::size_t n = full_shape.empty() ? 0 : 1;
+  for (int64_t d : full_shape) n *= static_cast<std::size_t>(d);
+  if (role == TensorRole::norm_gain) return std::vector<float>(n, 1.0f);
+  std::vector<float> v(n, 0.0f);
+  if (role == TensorRole::norm_shift || role == TensorRole::bias || role == TensorRole::lora_b ||
+      role == TensorRole::token_delta)
+    return v;
+  const uint64_t s = derive_seed(seed, name);
+  const std::ptrdiff_t count = static_cast<std::ptrdiff_t>(n);
+  if (role == TensorRole::lora_a) {
+    const double bound = 1.0 / std::sqrt(static_cast<double>(full_shape[1]));
+#pragma omp parallel for schedule(static)
+    for (std::ptrdiff_t i = 0; i < count; ++i)
+      v[i] = static_cast<float>((2.0 * uniform_of(splitmix64_at(s, i)) - 1.0) * bound);
+    return v;
+  }
+  const bool residual = role == TensorRole::residual_weight || role == TensorRole::residual_factor;
+  double std_dev = residual ? 0.02 / std::sqrt(2.0 * n_layer) : 0.02;
+  const bool factor = role == TensorRole::factor || role == TensorRole::residual_factor;
+  if (factor && product_std_fan > 0) {
+    // CoLA's rule (its reference code, ColaM*ProjLayer): each factor N(0, r^-1/4 (in+out)^-1/4), so B A has
+    // variance r * (r^-1/2 (in+out)^-1/2) = 1/(in+out), half of Xavier's 2/(in+out), for residual
+    // projections as for the others. A is [r, in], B [out, r].
+    const double r = static_cast<double>(full_shape[name.ends_with("/A") ? 0 : 1]);
+    std_dev = std::pow(r, -0.25) * std::pow(static_cast<double>(product_std_fan), -0.25);
+  } else if (factor) {
+    // A product of two factors of rank r has variance r * sa^2 * sb^2; match the dense layer's. A is [r, in]
+    // and B [out, r], and r is below in and out (validate_model_config).
+    const double r = static_cast<double>(std::min(full_shape[0], full_shape[1]));
+    std_dev = std::sqrt(std_dev / std::sqrt(r));
+  }
+  // Each value from its own position of the sequence: a 7B model's 6.7e9 draws split over the threads.
+#pragma omp parallel for schedule(static)
+  for (std::ptrdiff_t i = 0; i < count; ++i) v[i] = static_cast<float>(normal_at(s, i) * std_dev);
+  return v;
 }
 
 float* Model::grads() {
@@ -304,6 +317,12 @@ MemoryBytes Model::memory() const {
   return m;
 }
 
+void Model::limit_rows(int T) {
+  LRLLM_CHECK(T >= 1 && T <= cfg_.seq_len && acts_batch_ == 0, "Model::limit_rows",
+              "a row length outside 1..seq_len, or activations already reserved");
+  row_len_ = T;
+}
+
 void Model::reserve(int B, int slots) {
   if (B <= acts_batch_ && slots <= static_cast<int>(slots_.size())) return;
   B = std::max(B, acts_batch_);
@@ -316,8 +335,8 @@ void Model::reserve(int B, int slots) {
   act_bytes_ = 0;
 
   // Under tensor parallelism the attention and MLP inner widths are this rank's slice.
-  const std::size_t N = static_cast<std::size_t>(B) * cfg_.seq_len;
-  const std::size_t C = cfg_.d_model, T = cfg_.seq_len;
+  const std::size_t N = static_cast<std::size_t>(B) * row_len_;
+  const std::size_t C = cfg_.d_model, T = row_len_;
   const std::size_t Cl = C / tp_, Fl = cfg_.ff() / tp_, NHl = cfg_.n_head / tp_;
   // The fused sites' outputs (this rank's slice): qkv, and fc (GPT-2's hidden layer, Llama's gate and up).
   const std::size_t qkv_width = arch_.sites[static_cast<int>(LinearSite::qkv)].out / tp_;
@@ -687,7 +706,7 @@ void Model::logits_at(const int32_t* tokens, int position, float* out) {
   reserve(1);
   // Attention is causal: the positions after `position` cannot change its logits, so they are not run.
   const int T = position + 1, C = cfg_.d_model;
-  LRLLM_CHECK(position >= 0 && position < cfg_.seq_len, "Model::logits_at", "position outside the window");
+  LRLLM_CHECK(position >= 0 && position < row_len_, "Model::logits_at", "position outside the window");
   count_valid(tokens, tokens, T);
   Slot& s = slots_[0];
   s.B = 1;
@@ -768,8 +787,8 @@ double Model::forward_backward(const int32_t* tokens, const int32_t* targets, in
 
 double Model::forward(int slot, const int32_t* tokens, const int32_t* targets, const int32_t* positions,
                       int B, int T, float grad_scale, int normalizer) {
-  LRLLM_CHECK(T > 0 && T <= cfg_.seq_len && B <= acts_batch_, "Model::forward",
-              "rows longer than seq_len or more than reserved");
+  LRLLM_CHECK(T > 0 && T <= row_len_ && B <= acts_batch_, "Model::forward",
+              "rows longer than row_len or more than reserved");
   const int N = B * T;
   Slot& s = slots_.at(slot);
   s.B = B;

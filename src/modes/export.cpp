@@ -17,6 +17,7 @@
 #include "lrllm/io/safetensors.h"
 #include "lrllm/io/tokenizer.h"
 #include "lrllm/model/model.h"
+#include "lrllm/modes/random_model.h"
 #include "lrllm/train/train.h"
 
 namespace fs = std::filesystem;
@@ -319,7 +320,12 @@ int run_export(const Config& cfg) {
   if (cfg.exporting.format == "peft")
     return export_peft(cfg, random ? ModelConfig{} : read_input_model_config(cfg));
   H5File::check_output(cfg.data.output, "data.output");
-  const ModelConfig in_cfg = random ? resolve_model_config(cfg, "") : read_input_model_config(cfg);
+  // Random weights are never built in float32 (save_random_model), so only the file's model is checked below.
+  ModelConfig in_cfg = cfg.model;
+  if (random)
+    apply_lowrank(cfg, in_cfg);
+  else
+    in_cfg = read_input_model_config(cfg);
   if (cfg.finetune.lora_only) return export_adapters(cfg, in_cfg);
   const bool merge = cfg.finetune.lora_merge && in_cfg.any_lora();
   // Merging appends the adapters to a low-rank site's factors (B A + B_l A_l = [B B_l] [A; A_l]), which
@@ -344,13 +350,20 @@ int run_export(const Config& cfg) {
   }
   validate_model_config(out_cfg);
   validate_saved_modules(out_cfg);
+  if (random) {
+    const StoredBytes stored = save_random_model(cfg.data.output, out_cfg, cfg.seed, &cfg);
+    std::printf(
+        "exported (random weights) -> %s, a tensor at a time: %s weights, %.2f MB of parameters "
+        "(float32 %.2f MB, quantized %.2f MB); file %.2f MB\n",
+        cfg.data.output.c_str(), storage_name(out_cfg.quant), (stored.float32 + stored.quantized) / 1e6,
+        stored.float32 / 1e6, stored.quantized / 1e6,
+        static_cast<double>(std::filesystem::file_size(cfg.data.output)) / 1e6);
+    return 0;
+  }
 
   auto backend = make_cpu_backend();
   Model src(in_cfg, *backend, false);
-  if (random)
-    src.init_random(cfg.seed);
-  else
-    load_input_weights(cfg, src);
+  load_input_weights(cfg, src);
   Model dst(out_cfg, *backend, false);
   for (const ParamTable* table : {&dst.table(), &dst.frozen_table()}) {
     float* base = table == &dst.table() ? dst.params() : dst.frozen();
@@ -369,8 +382,7 @@ int run_export(const Config& cfg) {
   std::printf(
       "exported %s -> %s: %s weights%s, %.2f MB of parameters (float32 %.2f MB, quantized %.2f MB); file "
       "%.2f MB\n",
-      random ? "(random weights)" : cfg.model.init.c_str(), cfg.data.output.c_str(),
-      storage_name(out_cfg.quant),
+      cfg.model.init.c_str(), cfg.data.output.c_str(), storage_name(out_cfg.quant),
       merge ? ", adapters merged" : (out_cfg.any_lora() ? ", adapters kept" : ""), mem.params / 1e6,
       (mem.params_trainable + mem.params_frozen) / 1e6, mem.params_quantized / 1e6,
       static_cast<double>(std::filesystem::file_size(cfg.data.output)) / 1e6);

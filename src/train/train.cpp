@@ -180,6 +180,7 @@ void TrainSetup::make_topology(const Config& cfg, const MpiWorld& comm) {
 
 void TrainSetup::build(const Config& cfg) {
   model = std::make_unique<Model>(mc, *backend, cfg.train.recompute == "block", model_shard(*topo, mc));
+  model->limit_rows(row_len);
   data_parallel =
       std::make_unique<DataParallel>(*model, *topo, cfg.parallel.zero == 1, cfg.parallel.bucket_mb);
   optimizer = std::make_unique<AdamW>(*backend, model->table(), cfg.train, data_parallel->shard_begin(),

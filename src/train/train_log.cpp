@@ -40,8 +40,10 @@ void print_banner(const Config& cfg, const TrainSetup& setup, const std::string&
                 setup.resume.empty()
                     ? (mc.init.empty() ? "random init" : ("init from " + mc.init).c_str())
                     : ("resuming " + setup.resume + " at step " + std::to_string(setup.state.step)).c_str());
-    std::printf("model: gpt2 n_layer %d n_head %d d_model %d d_ff %d seq_len %d vocab %d, linear sites:",
-                mc.n_layer, mc.n_head, mc.d_model, mc.ff(), mc.seq_len, mc.vocab_size);
+    std::printf("model: %s n_layer %d n_head %d", mc.arch.c_str(), mc.n_layer, mc.n_head);
+    if (mc.llama()) std::printf(" n_kv_head %d", mc.kv_heads());
+    std::printf(" d_model %d d_ff %d seq_len %d vocab %d, linear sites:", mc.d_model, mc.ff(), mc.seq_len,
+                mc.vocab_size);
     for (int s = 0; s < kNumSites; ++s) {
       std::printf(" %s=%s", site_name(static_cast<LinearSite>(s)),
                   mc.lowrank_rank[s] ? ("r" + std::to_string(mc.lowrank_rank[s])).c_str() : "dense");

@@ -826,6 +826,62 @@ def test_export_of_random_weights_quantizes_low_rank_factors():
     assert len(generate(nf4)) > len("Shares of\n")
 
 
+LLAMA_SMALL = ["--model.arch", "llama", "--model.vocab_size", "512", "--model.n_layer", "2", "--model.n_head", "4",
+               "--model.n_kv_head", "2", "--model.d_model", "32", "--model.d_ff", "88", "--model.seq_len", "16",
+               "--device", "cpu"]
+
+
+def test_export_of_random_weights_streams_what_a_built_model_holds():
+    # The streamed export (a tensor drawn, quantized and written at a time) against the built model's: the
+    # initial checkpoint of a zero-step run holds Model::init_random's tensors, and exporting it quantizes
+    # them through the loaded model.
+    for name, shape in [("gpt2-lowrank", [*SMALL, "--lowrank.rank", "4", "--lowrank.targets", "qkv,mlp_proj"]),
+                        ("llama", LLAMA_SMALL)]:
+        d = tmpdir(f"stream-{name}")
+        run(["--mode", "pretrain", *shape, "--seed", "4", "--data.train", TRAIN, "--train.steps", "0",
+             "--run.dir", d])
+        built = os.path.join(d, "ckpt_000000.h5")
+        for bits, embedding in [("0", "true"), ("4", "true"), ("4", "false"), ("8", "true")]:
+            streamed = os.path.join(TMP, f"stream-{name}-{bits}-{embedding}.h5")
+            p = run(["--mode", "export", *shape, "--seed", "4", "--quant.bits", bits, "--quant.embedding",
+                     embedding, "--data.output", streamed])
+            assert "a tensor at a time" in p.stdout, p.stdout
+            expected = built
+            if bits != "0":
+                expected = os.path.join(TMP, f"stream-{name}-{bits}-{embedding}-built.h5")
+                run(["--mode", "export", "--model.init", built, "--quant.bits", bits, "--quant.embedding",
+                     embedding, "--data.output", expected])
+            a, b = model_tensors(streamed), model_tensors(expected)
+            assert sorted(a) == sorted(b), (name, bits, sorted(set(a) ^ set(b)))
+            for t in a:
+                assert a[t].dtype == b[t].dtype and np.array_equal(a[t], b[t]), (name, bits, embedding, t)
+            with h5py.File(streamed, "r") as f, h5py.File(expected, "r") as g:
+                for t in a:
+                    x, y = f["model"][t].attrs, g["model"][t].attrs
+                    assert sorted(x) == sorted(y) and all(np.array_equal(x[k], y[k]) for k in x), (name, bits, t)
+                for k in ("quant", "quant_block", "quant_double", "quant_embedding", "arch", "n_kv_head"):
+                    if k in g["config"].attrs:
+                        assert f["config"].attrs[k] == g["config"].attrs[k], (name, bits, k)
+
+
+def test_tiny_llama_exported_by_streaming_finetunes():
+    # input/configs/tiny-llama.cfg's shape, its random NF4 file written a tensor at a time, finetuned with
+    # LoRA and recomputation on Llama-2's tokenizer at a shorter row length.
+    cfg = os.path.abspath("input/configs/tiny-llama.cfg")
+    nf4 = os.path.join(TMP, "tiny-llama-nf4.h5")
+    run(["--mode", "export", "--config", cfg, "--quant.bits", "4", "--data.output", nf4])
+    d = tmpdir("tiny-llama-ft")
+    train = write_jsonl(os.path.join(TMP, "llama_train.jsonl"), sentiment_rows(16, 3))
+    p = run(["--mode", "finetune", "--config", cfg, "--model.init", nf4, "--data.train", train, "--run.dir", d,
+             "--lora.rank", "8", "--quant.bits", "4", "--train.recompute", "block", "--model.seq_len", "48",
+             "--train.steps", "8", "--train.batch_size", "8", "--train.lr", "1e-2", "--train.warmup", "0",
+             "--train.eval_every", "0", "--train.eval_batches", "1", "--run.log_every", "1", "--device", "cpu"])
+    assert "frozen base stored as nf4" in p.stdout and "rows of at most 48 tokens" in p.stdout, p.stdout
+    loss = metric(d, "loss")
+    assert len(loss) == 8 and np.all(np.isfinite(loss)), loss
+    assert loss[-1] < 0.8 * loss[0], loss
+
+
 def stored_config(path, out):
     with h5py.File(path, "r") as f:
         text, argv = f.attrs["run_config"], f.attrs["command_line"]

@@ -28,6 +28,19 @@ LRLLM_HOST_DEVICE inline double uniform_of(uint64_t bits) {
   return static_cast<double>(bits >> 11) * 0x1.0p-53;
 }
 
+// A standard normal by Box-Muller from two 64-bit values: the first gives the radius, the second the angle.
+inline double box_muller(uint64_t first, uint64_t second) {
+  const double u1 = 1.0 - uniform_of(first);
+  const double u2 = uniform_of(second);
+  return std::sqrt(-2.0 * std::log(u1)) * std::cos(2.0 * M_PI * u2);
+}
+
+// The k-th value (from 0) that normal() returns from a fresh Rng(seed), computed on its own: each normal()
+// takes two values of the sequence, so threads can draw parts of a tensor without sharing a generator.
+inline double normal_at(uint64_t seed, uint64_t k) {
+  return box_muller(splitmix64_at(seed, 2 * k), splitmix64_at(seed, 2 * k + 1));
+}
+
 class Rng {
  public:
   explicit Rng(uint64_t seed) : seed_(seed) {}
@@ -37,9 +50,8 @@ class Rng {
   uint64_t below(uint64_t n) { return n == 0 ? 0 : next() % n; }
   // Standard normal by Box-Muller.
   double normal() {
-    const double u1 = 1.0 - uniform();
-    const double u2 = uniform();
-    return std::sqrt(-2.0 * std::log(u1)) * std::cos(2.0 * M_PI * u2);
+    const uint64_t first = next();
+    return box_muller(first, next());
   }
 
  private:

@@ -57,6 +57,24 @@ void save_model_file(const std::string& path, const std::string& mode, const Mod
                      const std::vector<std::pair<std::string, std::vector<int64_t>>>& tensors,
                      const std::function<std::vector<float>(const std::string&)>& values, const Config* run);
 
+// A tensor of a model file written one at a time: stored as float32, or with quantized as codes of the file's
+// storage (c.quant, quant_block, quant_double: docs/design.md, Quantized tensors), under the same path.
+struct ModelFileTensor {
+  std::string name;  // under /model
+  std::vector<int64_t> shape;
+  bool quantized = false;
+};
+// The bytes a model file's tensors take as stored: float32 values, and quantized codes with their scales.
+struct StoredBytes {
+  std::size_t float32 = 0, quantized = 0;
+};
+// The same, quantizing the tensors so marked as each is written: how a model too large to build in float32
+// is written (--mode export of random weights), holding one tensor and its codes at a time.
+StoredBytes save_model_file(const std::string& path, const std::string& mode, const ModelConfig& c,
+                            const std::vector<ModelFileTensor>& tensors,
+                            const std::function<std::vector<float>(const std::string&)>& values,
+                            const Config* run);
+
 // The tokenizer folder of a mode that reads model.init: --data.tokenizer_dir when given, else the one the
 // model file records (/config tokenizer_dir), else data.tokenizer_dir's default.
 std::string tokenizer_dir_for(const Config& cfg);

@@ -100,8 +100,13 @@ class Model {
   float* stage_input(int slot);
   const float* stage_output(int slot);
   float* stage_grad(int slot);
-  // Activations for `slots` micro-batches of B sequences in flight.
+  // Activations for `slots` micro-batches of B sequences in flight, of at most row_len() tokens each.
   void reserve(int B, int slots = 1);
+  // Rows of at most T <= seq_len tokens from now on, before anything is reserved: finetuning's shorter
+  // --model.seq_len, so that activations are sized by the rows that run (Llama-2 7B's seq_len 4096 would
+  // reserve 8x a 512-token row's). seq_len otherwise.
+  void limit_rows(int T);
+  int row_len() const { return row_len_; }
   bool first_stage() const { return first_layer_ == 0; }
   bool last_stage() const { return end_layer_ == cfg_.n_layer; }
   int first_layer() const { return first_layer_; }
@@ -216,6 +221,7 @@ class Model {
   ModelConfig cfg_;
   Backend& be_;
   bool recompute_;
+  int row_len_;  // the longest row a micro-batch may have (limit_rows)
   int first_layer_ = 0, end_layer_ = 0;
   int tp_ = 1;  // attention heads and the MLP's width are split tp ways
   Architecture arch_;
@@ -272,6 +278,16 @@ class Model {
   std::size_t act_bytes_ = 0;
   int max_rank_ = 0;  // the widest low-rank or LoRA intermediate
 };
+
+// The values Model::init_random gives the full tensor `name` of a model of n_layer blocks, by its role:
+// GPT-2's normal 0.02 (residual projections 0.02 / sqrt(2 n_layer), low-rank factors scaled so that their
+// product has that std), norm gains 1, shifts and biases 0, lora_A uniform in +-1/sqrt(in), lora_B and deltas
+// 0. Drawn from a seed derived from the seed and the name, so a tensor's values depend on nothing else: a
+// model file written a tensor at a time (--mode export of random weights) holds what a built model would.
+// product_std_fan > 0 (lowrank.init product_std): a factor's site's in + out, for CoLA's per-factor std.
+std::vector<float> init_values(uint64_t seed, const std::string& name, TensorRole role,
+                               const std::vector<int64_t>& full_shape, int n_layer,
+                               int64_t product_std_fan = 0);
 
 // lora.modules_to_save: comma-separated patterns over the base's LayerNorms, biases and embeddings ("ln_f",
 // "h.*/ln_1", "h.0/mlp/fc/b", "wte"), '*' matching within one path component; a pattern names a tensor or a
