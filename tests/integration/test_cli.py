@@ -879,7 +879,7 @@ def test_tiny_llama_exported_by_streaming_finetunes():
     assert "frozen base stored as nf4" in p.stdout and "rows of at most 48 tokens" in p.stdout, p.stdout
     loss = metric(d, "loss")
     assert len(loss) == 8 and np.all(np.isfinite(loss)), loss
-    assert loss[-1] < 0.8 * loss[0], loss
+    assert loss[-1] < loss[0] - 1.0, loss  # over a nat lower in 8 steps: the adapters learn the answers
 
 
 def stored_config(path, out):
