@@ -106,13 +106,13 @@ def test_llama_layouts_give_the_single_rank_loss_curve():
                "--parallel.tp", "4"], "--parallel.tp 4 does not divide the model's 2 key/value heads", np_=4)
 
 
-def resume_across(first, second, name):
+def resume_across(first, second, name, extra=()):
     """Trains 6 steps under layout `first`; resumes its step-3 checkpoint under `second`."""
     full, part = tmpdir(f"xresume-{name}-full"), tmpdir(f"xresume-{name}-part")
-    train(full, first[0], [*layout_args(*first), "--checkpoint.every", "3"], steps=6)
-    train(part, first[0], [*layout_args(*first), "--checkpoint.every", "3"], steps=3)
-    p = train(part, second[0], [*layout_args(*second), "--checkpoint.every", "3", "--checkpoint.resume", "latest"],
-              steps=6)
+    train(full, first[0], [*extra, *layout_args(*first), "--checkpoint.every", "3"], steps=6)
+    train(part, first[0], [*extra, *layout_args(*first), "--checkpoint.every", "3"], steps=3)
+    p = train(part, second[0], [*extra, *layout_args(*second), "--checkpoint.every", "3", "--checkpoint.resume",
+                                "latest"], steps=6)
     assert "resuming" in p.stdout, p.stdout
     assert list(metric(part, "step")) == [1, 2, 3, 4, 5, 6]
     assert rel(metric(part, "loss"), metric(full, "loss")) < 1e-5, (metric(part, "loss"), metric(full, "loss"))
@@ -126,6 +126,11 @@ def resume_across(first, second, name):
 
 def test_resume_from_tp2_pp2_at_one_rank():
     resume_across((4, 2, 2, 2, 0), (1, 1, 1, 1, 0), "tp2pp2-to-1")
+
+
+def test_llama_resumes_across_layouts():
+    resume_across((4, 2, 2, 2, 0), (1, 1, 1, 1, 0), "llama-tp2pp2-to-1", LLAMA)
+    resume_across((1, 1, 1, 1, 0), (4, 2, 1, 1, 1), "llama-1-to-dp2tp2zero", [*LLAMA, "--lowrank.rank", "8"])
 
 
 def test_resume_from_one_rank_under_zero_and_tp():
