@@ -982,62 +982,12 @@ def gpt2_byte_decoder() -> dict[str, int]:
     return {chr(c): b for b, c in zip(printable, chars)}
 
 
-def run_generate_case(build, work, variant, seed):
-    base = VARIANTS[variant]
-    cfg = ref.Config(**{**SMALL, "vocab_size": 50257},
-                     lowrank_rank=base.lowrank_rank, lowrank_targets=base.lowrank_targets)
-    tokenizer = os.path.join(REPO, "input", "data", "tokenizer")
-
-    def check():
-        params = ref.init_params(cfg, seed=seed)
-        params["ln_f/w"] = params["ln_f/w"] * GENERATE_LOGIT_SCALE
-        model = os.path.join(work, f"generate_{variant}.h5")
-        ref.save_checkpoint(model, cfg, params)
-        prompt_file = os.path.join(work, "generate_prompt.txt")
-        with open(prompt_file, "w") as f:
-            f.write(GENERATE_PROMPT)
-        prompt_bin = os.path.join(work, "generate_prompt.bin")
-        run_cmd([os.path.join(build, "lrllm"), "--mode", "tokenize", "--data.input", prompt_file,
-                 "--data.output", prompt_bin, "--data.tokenizer_dir", tokenizer])
-        eot = 50256
-        context = [int(t) for t in ref.read_tokens(prompt_bin) if t != eot]
-        # Bytes, not text: a continuation may stop inside a UTF-8 character.
-        cmd = [os.path.join(build, "lrllm"), "--mode", "generate", "--model.init", model, "--generate.prompt",
-               GENERATE_PROMPT, "--generate.max_new_tokens", str(GENERATE_TOKENS), "--data.tokenizer_dir",
-               tokenizer, "--device", "cpu"]
-        p = subprocess.run(cmd, capture_output=True, timeout=300, cwd=REPO)
-        if p.returncode != 0:
-            raise CheckFailed(f"lrllm --mode generate exited {p.returncode}: {p.stderr.decode(errors='replace')}")
-        P = ref.to_torch(params, requires_grad=False)
-        want = []
-        with torch.no_grad():
-            for _ in range(GENERATE_TOKENS):
-                idx = torch.tensor([context[-cfg.seq_len:]])
-                logits, _ = ref.forward(P, cfg, idx)
-                top2 = torch.topk(logits[0, -1], 2)
-                gap = float(top2.values[0] - top2.values[1])
-                if gap < 1e-3:
-                    raise CheckFailed(f"test setup: a near tie (gap {gap:.1e}) after {len(want)} tokens")
-                nxt = int(top2.indices[0])
-                if nxt == eot:
-                    break
-                want.append(nxt)
-                context.append(nxt)
-        with open(os.path.join(tokenizer, "encoder.json")) as f:
-            token_text = {i: t for t, i in json.load(f).items()}
-        byte_of = gpt2_byte_decoder()
-        want_bytes = bytes(byte_of[c] for t in want for c in token_text[t])
-        prompt = GENERATE_PROMPT.encode()
-        got = p.stdout
-        if not got.startswith(prompt) or not got.endswith(b"\n"):
-            raise CheckFailed(f"output is not prompt + continuation + newline: {got[:100]!r}")
-        got = got[len(prompt):-1]
-        if got != want_bytes:
-            raise CheckFailed(f"lrllm continued {got[:80]!r}, torch {want_bytes[:80]!r}")
-        if len(want) < GENERATE_TOKENS // 2:
-            raise CheckFailed(f"only {len(want)} tokens before <|endoftext|>: too short to compare")
-
-    return check
+def gpt2_token_bytes(tokenizer):
+    """GPT-2's tokens as bytes: encoder.json's printable characters through OpenAI's byte table."""
+    with open(os.path.join(tokenizer, "encoder.json")) as f:
+        token_text = {i: t for t, i in json.load(f).items()}
+    byte_of = gpt2_byte_decoder()
+    return lambda ids: bytes(byte_of[c] for t in ids for c in token_text[t])
 
 
 def llama_piece_bytes(piece: str) -> bytes:
@@ -1047,50 +997,52 @@ def llama_piece_bytes(piece: str) -> bytes:
     return piece.replace("\u2581", " ").encode()
 
 
-def run_llama_generate_case(build, work, variant, seed):
-    """Greedy `lrllm --mode generate` of a Llama (GQA, the Llama-2 tokenizer) against llama_torch's argmax,
-    token for token: the prompt after <s>, as lrllm's tokenize encodes a document."""
-    cfg = dataclasses.replace(LLAMA_VARIANTS[variant], vocab_size=32000)
-    tokenizer = os.path.join(REPO, "input", "data", "tokenizer-llama")
+def llama_token_bytes(tokenizer):
+    with open(os.path.join(tokenizer, "tokenizer.json")) as f:
+        piece_of = {i: t for t, i in json.load(f)["model"]["vocab"].items()}
+    return lambda ids: b"".join(llama_piece_bytes(piece_of[t]) for t in ids)
+
+
+def run_generate_case(build, work, name, model, cfg, tokenizer, eot, token_bytes, seed):
+    """Greedy `lrllm --mode generate` against the torch model's argmax (model: gpt2_torch or llama_torch),
+    token for token. The context is the prompt as lrllm's tokenize encodes a document, without GPT-2's leading
+    <|endoftext|> (generate starts a prompt after it only when the prompt is empty) and with Llama's <s>;
+    token_bytes(ids) decodes the continuation the reference way."""
 
     def check():
-        params = llama.init_params(cfg, seed=seed)
+        params = model.init_params(cfg, seed=seed)
         params["ln_f/w"] = params["ln_f/w"] * GENERATE_LOGIT_SCALE
-        model = os.path.join(work, f"llama_generate_{variant}.h5")
-        llama.save_checkpoint(model, cfg, params)
-        prompt_file = os.path.join(work, "llama_generate_prompt.txt")
+        path = os.path.join(work, f"{name}.h5")
+        model.save_checkpoint(path, cfg, params)
+        prompt_file = os.path.join(work, f"{name}_prompt.txt")
         with open(prompt_file, "w") as f:
             f.write(GENERATE_PROMPT)
-        prompt_bin = os.path.join(work, "llama_generate_prompt.bin")
+        prompt_bin = os.path.join(work, f"{name}_prompt.bin")
         run_cmd([os.path.join(build, "lrllm"), "--mode", "tokenize", "--data.input", prompt_file,
                  "--data.output", prompt_bin, "--data.tokenizer_dir", tokenizer])
-        context = [int(t) for t in ref.read_tokens(prompt_bin)]
-        if context[0] != 1:
-            raise CheckFailed(f"the tokenized prompt does not start with <s>: {context[:4]}")
-        cmd = [os.path.join(build, "lrllm"), "--mode", "generate", "--model.init", model, "--generate.prompt",
+        context = [int(t) for t in ref.read_tokens(prompt_bin) if t != eot]
+        # Bytes, not text: a continuation may stop inside a UTF-8 character.
+        cmd = [os.path.join(build, "lrllm"), "--mode", "generate", "--model.init", path, "--generate.prompt",
                GENERATE_PROMPT, "--generate.max_new_tokens", str(GENERATE_TOKENS), "--data.tokenizer_dir",
                tokenizer, "--device", "cpu"]
         p = subprocess.run(cmd, capture_output=True, timeout=300, cwd=REPO)
         if p.returncode != 0:
             raise CheckFailed(f"lrllm --mode generate exited {p.returncode}: {p.stderr.decode(errors='replace')}")
         P = ref.to_torch(params, requires_grad=False)
-        eos = 2
         want = []
         with torch.no_grad():
             for _ in range(GENERATE_TOKENS):
-                logits, _ = llama.forward(P, cfg, torch.tensor([context[-cfg.seq_len:]]))
+                logits, _ = model.forward(P, cfg, torch.tensor([context[-cfg.seq_len:]]))
                 top2 = torch.topk(logits[0, -1], 2)
                 gap = float(top2.values[0] - top2.values[1])
                 if gap < 1e-3:
                     raise CheckFailed(f"test setup: a near tie (gap {gap:.1e}) after {len(want)} tokens")
                 nxt = int(top2.indices[0])
-                if nxt == eos:
+                if nxt == eot:
                     break
                 want.append(nxt)
                 context.append(nxt)
-        with open(os.path.join(tokenizer, "tokenizer.json")) as f:
-            piece_of = {i: t for t, i in json.load(f)["model"]["vocab"].items()}
-        want_bytes = b"".join(llama_piece_bytes(piece_of[t]) for t in want)
+        want_bytes = token_bytes(want)
         prompt = GENERATE_PROMPT.encode()
         got = p.stdout
         if not got.startswith(prompt) or not got.endswith(b"\n"):
@@ -1099,7 +1051,7 @@ def run_llama_generate_case(build, work, variant, seed):
         if got != want_bytes:
             raise CheckFailed(f"lrllm continued {got[:80]!r}, torch {want_bytes[:80]!r}")
         if len(want) < GENERATE_TOKENS // 2:
-            raise CheckFailed(f"only {len(want)} tokens before </s>: too short to compare")
+            raise CheckFailed(f"only {len(want)} tokens before the end of text: too short to compare")
 
     return check
 
@@ -1132,11 +1084,20 @@ def main():
             checks.append((f"lora_{name}_{suffix}", fn))
 
     for i, v in enumerate(("dense", "lowrank")):
-        checks.append((f"generate_{v}", run_generate_case(build, work, v, seed=43 + i)))
+        base = VARIANTS[v]
+        cfg = ref.Config(**{**SMALL, "vocab_size": 50257},
+                         lowrank_rank=base.lowrank_rank, lowrank_targets=base.lowrank_targets)
+        tokenizer = os.path.join(REPO, "input", "data", "tokenizer")
+        checks.append((f"generate_{v}", run_generate_case(build, work, f"generate_{v}", ref, cfg, tokenizer, 50256,
+                                                          gpt2_token_bytes(tokenizer), seed=43 + i)))
 
     checks.append(("llama_reference_selftest", check_llama_selftest))
     for i, v in enumerate(("gqa_kv2", "lowrank")):
-        checks.append((f"llama_generate_{v}", run_llama_generate_case(build, work, v, seed=70 + i)))
+        tokenizer = os.path.join(REPO, "input", "data", "tokenizer-llama")
+        cfg = dataclasses.replace(LLAMA_VARIANTS[v], vocab_size=32000)
+        checks.append((f"llama_generate_{v}", run_generate_case(build, work, f"llama_generate_{v}", llama, cfg,
+                                                                tokenizer, 2, llama_token_bytes(tokenizer),
+                                                                seed=70 + i)))
     for i, v in enumerate(("dense", "lowrank", "mixed", "gqa_kv2", "gqa_kv1")):
         cl, cg = run_grad_case(build, work, f"llama_{v}", LLAMA_VARIANTS[v], seed=50 + i, model=llama)
         checks += [(f"llama_{v}_loss", cl), (f"llama_{v}_grads", cg)]
