@@ -99,7 +99,8 @@ int run_generate(const Config& cfg) {
                       cfg.generate.kv_cache, [&](int32_t id) {
                         sequence.push_back(id);
                         const std::string text = tok.decode(sequence);
-                        if (text.size() > shown) std::fwrite(text.data() + shown, 1, text.size() - shown, stdout);
+                        if (text.size() > shown)
+                          std::fwrite(text.data() + shown, 1, text.size() - shown, stdout);
                         shown = std::max(shown, text.size());
                         std::fflush(stdout);
                       });
